@@ -1,0 +1,44 @@
+"""fitmap: plan, check and run models bigger than one GPU across GPUs, CPU RAM and disk.
+
+>>> import fitmap
+>>> plan = fitmap.plan("llama-3.1-70b", gpus="4x40GiB", batch=4, prompt=4096, new=1024)
+>>> plan.fits, plan.device_map["model.layers.0"]
+"""
+
+from __future__ import annotations
+
+from fitmap.errors import BadInput, CheckpointError, DeviceMismatch, DoesNotFit, FitmapError
+from fitmap.plan import Plan
+from fitmap.workload import Workload
+
+__all__ = ["plan", "Plan", "Workload", "FitmapError", "BadInput", "CheckpointError", "DoesNotFit",
+           "DeviceMismatch"]
+__version__ = "0.1.0"
+
+
+def plan(
+    model: str,
+    gpus: str | None = None,
+    cpu: str | None = None,
+    disk: str | None = None,
+    *,
+    batch: int = 1,
+    prompt: int = 512,
+    new: int = 256,
+    images: tuple[tuple[int, int], ...] = (),
+    **options,
+) -> Plan:
+    """Plan ``model`` on the given devices for a workload; see :class:`fitmap.pipeline.PlanRequest`
+    for ``options`` (dtype, policy, pins, trust_remote_code, estimate, reserve)."""
+    from fitmap import pipeline
+    from fitmap.devices import make_machine
+    from fitmap.solver import Policy
+    from fitmap.workload import Dtype
+
+    machine = make_machine(gpus, cpu, disk, options.pop("reserve", None))
+    if "dtype" in options:
+        options["dtype"] = Dtype(options["dtype"])
+    if "policy" in options:
+        options["policy"] = Policy(options["policy"])
+    req = pipeline.PlanRequest(model, machine, Workload(batch, prompt, new, tuple(images)), **options)
+    return pipeline.plan(req)

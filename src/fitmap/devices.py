@@ -1,0 +1,210 @@
+"""The device layer: what the user's machine (or an imagined one) offers.
+
+This is the only module that asks torch.cuda / NVML / the OS about hardware; the
+rest of fitmap works on :class:`Machine` values, so planning runs anywhere and is
+tested without GPUs.
+
+Device strings are parsed here, once:
+
+* ``--gpus 0,1``            detected GPUs by index (CUDA_VISIBLE_DEVICES applies)
+* ``--gpus 0:10GiB,1:10GiB`` detected GPUs, each capped at a budget
+* ``--gpus 4x24GiB``        hypothetical GPUs (planning on a laptop)
+* ``--gpus 2x24GiB,1x80GiB`` mixed hypothetical sizes
+* ``--cpu 64GiB``           RAM for offloaded weights (default: available RAM)
+* ``--disk DIR``            a disk tier (free space of DIR)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from fitmap.errors import BadInput
+from fitmap.sizes import MiB, fmt_bytes, parse_size
+
+# Per-GPU reserve for what torch allocations do not show: the CUDA context
+# (300-500 MiB on recent drivers with lazy module loading), the cuBLAS/cuBLASLt
+# workspaces, and the caching allocator's rounding and fragmentation (a few % of
+# what is allocated). llama.cpp keeps 1 GiB free per device for the same reasons.
+RESERVE_FIXED = 512 * MiB
+RESERVE_FRACTION = 0.02
+
+
+def default_reserve(capacity: int) -> int:
+    """Bytes kept free on a GPU of ``capacity`` bytes: 512 MiB + 2% of the card."""
+    return RESERVE_FIXED + int(RESERVE_FRACTION * capacity)
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """One GPU the plan may use. ``index`` is the torch index (after CUDA_VISIBLE_DEVICES)."""
+
+    index: int
+    capacity: int        # bytes the plan may use (card total, or the user's cap)
+    reserve: int         # bytes kept free for context/workspace/fragmentation
+    name: str = ""       # e.g. "NVIDIA A100-SXM4-40GB", or "hypothetical"
+    detected: bool = False
+
+
+@dataclass(frozen=True)
+class Machine:
+    gpus: tuple[GpuSpec, ...]
+    cpu: int                 # bytes of RAM the plan may use for weights
+    disk: Path | None        # offload directory, if any
+    disk_bytes: int | None   # free bytes there
+
+    def describe(self) -> str:
+        sizes = [fmt_bytes(g.capacity) for g in self.gpus]
+        parts = [f"{n} x {size} GPU{'s' if n > 1 else ''}" for size, n in Counter(sizes).items()]
+        parts.append(f"CPU: {fmt_bytes(self.cpu)}")
+        if self.disk is not None:
+            parts.append(f"disk {self.disk}: {fmt_bytes(self.disk_bytes or 0)} free")
+        return ", ".join(parts)
+
+
+# --------------------------------------------------------------------------- detection
+def detected_gpus() -> list[tuple[str, int]]:
+    """(name, total bytes) of each visible CUDA GPU, in torch index order."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return [
+                (torch.cuda.get_device_name(i), torch.cuda.get_device_properties(i).total_memory)
+                for i in range(torch.cuda.device_count())
+            ]
+    except Exception:  # a broken CUDA install still lets the user plan hypothetically
+        pass
+    return _nvml_gpus()
+
+
+def _nvml_gpus() -> list[tuple[str, int]]:
+    try:
+        import pynvml  # type: ignore[import-not-found]
+    except ImportError:
+        return []
+    try:
+        pynvml.nvmlInit()
+        found = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            found.append((str(pynvml.nvmlDeviceGetName(h)), int(pynvml.nvmlDeviceGetMemoryInfo(h).total)))
+    except Exception:
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [int(v) for v in visible.split(",") if v.strip().isdigit()]
+        found = [found[i] for i in ids if i < len(found)]
+    return found
+
+
+def available_ram() -> int:
+    """Bytes of RAM available now (MemAvailable), falling back to total physical RAM."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+# --------------------------------------------------------------------------- parsing
+_HYPO = re.compile(r"^(\d+)\s*[xX]\s*(.+)$")
+
+
+def parse_gpus(text: str | None, reserve: int | None = None) -> tuple[GpuSpec, ...]:
+    """Parse ``--gpus``. ``reserve`` overrides the default per-GPU reserve (bytes)."""
+    if text is None or text.strip() in ("", "none"):
+        return ()
+    specs: list[GpuSpec] = []
+    hardware: list[tuple[str, int]] | None = None
+    parts = [p.strip() for p in text.split(",")]
+    if "" in parts:
+        raise BadInput(f"--gpus {text!r} has an empty entry; write e.g. 0,1 or 4x24GiB")
+    for part in parts:
+        m = _HYPO.match(part)
+        if m:
+            count, size = int(m.group(1)), parse_size(m.group(2))
+            if count < 1:
+                raise BadInput(f"--gpus {part!r}: the count must be at least 1")
+            for _ in range(count):
+                specs.append(GpuSpec(len(specs), size, _reserve(size, reserve), "hypothetical"))
+            continue
+        index_text, _, cap_text = part.partition(":")
+        if not index_text.strip().isdigit():
+            raise BadInput(
+                f"cannot read GPU {part!r} in --gpus {text!r}: write indices (0,1), "
+                "budgets (0:10GiB,1:10GiB) or hypothetical GPUs (4x24GiB)"
+            )
+        index = int(index_text)
+        hardware = detected_gpus() if hardware is None else hardware
+        if index >= len(hardware):
+            raise BadInput(_missing_gpu_message(index, hardware, cap_text))
+        name, total = hardware[index]
+        cap = min(parse_size(cap_text), total) if cap_text else total
+        specs.append(GpuSpec(index, cap, _reserve(cap, reserve), name, detected=True))
+    _reject_duplicates(specs, text)
+    return tuple(specs)
+
+
+def _reserve(capacity: int, override: int | None) -> int:
+    return default_reserve(capacity) if override is None else override
+
+
+def _missing_gpu_message(index: int, hardware: list[tuple[str, int]], cap_text: str) -> str:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    seen = f"{len(hardware)} GPU(s) visible" + (
+        f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
+    )
+    example = f"1x{cap_text}" if cap_text else "1x24GiB"
+    return (
+        f"GPU {index} does not exist: this machine has {seen}. Use an index below "
+        f"{len(hardware)}, or plan for hypothetical GPUs with --gpus {example}"
+    )
+
+
+def _reject_duplicates(specs: list[GpuSpec], text: str) -> None:
+    detected = [g.index for g in specs if g.detected]
+    if len(set(detected)) != len(detected):
+        raise BadInput(f"--gpus {text!r} names a GPU twice")
+    if detected and len(detected) != len(specs):
+        raise BadInput(
+            f"--gpus {text!r} mixes detected GPUs and hypothetical ones; use one kind"
+        )
+
+
+def make_machine(
+    gpus: str | None = None,
+    cpu: str | int | None = None,
+    disk: str | Path | None = None,
+    reserve: str | int | None = None,
+) -> Machine:
+    """Build a :class:`Machine` from CLI-style values (strings parsed here)."""
+    reserve_bytes = parse_size(reserve, allow_zero=True) if isinstance(reserve, str) else reserve
+    gpu_specs = parse_gpus(gpus, reserve_bytes)
+    cpu_bytes = parse_size(cpu) if isinstance(cpu, str) else (cpu if cpu is not None else available_ram())
+    disk_path, disk_bytes = _disk(disk)
+    return Machine(gpu_specs, cpu_bytes, disk_path, disk_bytes)
+
+
+def _disk(disk: str | Path | None) -> tuple[Path | None, int | None]:
+    if disk is None:
+        return None, None
+    path = Path(disk)
+    probe = path if path.exists() else path.parent
+    if not probe.exists():
+        raise BadInput(f"--disk {disk}: neither the directory nor its parent exists; create it first")
+    if not path.exists():
+        return path, shutil.disk_usage(probe).free
+    if not path.is_dir():
+        raise BadInput(f"--disk {disk} is a file, not a directory")
+    if not os.access(path, os.W_OK):
+        raise BadInput(f"--disk {disk} is not writable; choose a directory you can write to")
+    return path, shutil.disk_usage(path).free
+

@@ -1,0 +1,40 @@
+"""fitmap's exceptions. Every message says what is wrong, the numbers, and the fix.
+
+The CLI turns any :class:`FitmapError` into one line on stderr and exit code 2
+(bad input, or a request that cannot fit); anything else is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+
+class FitmapError(Exception):
+    """Base class; ``exit_code`` is what the CLI exits with."""
+
+    exit_code = 2
+
+
+class BadInput(FitmapError):
+    """A malformed argument, a missing or corrupt file, an unknown model name."""
+
+
+class CheckpointError(BadInput):
+    """A checkpoint file is missing, truncated, corrupt, or does not match its config."""
+
+
+class DoesNotFit(FitmapError):
+    """The model and workload need more memory than the devices offer."""
+
+
+class DeviceMismatch(FitmapError):
+    """The model code mixed tensors from two devices (found in simulation or at run time)."""
+
+
+class MissingWeights(FitmapError):
+    """After loading, parameters or buffers were still without storage."""
+
+
+def collect(problems: list[str], exc: type[FitmapError] = BadInput) -> None:
+    """Raise ``exc`` with all ``problems`` at once (one per line), if there are any."""
+    if problems:
+        raise exc("\n".join(problems) if len(problems) > 1 else problems[0])

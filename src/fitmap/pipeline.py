@@ -1,0 +1,135 @@
+"""The stages wired together: MODEL + machine + workload -> Plan.
+
+Who calls whom: ``inventory`` -> ``skeleton`` -> ``profile`` (estimate or
+simulate) -> ``plan`` (solver). The CLI and the Python API both come through here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from fitmap.devices import Machine
+from fitmap.errors import BadInput
+from fitmap.inventory import Inventory, inventory
+from fitmap.plan import UNLIMITED, Plan, make_plan
+from fitmap.profile import Profile, estimate
+from fitmap.sizes import GiB, fmt_bytes
+from fitmap.skeleton import Skeleton, planned_dtype, skeleton
+from fitmap.solver import Policy
+from fitmap.workload import Dtype, Workload
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """Everything a plan depends on; field names match the CLI flags."""
+
+    model: str
+    machine: Machine
+    workload: Workload = field(default_factory=Workload)
+    dtype: Dtype = Dtype.AUTO
+    policy: Policy = Policy.BALANCED
+    pins: dict[str, str] = field(default_factory=dict)
+    trust_remote_code: bool = False
+    estimate: str = "analytic"        # "analytic" | "simulate"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The model-dependent, workload-independent stages, computed once."""
+
+    inventory: Inventory
+    skeleton: Skeleton
+
+
+def prepare(req: PlanRequest) -> Prepared:
+    inv = inventory(req.model)
+    dtype = planned_dtype(inv, req.dtype.torch_name)
+    return Prepared(inv, skeleton(inv, dtype, req.trust_remote_code))
+
+
+def profile_for(prep: Prepared, req: PlanRequest, workload: Workload) -> Profile:
+    if req.estimate == "simulate":
+        from fitmap.simulate import simulated_profile
+
+        return simulated_profile(prep, req, workload)
+    return estimate(prep.skeleton, workload)
+
+
+def plan(req: PlanRequest, prep: Prepared | None = None) -> Plan:
+    """The plan for ``req``; when it does not fit, ``plan.advice`` says what would."""
+    prep = prep or prepare(req)
+    result = _plan_at(prep, req, req.workload)
+    if not result.fits:
+        result = replace(result, advice=advice(prep, req, result))
+    return result
+
+
+def _plan_at(prep: Prepared, req: PlanRequest, workload: Workload, machine: Machine | None = None) -> Plan:
+    return make_plan(req.model, prep.skeleton, profile_for(prep, req, workload),
+                     machine or req.machine, req.policy, req.pins)
+
+
+# --------------------------------------------------------------------------- advice
+def advice(prep: Prepared, req: PlanRequest, failed: Plan) -> str:
+    """What would fit: more offload, a shorter prompt, a smaller batch."""
+    w, m = req.workload, req.machine
+    ways = []
+    offload = _offload_needed(prep, req)
+    if offload is not None:
+        ways.append(offload)
+    prompt = _largest(lambda p: replace(w, prompt=p), prep, req, w.prompt - 1)
+    if prompt is not None:
+        ways.append(f"with --prompt {prompt}")
+    elif w.new > 1:
+        new = _largest(lambda n: replace(w, new=n), prep, req, w.new - 1, low=1)
+        if new is not None:
+            ways.append(f"with --new {new}")
+    if w.batch > 1:
+        batch = _largest(lambda b: replace(w, batch=b), prep, req, w.batch - 1, low=1)
+        if batch is not None:
+            ways.append(f"with --batch {batch}")
+    head = (f"{req.model} at batch {w.batch} x ({w.prompt}+{w.new} tokens) needs "
+            f"{fmt_bytes(failed.shortfall_bytes)} more than {m.describe()}")
+    if not ways:
+        return head + "; it does not fit even with a 1-token prompt: add GPUs (--gpus) or a disk tier (--disk DIR)"
+    return head + ". Fits " + ", or ".join(ways)
+
+
+def _offload_needed(prep: Prepared, req: PlanRequest) -> str | None:
+    """How much CPU RAM or disk would make it fit, if offloading can."""
+    m = req.machine
+    roomy = replace(m, cpu=UNLIMITED if m.gpus else m.cpu, disk=m.disk, disk_bytes=UNLIMITED)
+    trial = _plan_at(prep, req, req.workload, roomy)
+    if not trial.fits:
+        return None
+    by = {d.device: d.weights_bytes for d in trial.devices}
+    on_cpu, on_disk = by.get("cpu", 0), by.get("disk", 0)
+    if m.gpus and on_cpu > m.cpu and not on_disk:
+        return f"with --cpu {_round_up_gib(on_cpu)}GiB (offloading {fmt_bytes(on_cpu)} of weights to RAM)"
+    if on_disk:
+        where = "--disk DIR" if m.disk is None else f"more free space in {m.disk}"
+        return f"with {where} ({fmt_bytes(on_disk)} of weights streamed from disk)"
+    return None
+
+
+def _round_up_gib(n: int) -> int:
+    return -(-n // GiB)
+
+
+def _largest(make, prep: Prepared, req: PlanRequest, high: int, low: int = 0) -> int | None:
+    """Largest value in [low, high] whose workload fits (binary search; fit is monotone)."""
+    if high < low:
+        return None
+
+    def fits(v: int) -> bool:
+        try:
+            return _plan_at(prep, req, make(v)).fits
+        except BadInput:  # e.g. a workload with no tokens at all
+            return False
+
+    if not fits(low):
+        return None
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low

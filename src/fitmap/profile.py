@@ -1,0 +1,200 @@
+"""Stage 3 — Profile: what each unit costs at a workload, in bytes.
+
+One interface, two sources: :func:`estimate` (analytic, from config values) and the
+simulator (measured on fake devices, ``fitmap.simulate``). The planner only reads
+:class:`Profile`.
+
+Per unit:
+
+* ``weight_bytes`` — resident parameter bytes (exact header bytes when known);
+* ``kv_bytes`` — KV cache at full context (prompt + image tokens + new), for the
+  cache layout transformers actually keeps: K and V per KV head; sliding-window
+  layers keep at most the window; DeepSeek MLA keeps the compressed latent
+  (kv_lora_rank + rope dim) and expands it per step (counted as activation);
+* ``act_bytes`` — the transient activation peak while the unit runs, prefill or
+  decode, whichever is larger, for the attention kernels a GPU runs (flash /
+  memory-efficient: no T x T score matrix).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+from fitmap.skeleton import Skeleton, Unit
+from fitmap.workload import Workload
+
+_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+
+
+@dataclass(frozen=True)
+class UnitCost:
+    name: str
+    weight_bytes: int
+    kv_bytes: int
+    act_bytes: int
+
+
+@dataclass(frozen=True)
+class Profile:
+    method: str                      # "analytic" | "simulate"
+    workload: Workload
+    costs: tuple[UnitCost, ...]      # in skeleton unit order
+    image_tokens: int                # per sequence, all images
+    seq_len: int                     # prompt + image tokens + new
+    boundary_bytes: int              # hidden state crossing a device boundary at prefill
+
+    def cost(self, name: str) -> UnitCost:
+        return next(c for c in self.costs if c.name == name)
+
+
+# --------------------------------------------------------------------------- images
+@dataclass(frozen=True)
+class ImageShape:
+    tokens: int        # tokens the image adds to the text sequence
+    patches: int       # sequence length through the vision tower (all tiles)
+    tiles: int         # separate vision passes (batch of the tower)
+
+
+def _qwen2_vl(cfg, w: int, h: int) -> ImageShape:
+    vc = cfg.vision_config
+    patch, merge = vc.patch_size, vc.spatial_merge_size
+    factor = patch * merge
+    min_px, max_px = 56 * 56, 12845056  # Qwen2-VL's published preprocessor_config.json
+    hb, wb = max(factor, round(h / factor) * factor), max(factor, round(w / factor) * factor)
+    if hb * wb > max_px:
+        beta = math.sqrt(h * w / max_px)
+        hb, wb = math.floor(h / beta / factor) * factor, math.floor(w / beta / factor) * factor
+    elif hb * wb < min_px:
+        beta = math.sqrt(min_px / (h * w))
+        hb, wb = math.ceil(h * beta / factor) * factor, math.ceil(w * beta / factor) * factor
+    patches = (hb // patch) * (wb // patch)
+    return ImageShape(patches // (merge * merge), patches, 1)
+
+
+def _internvl(cfg, w: int, h: int) -> ImageShape:
+    """Dynamic tiling: the grid (i x j <= 12 tiles) closest to the aspect ratio, plus a thumbnail."""
+    vc = cfg.vision_config
+    size = vc.image_size[0] if isinstance(vc.image_size, (list, tuple)) else vc.image_size
+    patch = vc.patch_size[0] if isinstance(vc.patch_size, (list, tuple)) else vc.patch_size
+    best = _closest_grid(w, h, size)
+    tiles = best[0] * best[1] + (1 if best[0] * best[1] > 1 else 0)
+    per_tile = (size // patch) ** 2
+    ratio = getattr(cfg, "downsample_ratio", 0.5)
+    return ImageShape(tiles * int(per_tile * ratio * ratio), tiles * (per_tile + 1), tiles)
+
+
+def _closest_grid(w: int, h: int, size: int, max_tiles: int = 12) -> tuple[int, int]:
+    """InternVL's rule: the closest aspect ratio; on a tie, the larger grid if the image is big enough."""
+    grids = sorted({(i, j) for i in range(1, max_tiles + 1) for j in range(1, max_tiles + 1) if i * j <= max_tiles},
+                   key=lambda g: g[0] * g[1])
+    aspect, best, best_diff = w / h, (1, 1), float("inf")
+    for i, j in grids:
+        diff = abs(aspect - i / j)
+        if diff < best_diff or (diff == best_diff and w * h > 0.5 * size * size * i * j):
+            best, best_diff = (i, j), diff
+    return best
+
+
+def _fixed_size(cfg, w: int, h: int) -> ImageShape:
+    """LLaVA-style: the image is resized to the tower's square input."""
+    vc = cfg.vision_config
+    grid = (vc.image_size // vc.patch_size) ** 2
+    return ImageShape(grid, grid + 1, 1)
+
+
+IMAGE_SHAPES: dict[str, Callable] = {
+    "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_vl, "internvl": _internvl,
+    "llava": _fixed_size,
+}
+
+
+def image_shape(config, w: int, h: int) -> ImageShape:
+    fn = IMAGE_SHAPES.get(config.model_type, _fixed_size)
+    return fn(config, w, h)
+
+
+# --------------------------------------------------------------------------- costs
+def text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def head_dim(tc) -> int:
+    return getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+
+
+def kv_bytes_per_token(tc, layer: int, dtype_bytes: int) -> int:
+    """Bytes one token adds to layer ``layer``'s cache."""
+    if getattr(tc, "kv_lora_rank", None):  # MLA: the compressed latent and the shared rope key
+        return (tc.kv_lora_rank + tc.qk_rope_head_dim) * dtype_bytes
+    kv_heads = getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads
+    return 2 * kv_heads * head_dim(tc) * dtype_bytes
+
+
+def cached_tokens(tc, layer: int, seq: int) -> int:
+    types = getattr(tc, "layer_types", None)
+    window = getattr(tc, "sliding_window", None)
+    if types and layer < len(types) and types[layer] == "sliding_attention" and window:
+        return min(seq, window)
+    return seq
+
+
+def _block_act(tc, tokens: int, ctx_tokens: int, batch: int, b: int) -> int:
+    """Peak bytes inside one decoder block: residual in/out plus the larger of attention and MLP."""
+    h = tc.hidden_size
+    heads = tc.num_attention_heads
+    hd = head_dim(tc)
+    kvh = getattr(tc, "num_key_value_heads", None) or heads
+    attn = tokens * (2 * heads * hd + 2 * kvh * hd) * b
+    if getattr(tc, "kv_lora_rank", None):  # MLA expands the whole context per step
+        attn = batch * ctx_tokens * heads * (tc.qk_nope_head_dim + tc.qk_rope_head_dim + tc.v_head_dim) * b \
+            + tokens * heads * (tc.qk_nope_head_dim + tc.qk_rope_head_dim) * b * 2
+    inter = getattr(tc, "intermediate_size", 4 * h)
+    experts_per_tok = getattr(tc, "num_experts_per_tok", None)
+    if experts_per_tok:
+        moe_inter = getattr(tc, "moe_intermediate_size", None) or inter
+        n_experts = getattr(tc, "num_local_experts", None) or getattr(tc, "n_routed_experts", 1)
+        mlp = tokens * (3 * moe_inter * experts_per_tok + n_experts * 4 + h * experts_per_tok) * b
+        mlp = max(mlp, tokens * 3 * inter * b)  # dense layers of a mostly-MoE model
+    else:
+        mlp = tokens * 3 * inter * b
+    return 2 * tokens * h * b + max(attn, mlp)
+
+
+def _vision_act(config, images: list[ImageShape], batch: int, b: int) -> int:
+    """Peak inside one vision block, all images of the batch at once."""
+    vc = config.vision_config
+    hv = getattr(vc, "embed_dim", None) or vc.hidden_size
+    inter = getattr(vc, "intermediate_size", None) or int(hv * getattr(vc, "mlp_ratio", 4))
+    patches = batch * sum(i.patches for i in images)
+    return patches * (2 * hv + max(4 * hv, 2 * inter)) * b
+
+
+def estimate(sk: Skeleton, workload: Workload) -> Profile:
+    """Analytic per-unit costs of ``sk`` at ``workload``."""
+    cfg = sk.config
+    tc = text_config(cfg)
+    b = _BYTES.get(sk.dtype, 2)
+    images = [image_shape(cfg, w, h) for w, h in workload.images] if hasattr(cfg, "vision_config") else []
+    img_tokens = sum(i.tokens for i in images)
+    seq = workload.prompt + img_tokens + workload.new
+    prefill = workload.batch * (workload.prompt + img_tokens)
+    h = tc.hidden_size
+    vocab = tc.vocab_size
+    costs = []
+    for u in sk.units:
+        kv = act = 0
+        if u.kind == "block":
+            kv = workload.batch * cached_tokens(tc, u.layer, seq) * kv_bytes_per_token(tc, u.layer, b)
+            act = max(_block_act(tc, prefill, prefill, workload.batch, b),
+                      _block_act(tc, workload.batch, workload.batch * seq, workload.batch, b))
+        elif u.kind == "vision" and images and u.numel > 0:
+            act = _vision_act(cfg, images, workload.batch, b)
+        elif u.kind == "input" and u.numel > 0:
+            act = 2 * prefill * h * b
+        elif u.kind == "output" and u.numel > 0:
+            # generate() asks for the last position's logits only; they are upcast to fp32
+            act = prefill * h * b + workload.batch * vocab * (b + 4 + 4)
+        costs.append(UnitCost(u.name, u.weight_bytes, kv, act))
+    return Profile("analytic", workload, tuple(costs), img_tokens, seq, prefill * h * b)

@@ -1,0 +1,87 @@
+"""Printing for people (rich tables) and machines (JSON dicts)."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from fitmap.inventory import Inventory
+from fitmap.plan import Plan
+from fitmap.sizes import GiB, fmt_bytes
+from fitmap.skeleton import Skeleton
+
+# Pipes and CI logs get a width that fits the ledger; terminals keep their own.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 110)
+
+
+def inspect_json(inv: Inventory, sk: Skeleton) -> dict:
+    return {
+        "model": inv.name,
+        "source": inv.source,
+        "model_type": inv.config.get("model_type"),
+        "model_class": sk.model_class,
+        "task": inv.task,
+        "weight_format": inv.weight_format,
+        "files": list(inv.files),
+        "tensors": len(inv.tensors),
+        "checkpoint_bytes": inv.total_bytes,
+        "bytes_by_dtype": inv.bytes_by_dtype(),
+        "planned_dtype": sk.dtype,
+        "planned_weight_bytes": sk.weight_bytes,
+        "parameters": sum(u.numel for u in sk.units),
+        "no_split_classes": list(sk.no_split),
+        "units": [{"name": u.name, "kind": u.kind, "weight_bytes": u.weight_bytes, "layer": u.layer}
+                  for u in sk.units],
+        "groups": {g.name: list(g.units) for g in sk.groups},
+        "tied": [list(t) for t in sk.tied],
+    }
+
+
+def print_inspect(inv: Inventory, sk: Skeleton) -> None:
+    params = sum(u.numel for u in sk.units)
+    console.print(f"[bold]{inv.name}[/] — {sk.model_class} ({inv.config.get('model_type')}), {inv.source}")
+    console.print(f"parameters: {params / 1e9:.2f} B; weights at {sk.dtype}: {fmt_bytes(sk.weight_bytes)}")
+    if inv.tensors:
+        dtypes = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in sorted(inv.bytes_by_dtype().items()))
+        console.print(f"checkpoint: {len(inv.files)} {inv.weight_format} file(s), {len(inv.tensors)} tensors, "
+                      f"{fmt_bytes(inv.total_bytes)} ({dtypes})")
+    kinds: dict[str, list] = {}
+    for u in sk.units:
+        kinds.setdefault(u.kind, []).append(u)
+    t = Table(title="placement units")
+    for col in ("kind", "units", "weights", "examples"):
+        t.add_column(col, justify="right" if col in ("units", "weights") else "left")
+    for kind, us in kinds.items():
+        names = ", ".join(u.name for u in us[:2]) + (" ..." if len(us) > 2 else "")
+        t.add_row(kind, str(len(us)), fmt_bytes(sum(u.weight_bytes for u in us)), names)
+    console.print(t)
+    console.print(f"no-split classes: {', '.join(sk.no_split)}")
+    for g in sk.groups:
+        console.print(f"kept together ({g.name}): {', '.join(g.units[:6])}{' ...' if len(g.units) > 6 else ''}")
+
+
+def print_plan(plan: Plan) -> None:
+    w = plan.workload
+    images = f", images {', '.join(f'{a}x{b}' for a, b in w.images)}" if w.images else ""
+    console.print(f"[bold]{plan.model}[/] at batch {w.batch} x ({w.prompt} prompt + {w.new} new tokens{images}), "
+                  f"{plan.dtype}, policy {plan.policy}, {plan.estimate} costs")
+    t = Table(caption="sizes in GiB; use = total / capacity", caption_justify="left")
+    for col in ("device", "capacity", "weights", "KV", "activ.", "reserve", "stream", "total", "use", "units"):
+        t.add_column(col, justify="left" if col == "device" else "right")
+    for d in plan.devices:
+        use = f"{100 * d.utilization:.0f}%" if d.device != "disk" else ""
+        style = "red" if d.total_bytes > d.capacity_bytes else ""
+        sizes = (d.capacity_bytes, d.weights_bytes, d.kv_bytes, d.activation_bytes, d.reserve_bytes,
+                 d.stream_bytes, d.total_bytes)
+        t.add_row(_device_label(d.device), *(f"{x / GiB:.2f}" for x in sizes), use, str(len(d.units)),
+                  style=style)
+    console.print(t)
+    for r in plan.repairs:
+        console.print(f"repair: {r.kind} {r.module} -> {r.device} ({r.reason})")
+    console.print("[green]fits[/]" if plan.fits else f"[red]does not fit[/]: short by {fmt_bytes(plan.shortfall_bytes)}")
+
+
+def _device_label(device: str) -> str:
+    return f"cuda:{device}" if device.isdigit() else device

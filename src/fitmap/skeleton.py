@@ -1,0 +1,353 @@
+"""Stage 2 — Skeleton: the model built with no storage, cut into placement units.
+
+A *unit* is what the plan places whole: a no-split block (``_no_split_modules``,
+or, when a model declares none, the children of a ModuleList that share a class),
+or a maximal module with no unit inside it (embeddings, norms, ``lm_head``), or a
+parameter held directly by a module that contains units.
+
+*Co-location groups* are found from the module tree, not from model names:
+
+* input side — the module returned by ``get_input_embeddings()``, its parameterless
+  siblings (rotary embeddings compute positions from the ids), and every unit that
+  lies outside the text model (vision tower, projector, resampler: image features
+  are merged into the text embeddings, so they must meet there);
+* output side — the text model's units after its blocks (final norm) and the
+  output embeddings (``lm_head``);
+* tied weights — parameters shared by identity (``lm_head`` tied to the embedding)
+  join their groups.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from fitmap.errors import BadInput, CheckpointError
+from fitmap.inventory import DTYPE_BYTES, Inventory
+
+
+@dataclass(frozen=True)
+class Unit:
+    name: str                         # module path (or parameter path) used as device_map key
+    kind: str                         # "block" | "vision" | "input" | "output" | "other"
+    params: tuple[str, ...]           # state-dict names it owns (parameters and persistent buffers)
+    numel: int                        # elements of its floating parameters
+    weight_bytes: int                 # bytes at the planned dtype (exact header bytes when known)
+    layer: int | None = None          # index of the text decoder layer (holds KV cache)
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str                         # "input", "output", "tied", "pin:<device>"
+    units: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Skeleton:
+    model_class: str
+    dtype: str                        # torch dtype name the plan uses for floating weights
+    units: tuple[Unit, ...]           # in execution order
+    groups: tuple[Group, ...]
+    tied: tuple[tuple[str, ...], ...]  # parameter names sharing one storage
+    no_split: tuple[str, ...]         # class names treated as no-split
+    text_layers: str                  # path of the text decoder's ModuleList
+    config: object = field(repr=False, compare=False, default=None)  # the PretrainedConfig
+
+    def unit(self, name: str) -> Unit:
+        return next(u for u in self.units if u.name == name)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(u.weight_bytes for u in self.units)
+
+
+# --------------------------------------------------------------------------- building
+def load_config(inv: Inventory, trust_remote_code: bool = False):
+    """The transformers config of ``inv``; remote code only when the user allows it."""
+    import transformers
+
+    if inv.source == "catalog":
+        from fitmap.catalog_models import build_config, catalog_entry
+
+        return build_config(catalog_entry(inv.name))
+    if "auto_map" in inv.config and not trust_remote_code and not _native(inv.config):
+        raise BadInput(
+            f"{inv.name} ships its own model code (auto_map in config.json); fitmap runs it "
+            "only when you pass --trust-remote-code, after reading that code"
+        )
+    try:
+        return transformers.AutoConfig.from_pretrained(inv.path, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, OSError, TypeError) as e:
+        raise CheckpointError(f"{inv.path}/config.json cannot be read by transformers: {e}") from None
+
+
+def _native(config: dict) -> bool:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return config.get("model_type") in CONFIG_MAPPING_NAMES and not config.get("auto_map")
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def build_model(config, task: str, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
+    """Instantiate the model from ``config`` in the current device context, at ``dtype``.
+
+    The caller chooses the storage: ``with torch.device("meta")`` for planning, a
+    FakeTensorMode for simulation. Weights are never initialised from a checkpoint here.
+    """
+    import transformers
+
+    order = [transformers.AutoModelForCausalLM, transformers.AutoModelForImageTextToText]
+    if task == "image-text-to-text":
+        order.reverse()
+    errors = []
+    with default_dtype(dtype):
+        for auto in order + [transformers.AutoModel]:
+            try:
+                return auto.from_config(config, trust_remote_code=trust_remote_code)
+            except ValueError as e:  # the Auto class does not know this config
+                errors.append(str(e).splitlines()[0])
+    raise BadInput(f"transformers cannot build model type {config.model_type!r}: {errors[-1]}")
+
+
+def planned_dtype(inv: Inventory, requested: str | None) -> torch.dtype:
+    """``requested`` (torch name) or the checkpoint's own float dtype, else bfloat16."""
+    name = requested or inv.checkpoint_float_dtype() or inv.catalog_dtype
+    cfg = inv.config.get("text_config", {}) if isinstance(inv.config.get("text_config"), dict) else {}
+    name = name or inv.config.get("torch_dtype") or inv.config.get("dtype") or cfg.get("dtype") or "bfloat16"
+    if name.startswith("float8"):
+        name = "bfloat16"  # fp8 storage: non-Linear weights and compute stay in bf16
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise BadInput(f"dtype {name!r} is not a floating torch dtype; use --dtype bf16, fp16 or fp32")
+    return dtype
+
+
+# --------------------------------------------------------------------------- units
+def skeleton(inv: Inventory, dtype: torch.dtype, trust_remote_code: bool = False,
+             model: nn.Module | None = None) -> Skeleton:
+    """Build ``inv``'s model on meta (unless given) and find units, order and groups."""
+    config = load_config(inv, trust_remote_code)
+    if model is None:
+        with torch.device("meta"):
+            model = build_model(config, inv.task, dtype, trust_remote_code)
+    no_split = no_split_classes(model)
+    unit_paths = find_units(model, no_split)
+    layers_path = text_layers_path(model)
+    tied = tied_parameters(model)
+    units = _make_units(model, unit_paths, layers_path, inv, dtype)
+    if inv.tensors:
+        check_against_checkpoint(model, inv)
+    units = classify(execution_order(units), _anchors(model))
+    groups = colocation_groups(units, tied)
+    return Skeleton(type(model).__name__, str(dtype).removeprefix("torch."), units, groups,
+                    tied, tuple(sorted(no_split)), layers_path, config)
+
+
+def no_split_classes(model: nn.Module) -> set[str]:
+    declared: set[str] = set()
+    for m in model.modules():
+        declared |= set(getattr(m, "_no_split_modules", None) or [])
+    present = {type(m).__name__ for m in model.modules()}
+    declared &= present
+    return declared or _repeated_block_classes(model)
+
+
+def _repeated_block_classes(model: nn.Module) -> set[str]:
+    """Without ``_no_split_modules``: children of a ModuleList that share a class."""
+    found: set[str] = set()
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 1:
+            counts = Counter(type(c).__name__ for c in m)
+            found |= {cls for cls, n in counts.items() if n > 1}
+    return found
+
+
+def find_units(model: nn.Module, no_split: set[str]) -> list[str]:
+    """Module (or parameter) paths of the placement units, in registration order."""
+    contains_unit = _modules_containing_units(model, no_split)
+    units: list[str] = []
+
+    def visit(module: nn.Module, path: str) -> None:
+        if path and (type(module).__name__ in no_split or path not in contains_unit):
+            if _has_state(module):
+                units.append(path)
+            return
+        for pname, _ in module.named_parameters(recurse=False):
+            units.append(f"{path}.{pname}" if path else pname)
+        for bname, _ in module.named_buffers(recurse=False):
+            units.append(f"{path}.{bname}" if path else bname)
+        for cname, child in module.named_children():
+            visit(child, f"{path}.{cname}" if path else cname)
+
+    visit(model, "")
+    return units
+
+
+def _has_state(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+
+
+def _modules_containing_units(model: nn.Module, no_split: set[str]) -> set[str]:
+    """Paths of modules that have a no-split module strictly below them."""
+    out: set[str] = {""}
+    for path, m in model.named_modules():
+        if path and type(m).__name__ in no_split:
+            parts = path.split(".")
+            out.update(".".join(parts[:i]) for i in range(len(parts)))
+    return out
+
+
+def text_layers_path(model: nn.Module) -> str:
+    """The text decoder's block list: the largest repeated ModuleList next to the input embeddings."""
+    embed = model.get_input_embeddings()
+    embed_path = next(p for p, m in model.named_modules() if m is embed)
+    parent = embed_path.rpartition(".")[0]
+    lists = [(p, m) for p, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    siblings = [(p, m) for p, m in lists if p.rpartition(".")[0] == parent] or lists
+    path, _ = max(siblings, key=lambda pm: sum(x.numel() for x in pm[1].parameters()))
+    return path
+
+
+def tied_parameters(model: nn.Module) -> tuple[tuple[str, ...], ...]:
+    by_storage: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_storage.setdefault(id(p), []).append(name)
+    return tuple(tuple(names) for names in by_storage.values() if len(names) > 1)
+
+
+def _make_units(model: nn.Module, paths: list[str], layers_path: str, inv: Inventory,
+                dtype: torch.dtype) -> list[Unit]:
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    persistent = set(model.state_dict().keys())
+    layer_prefix = layers_path + "."
+    seen: set[int] = set()
+    units = []
+    for path in paths:
+        names = [n for n in list(params) + list(buffers) if n == path or n.startswith(path + ".")]
+        owned = tuple(n for n in names if n in persistent)
+        tensors = [params.get(n) if n in params else buffers[n] for n in names]
+        numel = sum(params[n].numel() for n in names if n in params)
+        nbytes = 0
+        for n, t in zip(names, tensors):
+            if id(t) in seen or (n in buffers and n not in persistent):
+                continue  # a tied parameter counts once; non-persistent buffers are tiny
+            seen.add(id(t))
+            nbytes += _tensor_bytes(n, t, inv, dtype)
+        layer = None
+        if path.startswith(layer_prefix) and path[len(layer_prefix):].split(".")[0].isdigit():
+            layer = int(path[len(layer_prefix):].split(".")[0])
+        kind = "block" if layer is not None else "other"
+        units.append(Unit(path, kind, owned, numel, nbytes, layer))
+    return units
+
+
+def _tensor_bytes(name: str, t: torch.Tensor, inv: Inventory, dtype: torch.dtype) -> int:
+    info = inv.tensors.get(name)
+    if info is not None and (info.dtype not in ("F32", "F16", "BF16", "F64") or _same(info.dtype, dtype)):
+        return info.nbytes  # exact: quantized/packed tensors and unchanged dtypes
+    if not t.is_floating_point():
+        return t.numel() * t.element_size()
+    if inv.fp8_linear and t.dim() == 2 and name.endswith(("proj.weight", "experts.weight")) or (
+        inv.fp8_linear and t.dim() == 3
+    ):
+        # fp8 storage plus one fp32 scale per 128x128 block
+        blocks = -(-t.shape[-2] // 128) * -(-t.shape[-1] // 128) * (t.numel() // (t.shape[-2] * t.shape[-1]))
+        return t.numel() + 4 * blocks
+    return t.numel() * dtype.itemsize
+
+
+def _same(tag: str, dtype: torch.dtype) -> bool:
+    return DTYPE_BYTES[tag] == dtype.itemsize and {"F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                                                  "F64": "float64"}[tag] == str(dtype).removeprefix("torch.")
+
+
+def check_against_checkpoint(model: nn.Module, inv: Inventory) -> None:
+    """A config that does not describe the tensors fails here, before any load."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    wrong = [
+        f"{k}: config gives {list(expected[k])}, checkpoint has {list(t.shape)}"
+        for k, t in inv.tensors.items() if k in expected and tuple(t.shape) != expected[k]
+    ]
+    if wrong:
+        raise CheckpointError(
+            f"config.json in {inv.path} does not match the weights ({len(wrong)} tensor(s) differ), e.g. "
+            + "; ".join(wrong[:3]) + ". Use the config.json that came with these weights"
+        )
+
+
+def execution_order(units: list[Unit]) -> list[Unit]:
+    """Registration order, except that text decoder blocks run in layer order."""
+    blocks = iter(sorted((u for u in units if u.layer is not None), key=lambda u: u.layer))
+    return [next(blocks) if u.layer is not None else u for u in units]
+
+
+# --------------------------------------------------------------------------- groups
+@dataclass(frozen=True)
+class _Anchors:
+    embed: str          # path of get_input_embeddings()
+    text_model: str     # its parent: the text model
+    head: str | None    # path of get_output_embeddings()
+
+
+def _anchors(model: nn.Module) -> _Anchors:
+    paths = {id(m): p for p, m in model.named_modules()}
+    embed = paths[id(model.get_input_embeddings())]
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return _Anchors(embed, embed.rpartition(".")[0], paths.get(id(out)) if out is not None else None)
+
+
+def classify(units: list[Unit], a: _Anchors) -> list[Unit]:
+    """Set each unit's kind: block, vision, input, output or other."""
+    blocks = [i for i, u in enumerate(units) if u.layer is not None]
+    first, last = (blocks[0], blocks[-1]) if blocks else (len(units), -1)
+    out = []
+    for i, u in enumerate(units):
+        inside_text = not a.text_model or _under(u.name, a.text_model)
+        if u.layer is not None:
+            kind = "block"
+        elif _under(u.name, a.head):
+            kind = "output"
+        elif not inside_text:
+            kind = "vision"
+        elif _under(u.name, a.embed) or u.numel == 0 or i < first:
+            kind = "input"   # embeddings and parameterless helpers (rotary) feed the first block
+        elif i > last:
+            kind = "output"
+        else:
+            kind = "other"
+        out.append(replace(u, kind=kind))
+    return out
+
+
+def colocation_groups(units: list[Unit], tied: tuple[tuple[str, ...], ...]) -> tuple[Group, ...]:
+    inputs = tuple(u.name for u in units if u.kind in ("vision", "input"))
+    outputs = tuple(u.name for u in units if u.kind == "output")
+    groups = [Group("input", inputs), Group("output", outputs)]
+    for names in tied:
+        owners = tuple(dict.fromkeys(_owner(n, units) for n in names))
+        if len(owners) > 1:
+            groups.append(Group("tied", owners))
+    return tuple(g for g in groups if g.units)
+
+
+def _under(name: str, prefix: str | None) -> bool:
+    return prefix is not None and (name == prefix or name.startswith(prefix + "."))
+
+
+def _owner(param: str, units: list[Unit]) -> str:
+    return next(u.name for u in units if param == u.name or param.startswith(u.name + "."))

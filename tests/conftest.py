@@ -1,0 +1,25 @@
+import pytest
+import torch
+
+from tests.tiny import make_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def _reset_torch_state():
+    dtype = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(dtype)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """Directory per tiny family, written once per test session."""
+    root = tmp_path_factory.mktemp("ckpt")
+    cache: dict[str, object] = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = make_checkpoint(family, root / family)
+        return cache[family]
+
+    return get

@@ -1,0 +1,122 @@
+"""The built-in catalog: every entry builds offline at full size with its public parameter count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+from fitmap.catalog_models import (
+    build_config,
+    catalog_entry,
+    catalog_names,
+    is_catalog_name,
+)
+from fitmap.errors import BadInput
+
+_MODEL_CLASS = {
+    "causal-lm": AutoModelForCausalLM,
+    "image-text-to-text": AutoModelForImageTextToText,
+}
+_WEIGHT_DTYPES = {"bfloat16", "float16", "float32", "float8_e4m3fn"}
+
+
+def _meta_model(name: str) -> torch.nn.Module:
+    entry = catalog_entry(name)
+    with torch.device("meta"):
+        return _MODEL_CLASS[entry.task].from_config(build_config(entry))
+
+
+def test_catalog_lists_the_expected_models() -> None:
+    assert set(catalog_names()) == {
+        "llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b", "mixtral-8x7b",
+        "qwen2.5-72b", "gemma-2-27b", "deepseek-v3", "qwen2-vl-7b",
+        "qwen2-vl-72b", "internvl-78b", "llava-1.5-13b", "glm-4-9b",
+    }
+
+
+@pytest.mark.parametrize("name", catalog_names())
+def test_entry_is_well_formed(name: str) -> None:
+    entry = catalog_entry(name)
+    assert is_catalog_name(name)
+    assert entry.name == name and "/" in entry.hf_id
+    assert entry.task in _MODEL_CLASS
+    assert entry.weight_dtype in _WEIGHT_DTYPES
+    assert entry.fp8_linear == (entry.weight_dtype == "float8_e4m3fn")
+    assert {"model_type", "architectures"} <= entry.config.keys()
+    assert not {"auto_map", "quantization_config"} & entry.config.keys()
+
+
+@pytest.mark.parametrize("name", catalog_names())
+def test_meta_model_matches_public_parameter_count(name: str) -> None:
+    entry = catalog_entry(name)
+    model = _meta_model(name)
+    assert all(p.is_meta for p in model.parameters())
+    billions = sum(p.numel() for p in model.parameters()) / 1e9
+    assert billions == pytest.approx(entry.params_billion, rel=0.02)
+
+
+def test_config_is_a_fresh_copy_and_build_does_not_change_it() -> None:
+    entry = catalog_entry("deepseek-v3")
+    before = catalog_entry("deepseek-v3").config
+    build_config(entry)
+    entry.config["hidden_size"] = 1
+    assert catalog_entry("deepseek-v3").config == before
+
+
+def test_deepseek_v3_keeps_mla_and_moe_fields() -> None:
+    entry = catalog_entry("deepseek-v3")
+    cfg = build_config(entry)
+    assert cfg.model_type == "deepseek_v3"
+    assert (cfg.kv_lora_rank, cfg.q_lora_rank) == (512, 1536)
+    assert (cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim) == (64, 128, 128)
+    assert (cfg.n_routed_experts, cfg.first_k_dense_replace) == (256, 3)
+    assert (cfg.num_hidden_layers, cfg.moe_intermediate_size) == (61, 2048)
+    assert entry.fp8_linear and entry.weight_dtype == "float8_e4m3fn"
+
+
+def test_gemma_2_ties_embeddings_and_slides() -> None:
+    cfg = build_config(catalog_entry("gemma-2-27b"))
+    assert cfg.tie_word_embeddings
+    assert (cfg.sliding_window, cfg.head_dim, cfg.query_pre_attn_scalar) == (4096, 128, 144)
+
+
+def test_llama_3_1_keeps_llama3_rope_scaling() -> None:
+    cfg = build_config(catalog_entry("llama-3.1-405b"))
+    assert cfg.rope_parameters["rope_type"] == "llama3"
+    assert cfg.rope_parameters["factor"] == 8.0
+
+
+@pytest.mark.parametrize(
+    ("name", "hidden", "layers", "kv_heads"),
+    [("qwen2-vl-7b", 3584, 28, 4), ("qwen2-vl-72b", 8192, 80, 8)],
+)
+def test_qwen2_vl_sizes(name: str, hidden: int, layers: int, kv_heads: int) -> None:
+    cfg = build_config(catalog_entry(name))
+    text, vision = cfg.text_config, cfg.vision_config
+    assert (text.hidden_size, text.num_hidden_layers) == (hidden, layers)
+    assert (text.num_key_value_heads, text.vocab_size) == (kv_heads, 152064)
+    assert (vision.embed_dim, vision.depth, vision.hidden_size) == (1280, 32, hidden)
+
+
+def test_internvl_is_native_with_internvit_6b_and_untied_head() -> None:
+    cfg = build_config(catalog_entry("internvl-78b"))
+    assert cfg.model_type == "internvl" and not cfg.tie_word_embeddings
+    vision = cfg.vision_config
+    assert (vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads) == (3200, 45, 25)
+    assert (cfg.text_config.hidden_size, cfg.text_config.num_hidden_layers) == (8192, 80)
+
+
+def test_unknown_name_suggests_the_close_one_and_lists_the_catalog() -> None:
+    assert not is_catalog_name("llama-70b")
+    with pytest.raises(BadInput) as caught:
+        catalog_entry("llama-70b")
+    message = str(caught.value)
+    assert "'llama-70b'" in message
+    assert "did you mean llama-3.1-70b" in message
+    assert all(name in message for name in catalog_names())
+
+
+def test_unknown_name_without_close_match_still_lists_the_catalog() -> None:
+    with pytest.raises(BadInput, match="not a catalog name. Catalog: llama-3.1-8b"):
+        catalog_entry("zzz")

@@ -1,0 +1,70 @@
+import pytest
+
+from fitmap.devices import RESERVE_FIXED, default_reserve, make_machine, parse_gpus
+from fitmap.errors import BadInput
+from fitmap.sizes import GiB, MiB, fmt_bytes, parse_size
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("10GiB", 10 * GiB), ("10GB", 10 * 10**9), ("512MiB", 512 * MiB), ("1.5GiB", int(1.5 * GiB)),
+    ("24g", 24 * GiB), ("100", 100), (" 2 TiB ", 2 << 40), ("80MB", 80 * 10**6),
+])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "GiB", "10 parsecs", "-1GiB", "0GiB", "1..5GB"])
+def test_parse_size_rejects(text):
+    with pytest.raises(BadInput, match="size"):
+        parse_size(text)
+
+
+def test_fmt_bytes():
+    assert fmt_bytes(GiB * 1.5) == "1.5 GiB"
+    assert fmt_bytes(512) == "512 B"
+
+
+def test_hypothetical_gpus_mixed_sizes():
+    gpus = parse_gpus("2x24GiB,1x80GiB")
+    assert [g.capacity for g in gpus] == [24 * GiB, 24 * GiB, 80 * GiB]
+    assert [g.index for g in gpus] == [0, 1, 2]
+    assert gpus[0].reserve == default_reserve(24 * GiB) > RESERVE_FIXED
+
+
+def test_reserve_override():
+    m = make_machine("2x16GiB", cpu="8GiB", reserve="0")
+    assert all(g.reserve == 0 for g in m.gpus) and m.cpu == 8 * GiB
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("0,1", "does not exist"),           # this machine has no GPU
+    ("0:10GiB", "does not exist"),
+    ("4xlots", "cannot read size"),
+    ("a,b", "cannot read GPU"),
+    ("0,", "empty entry"),
+])
+def test_bad_gpu_specs(text, needle, monkeypatch):
+    monkeypatch.setattr("fitmap.devices.detected_gpus", lambda: [])
+    with pytest.raises(BadInput, match=needle):
+        parse_gpus(text)
+
+
+def test_detected_gpus_with_budget(monkeypatch):
+    monkeypatch.setattr("fitmap.devices.detected_gpus", lambda: [("A", 16 * GiB), ("B", 24 * GiB)])
+    gpus = parse_gpus("1:10GiB,0")
+    assert [(g.index, g.capacity) for g in gpus] == [(1, 10 * GiB), (0, 16 * GiB)]
+    with pytest.raises(BadInput, match="GPU 2 does not exist: this machine has 2 GPU"):
+        parse_gpus("2")
+    with pytest.raises(BadInput, match="twice"):
+        parse_gpus("0,0")
+
+
+def test_disk_must_be_writable_directory(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(BadInput, match="is a file"):
+        make_machine(None, "1GiB", f)
+    with pytest.raises(BadInput, match="neither the directory nor its parent"):
+        make_machine(None, "1GiB", tmp_path / "a" / "b")
+    m = make_machine(None, "1GiB", tmp_path)
+    assert m.disk == tmp_path and m.disk_bytes > 0

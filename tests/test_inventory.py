@@ -1,0 +1,127 @@
+import json
+import struct
+
+import pytest
+import torch
+
+from fitmap.errors import BadInput, CheckpointError
+from fitmap.inventory import inventory, read_safetensors_header
+from fitmap.skeleton import planned_dtype, skeleton
+
+
+def test_sharded_checkpoint_headers(checkpoints):
+    path = checkpoints("llama")
+    inv = inventory(path)
+    assert inv.source == "directory" and inv.weight_format == "safetensors"
+    assert len(inv.files) > 1
+    # header bytes equal the real tensors' bytes
+    from safetensors.torch import load_file
+
+    real = {}
+    for f in inv.files:
+        real.update(load_file(path / f))
+    assert set(real) == set(inv.tensors)
+    assert inv.total_bytes == sum(t.numel() * t.element_size() for t in real.values())
+    assert inv.bytes_by_dtype() == {"F32": inv.total_bytes}
+    assert inv.checkpoint_float_dtype() == "float32"
+
+
+def test_bin_fallback(tmp_path, checkpoints):
+    from safetensors.torch import load_file
+
+    src = inventory(checkpoints("llama"))
+    sd = {}
+    for f in src.files:
+        sd.update(load_file(src.path / f))
+    (tmp_path / "config.json").write_text(json.dumps(src.config))
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    inv = inventory(tmp_path)
+    assert inv.weight_format == "bin" and inv.total_bytes == src.total_bytes
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_shard(tmp_path, checkpoints):
+    d = _copy(checkpoints("llama"), tmp_path / "m")
+    victim = sorted(d.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(CheckpointError, match=f"names 1 shard.*{victim.name}"):
+        inventory(d)
+
+
+def test_truncated_shard(tmp_path, checkpoints):
+    d = _copy(checkpoints("llama"), tmp_path / "m")
+    victim = sorted(d.glob("model-*.safetensors"))[0]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=f"{victim.name} is truncated"):
+        inventory(d)
+
+
+def _file(header: dict, data_bytes: int) -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + b"\0" * data_bytes
+
+
+@pytest.mark.parametrize("payload,needle", [
+    (b"abc", "truncated"),
+    (struct.pack("<Q", 10**12) + b"{}", "corrupt or truncated"),
+    (struct.pack("<Q", 4) + b"nope", "unreadable header"),
+    (_file({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}, 8), "shape \\[4\\] F32 \\(16 bytes\\) but 8 bytes"),
+    (_file({"w": {"dtype": "Q9", "shape": [2], "data_offsets": [0, 8]}}, 8), "unknown dtype"),
+    (_file({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, 8), "truncated: tensor 'w' ends at byte 16"),
+    (_file({"w": {"dtype": "F32"}}, 8), "malformed header entry"),
+])
+def test_corrupt_headers(tmp_path, payload, needle):
+    f = tmp_path / "x.safetensors"
+    f.write_bytes(payload)
+    with pytest.raises(CheckpointError, match=needle):
+        read_safetensors_header(f)
+
+
+def test_config_that_does_not_match_tensors(tmp_path, checkpoints):
+    d = _copy(checkpoints("llama"), tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["intermediate_size"] = 96
+    (d / "config.json").write_text(json.dumps(cfg))
+    inv = inventory(d)
+    with pytest.raises(CheckpointError, match="does not match the weights.*mlp"):
+        skeleton(inv, planned_dtype(inv, None))
+
+
+def test_no_weights_and_bad_config(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        inventory(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(CheckpointError, match="has no weights"):
+        inventory(tmp_path)
+
+
+def test_unknown_name_suggests_catalog():
+    with pytest.raises(BadInput, match="llama-3.1-70b"):
+        inventory("llama-3.1-70")
+
+
+def test_hf_cache_resolution(tmp_path, monkeypatch, checkpoints):
+    """An id in the HF_HOME cache layout resolves offline to its snapshot."""
+    import shutil
+
+    hub = tmp_path / "hub"
+    repo = hub / "models--acme--tiny-llama"
+    snap = repo / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(checkpoints("llama"), snap)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123456789abcdef0123456789abcdef01234567")
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(hub))
+    inv = inventory("acme/tiny-llama")
+    assert inv.source == "hf-cache" and inv.path == snap and inv.tensors

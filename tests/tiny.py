@@ -1,0 +1,48 @@
+"""Tiny random checkpoints of several families, written as sharded safetensors.
+
+Each family is small enough that a CPU forward takes milliseconds, yet keeps the
+structure that matters for placement: several decoder layers, GQA, tied or
+untied heads, experts, a vision tower with a projector.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+
+TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def config(family: str) -> transformers.PretrainedConfig:
+    if family == "llama":
+        return transformers.LlamaConfig(**TEXT, tie_word_embeddings=False)
+    if family == "mixtral":
+        return transformers.MixtralConfig(**TEXT, num_local_experts=4, num_experts_per_tok=2)
+    if family == "gemma2":
+        return transformers.Gemma2Config(**TEXT, head_dim=16, sliding_window=32, tie_word_embeddings=True)
+    if family == "qwen2_vl":
+        return transformers.Qwen2VLConfig(
+            text_config=dict(TEXT, model_type="qwen2_vl_text", rope_parameters={
+                "rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}),
+            vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2,
+                               patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+            image_token_id=500, video_token_id=501, vision_start_token_id=502, vision_end_token_id=503,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+        )
+    raise ValueError(f"unknown tiny family {family!r}")
+
+
+def make_checkpoint(family: str, directory: Path, shard_kb: int = 200, seed: int = 0,
+                    dtype: torch.dtype = torch.float32) -> Path:
+    """Write a random-weight checkpoint of ``family`` into ``directory`` (sharded)."""
+    torch.manual_seed(seed)
+    cfg = config(family)
+    auto = transformers.AutoModelForImageTextToText if family == "qwen2_vl" else transformers.AutoModelForCausalLM
+    model = auto.from_config(cfg).to(dtype).eval()
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, max_shard_size=f"{shard_kb}KB")
+    return directory
