@@ -98,7 +98,9 @@ def advice(prep: Prepared, req: PlanRequest, failed: Plan) -> str:
 def _offload_needed(prep: Prepared, req: PlanRequest) -> str | None:
     """How much CPU RAM or disk would make it fit, if offloading can."""
     m = req.machine
-    roomy = replace(m, cpu=UNLIMITED if m.gpus else m.cpu, disk=m.disk, disk_bytes=UNLIMITED)
+    if not m.gpus:
+        return _ram_needed(prep, req)
+    roomy = replace(m, cpu=UNLIMITED, disk_bytes=UNLIMITED)
     trial = _plan_at(prep, req, req.workload, roomy)
     if not trial.fits:
         return None
@@ -110,6 +112,27 @@ def _offload_needed(prep: Prepared, req: PlanRequest) -> str | None:
         where = "--disk DIR" if m.disk is None else f"more free space in {m.disk}"
         return f"with {where} ({fmt_bytes(on_disk)} of weights streamed from disk)"
     return None
+
+
+def _ram_needed(prep: Prepared, req: PlanRequest) -> str | None:
+    """CPU-only machines: the smallest RAM budget that fits, streaming the rest from disk."""
+    m = req.machine
+    disk = m.disk_bytes if m.disk is not None else 0
+
+    def fits(ram: int) -> bool:
+        return _plan_at(prep, req, req.workload, replace(m, cpu=ram, disk_bytes=disk)).fits
+
+    high = max(m.cpu, 1)
+    while not fits(high):
+        high *= 2
+        if high > UNLIMITED:
+            return None
+    low = m.cpu
+    while high - low > max(high // 1000, 1):
+        mid = (low + high) // 2
+        low, high = (low, mid) if fits(mid) else (mid, high)
+    where = "" if m.disk is not None else " and --disk DIR"
+    return f"with --cpu {fmt_bytes(high).replace(' ', '')}{where}"
 
 
 def _round_up_gib(n: int) -> int:

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from fitmap.errors import BadInput, CheckpointError
-from fitmap.inventory import DTYPE_BYTES, Inventory
+from fitmap.inventory import DTYPE_BYTES, Inventory, TensorInfo
+from fitmap.keys import key_mapper
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,7 @@ def skeleton(inv: Inventory, dtype: torch.dtype, trust_remote_code: bool = False
     unit_paths = find_units(model, no_split)
     layers_path = text_layers_path(model)
     tied = tied_parameters(model)
+    inv = _with_model_keys(inv, model)
     units = _make_units(model, unit_paths, layers_path, inv, dtype)
     if inv.tensors:
         check_against_checkpoint(model, inv)
@@ -155,6 +157,23 @@ def skeleton(inv: Inventory, dtype: torch.dtype, trust_remote_code: bool = False
     groups = colocation_groups(units, tied)
     return Skeleton(type(model).__name__, str(dtype).removeprefix("torch."), units, groups,
                     tied, tuple(sorted(no_split)), layers_path, config)
+
+
+def _with_model_keys(inv: Inventory, model: nn.Module) -> Inventory:
+    """``inv`` with tensors renamed to the model's names; converted (fused) tensors are
+    summed into their target so byte counts stay exact."""
+    if not inv.tensors:
+        return inv
+    mapper = key_mapper(model)
+    renamed: dict[str, TensorInfo] = {}
+    for key, info in inv.tensors.items():
+        target, converted = mapper(key)
+        if converted and target in renamed:
+            prev = renamed[target]
+            renamed[target] = replace(prev, shape=(), nbytes=prev.nbytes + info.nbytes)
+        else:
+            renamed[target] = replace(info, name=target, shape=() if converted else info.shape)
+    return replace(inv, tensors=renamed)
 
 
 def no_split_classes(model: nn.Module) -> set[str]:
@@ -281,7 +300,7 @@ def check_against_checkpoint(model: nn.Module, inv: Inventory) -> None:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     wrong = [
         f"{k}: config gives {list(expected[k])}, checkpoint has {list(t.shape)}"
-        for k, t in inv.tensors.items() if k in expected and tuple(t.shape) != expected[k]
+        for k, t in inv.tensors.items() if k in expected and t.shape and tuple(t.shape) != expected[k]
     ]
     if wrong:
         raise CheckpointError(

@@ -50,8 +50,10 @@ smallest k at which the compute devices fit (balanced; the shortfall is then on
 the storage tiers), and the largest k the storage tiers hold. For each, the split
 minimises the compute devices' total overage (exactly, by dynamic programming);
 the winner has the smallest shortfall, then the smallest largest utilization,
-then the smallest k. ``BadInput`` is raised only for contradictory inputs:
-negative sizes, pins to unknown devices, GPU pins out of pipeline order.
+then the smallest k. ``BadInput`` is raised only for contradictory inputs, all
+listed at once: negative sizes, duplicate GPU names, no compute device at all (no
+GPUs and no cpu tier), pins to unknown devices, a storage pin on an item that is not
+offloadable, GPU pins out of pipeline order (naming both items and GPUs).
 """
 
 from __future__ import annotations
@@ -218,9 +220,13 @@ def _size_problems(items: Sequence[Item], gpus: Sequence[Gpu], tiers: Tiers) -> 
         for it in items
         for field in ("weight_bytes", "kv_bytes", "act_bytes")
     ]
-    sizes += [(f"GPU {g.name} {field}", getattr(g, field)) for g in gpus for field in ("capacity", "reserve")]
+    sizes += [(f"GPU {g.name} {f}", getattr(g, f)) for g in gpus for f in ("capacity", "reserve")]
     sizes += [(f"{tier} tier", size) for tier, size in ((CPU, tiers.cpu), (DISK, tiers.disk))]
-    return [f"{what} is {size} bytes; sizes must be >= 0" for what, size in sizes if size is not None and size < 0]
+    return [
+        f"{what} is {size} bytes; sizes must be >= 0"
+        for what, size in sizes
+        if size is not None and size < 0
+    ]
 
 
 def _device_problems(gpus: Sequence[Gpu], tiers: Tiers) -> list[str]:
@@ -249,21 +255,21 @@ def _pins(
         elif item.pin in storage and item.offloadable:
             forced[i] = item.pin
         elif item.pin in storage:
-            problems.append(f"item {item.name!r} is pinned to {item.pin!r} but is not offloadable; pin it to a GPU")
+            problems.append(
+                f"item {item.name!r} is pinned to {item.pin!r} but is not offloadable; pin it to a GPU"
+            )
         else:
             known = ", ".join([*index, *storage])
             problems.append(
                 f"item {item.name!r} is pinned to {item.pin!r}, which is not a device here "
                 f"(devices: {known}); fix the pin or add that device"
             )
-    problems += _pin_order_problems(items, home, compute)
+    problems += _pin_order_problems(items, home)
     collect(problems)
     return tuple(home), forced
 
 
-def _pin_order_problems(
-    items: Sequence[Item], home: list[int | None], compute: tuple[_Device, ...]
-) -> list[str]:
+def _pin_order_problems(items: Sequence[Item], home: list[int | None]) -> list[str]:
     """Runs follow device order, so GPU pins must not decrease along the items."""
     problems = []
     ahead: Item | None = None  # the item pinned to the latest device so far
@@ -375,7 +381,8 @@ class _Run:
 
     def load_with(self, item: Item) -> int:
         act = max(self.act, item.act_bytes)
-        return self.device.reserve + self.weights + item.weight_bytes + self.kv + item.kv_bytes + act + self.stream
+        resident = self.weights + item.weight_bytes + self.kv + item.kv_bytes
+        return self.device.reserve + resident + act + self.stream
 
     def add(self, item: Item) -> None:
         self.weights += item.weight_bytes
@@ -577,12 +584,13 @@ def _assignment(p: _Problem, devices: tuple[str, ...]) -> Assignment:
 def _loads(p: _Problem, devices: tuple[str, ...]) -> tuple[DeviceLoad, ...]:
     tiers = dict(p.storage)
     charges = _charges([it for it, d in zip(p.items, devices) if d in tiers])
-    runs = {device.name: _Run(device, charges if j == 0 else None) for j, device in enumerate(p.compute)}
+    runs = {d.name: _Run(d, charges if j == 0 else None) for j, d in enumerate(p.compute)}
     for item, name in zip(p.items, devices):
         if name in runs:
             runs[name].add(item)
-    stored = [
-        DeviceLoad(tier, cap, sum(it.weight_bytes for it, d in zip(p.items, devices) if d == tier), 0, 0, 0, 0)
-        for tier, cap in p.storage
-    ]
-    return tuple(run.ledger() for run in runs.values()) + tuple(stored)
+    held = {tier: 0 for tier in tiers}
+    for item, name in zip(p.items, devices):
+        if name in held:
+            held[name] += item.weight_bytes
+    stored = tuple(DeviceLoad(tier, cap, held[tier], 0, 0, 0, 0) for tier, cap in p.storage)
+    return tuple(run.ledger() for run in runs.values()) + stored

@@ -1,0 +1,65 @@
+"""The command line: exit codes, one clear message, JSON shape."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fitmap.cli import main
+
+
+def run(args, capsys):
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_plan_json(capsys, tmp_path):
+    out_file = tmp_path / "p.json"
+    code, out, _ = run(["plan", "llama-3.1-8b", "--gpus", "2x16GiB", "--cpu", "8GiB", "--json",
+                        "--out", str(out_file)], capsys)
+    assert code == 0
+    data = json.loads(out)
+    assert data["fits"] and data == json.loads(out_file.read_text())
+    assert {d["device"] for d in data["devices"]} == {"0", "1", "cpu"}
+
+
+def test_plan_table(capsys):
+    code, out, _ = run(["plan", "qwen2-vl-7b", "--gpus", "2x16GiB", "--image", "1344x1344"], capsys)
+    assert code == 0 and "cuda:0" in out and "fits" in out
+
+
+def test_inspect(capsys, checkpoints):
+    code, out, _ = run(["inspect", str(checkpoints("gemma2")), "--json"], capsys)
+    data = json.loads(out)
+    assert code == 0 and data["tied"] == [["model.embed_tokens.weight", "lm_head.weight"]]
+    assert data["checkpoint_bytes"] == data["planned_weight_bytes"]
+    code, out, _ = run(["inspect", "mixtral-8x7b"], capsys)
+    assert code == 0 and "MixtralDecoderLayer" in out
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["plan", "llama-3.1-70", "--gpus", "1x24GiB"], "did you mean"),
+    (["plan", "llama-3.1-8b", "--gpus", "2x16Gib!"], "cannot read size"),
+    (["plan", "llama-3.1-8b", "--gpus", "3"], "GPU 3 does not exist"),
+    (["plan", "llama-3.1-8b", "--gpus", "1x24GiB", "--image", "big"], "WIDTHxHEIGHT"),
+    (["plan", "llama-3.1-8b", "--gpus", "1x24GiB", "--pin", "lm_head"], "MODULE=DEVICE"),
+    (["plan", "llama-3.1-8b", "--gpus", "1x24GiB", "--batch", "0"], "--batch must be at least 1"),
+    (["plan", "llama-3.1-405b", "--gpus", "2x80GiB", "--cpu", "64GiB"], "needs .* GiB more"),
+])
+def test_bad_input_exits_2_with_one_message(args, needle, capsys):
+    code, _, err = run(args, capsys)
+    assert code == 2
+    assert err.startswith(f"fitmap {args[0]}: ") and "Traceback" not in err
+    import re
+
+    assert re.search(needle, err), err
+
+
+def test_console_script_exit_code():
+    """The installed entry point exits 2 with no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "fitmap.cli", "inspect", "/nonexistent/model"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "not a catalog name" in proc.stderr
