@@ -37,8 +37,8 @@ class Case:
         return [(t, c) for t, c in [*tiers, ("disk", self.tiers.disk)] if c is not None]
 
     def capacity(self, name: str) -> int:
-        caps = {g.name: g.capacity for g in self.gpus} | {"cpu": self.tiers.cpu, "disk": self.tiers.disk}
-        return caps[name]
+        tiers = {"cpu": self.tiers.cpu, "disk": self.tiers.disk}
+        return ({g.name: g.capacity for g in self.gpus} | tiers)[name]
 
     def reserve(self, name: str) -> int:
         return {g.name: g.reserve for g in self.gpus}.get(name, 0)
@@ -193,7 +193,8 @@ def brute_closest(case: Case) -> Candidate:
     found = []
     compute_fit = [k for k in depths(case) if any(c.compute_over == 0 for c in every[k])]
     if compute_fit:
-        found.append(min((c for c in every[compute_fit[0]] if c.compute_over == 0), key=lambda c: c.max_util))
+        fitting = [c for c in every[compute_fit[0]] if c.compute_over == 0]
+        found.append(min(fitting, key=lambda c: c.max_util))
     storable = [k for k in depths(case) if storage_over(case, k) == 0]
     for k in {0, storable[-1] if storable else 0}:
         found.append(min(every[k], key=lambda c: (c.compute_over, c.max_util)))
@@ -204,18 +205,20 @@ def brute_closest(case: Case) -> Candidate:
 
 
 @st.composite
-def cases(draw, max_items: int = 7, max_gpus: int = 4, min_gpus: int = 0, pins: bool = True, storage: bool = False) -> Case:
-    """Small instances; ``storage`` always gives a disk tier and lighter items, so offload is common."""
-    ngpus = draw(st.integers(min_gpus, max_gpus))
+def cases(draw, min_gpus: int = 0, pins: bool = True, storage: bool = False) -> Case:
+    """Up to 7 items on up to 4 GPUs. ``storage`` always gives a disk tier and lighter
+    items, so that offload is common."""
+    ngpus = draw(st.integers(min_gpus, 4))
     gpus = tuple(
         Gpu(str(j), draw(st.integers(0, 60)), draw(st.integers(0, 4))) for j in range(ngpus)
     )
     cpu = draw(st.one_of(st.none(), st.integers(0, 80)))
     if not gpus and cpu is None:
         cpu = draw(st.integers(0, 80))
-    disk = draw(st.one_of(st.integers(20, 60), st.just(HUGE)) if storage else st.one_of(st.none(), st.integers(0, 60), st.just(HUGE)))
+    some_disk = [st.integers(20, 60), st.just(HUGE)]
+    disk = draw(st.one_of(*some_disk) if storage else st.one_of(st.none(), *some_disk))
     tiers = Tiers(cpu, disk)
-    n = draw(st.integers(0, max_items))
+    n = draw(st.integers(0, 7))
     items = []
     for i in range(n):
         items.append(
@@ -249,11 +252,6 @@ def with_pins(draw, case: Case) -> Case:
 
 def run(case: Case, policy: Policy = Policy.BALANCED) -> Assignment:
     return solve(case.items, case.gpus, case.tiers, policy)
-
-
-def runs_of(case: Case, devices: tuple[str, ...]) -> list[str]:
-    """The compute device of each kept item, in item order."""
-    return [d for d in devices if d in case.compute and not (d == "cpu" and case.gpus)]
 
 
 SMALL = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -304,6 +302,16 @@ def test_pins_contiguity_and_offloaded_tail(case, policy):
 @SMALL
 @given(cases())
 def test_balanced_equals_brute_force(case):
+    check_balanced(case)
+
+
+@SMALL
+@given(cases(min_gpus=1, storage=True))
+def test_balanced_with_offload_equals_brute_force(case):
+    check_balanced(case)
+
+
+def check_balanced(case: Case) -> None:
     a = run(case)
     best = brute_balanced(case)
     assert a.fits == (best is not None)
@@ -311,12 +319,6 @@ def test_balanced_equals_brute_force(case):
         assert offloaded_movable(case, a.devices) == best.k
         assert a.max_utilization == pytest.approx(best.max_util, abs=1e-9)
         assert a.devices == best.devices  # ties go to earlier devices
-
-
-@SMALL
-@given(cases(min_gpus=1, storage=True))
-def test_balanced_with_offload_equals_brute_force(case):
-    test_balanced_equals_brute_force.hypothesis.inner_test(case)
 
 
 @SMALL
@@ -390,8 +392,14 @@ def blocks(n: int, weight: int, kv: int = 0, act: int = 0) -> list[Item]:
     return [Item(f"layer{i}", weight, kv, act) for i in range(n)]
 
 
+def model(n: int, weight: int, kv: int, act: int, ends: int) -> list[Item]:
+    """Input group, n blocks, output group; the groups stay on GPUs."""
+    embed, head = Item("embed", ends, 0, 1, offloadable=False), Item("head", ends, 0, 4, offloadable=False)
+    return [embed, *blocks(n, weight, kv, act), head]
+
+
 def test_balanced_beats_fill_until_full_on_heterogeneous_gpus():
-    items = [Item("embed", 2, 0, 1, offloadable=False), *blocks(8, 10, 1, 2), Item("head", 2, 0, 4, offloadable=False)]
+    items = model(8, 10, 1, 2, ends=2)
     gpus = [Gpu("0", 100, 3), Gpu("1", 50, 3)]
     seq = solve(items, gpus, Tiers(None, None), Policy.SEQUENTIAL)
     bal = solve(items, gpus, Tiers(None, None))
@@ -402,7 +410,7 @@ def test_balanced_beats_fill_until_full_on_heterogeneous_gpus():
 
 
 def test_the_tail_blocks_are_offloaded_with_a_stream_buffer():
-    items = [Item("embed", 5, 0, 1, offloadable=False), *blocks(6, 10, 1, 2), Item("head", 5, 0, 3, offloadable=False)]
+    items = model(6, 10, 1, 2, ends=5)
     a = solve(items, [Gpu("0", 40, 2), Gpu("1", 40, 2)], Tiers(cpu=25, disk=HUGE))
     assert a.fits
     assert a.devices[-1] != "cpu" and a.devices[-1] != "disk"
@@ -488,7 +496,7 @@ def test_pins_out_of_order_name_the_items_and_gpus():
     [
         ([Item("a", 1, 0, 0, pin="7")], [Gpu("0", 9, 0)], Tiers(None, None), "not a device here"),
         ([Item("a", 1, 0, 0, pin="cpu")], [Gpu("0", 9, 0)], Tiers(None, None), "not a device here"),
-        ([Item("a", 1, 0, 0, pin="disk", offloadable=False)], [Gpu("0", 9, 0)], Tiers(None, 9), "not offloadable"),
+        ([Item("a", 1, 0, 0, "disk", False)], [Gpu("0", 9, 0)], Tiers(None, 9), "not offloadable"),
         ([Item("a", -1, 0, 0)], [Gpu("0", 9, 0)], Tiers(None, None), "must be >= 0"),
         ([Item("a", 1, 0, 0)], [Gpu("0", 9, 0), Gpu("0", 9, 0)], Tiers(None, None), "used twice"),
         ([Item("a", 1, 0, 0)], [], Tiers(None, HUGE), "no GPUs and no cpu tier"),
@@ -497,6 +505,19 @@ def test_pins_out_of_order_name_the_items_and_gpus():
 def test_contradictory_input_is_bad_input(items, gpus, tiers, message):
     with pytest.raises(BadInput, match=message):
         solve(items, gpus, tiers)
+
+
+@SMALL
+@given(cases(min_gpus=1, pins=False), st.data())
+def test_out_of_order_gpu_pins_are_always_caught(case, data):
+    pins = [data.draw(st.sampled_from([None, *case.compute])) for _ in case.items]
+    items = tuple(replace(it, pin=p) for it, p in zip(case.items, pins))
+    order = [case.compute.index(p) for p in pins if p is not None]
+    if order == sorted(order):
+        solve(items, case.gpus, case.tiers)
+    else:
+        with pytest.raises(BadInput, match="pins out of order"):
+            solve(items, case.gpus, case.tiers)
 
 
 def test_unknown_policy_is_bad_input():
@@ -516,7 +537,8 @@ def test_every_problem_is_reported_at_once():
 
 def big_model(n: int) -> list[Item]:
     inner = [Item(f"layer{i}", (1 + i % 3) * GiB // 2, 64 << 20, (200 + i % 7) << 20) for i in range(n - 2)]
-    return [Item("embed", GiB, 0, 300 << 20, offloadable=False), *inner, Item("head", GiB, 0, 900 << 20, offloadable=False)]
+    embed = Item("embed", GiB, 0, 300 << 20, offloadable=False)
+    return [embed, *inner, Item("head", GiB, 0, 900 << 20, offloadable=False)]
 
 
 @pytest.mark.parametrize("capacity", [24 * GiB, 12 * GiB, 4 * GiB], ids=["fits", "offloads", "short"])
@@ -530,4 +552,5 @@ def test_two_hundred_items_on_eight_gpus(capacity, capsys):
         seconds = time.perf_counter() - start
         assert a.loads == ledger(Case(tuple(items), tuple(gpus), tiers), a.devices)
         with capsys.disabled():
-            print(f"\n200 items x 8 GPUs, {policy.value}, {capacity // GiB} GiB: fits={a.fits} {seconds * 1000:.0f} ms")
+            label = f"{policy.value}, {capacity // GiB} GiB GPUs"
+            print(f"\n200 items x 8 GPUs, {label}: fits={a.fits}, {seconds * 1000:.0f} ms")

@@ -34,6 +34,7 @@ class Hooks:
 
     handles: list[RemovableHandle] = field(default_factory=list)
     hooked: tuple[str, ...] = ()           # module paths with an input-moving pre-hook
+    mover: "Mover | None" = None           # its ``copies`` counts tensors moved so far
 
     def remove(self) -> None:
         for h in self.handles:
@@ -61,7 +62,7 @@ def attach(model: nn.Module, placement: Placement, input_device: torch.device,
         handles.append(module.register_forward_pre_hook(InputsTo(device, mover), with_kwargs=True))
         hooked.append(path)
     handles.append(model.register_forward_hook(OutputsTo(torch.device(input_device), mover)))
-    return Hooks(handles, tuple(hooked))
+    return Hooks(handles, tuple(hooked), mover)
 
 
 def boundary_units(placement: Placement, input_device: torch.device) -> list[tuple[str, torch.device]]:

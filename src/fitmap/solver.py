@@ -28,8 +28,9 @@ Placement rules:
   Offloaded items run on the *execution device* (the first compute device): their
   KV and activations are charged there, plus a stream buffer of 2 × the largest
   offloaded weight (double buffering for prefetch; with no GPUs it is the
-  read-ahead buffer in RAM). Their weights go, in item order, to the cpu tier
-  while it has room for them, otherwise to disk (with no GPUs, straight to disk).
+  read-ahead buffer in RAM). Their weights go, in item order, each to the cpu
+  tier if it still has room for it, otherwise to disk (first fit; with no disk
+  tier all go to cpu, with no GPUs all go to disk).
   Removing them does not break the contiguity of the remaining runs.
 - Pins: an item pinned to a compute device is in that device's run.
 - A device fits when its load <= capacity; utilization = load / capacity.
@@ -47,8 +48,8 @@ When nothing fits, ``fits`` is False, the loads are those of the returned
 assignment and ``shortfall`` is Σ (load - capacity) over the devices that are
 over. The returned assignment is the best of three offload depths: none, the
 smallest k at which the compute devices fit (balanced; the shortfall is then on
-the storage tiers), and the largest k the storage tiers hold. For each, the split
-minimises the compute devices' total overage (exactly, by dynamic programming);
+the storage tiers), and the largest k the storage tiers hold. For the last two the
+split minimises the compute devices' total overage (exactly, by dynamic programming);
 the winner has the smallest shortfall, then the smallest largest utilization,
 then the smallest k. ``BadInput`` is raised only for contradictory inputs, all
 listed at once: negative sizes, duplicate GPU names, no compute device at all (no

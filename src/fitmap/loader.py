@@ -1,0 +1,509 @@
+"""Stage 6 — Load: stream a checkpoint's weights straight to the devices of a plan.
+
+The model is built on ``meta`` at the plan's dtype; then every unit's tensors
+are taken from the mmap'd checkpoint (one thread per shard, a few at a time)
+and assigned in place of the meta tensors:
+
+* GPU units: copied to ``cuda:N`` (the only CUDA calls are in :func:`gpu`);
+* ``cpu`` units: kept in RAM. When the checkpoint already has the planned
+  dtype they stay views of the page cache (no second copy); their pages are
+  read now so the first forward does not stall on I/O. When the execution
+  device is a GPU, :mod:`fitmap.offload` streams them in per forward;
+* ``disk`` units: not read now. :mod:`fitmap.offload` reads them from the
+  original files at forward time (no ``.dat`` rewrite).
+
+Buffers that checkpoints do not carry (rotary ``inv_freq``, embedding scales)
+are computed by the model's own ``_init_weights`` on their device. After a
+load no parameter or buffer is left on ``meta`` (disk units hold ``meta``
+placeholders between forwards by design). On any error everything placed so
+far is released before the error propagates.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from fitmap import hooks, offload
+from fitmap.errors import BadInput, CheckpointError, MissingWeights
+from fitmap.inventory import Inventory, inventory
+from fitmap.plan import Plan
+from fitmap.skeleton import build_model, load_config, tied_parameters
+from fitmap.sizes import GiB, fmt_bytes
+
+PAGE = 4096
+PROGRESS_MIN_BYTES = GiB // 4      # smaller loads take well under a second: no bar
+MAX_READERS = 4                    # shards read at once
+
+
+@dataclass
+class LoadedModel:
+    """A model placed per a plan, hooked for its devices. ``close()`` frees it."""
+
+    model: nn.Module
+    input_device: torch.device          # where inputs go and outputs come back
+    plan: Plan
+    seconds: float = 0.0                # wall time of the load
+    bytes_read: int = 0                 # checkpoint bytes placed at load (disk units excluded)
+    _hooks: hooks.Hooks | None = field(default=None, repr=False)
+    _offload: offload.Offload | None = field(default=None, repr=False)
+
+    def close(self) -> None:
+        """Detach hooks, stop read-ahead, and drop every weight (back to ``meta``)."""
+        if self._offload is not None:
+            self._offload.close()
+        if self._hooks is not None:
+            self._hooks.remove()
+        self._offload = self._hooks = None
+        release(self.model)
+
+    def __enter__(self) -> "LoadedModel":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def load(model_dir: Path | str, plan: Plan, *, trust_remote_code: bool = False, readahead: bool = True,
+         progress: bool = True) -> LoadedModel:
+    """Build ``model_dir``'s model on meta and place its weights per ``plan``."""
+    start = time.perf_counter()
+    inv = inventory(model_dir)
+    if inv.path is None or inv.weight_format == "none":
+        raise BadInput(f"{model_dir} has no weights to load; fitmap load needs a model directory with a checkpoint")
+    dtype = _dtype(plan.dtype)
+    with torch.device("meta"):
+        model = build_model(load_config(inv, trust_remote_code), inv.task, dtype, trust_remote_code).eval()
+    layout = Layout.of(model, plan)
+    ckpt = Checkpoint.index(inv, model, dtype)
+    ckpt.check_complete(model, layout)
+    try:
+        loaded = place(model, layout, ckpt, progress)
+        compute_buffers(model, layout, ckpt)
+        check_materialized(model, layout)
+        result = _runtime(model, layout, ckpt, plan, readahead)
+    except BaseException:
+        release(model)
+        raise
+    result.seconds, result.bytes_read = time.perf_counter() - start, loaded
+    return result
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise BadInput(f"plan dtype {name!r} is not a floating torch dtype; re-plan with --dtype bf16, fp16 or fp32")
+    return dtype
+
+
+# --------------------------------------------------------------------------- devices
+def gpu(index: int) -> torch.device:
+    """``cuda:index``, after checking that this machine has it (the one CUDA query here)."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if index >= count:
+        raise BadInput(f"the plan puts units on GPU {index}, but this machine has {count} usable GPU(s); "
+                       "load on the machine the plan was made for, or re-plan with --gpus matching this one")
+    return torch.device("cuda", index)
+
+
+def _runs_on(value: int | str) -> torch.device:
+    if value == "cpu":
+        return torch.device("cpu")
+    if isinstance(value, int) or str(value).isdigit():
+        return gpu(int(value))
+    raise BadInput(f"unknown device {value!r} in the plan; expected a GPU index, 'cpu' or 'disk'")
+
+
+@dataclass(frozen=True)
+class Placed:
+    unit: str
+    tier: str                        # "gpu" | "cpu" | "disk"
+    runs_on: torch.device            # where it executes
+    stored_on: torch.device | None   # where its weights live after load (None: read per forward)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The plan resolved against the model: every unit's tier and devices, every key's unit."""
+
+    units: dict[str, Placed]         # in execution order
+    execution: torch.device          # where offloaded units run
+    align: tuple[tuple[str, torch.device], ...] = ()
+    ties: tuple[tuple[str, ...], ...] = ()   # parameter names sharing one tensor (found on meta)
+
+    @classmethod
+    def of(cls, model: nn.Module, plan: Plan) -> "Layout":
+        device_map, align = _apply_repairs(plan)
+        execution = _runs_on(plan.execution_device)
+        units = {name: _placed(name, value, execution) for name, value in device_map.items()}
+        layout = cls(units, execution, align, tied_parameters(model))
+        layout.check_covers(model)
+        return layout
+
+    def unit_of(self, key: str) -> Placed | None:
+        """The unit owning state-dict key ``key`` (longest module-path prefix)."""
+        parts = key.split(".")
+        for i in range(len(parts), 0, -1):
+            hit = self.units.get(".".join(parts[:i]))
+            if hit is not None:
+                return hit
+        return None
+
+    def check_covers(self, model: nn.Module) -> None:
+        names = [n for n, _ in _named_tensors(model)]
+        stray = [n for n in names if self.unit_of(n) is None]
+        if stray:
+            raise BadInput(f"the plan's device_map does not place {len(stray)} tensor(s) of {type(model).__name__}, "
+                           f"e.g. {', '.join(stray[:3])}; the plan was made for another model: re-plan this one")
+        for group in self.ties:
+            devices = {self.unit_of(n).stored_on for n in group}
+            if len(devices) > 1:
+                raise BadInput(f"tied weights {', '.join(group)} share one tensor but are planned on "
+                               f"{sorted(map(str, devices))}; put their units on one device (fitmap plan does)")
+
+    def input_device(self, model: nn.Module) -> torch.device:
+        embed = model.get_input_embeddings()
+        path = next(p for p, m in model.named_modules() if m is embed)
+        return self.unit_of(path).runs_on
+
+
+def _apply_repairs(plan: Plan) -> tuple[dict[str, int | str], tuple[tuple[str, torch.device], ...]]:
+    device_map = dict(plan.device_map)
+    align = []
+    for r in plan.repairs:
+        value: int | str = int(r.device) if str(r.device).isdigit() else r.device
+        if r.kind == "colocate":
+            if r.module not in device_map:
+                raise BadInput(f"repair moves {r.module} to {r.device}, but it is not a unit of the plan; re-run fitmap check")
+            device_map[r.module] = value
+        elif r.kind == "align-inputs":
+            align.append((r.module, _runs_on(value)))
+        else:
+            raise BadInput(f"unknown repair kind {r.kind!r} for {r.module}; expected align-inputs or colocate")
+    return device_map, tuple(align)
+
+
+def _placed(name: str, value: int | str, execution: torch.device) -> Placed:
+    if value == "disk":
+        return Placed(name, "disk", execution, None)
+    device = _runs_on(value)
+    if device.type == "cpu":
+        return Placed(name, "cpu", execution, device)
+    return Placed(name, "gpu", device, device)
+
+
+def _named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from model.named_parameters(remove_duplicate=False)
+    yield from model.named_buffers(remove_duplicate=False)
+
+
+# --------------------------------------------------------------------------- checkpoint
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where each model tensor lives in the checkpoint files, and how to read it."""
+
+    directory: Path
+    format: str                                # "safetensors" | "bin"
+    where: Mapping[str, tuple[str, str]]       # model key -> (file name, checkpoint key)
+    nbytes: Mapping[str, int]                  # model key -> bytes on disk
+    dtype: torch.dtype                         # floating tensors are cast to this
+    unmatched: tuple[str, ...] = ()            # checkpoint keys no model key maps to
+
+    @classmethod
+    def index(cls, inv: Inventory, model: nn.Module, dtype: torch.dtype) -> "Checkpoint":
+        names = checkpoint_names(model, list(inv.tensors))
+        where = {k: (inv.tensors[c].file, c) for k, c in names.items()}
+        used = set(names.values())
+        unmatched = tuple(c for c in inv.tensors if c not in used)
+        _check_shapes(model, inv, names)
+        return cls(inv.path, inv.weight_format, where, {k: inv.tensors[c].nbytes for k, c in names.items()},
+                   dtype, unmatched)
+
+    def check_complete(self, model: nn.Module, layout: Layout) -> None:
+        """Every parameter (and persistent buffer we cannot compute) must be in the checkpoint."""
+        params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+        missing = sorted(n for n in params if n not in self.where)
+        if not missing:
+            return
+        hint = ""
+        if self.unmatched:
+            hint = (f" The checkpoint has {len(self.unmatched)} tensor(s) with other names, e.g. "
+                    f"{', '.join(self.unmatched[:2])}: they need a conversion (merge/split) that fitmap does not do; "
+                    "use a checkpoint saved in this transformers version's layout")
+        raise MissingWeights(f"{len(missing)} weight(s) of {type(model).__name__} are not in {self.directory}: "
+                             f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}.{hint or ' Re-download the checkpoint'}")
+
+    def read(self, keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(model key, CPU tensor at the planned dtype) for ``keys``, one file open at a time.
+
+        Same-dtype tensors are mmap views with their pages already read in.
+        """
+        by_file: dict[str, list[str]] = {}
+        for k in keys:
+            by_file.setdefault(self.where[k][0], []).append(k)
+        for file, ks in by_file.items():
+            with self._open(file) as get:
+                for k in ks:
+                    yield k, _ready(get(self.where[k][1]), self.dtype)
+
+    def reader(self, keys: Mapping[str, str]) -> Callable[[], offload.Weights]:
+        """A disk unit's reader: {relative key: tensor} from {relative key: model key}."""
+        def read() -> offload.Weights:
+            got = dict(self.read(list(dict.fromkeys(keys.values()))))
+            return {rel: got[k] for rel, k in keys.items()}
+        return read
+
+    @contextmanager
+    def _open(self, file: str) -> Iterator[Callable[[str], torch.Tensor]]:
+        path = self.directory / file
+        try:
+            if self.format == "safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    yield f.get_tensor
+            else:
+                yield torch.load(path, map_location="cpu", mmap=True, weights_only=True).__getitem__
+        except (OSError, RuntimeError, KeyError) as e:
+            raise CheckpointError(f"cannot read {path}: {e}; the file is missing or corrupt, re-download it") from None
+
+
+def _ready(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if t.is_floating_point() and t.dtype != dtype:
+        return t.to(dtype)
+    if t.numel():   # fault the mmap'd pages in now, on this thread, not in the first forward
+        flat = t.reshape(-1).view(torch.uint8)
+        flat[::PAGE].sum()
+        flat[-1:].sum()
+    return t
+
+
+def checkpoint_names(model: nn.Module, ckpt_keys: list[str]) -> dict[str, str]:
+    """Model key -> checkpoint key: same name, or transformers' own renaming for this model
+    (e.g. Qwen2-VL checkpoints' ``model.layers`` -> ``model.language_model.layers``)."""
+    expected = {n for n, _ in _named_tensors(model)}
+    rename = _renamer(model)
+    out: dict[str, str] = {}
+    for c in ckpt_keys:
+        k = c if c in expected else rename(c)
+        if k in expected:
+            out.setdefault(k, c)
+    for group in tied_parameters(model):      # a tied copy is stored once, under any of its names
+        stored = next((out[n] for n in group if n in out), None)
+        if stored is not None:
+            out.update({n: stored for n in group})
+    return out
+
+
+def _renamer(model: nn.Module) -> Callable[[str], str]:
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, apply_renamings
+
+        renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    except (ImportError, AttributeError, TypeError):   # not a transformers model, or another version
+        return lambda key: key
+    return lambda key: apply_renamings(key, renamings)
+
+
+def _check_shapes(model: nn.Module, inv: Inventory, names: Mapping[str, str]) -> None:
+    tensors = dict(_named_tensors(model))
+    wrong = [f"{k}: model {list(tensors[k].shape)}, checkpoint {list(inv.tensors[c].shape)}"
+             for k, c in names.items() if tuple(tensors[k].shape) != tuple(inv.tensors[c].shape)]
+    if wrong:
+        raise CheckpointError(f"{len(wrong)} tensor(s) in {inv.path} do not match config.json, e.g. "
+                              + "; ".join(wrong[:3]) + ". Use the config.json that came with these weights")
+
+
+# --------------------------------------------------------------------------- placing
+def place(model: nn.Module, layout: Layout, ckpt: Checkpoint, progress: bool) -> int:
+    """Read every non-disk unit's tensors and assign them on their device; returns bytes read."""
+    jobs = _jobs(model, layout, ckpt)
+    total = sum(ckpt.nbytes[k] for ks in jobs.values() for k, _ in ks)
+    with _progress(total, progress) as advance, ThreadPoolExecutor(min(MAX_READERS, max(1, len(jobs)))) as pool:
+        futures = [pool.submit(_read_file, ckpt, ks, advance) for ks in jobs.values()]
+        try:
+            while futures:
+                _assign(model, futures.pop(0).result())
+        finally:   # on error: nothing queued still runs, and no finished result outlives release()
+            for f in futures:
+                f.cancel()
+            futures.clear()
+    retie(model, layout.ties)
+    return total
+
+
+def _assign(model: nn.Module, tensors: list[tuple[str, torch.Tensor]]) -> None:
+    for key, t in tensors:
+        set_tensor(model, key, t)
+
+
+def _jobs(model: nn.Module, layout: Layout, ckpt: Checkpoint) -> dict[str, list[tuple[str, torch.device]]]:
+    """Per checkpoint file: (model key, target device) of what to read now; tied copies once."""
+    jobs: dict[str, list[tuple[str, torch.device]]] = {}
+    seen: set[int] = set()
+    for key, t in _named_tensors(model):
+        unit = layout.unit_of(key)
+        if key not in ckpt.where or unit.stored_on is None or id(t) in seen:
+            continue
+        seen.add(id(t))
+        jobs.setdefault(ckpt.where[key][0], []).append((key, unit.stored_on))
+    return jobs
+
+
+def _read_file(ckpt: Checkpoint, items: list[tuple[str, torch.device]],
+               advance: Callable[[int], None]) -> list[tuple[str, torch.Tensor]]:
+    devices = dict(items)
+    out = []
+    for key, t in ckpt.read(list(devices)):
+        out.append((key, t.to(devices[key])))   # no-op for cpu targets
+        advance(ckpt.nbytes[key])
+    return out
+
+
+def set_tensor(model: nn.Module, key: str, t: torch.Tensor) -> None:
+    """Put ``t`` in place of parameter or buffer ``key`` (no copy into the old storage)."""
+    path, _, attr = key.rpartition(".")
+    owner = model.get_submodule(path)
+    if attr in owner._parameters:
+        owner._parameters[attr] = nn.Parameter(t, requires_grad=False)
+    else:
+        owner._buffers[attr] = t
+
+
+def retie(model: nn.Module, ties: tuple[tuple[str, ...], ...]) -> None:
+    """Tied names were one meta Parameter; point them all at the one that was loaded."""
+    for group in ties:
+        loaded = next((model.get_parameter(n) for n in group if not model.get_parameter(n).is_meta), None)
+        if loaded is not None:
+            for n in group:
+                path, _, attr = n.rpartition(".")
+                model.get_submodule(path)._parameters[attr] = loaded
+
+
+@contextmanager
+def _progress(total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
+    if not enabled or total < PROGRESS_MIN_BYTES:
+        yield lambda n: None
+        return
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    with Progress(TextColumn("loading"), BarColumn(), DownloadColumn(binary_units=True),
+                  TransferSpeedColumn(), TimeRemainingColumn()) as bar:
+        task = bar.add_task("load", total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+# --------------------------------------------------------------------------- buffers
+def compute_buffers(model: nn.Module, layout: Layout, ckpt: Checkpoint) -> None:
+    """Buffers the checkpoint does not carry, computed by the model's ``_init_weights`` on their device."""
+    owners: dict[str, list[str]] = {}
+    for key, b in list(model.named_buffers(remove_duplicate=False)):
+        if b.is_meta and key not in ckpt.where:
+            path, _, attr = key.rpartition(".")
+            device = layout.unit_of(key).runs_on
+            model.get_submodule(path)._buffers[attr] = _sentinel_like(b, device)
+            owners.setdefault(path, []).append(key)
+    for path, keys in owners.items():
+        _init_module(model, path)
+    not_computed = [k for keys in owners.values() for k in keys if _still_sentinel(model.get_buffer(k))]
+    if not_computed:
+        raise MissingWeights(f"{len(not_computed)} buffer(s) are neither in the checkpoint nor computed by the "
+                             f"model's _init_weights: {', '.join(not_computed[:8])}; this model class is not "
+                             "supported by fitmap load yet")
+
+
+def _sentinel_like(b: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if b.is_floating_point():
+        return torch.full(b.shape, float("nan"), dtype=b.dtype, device=device)
+    if b.dtype == torch.bool:
+        return torch.zeros(b.shape, dtype=b.dtype, device=device)
+    return torch.full(b.shape, torch.iinfo(b.dtype).min, dtype=b.dtype, device=device)
+
+
+def _still_sentinel(b: torch.Tensor) -> bool:
+    if b.numel() == 0 or b.dtype == torch.bool:
+        return False
+    if b.is_floating_point():
+        return bool(torch.isnan(b).all())
+    return bool((b == torch.iinfo(b.dtype).min).all())
+
+
+def _init_module(model: nn.Module, path: str) -> None:
+    """Run the nearest PreTrainedModel's ``_init_weights`` on one module, its loaded tensors protected."""
+    from transformers import PreTrainedModel
+    from transformers import initialization as init
+
+    owner = model.get_submodule(path)
+    parts = path.split(".")
+    prefixes = (".".join(parts[:i]) for i in range(len(parts), -1, -1))
+    pretrained = next((m for m in map(model.get_submodule, prefixes) if isinstance(m, PreTrainedModel)), None)
+    if pretrained is None:
+        return
+    for t in list(owner.parameters(recurse=False)) + [b for b in owner.buffers(recurse=False) if not _still_sentinel(b)]:
+        t._is_hf_initialized = True     # transformers' init functions skip these: loaded weights stay
+    with torch.no_grad(), init.guard_torch_init_functions():
+        pretrained._init_weights(owner)
+
+
+def check_materialized(model: nn.Module, layout: Layout) -> None:
+    """No parameter or buffer may remain on ``meta``, except disk units' placeholders."""
+    left = [n for n, t in _named_tensors(model) if t.is_meta and layout.unit_of(n).tier != "disk"]
+    if left:
+        raise MissingWeights(f"{len(left)} tensor(s) have no data after loading: {', '.join(left[:8])}; "
+                             "the checkpoint does not provide them. Re-download it, or report this model to fitmap")
+
+
+# --------------------------------------------------------------------------- runtime
+def _runtime(model: nn.Module, layout: Layout, ckpt: Checkpoint, plan: Plan, readahead: bool) -> LoadedModel:
+    """Hooks for device boundaries and repairs, then offload hooks for cpu/disk units."""
+    input_device = layout.input_device(model)
+    placement = {name: p.runs_on for name, p in layout.units.items()}
+    boundary = hooks.attach(model, placement, input_device, layout.align)
+    try:
+        streamed = offloaded_units(model, layout, ckpt)
+        off = offload.attach(model, streamed, layout.execution, readahead) if streamed else None
+    except BaseException:
+        boundary.remove()
+        raise
+    return LoadedModel(model, input_device, plan, _hooks=boundary, _offload=off)
+
+
+def offloaded_units(model: nn.Module, layout: Layout, ckpt: Checkpoint) -> list[offload.Offloaded]:
+    """Disk units (read per forward) and, on a GPU, cpu units (copied in per forward)."""
+    out = []
+    for name, p in layout.units.items():
+        module = _module_or_none(model, name)
+        if module is None or not (p.tier == "disk" or (p.tier == "cpu" and p.runs_on.type != "cpu")):
+            continue
+        if p.tier == "cpu":
+            out.append(offload.Offloaded(name))
+            continue
+        rel = {k: f"{name}.{k}" for k in module.state_dict(keep_vars=True)}
+        out.append(offload.Offloaded(name, ckpt.reader(rel)))
+    return out
+
+
+def _module_or_none(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def release(model: nn.Module) -> None:
+    """Drop every parameter and buffer (replaced by meta tensors), freeing RAM and GPU memory."""
+    for key, t in list(_named_tensors(model)):
+        if not t.is_meta:
+            set_tensor(model, key, torch.empty_like(t, device="meta"))
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,242 @@
+"""Offload that keeps up: units whose weights live in CPU RAM or on disk run on
+the execution device, with the next unit's weights on their way while the
+current one computes.
+
+* ``cpu`` tier, GPU execution: weights stay in pinned host memory; a pre-hook
+  swaps in device copies made on a side stream, a post-hook swaps the host
+  tensors back (the device copies are freed).
+* ``disk`` tier: weights are read from the ORIGINAL checkpoint (mmap'd
+  safetensors) when the unit is about to run, by a read-ahead thread one unit
+  ahead; after the unit's forward they are dropped (back to ``meta``), so RAM
+  holds at most two units of disk weights (the running one and the next).
+
+Which unit is "next" is learned from the previous forward (a decode step skips
+the vision tower), starting from the static execution order. State lives in
+the hook objects; standard forward pre/post hooks only.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+Weights = dict[str, torch.Tensor]        # state-dict key relative to the unit -> tensor
+ENTRY = ""                               # the model's own forward: where the chain of units starts
+
+
+@dataclass(frozen=True)
+class Offloaded:
+    """One unit whose weights are not kept on its execution device."""
+
+    path: str                                       # unit module path
+    read: Callable[[], Weights] | None = None       # disk tier: reads the unit's weights (CPU tensors)
+    # ``read`` None: cpu tier, the module's current (host) tensors are the source
+
+
+@dataclass
+class Offload:
+    """What :func:`attach` set up; ``close()`` detaches it and stops the read-ahead thread."""
+
+    streamer: "Streamer"
+    handles: list[RemovableHandle] = field(default_factory=list)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self.streamer.close()
+
+
+def attach(model: nn.Module, units: Sequence[Offloaded], device: torch.device, readahead: bool = True) -> Offload:
+    """Hook ``units`` (in execution order) of ``model`` to run on ``device`` with weights streamed in.
+
+    Disk units must hold ``meta`` placeholders; cpu units must hold their host tensors.
+    """
+    streamer = Streamer(model, units, torch.device(device), readahead)
+    handles = [model.register_forward_pre_hook(streamer.start_forward)]
+    for u in units:
+        module = model.get_submodule(u.path)
+        handles.append(module.register_forward_pre_hook(WeightsIn(u.path, streamer)))
+        handles.append(module.register_forward_hook(WeightsOut(u.path, streamer), always_call=True))
+    return Offload(streamer, handles)
+
+
+# --------------------------------------------------------------------------- hooks
+class WeightsIn:
+    """Pre-hook: the unit's weights on the execution device, and the next unit's fetch started."""
+
+    def __init__(self, path: str, streamer: "Streamer") -> None:
+        self.path = path
+        self.streamer = streamer
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        self.streamer.enter(self.path)
+
+
+class WeightsOut:
+    """Post-hook: the unit's device copies are released (host or meta placeholders back)."""
+
+    def __init__(self, path: str, streamer: "Streamer") -> None:
+        self.path = path
+        self.streamer = streamer
+
+    def __call__(self, module: nn.Module, args: tuple, output: object) -> None:
+        self.streamer.leave(self.path)
+
+
+# --------------------------------------------------------------------------- streaming
+@dataclass
+class _Slot:
+    """One offloaded unit: where its tensors go and what sits there between forwards."""
+
+    unit: Offloaded
+    targets: dict[str, tuple[nn.Module, str]]     # relative key -> (owning module, attribute)
+    resting: Weights                              # between forwards: pinned host tensors or meta
+
+
+@dataclass
+class Stats:
+    fetched: int = 0      # unit weight sets brought to the execution device
+    prefetched: int = 0   # ... of which were ready (or in flight) before the unit ran
+    wasted: int = 0       # prefetches thrown away (the unit did not run next)
+
+
+class Streamer:
+    """Brings offloaded units' weights in just in time, one unit ahead."""
+
+    def __init__(self, model: nn.Module, units: Sequence[Offloaded], device: torch.device, readahead: bool) -> None:
+        self.device = device
+        self.readahead = readahead
+        self.slots = {u.path: _slot(model, u, device) for u in units}
+        order = [ENTRY] + [u.path for u in units]
+        self.next: dict[str, str | None] = dict(zip(order, order[1:] + [None]))
+        self.last = ENTRY
+        self.pending: tuple[str, Future] | None = None
+        self.stats = Stats()
+        self.copier = _Copier.for_device(device)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="fitmap-readahead") if readahead else None
+
+    def start_forward(self, *_: object) -> None:
+        """Model pre-hook: the first offloaded unit of the last forward starts loading now."""
+        self.last = ENTRY
+        self._prefetch(self.next.get(ENTRY))
+
+    def enter(self, path: str) -> None:
+        self.next[self.last] = path       # learn the order actually run
+        self.last = path
+        _put(self.slots[path].targets, self._take(path))
+        self._prefetch(self.next.get(path))
+
+    def leave(self, path: str) -> None:
+        slot = self.slots[path]
+        _put(slot.targets, slot.resting)
+
+    def close(self) -> None:
+        self.pending = None
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    # -- fetching
+    def _take(self, path: str) -> Weights:
+        self.stats.fetched += 1
+        if self.pending is not None and self.pending[0] == path:
+            fut = self.pending[1]
+            self.pending = None
+            self.stats.prefetched += 1
+            return self.copier.ready(fut.result())
+        return self.copier.ready(self._fetch(path))
+
+    def _prefetch(self, path: str | None) -> None:
+        if not self.readahead or path is None or (self.pending and self.pending[0] == path):
+            return
+        if self.pending is not None:
+            self.pending[1].cancel()
+            self.stats.wasted += 1
+        if self.slots[path].unit.read is None:   # host tensors: the copy itself is asynchronous
+            fut: Future = Future()
+            fut.set_result(self._fetch(path))
+        else:                                    # disk: read on the read-ahead thread
+            fut = self.pool.submit(self._fetch, path)
+        self.pending = (path, fut)
+
+    def _fetch(self, path: str) -> "Fetched":
+        slot = self.slots[path]
+        host = slot.resting if slot.unit.read is None else slot.unit.read()
+        return self.copier.start(host)
+
+
+def _slot(model: nn.Module, unit: Offloaded, device: torch.device) -> _Slot:
+    module = model.get_submodule(unit.path)
+    targets = _targets(module)
+    current = {k: getattr(owner, attr) for k, (owner, attr) in targets.items()}
+    if unit.read is None and device.type == "cuda":
+        current = {k: t.pin_memory() for k, t in current.items()}   # async host->device copies need pinned pages
+        _put(targets, current)
+    return _Slot(unit, targets, current)
+
+
+def _targets(module: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """Relative state-dict key -> (owning module, attribute) for the unit's parameters and persistent buffers."""
+    keys = module.state_dict(keep_vars=True).keys()
+    out = {}
+    for key in keys:
+        path, _, attr = key.rpartition(".")
+        out[key] = (module.get_submodule(path), attr)
+    return out
+
+
+def _put(targets: Mapping[str, tuple[nn.Module, str]], weights: Mapping[str, torch.Tensor]) -> None:
+    for key, (owner, attr) in targets.items():
+        t = weights[key]
+        if attr in owner._parameters:
+            owner._parameters[attr] = t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False)
+        else:
+            owner._buffers[attr] = t
+
+
+# --------------------------------------------------------------------------- device copies
+@dataclass
+class Fetched:
+    weights: Weights
+    event: object = None       # torch.cuda.Event when the copy ran on a side stream
+
+
+class _Copier:
+    """Host -> execution device. On CPU execution there is nothing to copy."""
+
+    @staticmethod
+    def for_device(device: torch.device) -> "_Copier":
+        return _CudaCopier(device) if device.type == "cuda" else _Copier()
+
+    def start(self, host: Weights) -> Fetched:
+        return Fetched(host)
+
+    def ready(self, fetched: Fetched) -> Weights:
+        return fetched.weights
+
+
+class _CudaCopier(_Copier):
+    """Copies on a side stream so the next unit's transfer overlaps the current unit's compute."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+
+    def start(self, host: Weights) -> Fetched:
+        with torch.cuda.stream(self.stream):
+            weights = {k: t.to(self.device, non_blocking=True) for k, t in host.items()}
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return Fetched(weights, event)
+
+    def ready(self, fetched: Fetched) -> Weights:
+        main = torch.cuda.current_stream(self.device)
+        main.wait_event(fetched.event)
+        for t in fetched.weights.values():
+            t.record_stream(main)    # made on the side stream: freed only after main's use
+        return fetched.weights

@@ -1,0 +1,83 @@
+"""Repairs found by ``fitmap check``, applied the same way in simulation and at run time.
+
+* ``align-inputs``  — a forward pre-hook moves the module's tensor inputs to a device
+  (the module's own weights' device: a tied ``lm_head``, a merge inside a module);
+* ``align-outputs`` — a forward hook moves the module's tensor outputs to a device
+  (a layer whose KV is concatenated by its parent, a vision tower feeding embeddings);
+* ``follow-inputs`` — a forward hook moves the outputs to the device of the
+  module's first tensor input (a rotary module shared by layers on several devices);
+* ``colocate``      — the unit moves to a device; that is a change of the device map,
+  made by :func:`colocated`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from fitmap.hooks import Mover
+from fitmap.plan import Repair
+
+HOOK_KINDS = ("align-inputs", "align-outputs", "follow-inputs")
+
+
+def apply(model: nn.Module, fixes: Iterable[Repair], to_device: Callable[[str], torch.device]) -> list:
+    """Register the hooks of ``fixes`` on ``model``; plan devices are mapped by ``to_device``."""
+    handles = []
+    for r in fixes:
+        if r.kind not in HOOK_KINDS:
+            continue
+        module = model.get_submodule(r.module)
+        if r.kind == "align-inputs":
+            handles.append(module.register_forward_pre_hook(_InputsTo(to_device(r.device)), with_kwargs=True))
+        elif r.kind == "align-outputs":
+            handles.append(module.register_forward_hook(_OutputsTo(to_device(r.device))))
+        else:
+            handles.append(module.register_forward_hook(_FollowInputs(), with_kwargs=True))
+    return handles
+
+
+def colocated(device_map: dict[str, int | str], fixes: Iterable[Repair]) -> dict[str, int | str]:
+    """``device_map`` with every ``colocate`` repair applied."""
+    out = dict(device_map)
+    for r in fixes:
+        if r.kind == "colocate":
+            out[r.module] = int(r.device) if r.device.isdigit() else r.device
+    return out
+
+
+def _move(x: Any, device: torch.device, mover: Mover) -> Any:
+    return tree_map(lambda t: mover.to(t, device) if isinstance(t, torch.Tensor) else t, x)
+
+
+class _InputsTo:
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.mover = device, Mover()
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
+        self.mover.reset()
+        return self.mover.to(args, self.device), self.mover.to(kwargs, self.device)
+
+
+class _OutputsTo:
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.mover = device, Mover()
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        self.mover.reset()
+        return _move(output, self.device, self.mover)
+
+
+class _FollowInputs:
+    def __init__(self) -> None:
+        self.mover = Mover()
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        first = next((t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)), None)
+        if first is None:
+            return None
+        self.mover.reset()
+        return _move(output, first.device, self.mover)

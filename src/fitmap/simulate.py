@@ -1,0 +1,496 @@
+"""Stage 5 — Simulation: run the real model code on fake devices, no weights, no GPU.
+
+The model is built under ``FakeTensorMode``; GPU *i* becomes the fake device
+``meta:i`` (the CPU stays ``cpu``), every unit is placed as the plan says, the same
+boundary hooks the runtime uses are attached (:mod:`fitmap.hooks`, plus the
+plan's repairs from :mod:`fitmap.repairs`), and then:
+
+1. a prefill at the workload (batch x (prompt + image tokens)), images through
+   the vision tower;
+2. the cache is grown to the full context (prompt + image tokens + new - 1);
+3. one decode step, with the next-token selection ``generate()`` does between
+   steps (argmax of the last logits, new token appended on the input device).
+
+A ``TorchDispatchMode`` adds each new output storage to its device (keyed by the
+storage, freed through a weak reference) and keeps the peak per device and per
+unit. Attention is modelled as the kernels a GPU runs (flash / memory-efficient:
+only the output and its log-sum-exp are allocated, never the T x T scores).
+
+A device mismatch raises inside the dispatch mode, where the op, its operands'
+devices and producers, the running module and the model's own source line are
+recorded as a :class:`Mismatch`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import linecache
+import sys
+import traceback
+import weakref
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from fitmap import hooks, repairs
+from fitmap.plan import Plan, Repair
+from fitmap.profile import Profile, UnitCost, image_shape, text_config
+from fitmap.skeleton import Skeleton, build_model
+from fitmap.workload import Workload
+
+
+# --------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class Mismatch:
+    """Two devices met in one op."""
+
+    op: str                              # e.g. "aten.cat"
+    devices: tuple[str, str]             # plan device names ("0", "1", "cpu")
+    module: str                          # innermost module running ("" = top level)
+    unit: str | None                     # the unit that module belongs to
+    code: str                            # "file.py:123: the source line"
+    operands: tuple[tuple[str, str | None, bool], ...]  # (device, producer module, is a parameter of `module`)
+
+    def message(self) -> str:
+        a, b = (device_label(d) for d in self.devices)
+        where = self.module or "the top-level model"
+        return (f"{self.op} in {where} got tensors on {a} and {b} "
+                f"(Expected all tensors to be on the same device, but found at least two devices, {a} and {b}!) "
+                f"at {self.code}")
+
+
+@dataclass(frozen=True)
+class DevicePeak:
+    device: str
+    weights_bytes: int
+    kv_bytes: int
+    peak_bytes: int                      # the largest total the device held at any moment
+
+    @property
+    def activation_bytes(self) -> int:
+        return max(0, self.peak_bytes - self.weights_bytes - self.kv_bytes)
+
+
+@dataclass(frozen=True)
+class Simulation:
+    devices: tuple[DevicePeak, ...]
+    unit_activation: Mapping[str, int]   # peak bytes a unit allocated above what it was given
+    unit_kv: Mapping[str, int]           # KV bytes held for each decoder block at full context
+    mismatch: Mismatch | None = None
+    image_tokens: int = 0
+    stage: str = ""                      # where it stopped or "done"
+
+
+def device_label(device: str) -> str:
+    return f"cuda:{device}" if device.isdigit() else device
+
+
+# --------------------------------------------------------------------------- devices
+def fake_device(device: str | int) -> torch.device:
+    """Plan device -> simulator device: GPU i -> meta:i, cpu -> cpu."""
+    d = str(device)
+    return torch.device("meta", int(d)) if d.isdigit() else torch.device("cpu")
+
+
+def plan_device(device: torch.device) -> str:
+    return str(device.index) if device.type == "meta" else "cpu"
+
+
+def execution_placement(plan: Plan, device_map: Mapping[str, int | str] | None = None) -> dict[str, str]:
+    """Unit -> device it executes on: offloaded (cpu/disk) units run on the execution device."""
+    dm = device_map if device_map is not None else plan.device_map
+    exec_dev = plan.execution_device
+    return {u: (exec_dev if str(d) in ("cpu", "disk") else str(d)) for u, d in dm.items()}
+
+
+# --------------------------------------------------------------------------- memory
+class MemoryTracker(TorchDispatchMode):
+    """Bytes live per device, their peak, and the peak above entry per running unit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, tuple[str, int, int]] = {}   # storage key -> (device, bytes, refs)
+        self.current: Counter[str] = Counter()
+        self.peak: Counter[str] = Counter()
+        self.unit_stack: list[tuple[str, str, int]] = []  # (unit, device, bytes live at entry)
+        self.unit_peak: Counter[str] = Counter()
+        self.producer: dict[int, tuple[weakref.ref, str]] = {}
+        self.module_stack: list[str] = []
+        self.mismatch: Mismatch | None = None
+        self.param_owner: dict[int, list[str]] = {}       # weight storage key -> module paths (tied: several)
+        self.unit_of: Mapping[str, str] = {}
+
+    def track(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        key = st._cdata
+        dev = plan_device(t.device)
+        entry = self.live.get(key)
+        if entry is None:
+            nbytes = st.nbytes()
+            self.live[key] = (dev, nbytes, 1)
+            self.current[dev] += nbytes
+            if self.current[dev] > self.peak[dev]:
+                self.peak[dev] = self.current[dev]
+            for unit, udev, base in self.unit_stack:
+                if udev == dev:
+                    self.unit_peak[unit] = max(self.unit_peak[unit], self.current[dev] - base)
+        else:
+            self.live[key] = (entry[0], entry[1], entry[2] + 1)
+        weakref.finalize(t, self._release, key)
+
+    def _release(self, key: int) -> None:
+        dev, nbytes, refs = self.live[key]
+        if refs > 1:
+            self.live[key] = (dev, nbytes, refs - 1)
+        else:
+            del self.live[key]
+            self.current[dev] -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        try:
+            out = func(*args, **kwargs)
+        except RuntimeError as e:
+            if "found at least two devices" in str(e) and self.mismatch is None:
+                self.mismatch = self._describe(func, args, kwargs)
+            raise
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.track(t)
+        return out
+
+    def _describe(self, func, args, kwargs) -> Mismatch:
+        module = self.module_stack[-1] if self.module_stack else ""
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        operands, devices = [], []
+        for t in tensors:
+            dev = plan_device(t.device)
+            if dev not in devices:
+                devices.append(dev)
+            prod = self.producer.get(id(t))
+            producer = prod[1] if prod is not None and prod[0]() is t else None
+            owners = self.param_owner.get(t.untyped_storage()._cdata, [])
+            operands.append((dev, producer, any(_under(module, o) for o in owners)))
+        return Mismatch(str(func.overloadpacket).replace("aten::", "aten."),
+                        (devices[0], devices[1] if len(devices) > 1 else devices[0]),
+                        module, _unit_of(module, self.unit_of), _model_code_line(), tuple(operands))
+
+
+def _under(path: str, prefix: str) -> bool:
+    return prefix == "" or path == prefix or path.startswith(prefix + ".")
+
+
+def _unit_of(module: str, unit_of: Mapping[str, str]) -> str | None:
+    parts = module.split(".")
+    for i in range(len(parts), 0, -1):
+        u = unit_of.get(".".join(parts[:i]))
+        if u is not None:
+            return u
+    return None
+
+
+_SKIP = ("/torch/", "/fitmap/", "/contextlib.py", "/functools.py")
+
+
+def _model_code_line() -> str:
+    """The innermost frame of model code (not torch, not fitmap) on the current stack."""
+    for frame in reversed(traceback.extract_stack()):
+        if not any(s in frame.filename for s in _SKIP) or "/transformers/models/" in frame.filename:
+            line = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
+            return f"{frame.filename.rsplit('/', 2)[-1]}:{frame.lineno}: {line}"
+    return "unknown"
+
+
+# --------------------------------------------------------------------------- attention
+def _device_kernel_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                        enable_gqa=False):
+    """SDPA as a GPU runs it (flash / memory-efficient): output + log-sum-exp, no T x T scores.
+
+    The operands still meet in one op, so a device mismatch raises exactly as the
+    real kernel would.
+    """
+    probe = [query.new_empty(1), key.new_empty(1), value.new_empty(1)]
+    if isinstance(attn_mask, torch.Tensor):
+        probe.append(attn_mask.new_empty(1, dtype=query.dtype))
+    torch.stack(probe)
+    out = query.new_empty(*query.shape[:-1], value.shape[-1])
+    query.new_empty(*query.shape[:-1], dtype=torch.float32)  # log-sum-exp, freed at once
+    return out
+
+
+@contextlib.contextmanager
+def gpu_attention_kernels() -> Iterator[None]:
+    """For the simulation only: SDPA allocates what the fused GPU kernels allocate."""
+    original = torch.nn.functional.scaled_dot_product_attention
+    torch.nn.functional.scaled_dot_product_attention = _device_kernel_sdpa
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+
+
+# --------------------------------------------------------------------------- building
+def place_parameters(model: nn.Module, unit_device: Mapping[str, torch.device]) -> None:
+    """Move each unit's parameters and buffers to its fake device (inside the fake mode)."""
+    for unit, device in unit_device.items():
+        try:
+            module = model.get_submodule(unit)
+        except AttributeError:  # a parameter unit
+            owner, _, name = unit.rpartition(".")
+            _move_tensor(model.get_submodule(owner), name, device)
+            continue
+        for m in module.modules():
+            for name in list(m._parameters) + list(m._buffers):
+                _move_tensor(m, name, device)
+
+
+def _move_tensor(m: nn.Module, name: str, device: torch.device) -> None:
+    if name in m._parameters and m._parameters[name] is not None:
+        p = m._parameters[name]
+        if p.device != device:
+            m._parameters[name] = nn.Parameter(p.detach().to(device), requires_grad=False)
+    elif m._buffers.get(name) is not None and m._buffers[name].device != device:
+        m._buffers[name] = m._buffers[name].to(device)
+
+
+def retie(model: nn.Module, tied: tuple[tuple[str, ...], ...]) -> None:
+    """Tied parameters share one tensor: the first name's placement wins (as in a real load)."""
+    for names in tied:
+        first = model.get_parameter(names[0])
+        for other in names[1:]:
+            owner, _, attr = other.rpartition(".")
+            model.get_submodule(owner)._parameters[attr] = first
+
+
+# --------------------------------------------------------------------------- inputs
+def make_inputs(config, workload: Workload, device: torch.device, task: str) -> tuple[dict, int]:
+    """Model inputs shaped as the processor makes them; (kwargs, image tokens per sequence)."""
+    b = workload.batch
+    if task != "image-text-to-text" or not workload.images:
+        ids = torch.ones(b, max(workload.prompt, 1), dtype=torch.long, device=device)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, 0
+    from fitmap.vision_inputs import vision_inputs
+
+    return vision_inputs(config, workload, device)
+
+
+# --------------------------------------------------------------------------- running
+@dataclass
+class _Run:
+    model: nn.Module
+    tracker: MemoryTracker
+    input_device: torch.device
+    unit_device: dict[str, torch.device]
+    weights: Counter[str] = field(default_factory=Counter)
+
+
+def simulate(config, task: str, sk: Skeleton, plan: Plan, workload: Workload | None = None,
+             device_map: Mapping[str, int | str] | None = None,
+             plan_repairs: tuple[Repair, ...] | None = None, trust_remote_code: bool = False) -> Simulation:
+    """Replay ``plan`` (or ``device_map`` with ``plan``'s execution device) on fake devices."""
+    workload = workload or plan.workload
+    fixes = plan.repairs if plan_repairs is None else plan_repairs
+    dm = dict(device_map if device_map is not None else plan.device_map)
+    placement = execution_placement(plan, dm)
+    offloaded = [u for u, d in dm.items() if str(d) in ("cpu", "disk") and plan.execution_device != "cpu"]
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    tracker = MemoryTracker()
+    dtype = getattr(torch, sk.dtype)
+    with _no_grad_fake(mode), gpu_attention_kernels():
+        model = build_model(config, task, dtype, trust_remote_code).eval()
+        unit_device = {u: fake_device(d) for u, d in placement.items()}
+        place_parameters(model, unit_device | {u: torch.device("cpu") for u in offloaded})
+        retie(model, sk.tied)
+        _clear_hf_device_hints(model)
+        input_device = _input_device(model)
+        run = _Run(model, tracker, input_device, unit_device)
+        handles = _instrument(run, sk, fixes)
+        handles += [_stream_weights(model, u, unit_device[u]) for u in offloaded]
+        try:
+            return _simulate_steps(run, config, task, sk, workload)
+        finally:
+            for h in handles:
+                h.remove()
+
+
+@contextlib.contextmanager
+def _no_grad_fake(mode: FakeTensorMode) -> Iterator[None]:
+    with mode, torch.no_grad():
+        yield
+
+
+def _clear_hf_device_hints(model: nn.Module) -> None:
+    """transformers caches ``hf_device_map``; a fake placement must not leave one behind."""
+    if hasattr(model, "hf_device_map"):
+        del model.hf_device_map
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def _instrument(run: _Run, sk: Skeleton, fixes: tuple[Repair, ...]) -> list:
+    t = run.tracker
+    t.unit_of = {u.name: u.name for u in sk.units}
+    paths = {id(m): p for p, m in run.model.named_modules()}
+    for path, m in run.model.named_modules():
+        for name, p in m.named_parameters(recurse=False):
+            t.param_owner.setdefault(p.untyped_storage()._cdata, []).append(path)
+    handles: list = []
+    for path, m in run.model.named_modules():
+        handles.append(m.register_forward_pre_hook(_enter(t, path)))
+        handles.append(m.register_forward_hook(_leave(t, path)))
+    for u in sk.units:
+        if u.name in paths.values() and u.name in run.unit_device:
+            m = run.model.get_submodule(u.name)
+            handles.append(m.register_forward_pre_hook(_unit_enter(t, u.name, plan_device(run.unit_device[u.name]))))
+            handles.append(m.register_forward_hook(_unit_leave(t)))
+    placement = {u: d for u, d in run.unit_device.items()}
+    h = hooks.attach(run.model, placement, run.input_device)
+    handles.append(h)
+    handles.extend(repairs.apply(run.model, fixes, fake_device))
+    return handles
+
+
+def _stream_weights(model: nn.Module, unit: str, device: torch.device) -> Any:
+    """An offloaded unit's weights come to ``device`` for its forward and leave after
+    (what the runtime's offload does, minus the prefetch buffer the plan adds)."""
+    try:
+        module = model.get_submodule(unit)
+    except AttributeError:
+        return _NoHandle()
+    host = {}
+
+    def fetch(m, args):
+        for name, p in m.named_parameters():
+            owner, _, attr = name.rpartition(".")
+            sub = m.get_submodule(owner) if owner else m
+            host[name] = p
+            sub._parameters[attr] = nn.Parameter(p.detach().to(device), requires_grad=False)
+
+    def release(m, args, output):
+        for name, p in host.items():
+            owner, _, attr = name.rpartition(".")
+            (m.get_submodule(owner) if owner else m)._parameters[attr] = p
+        host.clear()
+
+    return _Handles([module.register_forward_pre_hook(fetch), module.register_forward_hook(release)])
+
+
+class _Handles:
+    def __init__(self, handles: list) -> None:
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class _NoHandle:
+    def remove(self) -> None:
+        pass
+
+
+def _enter(t: MemoryTracker, path: str):
+    def hook(module, args):
+        t.module_stack.append(path)
+    return hook
+
+
+def _leave(t: MemoryTracker, path: str):
+    def hook(module, args, output):
+        if t.module_stack and t.module_stack[-1] == path:
+            t.module_stack.pop()
+        for x in tree_flatten(output)[0]:
+            if isinstance(x, torch.Tensor):
+                t.producer[id(x)] = (weakref.ref(x), path)
+    return hook
+
+
+def _unit_enter(t: MemoryTracker, unit: str, device: str):
+    def hook(module, args):
+        t.unit_stack.append((unit, device, t.current[device]))
+    return hook
+
+
+def _unit_leave(t: MemoryTracker):
+    def hook(module, args, output):
+        if t.unit_stack:
+            t.unit_stack.pop()
+    return hook
+
+
+def _simulate_steps(run: _Run, config, task: str, sk: Skeleton, workload: Workload) -> Simulation:
+    t = run.tracker
+    for p in list(run.model.parameters()) + list(run.model.buffers()):
+        t.track(p)
+    weights = Counter(t.current)
+    inputs, image_tokens = make_inputs(config, workload, run.input_device, task)
+    stage = "prefill"
+    try:
+        with t:
+            out = run.model(**inputs, use_cache=True, logits_to_keep=1)
+            cache = out.past_key_values
+            stage = "decode"
+            full = workload.prompt + image_tokens + workload.new - 1
+            grow_cache(cache, full)
+            next_ids = out.logits[:, -1:].argmax(-1).to(run.input_device)
+            step = _decode_inputs(inputs, next_ids, full)
+            del out
+            run.model(**step, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            stage = "done"
+            kv = _cache_bytes(cache)
+    except RuntimeError:
+        if t.mismatch is None:
+            raise
+        return Simulation((), {}, {}, t.mismatch, image_tokens, stage)
+    peaks = tuple(DevicePeak(d, weights[d], sum(b for (dd, _), b in kv.items() if dd == d), t.peak[d])
+                  for d in sorted(set(t.peak) | set(weights), key=_order))
+    unit_kv = {u.name: kv.get((plan_device(run.unit_device[u.name]), u.layer), 0)
+               for u in sk.units if u.layer is not None and u.name in run.unit_device}
+    return Simulation(peaks, dict(t.unit_peak), unit_kv, None, image_tokens, stage)
+
+
+def _order(device: str) -> tuple[int, int]:
+    return (0, int(device)) if device.isdigit() else (1, 0)
+
+
+def _decode_inputs(inputs: dict, next_ids: torch.Tensor, past: int) -> dict:
+    """The inputs ``generate()`` builds for one step after ``past`` cached tokens."""
+    b = next_ids.shape[0]
+    mask = torch.ones(b, past + 1, dtype=torch.long, device=next_ids.device)
+    step = {"input_ids": next_ids, "attention_mask": mask,
+            "cache_position": torch.arange(past, past + 1, device=next_ids.device)}
+    if "image_grid_thw" in inputs:  # Qwen2-VL keeps its rope deltas from the prefill
+        step["position_ids"] = torch.full((3, b, 1), past, dtype=torch.long, device=next_ids.device)
+    return step
+
+
+def grow_cache(cache: Any, length: int) -> None:
+    """Give every cache layer ``length`` tokens (sliding layers keep their window)."""
+    for layer in getattr(cache, "layers", []):
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not isinstance(keys, torch.Tensor) or keys.dim() < 3:
+            continue
+        window = getattr(layer, "sliding_window", None)
+        n = min(length, window - 1) if window else length
+        layer.keys = keys.new_empty(*keys.shape[:-2], n, keys.shape[-1])
+        layer.values = values.new_empty(*values.shape[:-2], n, values.shape[-1])
+        if hasattr(layer, "cumulative_length"):
+            layer.cumulative_length = length
+
+
+def _cache_bytes(cache: Any) -> dict[tuple[str, int], int]:
+    out: dict[tuple[str, int], int] = {}
+    for i, layer in enumerate(getattr(cache, "layers", [])):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                key = (plan_device(t.device), i)
+                out[key] = out.get(key, 0) + t.numel() * t.element_size()
+    return out

@@ -1,0 +1,124 @@
+"""Boundary hooks: real CPU runs are unchanged; fake two-device runs go from a device
+mismatch to a clean forward and decode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from fitmap import hooks
+from fitmap.skeleton import build_model
+from tests.tiny import config
+
+D0, D1 = torch.device("meta:0"), torch.device("meta:1")
+UNITS = ["model.embed_tokens", "model.rotary_emb", "model.layers.0", "model.layers.1", "model.layers.2",
+         "model.layers.3", "model.norm", "lm_head"]
+
+
+def split(first_on_d1: int) -> dict[str, torch.device]:
+    """Unit -> device: embeddings and blocks before ``first_on_d1`` on meta:0, the rest on meta:1."""
+    return {u: D1 if i >= UNITS.index(f"model.layers.{first_on_d1}") else D0 for i, u in enumerate(UNITS)}
+
+
+def place(model: nn.Module, placement: dict[str, torch.device]) -> None:
+    """Move each unit's fake tensors to its fake device (see DESIGN.md: no .to() on parameters)."""
+    for path, device in placement.items():
+        for m in model.get_submodule(path).modules():
+            for k, p in [(k, p) for k, p in m._parameters.items() if p is not None]:
+                m._parameters[k] = nn.Parameter(p.detach().to(device), requires_grad=False)
+            for k, b in [(k, b) for k, b in m._buffers.items() if b is not None]:
+                m._buffers[k] = b.to(device)
+
+
+@pytest.fixture
+def fake_llama():
+    """(mode, build): build(placement) -> tiny llama on fake meta:N devices."""
+    mode = FakeTensorMode()
+
+    def build(placement: dict[str, torch.device]) -> nn.Module:
+        with mode:
+            model = build_model(config("llama"), "causal-lm", torch.float32).eval()
+            place(model, placement)
+        return model
+
+    return mode, build
+
+
+def test_fake_split_fails_without_hooks(fake_llama):
+    mode, build = fake_llama
+    model = build(split(2))
+    with mode, torch.no_grad():
+        ids = torch.randint(0, 512, (2, 7)).to(D0)
+        with pytest.raises(Exception, match="Expected all tensors to be on the same device"):
+            model(input_ids=ids)
+
+
+def test_fake_split_prefill_and_decode_with_hooks(fake_llama):
+    mode, build = fake_llama
+    model = build(split(2))
+    h = hooks.attach(model, split(2), D0)
+    assert h.hooked == ("model.layers.2", "model.layers.3", "model.norm", "lm_head")
+    with mode, torch.no_grad():
+        ids = torch.randint(0, 512, (2, 7)).to(D0)
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, output_hidden_states=True)
+        assert out.logits.device == D0 and out.logits.shape == (2, 7, 512)
+        assert {t.device for t in out.hidden_states} == {D0}
+        assert [layer.keys.device for layer in cache.layers] == [D0, D0, D1, D1]   # KV stays per layer
+        step = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
+        assert step.logits.device == D0 and step.logits.shape == (2, 1, 512)
+        assert cache.get_seq_length() == 8
+    h.remove()
+    with mode, torch.no_grad(), pytest.raises(Exception, match="same device"):
+        model(input_ids=torch.randint(0, 512, (2, 7)).to(D0))
+
+
+def test_broadcast_tensors_are_copied_once_per_device(fake_llama):
+    """position_embeddings & co. cross to meta:1 once, however many layers run there."""
+    mode, build = fake_llama
+    copies = []
+    for first in (1, 3):
+        model = build(split(first))
+        h = hooks.attach(model, split(first), D0)
+        with mode, torch.no_grad():
+            model(input_ids=torch.randint(0, 512, (1, 5)).to(D0))
+        copies.append(h.mover.copies)
+    assert copies[0] == copies[1]          # 3 layers on meta:1 cost what 1 layer costs
+    assert copies[0] <= 6                  # hidden state, cos, sin, position ids; logits back
+
+
+def test_units_after_a_foreign_device_are_hooked():
+    """A unit on the input device that runs after another device's unit receives foreign tensors."""
+    placement = {"a": D0, "b": D1, "c": D0}
+    assert [p for p, _ in hooks.boundary_units(placement, D0)] == ["b", "c"]
+    assert hooks.boundary_units({"a": D0, "b": D0}, D0) == []
+
+
+def test_mover_recurses_and_leaves_other_objects():
+    mover = hooks.Mover()
+    cache = DynamicCache()
+    with FakeTensorMode():
+        t = torch.zeros(3).to(D1)
+        moved = mover.to({"x": (t, [t]), "cache": cache, "n": 3}, D0)
+        assert moved["x"][0].device == D0 and moved["x"][1][0] is moved["x"][0]   # one copy, reused
+        assert moved["cache"] is cache and moved["n"] == 3
+        assert mover.copies == 1
+
+
+def test_real_cpu_generate_unchanged_by_hooks():
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config("llama")).eval()
+    ids = torch.randint(3, 500, (2, 6))
+    want = model.generate(ids, max_new_tokens=8, do_sample=False)
+    cpu = torch.device("cpu")
+    # every unit hooked through ``align``: the fast path runs on each call
+    h = hooks.attach(model, {u: cpu for u in UNITS}, cpu, align=[(u, cpu) for u in UNITS])
+    assert h.hooked == tuple(UNITS)
+    got = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(want, got)
+    assert h.mover.copies == 0
+    h.remove()
+    assert not model._forward_pre_hooks and not model.lm_head._forward_pre_hooks
