@@ -47,8 +47,8 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", choices=[x.value for x in Policy], default="balanced")
     p.add_argument("--pin", action="append", default=[], metavar="MODULE=DEVICE",
                    help="keep MODULE on DEVICE (a GPU index, cpu or disk); repeatable")
-    p.add_argument("--estimate", choices=["simulate", "analytic"], default="analytic",
-                   help="activation/KV costs from a fake-device simulation or from config formulas")
+    p.add_argument("--estimate", choices=["simulate", "analytic"], default="simulate",
+                   help="activation/KV costs from a fake-device simulation (default) or from config formulas")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     _workload_args(p)
     _plan_args(p)
     p.add_argument("--out", metavar="PLAN.json", help="write the plan to a file")
+    p.add_argument("--check", action="store_true", help="replay the plan on fake devices and repair mismatches")
+    p.add_argument("--max-context", action="store_true",
+                   help="report the largest prompt + new tokens that fit (prompt:new ratio kept)")
+    p.add_argument("--max-batch", action="store_true", help="with --max-context: also the largest batch")
+    p = sub.add_parser("check", help="replay a plan on fake devices: peaks per device, mismatches, repairs")
+    _model_args(p)
+    p.add_argument("--plan", required=True, metavar="PLAN.json", help="plan to check; repairs are written back")
+    p.add_argument("--out", metavar="PLAN.json", help="write the checked plan here instead of over --plan")
     return parser
 
 
@@ -105,19 +113,109 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from fitmap import pipeline, report
 
     req = request_from(args)
-    result = pipeline.plan(req)
+    prep = pipeline.prepare(req)
+    if args.max_context or args.max_batch:
+        return _print_limits(req, prep, args)
+    result = planned = pipeline.plan(req, prep)
+    checked = None
+    if args.check and result.fits:
+        checked = _check(prep, result, args.trust_remote_code)
+        result = checked.plan
     if args.out:
         result.save(args.out)
     if args.json:
-        print(json.dumps(result.to_json(), indent=2))
+        print(json.dumps(result.to_json() | (_check_json(checked) if checked else {}), indent=2))
     else:
-        report.print_plan(result)
+        report.print_plan(planned)
+        if checked:
+            report.print_check(checked)
     if not result.fits:
-        raise DoesNotFit(result.advice)
+        raise DoesNotFit(result.advice or _check_failure(checked))
     return 0
 
 
-HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {"inspect": cmd_inspect, "plan": cmd_plan}
+def _check(prep, plan, trust_remote_code: bool):
+    from fitmap.check import check
+
+    return check(prep.skeleton.config, prep.inventory.task, prep.skeleton, plan, trust_remote_code)
+
+
+def _check_json(report) -> dict:
+    from dataclasses import asdict
+
+    return {"check": {
+        "clean": report.clean, "fits": report.fits,
+        "mismatches": [asdict(m) | {"message": m.message()} for m in report.mismatches],
+        "repairs": [asdict(r) for r in report.repairs],
+        "devices": [asdict(d) | {"activation_bytes": d.activation_bytes} for d in report.devices],
+    }}
+
+
+def _check_failure(report) -> str:
+    if report is None:
+        return "the plan does not fit"
+    if not report.clean:
+        m = report.mismatches[-1]
+        return (f"{m.message()}; fitmap could not repair it. Keep the units involved on one device "
+                "with --pin MODULE=DEVICE")
+    over = [d for d in report.predicted if d.total_bytes > d.capacity_bytes and d.device != "disk"]
+    return "simulated peaks exceed capacity on " + ", ".join(
+        f"{d.device}: {d.total_bytes / 2**30:.2f} of {d.capacity_bytes / 2**30:.2f} GiB" for d in over
+    ) + "; plan again with a shorter --prompt or more --cpu offload"
+
+
+def _print_limits(req, prep, args) -> int:
+    from dataclasses import replace
+
+    from fitmap import pipeline
+
+    lim = pipeline.limits(req, prep, batch_too=args.max_batch)
+    verify = None
+    if lim.max_context:
+        verify = pipeline.plan(replace(req, workload=replace(req.workload, prompt=lim.prompt, new=lim.new)), prep)
+    data = {"max_context": lim.max_context, "prompt": lim.prompt, "new": lim.new, "batch": req.workload.batch,
+            "max_batch": lim.max_batch, "estimate": verify.estimate if verify else req.estimate,
+            "fits_at_max_context": bool(verify and verify.fits)}
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        from fitmap.report import console
+
+        console.print(f"largest context at batch {req.workload.batch}: {lim.max_context} tokens "
+                      f"(prompt {lim.prompt} + new {lim.new}), {data['estimate']} costs")
+        if lim.max_batch is not None:
+            console.print(f"largest batch at {req.workload.prompt}+{req.workload.new} tokens: {lim.max_batch}")
+    if not lim.max_context:
+        raise DoesNotFit(f"{req.model} does not fit these devices even with a 1-token context")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from fitmap import pipeline, report
+    from fitmap.devices import make_machine
+    from fitmap.plan import Plan
+    from fitmap.workload import Dtype
+
+    plan = Plan.load(args.plan)
+    dtype = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(plan.dtype, "auto")
+    req = pipeline.PlanRequest(args.model, make_machine(None, 1), plan.workload, Dtype(dtype),
+                               trust_remote_code=args.trust_remote_code)
+    prep = pipeline.prepare(req)
+    pipeline.require_matching(plan, prep)
+    checked = _check(prep, plan, args.trust_remote_code)
+    checked.plan.save(args.out or args.plan)
+    if args.json:
+        print(json.dumps(checked.plan.to_json() | _check_json(checked), indent=2))
+    else:
+        report.print_check(checked)
+    if not checked.fits:
+        raise DoesNotFit(_check_failure(checked))
+    return 0
+
+
+HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "inspect": cmd_inspect, "plan": cmd_plan, "check": cmd_check,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from fitmap.devices import Machine
-from fitmap.errors import BadInput
+from fitmap.errors import BadInput, FitmapError
 from fitmap.inventory import Inventory, inventory
 from fitmap.plan import UNLIMITED, Plan, make_plan
 from fitmap.profile import Profile, estimate
@@ -30,15 +30,17 @@ class PlanRequest:
     policy: Policy = Policy.BALANCED
     pins: dict[str, str] = field(default_factory=dict)
     trust_remote_code: bool = False
-    estimate: str = "analytic"        # "analytic" | "simulate"
+    estimate: str = "simulate"        # "simulate" | "analytic"
 
 
-@dataclass(frozen=True)
+@dataclass
 class Prepared:
     """The model-dependent, workload-independent stages, computed once."""
 
     inventory: Inventory
     skeleton: Skeleton
+    simulated: object = None          # simulate.SimulatedCosts, measured on first use
+    simulation_error: str = ""        # why the simulation could not run (analytic costs then)
 
 
 def prepare(req: PlanRequest) -> Prepared:
@@ -48,17 +50,34 @@ def prepare(req: PlanRequest) -> Prepared:
 
 
 def profile_for(prep: Prepared, req: PlanRequest, workload: Workload) -> Profile:
-    if req.estimate == "simulate":
-        from fitmap.simulate import simulated_profile
-
-        return simulated_profile(prep, req, workload)
+    """Simulated costs (measured once at the request's workload, interpolated for others)
+    or the analytic estimate; a model the simulator cannot run falls back to the estimate."""
+    if req.estimate == "simulate" and not prep.simulation_error:
+        if prep.simulated is None:
+            prep.simulated = _simulate_or_explain(prep, req)
+        if prep.simulated is not None:
+            return prep.simulated.profile(prep.skeleton, workload)
     return estimate(prep.skeleton, workload)
+
+
+def _simulate_or_explain(prep: Prepared, req: PlanRequest):
+    from fitmap.simulate import simulated_costs
+
+    try:
+        return simulated_costs(prep, req.workload, req.trust_remote_code)
+    except FitmapError:
+        raise
+    except Exception as e:  # model code the fake devices cannot run: say so, plan analytically
+        prep.simulation_error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        return None
 
 
 def plan(req: PlanRequest, prep: Prepared | None = None) -> Plan:
     """The plan for ``req``; when it does not fit, ``plan.advice`` says what would."""
     prep = prep or prepare(req)
     result = _plan_at(prep, req, req.workload)
+    if prep.simulation_error:
+        result = replace(result, estimate=f"analytic (simulation failed: {prep.simulation_error})")
     if not result.fits:
         result = replace(result, advice=advice(prep, req, result))
     return result
@@ -67,6 +86,18 @@ def plan(req: PlanRequest, prep: Prepared | None = None) -> Plan:
 def _plan_at(prep: Prepared, req: PlanRequest, workload: Workload, machine: Machine | None = None) -> Plan:
     return make_plan(req.model, prep.skeleton, profile_for(prep, req, workload),
                      machine or req.machine, req.policy, req.pins)
+
+
+def require_matching(plan: Plan, prep: Prepared) -> None:
+    """A plan made for another model names units this model does not have (or misses some)."""
+    units = {u.name for u in prep.skeleton.units}
+    planned = set(plan.device_map)
+    unknown, missing = sorted(planned - units), sorted(units - planned)
+    if unknown or missing:
+        detail = (f"{len(unknown)} unit(s) it names do not exist (e.g. {', '.join(unknown[:3])})" if unknown
+                  else f"it does not place {len(missing)} unit(s) (e.g. {', '.join(missing[:3])})")
+        raise BadInput(f"the plan was made for {plan.model}, not for {prep.inventory.name}: {detail}; "
+                       f"make a new one with fitmap plan {prep.inventory.name} ... --out PLAN.json")
 
 
 # --------------------------------------------------------------------------- advice
@@ -156,3 +187,39 @@ def _largest(make, prep: Prepared, req: PlanRequest, high: int, low: int = 0) ->
         mid = (low + high + 1) // 2
         low, high = (mid, high) if fits(mid) else (low, mid - 1)
     return low
+
+
+# --------------------------------------------------------------------------- limits
+@dataclass(frozen=True)
+class Limits:
+    """The largest workloads that fit these devices (prompt:new ratio of the request kept)."""
+
+    max_context: int          # prompt + new tokens per sequence, at the request's batch
+    prompt: int
+    new: int
+    max_batch: int | None     # largest batch at the request's context (when asked)
+
+
+def limits(req: PlanRequest, prep: Prepared | None = None, batch_too: bool = False) -> Limits:
+    """Binary search on the profile (simulated when ``req.estimate`` says so)."""
+    prep = prep or prepare(req)
+    w = req.workload
+    total = max(1, w.prompt + w.new)
+
+    def at(ctx: int) -> Workload:
+        new = w.new * ctx // total
+        return replace(w, prompt=ctx - new, new=new)
+
+    context = _largest(at, prep, req, _context_ceiling(prep), low=1) or 0
+    batch = None
+    if batch_too:
+        batch = _largest(lambda b: replace(w, batch=b), prep, req, 1 << 14, low=1) or 0
+    best = at(context) if context else w
+    return Limits(context, best.prompt if context else 0, best.new if context else 0, batch)
+
+
+def _context_ceiling(prep: Prepared) -> int:
+    from fitmap.profile import text_config
+
+    tc = text_config(prep.skeleton.config)
+    return int(getattr(tc, "max_position_embeddings", 0) or 1 << 20)

@@ -85,3 +85,27 @@ def print_plan(plan: Plan) -> None:
 
 def _device_label(device: str) -> str:
     return f"cuda:{device}" if device.isdigit() else device
+
+
+def print_check(report) -> None:
+    """Simulated per-device peaks against capacity, mismatches met, repairs made."""
+    t = Table(title="simulated on fake devices", caption="sizes in GiB; total = weights + KV + activation "
+              "peak + reserve + stream", caption_justify="left")
+    for col in ("device", "capacity", "weights", "KV", "activ. peak", "total", "use"):
+        t.add_column(col, justify="left" if col == "device" else "right")
+    for d in report.predicted:
+        if d.device == "disk":
+            continue
+        style = "red" if d.total_bytes > d.capacity_bytes else ""
+        t.add_row(_device_label(d.device), *(f"{x / GiB:.2f}" for x in (
+            d.capacity_bytes, d.weights_bytes, d.kv_bytes, d.activation_bytes, d.total_bytes)),
+            f"{100 * d.utilization:.0f}%", style=style)
+    console.print(t)
+    for m in report.mismatches:
+        console.print(f"[yellow]mismatch[/]: {m.message()}")
+    for r in report.repairs:
+        console.print(f"[green]repair[/]: {r.kind} {r.module} -> {_device_label(r.device)} ({r.reason})")
+    if report.clean:
+        console.print("no device mismatch" + (" after repairs" if report.repairs else ""))
+    else:
+        console.print("[red]device mismatch not repaired[/]")

@@ -38,7 +38,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from fitmap import hooks, repairs
+from fitmap import hooks, hybrid, repairs
 from fitmap.plan import Plan, Repair
 from fitmap.profile import Profile, UnitCost, image_shape, text_config
 from fitmap.skeleton import Skeleton, build_model
@@ -302,7 +302,7 @@ def simulate(config, task: str, sk: Skeleton, plan: Plan, workload: Workload | N
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     tracker = MemoryTracker()
     dtype = getattr(torch, sk.dtype)
-    with _no_grad_fake(mode), gpu_attention_kernels():
+    with _no_grad_fake(mode), hybrid.propagation(mode), gpu_attention_kernels():
         model = build_model(config, task, dtype, trust_remote_code).eval()
         unit_device = {u: fake_device(d) for u, d in placement.items()}
         place_parameters(model, unit_device | {u: torch.device("cpu") for u in offloaded})
@@ -494,3 +494,73 @@ def _cache_bytes(cache: Any) -> dict[tuple[str, int], int]:
                 key = (plan_device(t.device), i)
                 out[key] = out.get(key, 0) + t.numel() * t.element_size()
     return out
+
+
+# --------------------------------------------------------------------------- profile
+@dataclass(frozen=True)
+class _Point:
+    tokens: int                       # prefill tokens (batch x (prompt + image tokens))
+    act: Mapping[str, int]            # unit -> activation bytes
+    kv_per_token: Mapping[str, float]  # unit -> KV bytes per cached token per sequence
+
+
+def measure_units(prep, workload: Workload, trust_remote_code: bool = False) -> tuple[_Point, int]:
+    """Simulate everything on one fake device; per-unit activation and KV at ``workload``."""
+    from fitmap.plan import make_plan
+    from fitmap.devices import Machine, GpuSpec
+    from fitmap.profile import estimate
+
+    sk = prep.skeleton
+    big = Machine((GpuSpec(0, 1 << 60, 0, "simulated"),), 0, None, None)
+    one = make_plan(prep.inventory.name, sk, estimate(sk, workload), big)
+    sim = simulate(sk.config, prep.inventory.task, sk, one, workload, trust_remote_code=trust_remote_code)
+    if sim.mismatch is not None:  # on one device this is a bug in the model code or in fitmap
+        raise RuntimeError(sim.mismatch.message())
+    tc = text_config(sk.config)
+    seq = workload.prompt + sim.image_tokens + workload.new
+    carried = workload.batch * (workload.prompt + sim.image_tokens) * tc.hidden_size * getattr(torch, sk.dtype).itemsize
+    act = {u.name: sim.unit_activation.get(u.name, 0) + carried for u in sk.units}
+    from fitmap.profile import cached_tokens
+
+    kv = {u.name: sim.unit_kv.get(u.name, 0) / max(1, workload.batch * cached_tokens(tc, u.layer, seq))
+          for u in sk.units if u.layer is not None}
+    return _Point(workload.batch * (workload.prompt + sim.image_tokens), act, kv), sim.image_tokens
+
+
+@dataclass(frozen=True)
+class SimulatedCosts:
+    """Two simulated points; activations are linear in prefill tokens with fused attention,
+    KV is linear in cached tokens, so other workloads interpolate exactly enough."""
+
+    a: _Point
+    b: _Point
+    image_tokens: int
+
+    def profile(self, sk: Skeleton, workload: Workload) -> Profile:
+        from fitmap.profile import cached_tokens
+
+        tc = text_config(sk.config)
+        seq = workload.prompt + self.image_tokens + workload.new
+        tokens = workload.batch * (workload.prompt + self.image_tokens)
+        costs = []
+        for u in sk.units:
+            act = _linear(self.a.tokens, self.a.act[u.name], self.b.tokens, self.b.act[u.name], tokens)
+            kv = 0
+            if u.layer is not None:
+                kv = int(self.a.kv_per_token[u.name] * workload.batch * cached_tokens(tc, u.layer, seq))
+            costs.append(UnitCost(u.name, u.weight_bytes, kv, max(0, int(act))))
+        boundary = tokens * tc.hidden_size * getattr(torch, sk.dtype).itemsize
+        return Profile("simulate", workload, tuple(costs), self.image_tokens, seq, boundary)
+
+
+def _linear(x0: int, y0: int, x1: int, y1: int, x: int) -> float:
+    if x1 == x0:
+        return y0 * (x / x0 if x0 else 1)
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+def simulated_costs(prep, workload: Workload, trust_remote_code: bool = False) -> SimulatedCosts:
+    a, img = measure_units(prep, workload, trust_remote_code)
+    half = Workload(workload.batch, max(1, workload.prompt // 2), workload.new, workload.images)
+    b, _ = measure_units(prep, half, trust_remote_code)
+    return SimulatedCosts(a, b, img)

@@ -1,0 +1,190 @@
+"""Loading tiny checkpoints per a plan: same logits as transformers, nothing left on
+meta, clear errors, nothing kept after a failed load."""
+
+from __future__ import annotations
+
+import gc
+import json
+import shutil
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from fitmap import loader
+from fitmap.errors import BadInput, CheckpointError, MissingWeights
+from fitmap.inventory import inventory
+from fitmap.plan import Plan, Repair
+from fitmap.skeleton import skeleton
+from fitmap.workload import Workload
+
+
+def plan_for(model_dir: Path, devices: dict[str, int | str] | None = None, dtype: str = "float32",
+             **fields) -> Plan:
+    """A plan with every unit on "cpu" unless ``devices`` says otherwise (no solver needed)."""
+    sk = skeleton(inventory(model_dir), getattr(torch, dtype))
+    device_map = {u.name: (devices or {}).get(u.name, "cpu") for u in sk.units}
+    return Plan(model=str(model_dir), fits=True, policy="balanced", dtype=dtype, estimate="analytic",
+                workload=Workload(), device_map=device_map, devices=(), **fields)
+
+
+def reference(model_dir: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    auto = transformers.AutoModelForImageTextToText if "qwen2_vl" in str(model_dir) else transformers.AutoModelForCausalLM
+    return auto.from_pretrained(model_dir, dtype=dtype).eval()
+
+
+def meta_tensors(model: torch.nn.Module) -> list[str]:
+    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    return [n for n, t in named if t.is_meta]
+
+
+IDS = torch.tensor([[1, 17, 33, 41, 99, 250, 7, 300], [1, 400, 5, 6, 8, 13, 21, 34]])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen2_vl"])
+def test_cpu_plan_gives_transformers_logits(checkpoints, family):
+    d = checkpoints(family)
+    with torch.no_grad():
+        want = reference(d)(input_ids=IDS).logits
+        with loader.load(d, plan_for(d), progress=False) as lm:
+            assert meta_tensors(lm.model) == []
+            assert lm.input_device == torch.device("cpu")
+            got = lm.model(input_ids=IDS).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_tied_weights_share_one_tensor(checkpoints):
+    d = checkpoints("gemma2")
+    with loader.load(d, plan_for(d), progress=False) as lm:
+        m = lm.model
+        assert m.lm_head.weight is m.model.embed_tokens.weight
+        assert m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()
+
+
+def test_computed_buffers_match_transformers(checkpoints):
+    """Rotary inv_freq and Gemma's embed_scale are not in checkpoints; the model's init computes them."""
+    d = checkpoints("gemma2")
+    want = dict(reference(d).named_buffers())
+    with loader.load(d, plan_for(d), progress=False) as lm:
+        got = dict(lm.model.named_buffers())
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+
+
+def test_dtype_cast_matches_transformers(checkpoints):
+    d = checkpoints("llama")
+    with torch.no_grad():
+        want = reference(d, torch.bfloat16)(input_ids=IDS).logits
+        with loader.load(d, plan_for(d, dtype="bfloat16"), progress=False) as lm:
+            assert {p.dtype for p in lm.model.parameters()} == {torch.bfloat16}
+            got = lm.model(input_ids=IDS).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_close_frees_every_weight(checkpoints):
+    d = checkpoints("llama")
+    lm = loader.load(d, plan_for(d), progress=False)
+    lm.close()
+    assert all(t.is_meta for t in lm.model.state_dict().values())
+    assert not lm.model._forward_hooks and not lm.model._forward_pre_hooks
+
+
+def test_missing_shard_is_named(checkpoints, tmp_path):
+    d = shutil.copytree(checkpoints("llama"), tmp_path / "llama")
+    shard = sorted(d.glob("*.safetensors"))[2]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=f"{shard.name}.*download"):
+        loader.load(d, plan_for(checkpoints("llama")), progress=False)
+
+
+def test_missing_tensor_is_named(checkpoints, tmp_path):
+    d = shutil.copytree(checkpoints("llama"), tmp_path / "llama")
+    key = "model.layers.1.mlp.up_proj.weight"
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    shard = d / index["weight_map"][key]
+    tensors = load_file(shard)
+    del tensors[key]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(MissingWeights, match=r"1 weight\(s\).*model\.layers\.1\.mlp\.up_proj\.weight"):
+        loader.load(d, plan_for(checkpoints("llama")), progress=False)
+
+
+def test_tensors_needing_conversion_fail_clearly(checkpoints):
+    """Mixtral checkpoints store experts one by one; transformers 5 fuses them (not done by fitmap)."""
+    d = checkpoints("mixtral")
+    with pytest.raises(MissingWeights, match="experts.*conversion"):
+        loader.load(d, plan_for(d), progress=False)
+
+
+def test_failed_load_releases_what_was_placed(checkpoints, monkeypatch):
+    d = checkpoints("llama")
+    placed: list[weakref.ref] = []
+    calls = {"n": 0}
+    real_read, real_set = loader.Checkpoint.read, loader.set_tensor
+
+    def read(self, keys):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise CheckpointError("disk went away")
+        yield from real_read(self, keys)
+
+    def set_tensor(model, key, t):
+        if not t.is_meta:
+            placed.append(weakref.ref(t))
+        real_set(model, key, t)
+
+    monkeypatch.setattr(loader.Checkpoint, "read", read)
+    monkeypatch.setattr(loader, "set_tensor", set_tensor)
+    monkeypatch.setattr(loader, "MAX_READERS", 1)
+    with pytest.raises(CheckpointError, match="disk went away"):
+        loader.load(d, plan_for(d), progress=False)
+    gc.collect()
+    assert placed and all(r() is None for r in placed)
+
+
+def test_pytorch_bin_fallback(checkpoints, tmp_path):
+    src = checkpoints("llama")
+    d = tmp_path / "bin"
+    d.mkdir()
+    shutil.copy(src / "config.json", d)
+    torch.save({k: v.clone() for k, v in reference(src).state_dict().items()}, d / "pytorch_model.bin")
+    with torch.no_grad():
+        want = reference(src)(input_ids=IDS).logits
+        with loader.load(d, plan_for(src), progress=False) as lm:
+            got = lm.model(input_ids=IDS).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_plan_for_another_model_is_refused(checkpoints):
+    d = checkpoints("llama")
+    plan = plan_for(d)
+    partial = {k: v for k, v in plan.device_map.items() if k != "model.layers.3"}
+    with pytest.raises(BadInput, match="does not place .*model.layers.3"):
+        loader.load(d, Plan(**{**plan.__dict__, "device_map": partial}), progress=False)
+
+
+def test_gpu_plan_without_gpu_is_refused(checkpoints):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    d = checkpoints("llama")
+    with pytest.raises(BadInput, match="GPU 0.*0 usable GPU"):
+        loader.load(d, plan_for(d, {"model.layers.0": 0}), progress=False)
+
+
+def test_repairs_become_hooks(checkpoints):
+    d = checkpoints("llama")
+    plan = plan_for(d, repairs=(Repair("align-inputs", "model.layers.1.self_attn", "cpu", "cat of two devices"),))
+    with loader.load(d, plan, progress=False) as lm:
+        assert "model.layers.1.self_attn" in lm._hooks.hooked
+        lm.model(input_ids=IDS)
+
+
+def test_progress_bar_runs(checkpoints, monkeypatch, capsys):
+    d = checkpoints("llama")
+    monkeypatch.setattr(loader, "PROGRESS_MIN_BYTES", 0)
+    with loader.load(d, plan_for(d), progress=True) as lm:
+        assert lm.bytes_read == sum(t.nbytes for t in inventory(d).tensors.values())

@@ -1,0 +1,134 @@
+"""Offload equivalence: a model split into cpu + disk (read per forward, one unit
+ahead) generates exactly what the unsplit model generates."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from fitmap import loader, offload
+from tests.test_loader import plan_for, reference
+
+TEXT_IDS = torch.tensor([[1, 17, 33, 41, 99, 250, 7, 300], [1, 400, 5, 6, 8, 13, 21, 34]])
+
+
+def vl_inputs() -> dict[str, torch.Tensor]:
+    """A processor-like Qwen2-VL input: one 56x56 image (4x4 patches -> 4 merged tokens) and text."""
+    ids = torch.tensor([[1, 502, 500, 500, 500, 500, 503, 17, 33, 41, 99]])
+    gen = torch.Generator().manual_seed(0)
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=(ids == 500).int(),
+                pixel_values=torch.randn(16, 3 * 2 * 14 * 14, generator=gen), image_grid_thw=torch.tensor([[1, 4, 4]]))
+
+
+CASES = {
+    "llama": (lambda: dict(input_ids=TEXT_IDS), ["model.layers.2", "model.layers.3"]),
+    "qwen2_vl": (vl_inputs, ["model.visual.blocks.1", "model.language_model.layers.2",
+                             "model.language_model.layers.3"]),
+}
+
+
+@pytest.fixture(scope="module")
+def references(checkpoints):
+    """family -> (greedy tokens, logits) of the unsplit transformers model."""
+    out = {}
+    for family, (inputs, _) in CASES.items():
+        model = reference(checkpoints(family))
+        with torch.no_grad():
+            out[family] = (model.generate(**inputs(), max_new_tokens=8, do_sample=False),
+                           model(**inputs()).logits)
+    return out
+
+
+@pytest.mark.parametrize("readahead", [True, False], ids=["readahead", "sync"])
+@pytest.mark.parametrize("family", list(CASES))
+def test_cpu_plus_disk_equals_unsplit(checkpoints, references, family, readahead):
+    inputs, on_disk = CASES[family]
+    d = checkpoints(family)
+    tokens, logits = references[family]
+    with loader.load(d, plan_for(d, {u: "disk" for u in on_disk}), readahead=readahead, progress=False) as lm:
+        assert all(p.is_meta for u in on_disk for p in lm.model.get_submodule(u).parameters())
+        got = lm.model.generate(**inputs(), max_new_tokens=8, do_sample=False)
+        with torch.no_grad():
+            got_logits = lm.model(**inputs()).logits
+        stats = lm._offload.streamer.stats
+    assert torch.equal(got, tokens)
+    torch.testing.assert_close(got_logits, logits, rtol=0, atol=1e-5)
+    assert stats.fetched >= 9 * len(on_disk) - 8          # vision units do not run in decode steps
+    assert (stats.prefetched > 0) == readahead
+
+
+def test_disk_weights_are_dropped_after_each_unit(checkpoints):
+    """While a disk unit runs, it is the only disk unit holding weights; one more may be in flight."""
+    _, on_disk = CASES["llama"]
+    d = checkpoints("llama")
+    seen = []
+    with loader.load(d, plan_for(d, {u: "disk" for u in on_disk}), progress=False) as lm:
+        units = [lm.model.get_submodule(u) for u in on_disk]
+
+        def count(module, args):
+            seen.append(sum(not u.self_attn.q_proj.weight.is_meta for u in units))
+            assert lm._offload.streamer.pending is None or len(lm._offload.streamer.pending) == 2
+
+        for u in units:
+            u.register_forward_pre_hook(count)   # runs after the offload pre-hook
+        lm.model.generate(input_ids=TEXT_IDS, max_new_tokens=3, do_sample=False)
+        after = [u.self_attn.q_proj.weight.is_meta for u in units]
+    assert seen and set(seen) == {1}
+    assert all(after)
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+
+    def forward(self, x: torch.Tensor, skip_first: bool = False) -> torch.Tensor:
+        for i, b in enumerate(self.blocks):
+            if not (skip_first and i == 0):
+                x = b(x)
+        return x
+
+
+def test_reads_happen_ahead_on_the_readahead_thread():
+    torch.manual_seed(0)
+    model = Tiny()
+    weights = {f"blocks.{i}": {k: v.clone() for k, v in b.state_dict().items()} for i, b in enumerate(model.blocks)}
+    x = torch.randn(2, 4)
+    want = model(x)
+    threads: list[str] = []
+
+    def reader(path):
+        def read():
+            threads.append(threading.current_thread().name)
+            return weights[path]
+        return read
+
+    for b in model.blocks:
+        b.to("meta")
+    units = [offload.Offloaded(p, reader(p)) for p in weights]
+    off = offload.attach(model, units, torch.device("cpu"), readahead=True)
+    torch.testing.assert_close(model(x), want)
+    assert threads and all(t.startswith("fitmap-readahead") for t in threads)
+    model(x, skip_first=True)          # the order changes: one prefetch is wasted, then learned
+    model(x, skip_first=True)
+    s = off.streamer.stats
+    assert s.wasted == 1 and off.streamer.next[offload.ENTRY] == "blocks.1"
+    off.close()
+    assert all(p.is_meta for p in model.parameters())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cpu_tier_streams_to_gpu(checkpoints):
+    d = checkpoints("llama")
+    plan = plan_for(d, {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0,
+                        "model.layers.1": "cpu", "model.layers.2": "cpu", "model.layers.3": "disk",
+                        "model.norm": 0, "lm_head": 0}, execution_device="0")
+    tokens, _ = reference(d).generate(input_ids=TEXT_IDS, max_new_tokens=8, do_sample=False), None
+    with loader.load(d, plan, progress=False) as lm:
+        assert lm.model.model.layers[1].self_attn.q_proj.weight.is_pinned()
+        got = lm.model.generate(input_ids=TEXT_IDS.to(lm.input_device), max_new_tokens=8, do_sample=False)
+    assert torch.equal(got.cpu(), tokens)
