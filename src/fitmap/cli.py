@@ -172,7 +172,9 @@ def _print_limits(req, prep, args) -> int:
     lim = pipeline.limits(req, prep, batch_too=args.max_batch)
     verify = None
     if lim.max_context:
-        verify = pipeline.plan(replace(req, workload=replace(req.workload, prompt=lim.prompt, new=lim.new)), prep)
+        gpus_only = replace(req.machine, cpu=0, disk=None, disk_bytes=None) if req.machine.gpus else req.machine
+        at_max = replace(req.workload, prompt=lim.prompt, new=lim.new)
+        verify = pipeline.plan(replace(req, machine=gpus_only, workload=at_max), prep)
     data = {"max_context": lim.max_context, "prompt": lim.prompt, "new": lim.new, "batch": req.workload.batch,
             "max_batch": lim.max_batch, "estimate": verify.estimate if verify else req.estimate,
             "fits_at_max_context": bool(verify and verify.fits)}
@@ -181,8 +183,10 @@ def _print_limits(req, prep, args) -> int:
     else:
         from fitmap.report import console
 
-        console.print(f"largest context at batch {req.workload.batch}: {lim.max_context} tokens "
-                      f"(prompt {lim.prompt} + new {lim.new}), {data['estimate']} costs")
+        where = "on the GPUs alone" if req.machine.gpus else "in RAM and disk"
+        console.print(f"largest context at batch {req.workload.batch} {where}: {lim.max_context} tokens "
+                      f"(prompt {lim.prompt} + new {lim.new}), {data['estimate']} costs; a plan at that "
+                      f"context {'fits' if data['fits_at_max_context'] else 'does NOT fit'}")
         if lim.max_batch is not None:
             console.print(f"largest batch at {req.workload.prompt}+{req.workload.new} tokens: {lim.max_batch}")
     if not lim.max_context:

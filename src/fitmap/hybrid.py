@@ -1,17 +1,220 @@
 """Hybrid propagation: small integer tensors carry real values beside their fakes.
 
-(Being written: see ``propagation``.)
+Fake tensors know shapes, never values. Vision-language models read values in
+a few places — Qwen2-VL calls ``grid_thw.tolist()``, ``repeat_interleave`` with
+tensor counts, and builds ``torch.tensor([...0-dim tensors...])`` in its rope
+index — so a purely fake run stops there. Here every *small* tensor whose value
+can be known (ids, masks, grids, positions: made by an integer/bool factory op,
+or computed only from tensors that have one) carries a real CPU *twin*, computed
+op by op in a ``TorchDispatchMode`` that sits just above the ``FakeTensorMode``:
+
+* an op whose tensor inputs all have twins runs twice: fake (for the simulation)
+  and real on the twins (for the values), when its outputs are small;
+* ``aten._local_scalar_dense`` (``.item()``, ``.tolist()``, ``int(t)``) answers
+  from the twin;
+* an op whose output shape depends on values (``nonzero``, ``repeat_interleave``
+  with tensor counts, ``masked_select``, ``unique``, boolean indexing) takes its
+  fake output from the real result, on the device the fake op would have used;
+* ``torch.tensor`` reads its data outside the dispatcher, so for the duration it
+  is wrapped to read twins instead of fake tensors.
+
+Weights and activations never get twins: floating factory outputs (parameters,
+``pixel_values``) have none, so nothing computed from them has one either. A small
+float computed only from known integers (``arange(n) * 1.0`` before ``.long()``,
+rotary ``inv_freq``) does carry one, because model code routes positions
+through floats.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Iterator
 
-from torch._subclasses.fake_tensor import FakeTensorMode
+import torch
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    FakeTensor,
+    FakeTensorMode,
+)
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+MAX_TWIN_NUMEL = 4 * 1024 * 1024
+"""Largest tensor (elements) that carries a real twin: positions (3, batch, seq) and
+masks (batch, seq) fit; a 4-D attention mask or an activation does not."""
+
+_aten = torch.ops.aten
+_CPU = torch.device("cpu")
+_EXACT = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+_DATA_DEPENDENT = (DynamicOutputShapeException, DataDependentOutputException)
+_INDEX_OPS = (_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.default, _aten._index_put_impl_.default)
+
+
+class RealTwins(TorchDispatchMode):
+    """Keeps a real CPU value beside each small fake tensor whose value is known."""
+
+    def __init__(self, fake_mode: FakeTensorMode, max_numel: int = MAX_TWIN_NUMEL) -> None:
+        super().__init__()
+        self.fake_mode = fake_mode
+        self.max_numel = max_numel
+        self.twins: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._writes: dict[Any, tuple[int, ...]] = {}
+
+    # ------------------------------------------------------------------ values
+    def real(self, t: torch.Tensor) -> torch.Tensor | None:
+        """The real value of ``t`` (itself when ``t`` is a real CPU tensor), or None."""
+        if isinstance(t, FakeTensor):
+            return self.twins.get(t)
+        return t if t.device.type == "cpu" else None
+
+    def register(self, fake: torch.Tensor, real: torch.Tensor) -> None:
+        """Give ``fake`` the value ``real`` (same shape and dtype, on the CPU)."""
+        if fake.shape != real.shape or fake.dtype != real.dtype:
+            raise ValueError(f"twin {tuple(real.shape)} {real.dtype} does not match {tuple(fake.shape)} {fake.dtype}")
+        self.twins[fake] = real
+
+    # ------------------------------------------------------------------ dispatch
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _aten._local_scalar_dense.default:
+            real = self.real(args[0])
+            if real is None:
+                return func(*args, **kwargs)
+            with _disable_current_modes():
+                return real.item()
+        flat, spec = tree_flatten((args, kwargs))
+        tensors = [x for x in flat if isinstance(x, torch.Tensor)]
+        known = all(self.real(t) is not None for t in tensors)
+        try:
+            out = func(*args, **kwargs)
+        except _DATA_DEPENDENT:
+            indexed = self._with_long_indices(func, args) if func in _INDEX_OPS else None
+            if indexed is not None:
+                out = func(*indexed, **kwargs)
+            elif known:
+                return self._from_real(func, flat, spec)
+            else:
+                raise
+        if known and self._wants_twin(out, factory=not tensors):
+            real_out = self._run_real(func, flat, spec)
+            if real_out is not None:
+                self._pair(out, real_out)
+        elif not known:
+            self._forget_written(func, args)
+        return out
+
+    def _wants_twin(self, out: Any, factory: bool) -> bool:
+        """Outputs worth a real run: small, and not floating if nothing went in (weights)."""
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        return bool(outs) and all(t.numel() <= self.max_numel and (t.dtype in _EXACT or not factory)
+                                  for t in outs)
+
+    def _run_real(self, func, flat: list, spec) -> Any:
+        """``func`` on the twins, on the CPU, with no mode (fake or ours) in the way."""
+        real_flat = [self.real(x) if isinstance(x, torch.Tensor)
+                     else _CPU if isinstance(x, torch.device) else x for x in flat]
+        args, kwargs = tree_unflatten(real_flat, spec)
+        with _disable_current_modes():
+            try:
+                return func(*args, **kwargs)
+            except Exception:  # values we cannot reproduce only cost the twin, never the simulation
+                return None
+
+    def _pair(self, out: Any, real_out: Any) -> None:
+        fakes, reals = tree_flatten(out)[0], tree_flatten(real_out)[0]
+        if len(fakes) != len(reals):
+            return
+        for f, r in zip(fakes, reals):
+            if isinstance(f, torch.Tensor) and isinstance(r, torch.Tensor) and f.shape == r.shape:
+                self.twins[f] = r
+
+    def _from_real(self, func, flat: list, spec) -> Any:
+        """A data-dependent op: its fake output is shaped by the real result."""
+        args, kwargs = tree_unflatten(flat, spec)
+        device, _ = FakeTensor._find_common_device(func, flat)  # raises on a device mismatch, as the GPU would
+        if "device" in kwargs and kwargs["device"] is not None:
+            device = torch.device(kwargs["device"])
+        real_out = self._run_real(func, flat, spec)
+        if real_out is None:
+            raise DynamicOutputShapeException(func)
+        return tree_map(lambda r: self._fake_of(r, device) if isinstance(r, torch.Tensor) else r, real_out)
+
+    def _with_long_indices(self, func, args: tuple) -> tuple | None:
+        """``x[mask]`` with a known mask and an unknown ``x`` (hidden states): the mask
+        becomes the long indices of its true elements, so the fake op knows the shape."""
+        indices, changed = [], False
+        for index in args[1]:
+            real = self.real(index) if isinstance(index, torch.Tensor) else None
+            if real is not None and real.dtype in (torch.bool, torch.uint8):
+                with _disable_current_modes():
+                    positions = real.nonzero().unbind(1)
+                indices.extend(self._fake_of(i, index.device) for i in positions)
+                changed = True
+            elif isinstance(index, torch.Tensor) and index.dtype in (torch.bool, torch.uint8):
+                return None  # a mask of unknown value: its shape really is unknown
+            else:
+                indices.append(index)
+        return (args[0], indices, *args[2:]) if changed else None
+
+    def _fake_of(self, real: torch.Tensor, device: torch.device) -> torch.Tensor:
+        fake = self.fake_mode.from_tensor(real)
+        if device != fake.device:
+            fake = fake.to(device)
+        if real.numel() <= self.max_numel:
+            self.twins[fake] = real
+        return fake
+
+    def _forget_written(self, func, args: tuple) -> None:
+        """An unknown value was written into a tensor: its twin, and its views' twins, are stale."""
+        if func not in self._writes:
+            self._writes[func] = tuple(i for i, a in enumerate(func._schema.arguments)
+                                       if a.alias_info is not None and a.alias_info.is_write)
+        for i in self._writes[func]:
+            target = args[i] if i < len(args) else None
+            if isinstance(target, torch.Tensor) and self.twins.pop(target, None) is not None:
+                storage = target.untyped_storage()._cdata
+                for other in [f for f in self.twins.keys() if f.untyped_storage()._cdata == storage]:
+                    del self.twins[other]
+
+
+# --------------------------------------------------------------------------- torch.tensor
+def _read_twins(data: Any, twins: RealTwins) -> Any:
+    """``data`` with every fake tensor that has a twin replaced by its value."""
+    if isinstance(data, FakeTensor):
+        real = twins.real(data)
+        if real is None:
+            return data
+        with _disable_current_modes():
+            return real.item() if real.dim() == 0 else real.tolist()
+    if isinstance(data, (list, tuple)):
+        return type(data)(_read_twins(x, twins) for x in data)
+    return data
 
 
 @contextlib.contextmanager
-def propagation(mode: FakeTensorMode) -> Iterator[None]:
-    """Entered inside ``mode`` before the model is built; a no-op for now."""
-    yield
+def _tensor_reads_twins(twins: RealTwins) -> Iterator[None]:
+    """``torch.tensor([...0-dim tensors...])`` reads values below the dispatcher; give it the twins."""
+    original = torch.tensor
+
+    def tensor(data, *args, **kwargs):
+        return original(_read_twins(data, twins), *args, **kwargs)
+
+    torch.tensor = tensor
+    try:
+        yield
+    finally:
+        torch.tensor = original
+
+
+@contextlib.contextmanager
+def propagation(mode: FakeTensorMode) -> Iterator[RealTwins]:
+    """Real twins for small known tensors, inside ``mode``.
+
+    Enter it inside ``mode`` and before the model is built, so buffers (rotary
+    frequencies, position ids) get theirs. Yields the :class:`RealTwins` mode.
+    """
+    twins = RealTwins(mode)
+    with twins, _tensor_reads_twins(twins):
+        yield twins

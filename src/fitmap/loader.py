@@ -80,10 +80,9 @@ def load(model_dir: Path | str, plan: Plan, *, trust_remote_code: bool = False, 
     if inv.path is None or inv.weight_format == "none":
         raise BadInput(f"{model_dir} has no weights to load; fitmap load needs a model directory with a checkpoint")
     dtype = _dtype(plan.dtype)
-    with torch.device("meta"):
-        model = build_model(load_config(inv, trust_remote_code), inv.task, dtype, trust_remote_code).eval()
+    model = _skeleton_model(inv, dtype, trust_remote_code)
     layout = Layout.of(model, plan)
-    ckpt = Checkpoint.index(inv, model, dtype)
+    ckpt = Checkpoint.index(inv, model)
     ckpt.check_complete(model, layout)
     try:
         loaded = place(model, layout, ckpt, progress)
@@ -95,6 +94,14 @@ def load(model_dir: Path | str, plan: Plan, *, trust_remote_code: bool = False, 
         raise
     result.seconds, result.bytes_read = time.perf_counter() - start, loaded
     return result
+
+
+def _skeleton_model(inv: Inventory, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+    """The model on meta at ``dtype``; floating checkpoint tensors are cast to what it holds."""
+    config = load_config(inv, trust_remote_code)
+    config.dtype = dtype    # transformers 5 builds at config.dtype, whatever the default dtype says
+    with torch.device("meta"):
+        return build_model(config, inv.task, dtype, trust_remote_code).eval()
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -214,18 +221,20 @@ class Checkpoint:
     format: str                                # "safetensors" | "bin"
     where: Mapping[str, tuple[str, str]]       # model key -> (file name, checkpoint key)
     nbytes: Mapping[str, int]                  # model key -> bytes on disk
-    dtype: torch.dtype                         # floating tensors are cast to this
+    dtypes: Mapping[str, torch.dtype]          # model key -> dtype the model built it with (floats cast to it)
     unmatched: tuple[str, ...] = ()            # checkpoint keys no model key maps to
 
     @classmethod
-    def index(cls, inv: Inventory, model: nn.Module, dtype: torch.dtype) -> "Checkpoint":
+    def index(cls, inv: Inventory, model: nn.Module) -> "Checkpoint":
         names = checkpoint_names(model, list(inv.tensors))
-        where = {k: (inv.tensors[c].file, c) for k, c in names.items()}
-        used = set(names.values())
-        unmatched = tuple(c for c in inv.tensors if c not in used)
         _check_shapes(model, inv, names)
-        return cls(inv.path, inv.weight_format, where, {k: inv.tensors[c].nbytes for k, c in names.items()},
-                   dtype, unmatched)
+        built = dict(_named_tensors(model))
+        used = set(names.values())
+        return cls(inv.path, inv.weight_format,
+                   where={k: (inv.tensors[c].file, c) for k, c in names.items()},
+                   nbytes={k: inv.tensors[c].nbytes for k, c in names.items()},
+                   dtypes={k: built[k].dtype for k in names},
+                   unmatched=tuple(c for c in inv.tensors if c not in used))
 
     def check_complete(self, model: nn.Module, layout: Layout) -> None:
         """Every parameter (and persistent buffer we cannot compute) must be in the checkpoint."""
@@ -250,9 +259,9 @@ class Checkpoint:
         for k in keys:
             by_file.setdefault(self.where[k][0], []).append(k)
         for file, ks in by_file.items():
-            with self._open(file) as get:
-                for k in ks:
-                    yield k, _ready(get(self.where[k][1]), self.dtype)
+            get = self._opened(file)
+            for k in ks:
+                yield k, _ready(get(self.where[k][1]), self.dtypes[k])
 
     def reader(self, keys: Mapping[str, str]) -> Callable[[], offload.Weights]:
         """A disk unit's reader: {relative key: tensor} from {relative key: model key}."""
@@ -261,19 +270,25 @@ class Checkpoint:
             return {rel: got[k] for rel, k in keys.items()}
         return read
 
-    @contextmanager
-    def _open(self, file: str) -> Iterator[Callable[[str], torch.Tensor]]:
+    def _opened(self, file: str) -> Callable[[str], torch.Tensor]:
+        """A getter of tensors from mmap'd ``file``; the mapping lives as long as its tensors."""
         path = self.directory / file
         try:
             if self.format == "safetensors":
                 from safetensors import safe_open
 
-                with safe_open(str(path), framework="pt", device="cpu") as f:
-                    yield f.get_tensor
+                raw = safe_open(str(path), framework="pt", device="cpu").get_tensor
             else:
-                yield torch.load(path, map_location="cpu", mmap=True, weights_only=True).__getitem__
-        except (OSError, RuntimeError, KeyError) as e:
-            raise CheckpointError(f"cannot read {path}: {e}; the file is missing or corrupt, re-download it") from None
+                raw = torch.load(path, map_location="cpu", mmap=True, weights_only=True).__getitem__
+        except Exception as e:   # safetensors, pickle and OS errors alike: the file is the problem
+            raise CheckpointError(f"cannot open {path}: {e}; the file is missing or corrupt, re-download it") from None
+
+        def get(name: str) -> torch.Tensor:
+            try:
+                return raw(name)
+            except Exception as e:
+                raise CheckpointError(f"cannot read tensor {name!r} from {path}: {e}; re-download the file") from None
+        return get
 
 
 def _ready(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -349,13 +364,16 @@ def _assign(model: nn.Module, tensors: list[tuple[str, torch.Tensor]]) -> None:
 def _jobs(model: nn.Module, layout: Layout, ckpt: Checkpoint) -> dict[str, list[tuple[str, torch.device]]]:
     """Per checkpoint file: (model key, target device) of what to read now; tied copies once."""
     jobs: dict[str, list[tuple[str, torch.device]]] = {}
+    persistent = set(model.state_dict(keep_vars=True))
     seen: set[int] = set()
     for key, t in _named_tensors(model):
         unit = layout.unit_of(key)
-        if key not in ckpt.where or unit.stored_on is None or id(t) in seen:
+        # non-persistent buffers are not streamed by offload: they live where the unit runs
+        device = unit.stored_on if key in persistent else unit.runs_on
+        if key not in ckpt.where or device is None or id(t) in seen:
             continue
         seen.add(id(t))
-        jobs.setdefault(ckpt.where[key][0], []).append((key, unit.stored_on))
+        jobs.setdefault(ckpt.where[key][0], []).append((key, device))
     return jobs
 
 

@@ -201,8 +201,14 @@ class Limits:
 
 
 def limits(req: PlanRequest, prep: Prepared | None = None, batch_too: bool = False) -> Limits:
-    """Binary search on the profile (simulated when ``req.estimate`` says so)."""
+    """Binary search on the profile (simulated when ``req.estimate`` says so).
+
+    With GPUs, the limits are for the GPUs alone: offloading blocks to make room
+    for a longer context trades the speed the user came for.
+    """
     prep = prep or prepare(req)
+    if req.machine.gpus:
+        req = replace(req, machine=replace(req.machine, cpu=0, disk=None, disk_bytes=None))
     w = req.workload
     total = max(1, w.prompt + w.new)
 

@@ -155,7 +155,7 @@ class MemoryTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         try:
-            out = func(*args, **kwargs)
+            out = _grouped_mm_any_dtype(args, kwargs) if func is _GROUPED_MM else func(*args, **kwargs)
         except RuntimeError as e:
             if "found at least two devices" in str(e) and self.mismatch is None:
                 self.mismatch = self._describe(func, args, kwargs)
@@ -180,6 +180,18 @@ class MemoryTracker(TorchDispatchMode):
         return Mismatch(str(func.overloadpacket).replace("aten::", "aten."),
                         (devices[0], devices[1] if len(devices) > 1 else devices[0]),
                         module, _unit_of(module, self.unit_of), _model_code_line(), tuple(operands))
+
+
+_GROUPED_MM = getattr(torch.ops.aten._grouped_mm, "default", None) if hasattr(torch.ops.aten, "_grouped_mm") else None
+
+
+def _grouped_mm_any_dtype(args, kwargs):
+    """``_grouped_mm`` (MoE experts) for every dtype: torch's meta kernel accepts bf16 only,
+    the CPU and GPU kernels more. Output (tokens, out_features), as the kernel allocates."""
+    a, b = args[0], args[1]
+    torch.stack([a.new_empty(1), b.new_empty(1, dtype=a.dtype)])  # same device check as the kernel
+    out_dtype = kwargs.get("out_dtype") or a.dtype
+    return a.new_empty(a.shape[0], b.shape[-1], dtype=out_dtype)
 
 
 def _under(path: str, prefix: str) -> bool:

@@ -1,0 +1,144 @@
+"""Model inputs with images, shaped as each family's processor makes them.
+
+The simulator feeds these to the real model code, so their shapes, dtypes and
+token layout must be the processor's: the vision tower sees the same number of
+patches or tiles, and the text sequence holds one placeholder token per image
+feature, where the model's ``get_placeholder_mask`` looks for it.
+
+Per sequence: a short text head (the chat template's), then each image's tokens,
+then the rest of the prompt. ``workload.prompt`` counts every text token, so the
+markers some families put around an image (Qwen2-VL's vision start/end,
+InternVL's ``<img>``/``</img>``) come out of it; the image tokens are exactly
+:func:`fitmap.profile.image_shape`'s. Every sequence of the batch carries the
+same images.
+
+Integer tensors go on the input device; ``pixel_values`` in the model dtype
+(zeros: a real run accepts them too). The token values that only the tokenizer
+knows (markers, ordinary text) are ordinary text tokens to the model and get the
+filler id.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from fitmap.errors import BadInput
+from fitmap.profile import ImageShape, image_shape
+from fitmap.workload import Workload
+
+TEXT_TOKEN = 100      # an ordinary vocabulary id for text tokens (never a special token)
+_HEAD = 4             # text tokens before the first image (the chat template's role header)
+
+# Qwen2-VL's published preprocessor_config.json, as fitmap.profile uses it.
+_QWEN_MIN_PIXELS, _QWEN_MAX_PIXELS = 56 * 56, 12845056
+
+Inputs = tuple[dict[str, torch.Tensor], int]
+
+
+def vision_inputs(config, workload: Workload, device: torch.device, dtype: torch.dtype | None = None) -> Inputs:
+    """(model kwargs, image tokens per sequence) for ``workload`` with its images.
+
+    ``dtype`` is the model's floating dtype (default: the config's, else float32).
+    """
+    build = _FAMILIES.get(config.model_type)
+    if build is None:
+        raise BadInput(f"fitmap cannot yet make image inputs for model type {config.model_type!r} "
+                       f"(it knows {', '.join(sorted(_FAMILIES))}); check it without --image")
+    return build(config, workload, device, dtype or _config_dtype(config))
+
+
+def _config_dtype(config) -> torch.dtype:
+    dtype = getattr(config, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+# --------------------------------------------------------------------------- token layout
+def _token_row(prompt: int, runs: list[list[int]], image_token: int) -> list[int]:
+    """One sequence: a text head, each image's run (markers included), the rest of the text.
+
+    Markers are text tokens of the prompt; a prompt too short to hold them grows.
+    """
+    markers = sum(1 for run in runs for t in run if t != image_token)
+    text = max(prompt - markers, 0)
+    head = min(_HEAD, text)
+    row = [TEXT_TOKEN] * head
+    for run in runs:
+        row += run
+    return row + [TEXT_TOKEN] * (text - head)
+
+
+def _text_inputs(rows: list[int], batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+    ids = torch.tensor([rows] * batch, dtype=torch.long, device=device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _shapes(config, workload: Workload) -> list[ImageShape]:
+    return [image_shape(config, w, h) for w, h in workload.images]
+
+
+# --------------------------------------------------------------------------- families
+def _qwen2_vl(config, workload: Workload, device: torch.device, dtype: torch.dtype) -> Inputs:
+    """pixel_values (patches, C*T*P*P), image_grid_thw (images, 3), mm_token_type_ids (1 on image tokens)."""
+    vc = config.vision_config
+    channels = getattr(vc, "in_channels", None) or getattr(vc, "in_chans", 3)
+    grids = [_qwen2_vl_grid(config, w, h) for w, h in workload.images]
+    shapes = _shapes(config, workload)
+    start, image, end = config.vision_start_token_id, config.image_token_id, config.vision_end_token_id
+    runs = [[start] + [image] * s.tokens + [end] for s in shapes]
+    inputs = _text_inputs(_token_row(workload.prompt, runs, image), workload.batch, device)
+    inputs["mm_token_type_ids"] = (inputs["input_ids"] == image).long()  # the processor marks image tokens only
+    patches = workload.batch * sum(t * h * w for t, h, w in grids)
+    inputs["pixel_values"] = torch.zeros(patches, channels * vc.temporal_patch_size * vc.patch_size ** 2,
+                                         dtype=dtype, device=device)
+    inputs["image_grid_thw"] = torch.tensor(grids * workload.batch, dtype=torch.long, device=device)
+    return inputs, sum(s.tokens for s in shapes)
+
+
+def _qwen2_vl_grid(config, w: int, h: int) -> tuple[int, int, int]:
+    """(t, h, w) patches of one image after the processor's resize (``smart_resize``)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    vc = config.vision_config
+    factor = vc.patch_size * vc.spatial_merge_size
+    hb, wb = smart_resize(h, w, factor=factor, min_pixels=_QWEN_MIN_PIXELS, max_pixels=_QWEN_MAX_PIXELS)
+    grid = (1, hb // vc.patch_size, wb // vc.patch_size)  # an image is one temporal patch
+    expected = image_shape(config, w, h).patches
+    if grid[1] * grid[2] != expected:
+        raise AssertionError(f"Qwen2-VL grid {grid} for a {w}x{h} image disagrees with "
+                             f"fitmap.profile.image_shape ({expected} patches)")
+    return grid
+
+
+def _internvl(config, workload: Workload, device: torch.device, dtype: torch.dtype) -> Inputs:
+    """pixel_values (tiles, 3, S, S); per image ``<img>`` + 256 context tokens per tile + ``</img>``."""
+    vc = config.vision_config
+    size = vc.image_size[0] if isinstance(vc.image_size, (list, tuple)) else vc.image_size
+    shapes = _shapes(config, workload)
+    per_tile = getattr(config, "image_seq_length", None)
+    for s in shapes:
+        if per_tile is not None and s.tokens != s.tiles * per_tile:
+            raise AssertionError(f"InternVL image tokens {s.tokens} != {s.tiles} tiles x {per_tile}")
+    runs = [[TEXT_TOKEN] + [config.image_token_id] * s.tokens + [TEXT_TOKEN] for s in shapes]
+    inputs = _text_inputs(_token_row(workload.prompt, runs, config.image_token_id), workload.batch, device)
+    tiles = workload.batch * sum(s.tiles for s in shapes)
+    inputs["pixel_values"] = torch.zeros(tiles, vc.num_channels, size, size, dtype=dtype, device=device)
+    return inputs, sum(s.tokens for s in shapes)
+
+
+def _llava(config, workload: Workload, device: torch.device, dtype: torch.dtype) -> Inputs:
+    """pixel_values (images, 3, S, S); the ``<image>`` token expanded to one per patch feature."""
+    vc = config.vision_config
+    shapes = _shapes(config, workload)
+    runs = [[config.image_token_id] * s.tokens for s in shapes]
+    inputs = _text_inputs(_token_row(workload.prompt, runs, config.image_token_id), workload.batch, device)
+    images = workload.batch * len(shapes)
+    inputs["pixel_values"] = torch.zeros(images, vc.num_channels, vc.image_size, vc.image_size,
+                                         dtype=dtype, device=device)
+    return inputs, sum(s.tokens for s in shapes)
+
+
+_FAMILIES: dict[str, Callable[..., Inputs]] = {
+    "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_vl, "internvl": _internvl, "llava": _llava,
+}
