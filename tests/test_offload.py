@@ -108,7 +108,7 @@ def test_reads_happen_ahead_on_the_readahead_thread():
 
     for b in model.blocks:
         b.to("meta")
-    units = [offload.Offloaded(p, reader(p)) for p in weights]
+    units = [offload.Offloaded(p, tuple(weights[p]), reader(p)) for p in weights]
     off = offload.attach(model, units, torch.device("cpu"), readahead=True)
     torch.testing.assert_close(model(x), want)
     assert threads and all(t.startswith("fitmap-readahead") for t in threads)

@@ -21,7 +21,6 @@ far is released before the error propagates.
 
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -37,7 +36,7 @@ from fitmap.errors import BadInput, CheckpointError, MissingWeights
 from fitmap.inventory import Inventory, inventory
 from fitmap.plan import Plan
 from fitmap.skeleton import build_model, load_config, tied_parameters
-from fitmap.sizes import GiB, fmt_bytes
+from fitmap.sizes import GiB
 
 PAGE = 4096
 PROGRESS_MIN_BYTES = GiB // 4      # smaller loads take well under a second: no bar
@@ -84,11 +83,12 @@ def load(model_dir: Path | str, plan: Plan, *, trust_remote_code: bool = False, 
     layout = Layout.of(model, plan)
     ckpt = Checkpoint.index(inv, model)
     ckpt.check_complete(model, layout)
+    targets = load_targets(model, layout, ckpt)
     try:
-        loaded = place(model, layout, ckpt, progress)
-        compute_buffers(model, layout, ckpt)
-        check_materialized(model, layout)
-        result = _runtime(model, layout, ckpt, plan, readahead)
+        loaded = place(model, layout, ckpt, targets, progress)
+        compute_buffers(model, ckpt, targets)
+        check_materialized(model, targets)
+        result = _runtime(model, layout, ckpt, targets, plan, readahead)
     except BaseException:
         release(model)
         raise
@@ -113,12 +113,18 @@ def _dtype(name: str) -> torch.dtype:
 
 # --------------------------------------------------------------------------- devices
 def gpu(index: int) -> torch.device:
-    """``cuda:index``, after checking that this machine has it (the one CUDA query here)."""
+    """``cuda:index``, after checking that this machine has it (CUDA is queried here and below only)."""
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if index >= count:
         raise BadInput(f"the plan puts units on GPU {index}, but this machine has {count} usable GPU(s); "
                        "load on the machine the plan was made for, or re-plan with --gpus matching this one")
     return torch.device("cuda", index)
+
+
+def _return_gpu_memory() -> None:
+    """Hand freed blocks back to the driver, so a failed or closed load leaves the GPUs as found."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _runs_on(value: int | str) -> torch.device:
@@ -339,9 +345,33 @@ def _check_shapes(model: nn.Module, inv: Inventory, names: Mapping[str, str]) ->
 
 
 # --------------------------------------------------------------------------- placing
-def place(model: nn.Module, layout: Layout, ckpt: Checkpoint, progress: bool) -> int:
-    """Read every non-disk unit's tensors and assign them on their device; returns bytes read."""
-    jobs = _jobs(model, layout, ckpt)
+def load_targets(model: nn.Module, layout: Layout, ckpt: Checkpoint) -> dict[str, torch.device | None]:
+    """Where each tensor goes at load; None: offload reads it from the checkpoint per forward."""
+    persistent = set(model.state_dict(keep_vars=True))
+    streamed = streamed_units(model, layout)
+    out: dict[str, torch.device | None] = {}
+    for key, _ in _named_tensors(model):
+        p = layout.unit_of(key)
+        if key in persistent and p.unit in streamed and (key in ckpt.where or p.stored_on is not None):
+            out[key] = p.stored_on
+        else:   # resident: non-persistent and computed buffers, units that offload cannot hook
+            out[key] = p.runs_on
+    return out
+
+
+def streamed_units(model: nn.Module, layout: Layout) -> set[str]:
+    """Units whose weights :mod:`fitmap.offload` brings to their device per forward.
+
+    Only modules: a bare-parameter unit has no forward to hook, so it stays resident.
+    """
+    return {n for n, p in layout.units.items()
+            if (p.tier == "disk" or (p.tier == "cpu" and p.runs_on.type != "cpu")) and _module_or_none(model, n)}
+
+
+def place(model: nn.Module, layout: Layout, ckpt: Checkpoint, targets: Mapping[str, torch.device | None],
+          progress: bool) -> int:
+    """Read every tensor with a target device and assign it there; returns bytes read."""
+    jobs = _jobs(model, ckpt, targets)
     total = sum(ckpt.nbytes[k] for ks in jobs.values() for k, _ in ks)
     with _progress(total, progress) as advance, ThreadPoolExecutor(min(MAX_READERS, max(1, len(jobs)))) as pool:
         futures = [pool.submit(_read_file, ckpt, ks, advance) for ks in jobs.values()]
@@ -361,15 +391,13 @@ def _assign(model: nn.Module, tensors: list[tuple[str, torch.Tensor]]) -> None:
         set_tensor(model, key, t)
 
 
-def _jobs(model: nn.Module, layout: Layout, ckpt: Checkpoint) -> dict[str, list[tuple[str, torch.device]]]:
+def _jobs(model: nn.Module, ckpt: Checkpoint, targets: Mapping[str, torch.device | None]
+          ) -> dict[str, list[tuple[str, torch.device]]]:
     """Per checkpoint file: (model key, target device) of what to read now; tied copies once."""
     jobs: dict[str, list[tuple[str, torch.device]]] = {}
-    persistent = set(model.state_dict(keep_vars=True))
     seen: set[int] = set()
     for key, t in _named_tensors(model):
-        unit = layout.unit_of(key)
-        # non-persistent buffers are not streamed by offload: they live where the unit runs
-        device = unit.stored_on if key in persistent else unit.runs_on
+        device = targets[key]
         if key not in ckpt.where or device is None or id(t) in seen:
             continue
         seen.add(id(t))
@@ -422,14 +450,13 @@ def _progress(total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
 
 
 # --------------------------------------------------------------------------- buffers
-def compute_buffers(model: nn.Module, layout: Layout, ckpt: Checkpoint) -> None:
+def compute_buffers(model: nn.Module, ckpt: Checkpoint, targets: Mapping[str, torch.device | None]) -> None:
     """Buffers the checkpoint does not carry, computed by the model's ``_init_weights`` on their device."""
     owners: dict[str, list[str]] = {}
     for key, b in list(model.named_buffers(remove_duplicate=False)):
         if b.is_meta and key not in ckpt.where:
             path, _, attr = key.rpartition(".")
-            device = layout.unit_of(key).runs_on
-            model.get_submodule(path)._buffers[attr] = _sentinel_like(b, device)
+            model.get_submodule(path)._buffers[attr] = _sentinel_like(b, targets[key])
             owners.setdefault(path, []).append(key)
     for path, keys in owners.items():
         _init_module(model, path)
@@ -473,22 +500,23 @@ def _init_module(model: nn.Module, path: str) -> None:
         pretrained._init_weights(owner)
 
 
-def check_materialized(model: nn.Module, layout: Layout) -> None:
-    """No parameter or buffer may remain on ``meta``, except disk units' placeholders."""
-    left = [n for n, t in _named_tensors(model) if t.is_meta and layout.unit_of(n).tier != "disk"]
+def check_materialized(model: nn.Module, targets: Mapping[str, torch.device | None]) -> None:
+    """No parameter or buffer may remain on ``meta``, except disk units' streamed weights."""
+    left = [n for n, t in _named_tensors(model) if t.is_meta and targets[n] is not None]
     if left:
         raise MissingWeights(f"{len(left)} tensor(s) have no data after loading: {', '.join(left[:8])}; "
                              "the checkpoint does not provide them. Re-download it, or report this model to fitmap")
 
 
 # --------------------------------------------------------------------------- runtime
-def _runtime(model: nn.Module, layout: Layout, ckpt: Checkpoint, plan: Plan, readahead: bool) -> LoadedModel:
+def _runtime(model: nn.Module, layout: Layout, ckpt: Checkpoint, targets: Mapping[str, torch.device | None],
+             plan: Plan, readahead: bool) -> LoadedModel:
     """Hooks for device boundaries and repairs, then offload hooks for cpu/disk units."""
     input_device = layout.input_device(model)
     placement = {name: p.runs_on for name, p in layout.units.items()}
     boundary = hooks.attach(model, placement, input_device, layout.align)
     try:
-        streamed = offloaded_units(model, layout, ckpt)
+        streamed = offloaded_units(model, layout, ckpt, targets)
         off = offload.attach(model, streamed, layout.execution, readahead) if streamed else None
     except BaseException:
         boundary.remove()
@@ -496,18 +524,18 @@ def _runtime(model: nn.Module, layout: Layout, ckpt: Checkpoint, plan: Plan, rea
     return LoadedModel(model, input_device, plan, _hooks=boundary, _offload=off)
 
 
-def offloaded_units(model: nn.Module, layout: Layout, ckpt: Checkpoint) -> list[offload.Offloaded]:
-    """Disk units (read per forward) and, on a GPU, cpu units (copied in per forward)."""
+def offloaded_units(model: nn.Module, layout: Layout, ckpt: Checkpoint,
+                    targets: Mapping[str, torch.device | None]) -> list[offload.Offloaded]:
+    """Disk units (read per forward) and, on a GPU, cpu units (copied in per forward), in execution order."""
+    streamed = streamed_units(model, layout)
     out = []
     for name, p in layout.units.items():
-        module = _module_or_none(model, name)
-        if module is None or not (p.tier == "disk" or (p.tier == "cpu" and p.runs_on.type != "cpu")):
+        if name not in streamed:
             continue
-        if p.tier == "cpu":
-            out.append(offload.Offloaded(name))
-            continue
-        rel = {k: f"{name}.{k}" for k in module.state_dict(keep_vars=True)}
-        out.append(offload.Offloaded(name, ckpt.reader(rel)))
+        keys = [k for k in model.get_submodule(name).state_dict(keep_vars=True)
+                if p.tier == "cpu" or targets[f"{name}.{k}"] is None]
+        read = ckpt.reader({k: f"{name}.{k}" for k in keys}) if p.tier == "disk" else None
+        out.append(offload.Offloaded(name, tuple(keys), read))
     return out
 
 
@@ -523,5 +551,4 @@ def release(model: nn.Module) -> None:
     for key, t in list(_named_tensors(model)):
         if not t.is_meta:
             set_tensor(model, key, torch.empty_like(t, device="meta"))
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    _return_gpu_memory()

@@ -34,7 +34,8 @@ class Offloaded:
     """One unit whose weights are not kept on its execution device."""
 
     path: str                                       # unit module path
-    read: Callable[[], Weights] | None = None       # disk tier: reads the unit's weights (CPU tensors)
+    keys: tuple[str, ...]                           # state-dict keys (relative to ``path``) streamed in
+    read: Callable[[], Weights] | None = None       # disk tier: reads ``keys`` (CPU tensors)
     # ``read`` None: cpu tier, the module's current (host) tensors are the source
 
 
@@ -172,7 +173,7 @@ class Streamer:
 
 def _slot(model: nn.Module, unit: Offloaded, device: torch.device) -> _Slot:
     module = model.get_submodule(unit.path)
-    targets = _targets(module)
+    targets = _targets(module, unit.keys)
     current = {k: getattr(owner, attr) for k, (owner, attr) in targets.items()}
     if unit.read is None and device.type == "cuda":
         current = {k: t.pin_memory() for k, t in current.items()}   # async host->device copies need pinned pages
@@ -180,9 +181,8 @@ def _slot(model: nn.Module, unit: Offloaded, device: torch.device) -> _Slot:
     return _Slot(unit, targets, current)
 
 
-def _targets(module: nn.Module) -> dict[str, tuple[nn.Module, str]]:
-    """Relative state-dict key -> (owning module, attribute) for the unit's parameters and persistent buffers."""
-    keys = module.state_dict(keep_vars=True).keys()
+def _targets(module: nn.Module, keys: Sequence[str]) -> dict[str, tuple[nn.Module, str]]:
+    """Relative state-dict key -> (owning module, attribute)."""
     out = {}
     for key in keys:
         path, _, attr = key.rpartition(".")
