@@ -17,7 +17,7 @@ def run(args, capsys):
 
 def test_plan_json(capsys, tmp_path):
     out_file = tmp_path / "p.json"
-    code, out, _ = run(["plan", "llama-3.1-8b", "--gpus", "2x16GiB", "--cpu", "8GiB", "--json",
+    code, out, _ = run(["plan", "llama-3.1-8b", "--gpus", "2x16GiB", "--cpu", "8GiB", "--json", "--estimate", "analytic",
                         "--out", str(out_file)], capsys)
     assert code == 0
     data = json.loads(out)
@@ -46,7 +46,7 @@ def test_inspect(capsys, checkpoints):
     (["plan", "llama-3.1-8b", "--gpus", "1x24GiB", "--image", "big"], "WIDTHxHEIGHT"),
     (["plan", "llama-3.1-8b", "--gpus", "1x24GiB", "--pin", "lm_head"], "MODULE=DEVICE"),
     (["plan", "llama-3.1-8b", "--gpus", "1x24GiB", "--batch", "0"], "--batch must be at least 1"),
-    (["plan", "llama-3.1-405b", "--gpus", "2x80GiB", "--cpu", "64GiB"], "needs .* GiB more"),
+    (["plan", "llama-3.1-405b", "--gpus", "2x80GiB", "--cpu", "64GiB", "--estimate", "analytic"], "needs .* GiB more"),
 ])
 def test_bad_input_exits_2_with_one_message(args, needle, capsys):
     code, _, err = run(args, capsys)

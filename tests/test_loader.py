@@ -175,12 +175,16 @@ def test_gpu_plan_without_gpu_is_refused(checkpoints):
         loader.load(d, plan_for(d, {"model.layers.0": 0}), progress=False)
 
 
-def test_repairs_become_hooks(checkpoints):
+def test_repairs_are_applied(checkpoints):
     d = checkpoints("llama")
-    plan = plan_for(d, repairs=(Repair("align-inputs", "model.layers.1.self_attn", "cpu", "cat of two devices"),))
-    with loader.load(d, plan, progress=False) as lm:
-        assert "model.layers.1.self_attn" in lm._hooks.hooked
+    fixes = (Repair("align-inputs", "model.layers.1.self_attn", "cpu", "cat of two devices"),
+             Repair("colocate", "model.layers.3", "cpu", "moved next to its neighbours"))
+    with loader.load(d, plan_for(d, {"model.layers.3": "disk"}, repairs=fixes), progress=False) as lm:
+        assert lm.model.model.layers[1].self_attn._forward_pre_hooks
+        assert not lm.model.model.layers[3].self_attn.q_proj.weight.is_meta   # not on disk any more
+        assert lm.offload_stats is None
         lm.model(input_ids=IDS)
+    assert not lm.model.model.layers[1].self_attn._forward_pre_hooks
 
 
 def test_progress_bar_runs(checkpoints, monkeypatch, capsys):

@@ -18,7 +18,8 @@ def _gpu_utils(plan):
 
 
 def test_llama_70b_on_4x40_is_balanced():
-    plan = fitmap.plan("llama-3.1-70b", "4x40GiB", "64GiB", batch=4, prompt=4096, new=1024)
+    plan = fitmap.plan("llama-3.1-70b", "4x40GiB", "64GiB", batch=4, prompt=4096, new=1024)  # simulated costs
+    assert plan.estimate == "simulate"
     assert plan.fits
     utils = _gpu_utils(plan)
     assert max(utils) <= 1 and max(utils) - min(utils) <= 0.10
@@ -29,7 +30,7 @@ def test_llama_70b_on_4x40_is_balanced():
 
 
 def test_qwen2_vl_keeps_vision_projector_embeddings_together():
-    plan = fitmap.plan("qwen2-vl-7b", "2x16GiB", "64GiB", prompt=3000, new=1000, images=((1344, 1344),))
+    plan = fitmap.plan("qwen2-vl-7b", "2x16GiB", "64GiB", prompt=3000, new=1000, images=((1344, 1344),), estimate="analytic")
     assert plan.fits
     dm = plan.device_map
     together = {dm["model.language_model.embed_tokens"], dm["model.visual.merger"], dm["model.visual.patch_embed"]}
@@ -39,7 +40,7 @@ def test_qwen2_vl_keeps_vision_projector_embeddings_together():
 
 
 def test_impossible_request_reports_shortfall_and_a_way_to_fit():
-    plan = fitmap.plan("llama-3.1-70b", "2x24GiB", "16GiB", prompt=4096, new=1024)
+    plan = fitmap.plan("llama-3.1-70b", "2x24GiB", "16GiB", prompt=4096, new=1024, estimate="analytic")
     assert not plan.fits and plan.shortfall_bytes > 0
     assert "more than 2 x 24.0 GiB GPUs" in plan.advice
     assert "--disk" in plan.advice or "--cpu" in plan.advice
@@ -47,33 +48,33 @@ def test_impossible_request_reports_shortfall_and_a_way_to_fit():
 
 def test_shorter_prompt_is_suggested_when_kv_is_the_problem():
     # weights fit on the GPUs; a huge context does not
-    plan = fitmap.plan("llama-3.1-8b", "1x24GiB", "1GiB", batch=8, prompt=60000, new=1000)
+    plan = fitmap.plan("llama-3.1-8b", "1x24GiB", "1GiB", batch=8, prompt=60000, new=1000, estimate="analytic")
     assert not plan.fits
     assert "--prompt" in plan.advice
     prompt = int(plan.advice.split("--prompt ")[1].split()[0].rstrip(","))
-    assert fitmap.plan("llama-3.1-8b", "1x24GiB", "1GiB", batch=8, prompt=prompt, new=1000).fits
-    assert not fitmap.plan("llama-3.1-8b", "1x24GiB", "1GiB", batch=8, prompt=prompt + 1, new=1000).fits
+    assert fitmap.plan("llama-3.1-8b", "1x24GiB", "1GiB", batch=8, prompt=prompt, new=1000, estimate="analytic").fits
+    assert not fitmap.plan("llama-3.1-8b", "1x24GiB", "1GiB", batch=8, prompt=prompt + 1, new=1000, estimate="analytic").fits
 
 
 def test_tied_model_keeps_embedding_and_head_on_one_device():
-    plan = fitmap.plan("gemma-2-27b", "4x16GiB", "8GiB", prompt=4096, new=512)
+    plan = fitmap.plan("gemma-2-27b", "4x16GiB", "8GiB", prompt=4096, new=512, estimate="analytic")
     assert plan.fits
     assert plan.device_map["model.embed_tokens"] == plan.device_map["lm_head"]
 
 
 def test_pins_are_respected():
-    plan = fitmap.plan("llama-3.1-8b", "2x24GiB", "8GiB", pins={"lm_head": "1", "model.layers.20": "0"})
+    plan = fitmap.plan("llama-3.1-8b", "2x24GiB", "8GiB", pins={"lm_head": "1", "model.layers.20": "0"}, estimate="analytic")
     assert plan.device_map["lm_head"] == 1 and plan.device_map["model.norm"] == 1  # the group follows
     assert plan.device_map["model.layers.20"] == 0
     with pytest.raises(BadInput, match="no such module"):
-        fitmap.plan("llama-3.1-8b", "2x24GiB", pins={"model.layerz.3": "0"})
+        fitmap.plan("llama-3.1-8b", "2x24GiB", pins={"model.layerz.3": "0"}, estimate="analytic")
     with pytest.raises(BadInput, match="no such device"):
-        fitmap.plan("llama-3.1-8b", "2x24GiB", pins={"lm_head": "7"})
+        fitmap.plan("llama-3.1-8b", "2x24GiB", pins={"lm_head": "7"}, estimate="analytic")
 
 
 @pytest.mark.parametrize("policy", ["sequential", "min-gpus"])
 def test_other_policies(policy):
-    plan = fitmap.plan("llama-3.1-8b", "4x24GiB", "8GiB", policy=policy)
+    plan = fitmap.plan("llama-3.1-8b", "4x24GiB", "8GiB", policy=policy, estimate="analytic")
     assert plan.fits
     used = {d for d in plan.device_map.values()}
     if policy == "min-gpus":
@@ -83,7 +84,7 @@ def test_other_policies(policy):
 
 
 def test_plan_json_round_trip(tmp_path):
-    plan = fitmap.plan("qwen2-vl-7b", "2x16GiB", "8GiB", images=((448, 448),))
+    plan = fitmap.plan("qwen2-vl-7b", "2x16GiB", "8GiB", images=((448, 448),), estimate="analytic")
     f = tmp_path / "plan.json"
     plan.save(f)
     data = json.loads(f.read_text())
@@ -98,7 +99,7 @@ def test_cpu_only_machine_spills_to_disk(checkpoints, tmp_path):
     """No GPU: the CPU is the compute device and what does not fit goes to disk."""
     path = checkpoints("llama")
     budget = 800 * 1024  # bytes of RAM: less than the model (850 KiB)
-    req = pipeline.PlanRequest(str(path), make_machine(None, budget, tmp_path, None), Workload(1, 16, 8))
+    req = pipeline.PlanRequest(str(path), make_machine(None, budget, tmp_path, None), Workload(1, 16, 8), estimate="analytic")
     plan = pipeline.plan(req)
     assert plan.fits
     values = set(plan.device_map.values())
@@ -109,7 +110,7 @@ def test_cpu_only_machine_spills_to_disk(checkpoints, tmp_path):
 
 def test_cpu_only_machine_too_small_says_how_much_ram(checkpoints, tmp_path):
     req = pipeline.PlanRequest(str(checkpoints("llama")), make_machine(None, 300 * 1024, tmp_path, None),
-                               Workload(1, 16, 8))
+                               Workload(1, 16, 8), estimate="analytic")
     plan = pipeline.plan(req)
     assert not plan.fits
     assert "Fits with --cpu" in plan.advice
@@ -120,7 +121,7 @@ def test_device_map_is_accepted_by_from_pretrained(checkpoints, tmp_path):
     from transformers import AutoModelForCausalLM
 
     path = checkpoints("llama")
-    req = pipeline.PlanRequest(str(path), make_machine(None, 800 * 1024, tmp_path, None), Workload(1, 16, 8))
+    req = pipeline.PlanRequest(str(path), make_machine(None, 800 * 1024, tmp_path, None), Workload(1, 16, 8), estimate="analytic")
     plan = pipeline.plan(req)
     assert {"cpu", "disk"} == set(plan.device_map.values())
     ref = AutoModelForCausalLM.from_pretrained(path)
@@ -133,7 +134,8 @@ def test_device_map_is_accepted_by_from_pretrained(checkpoints, tmp_path):
 def test_hypothetical_planning_is_fast_for_deepseek_v3():
     import time
 
-    req = pipeline.PlanRequest("deepseek-v3", make_machine("8x140GiB", "256GiB"), Workload(1, 4096, 1024))
+    req = pipeline.PlanRequest("deepseek-v3", make_machine("8x140GiB", "256GiB"), Workload(1, 4096, 1024),
+                               estimate="analytic")
     prep = pipeline.prepare(req)
     t = time.perf_counter()
     plan = pipeline.plan(req, prep)

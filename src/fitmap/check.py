@@ -1,11 +1,17 @@
 """Stage 6 — Check: replay a plan on fake devices, report peaks, repair mismatches.
 
 :func:`check` simulates the plan (:mod:`fitmap.simulate`). On a device mismatch it
-proposes one repair (:func:`propose`), adds it to the plan, and simulates again,
-until the run is clean or ``max_rounds`` is spent. The repairs are written into the
-plan (``Plan.repairs``), and ``fitmap run`` applies exactly them.
+proposes one remedy (:func:`propose`: one repair, or a few that belong together),
+adds it to the plan, and simulates again, until the run is clean or ``max_rounds``
+is spent. A remedy after which the very same mismatch comes back changed nothing:
+it is taken out again (and not retried), so the plan keeps only repairs that
+helped. The repairs are written into the plan (``Plan.repairs``), and ``fitmap
+run`` applies exactly them.
 
-Repair order for a mismatch in module M between devices A and B:
+Repair order for a mismatch in module M between devices A and B. M's *local*
+device is its own weight's (if one of the operands is), else the device of the unit
+M runs in (if it is one of the two), else that of the first operand; the other
+operand is *foreign*.
 
 1. M's own weight is on the other device (a tied ``lm_head``): align M's inputs to
    its weight's device;
@@ -13,21 +19,37 @@ Repair order for a mismatch in module M between devices A and B:
    parent, vision features merged into embeddings): align P's outputs to M's
    device; if P was already aligned to another device (a shared rotary module
    called from several devices), its outputs follow its inputs instead;
-3. otherwise align M's inputs to the device of its first operand;
-4. when a repair did not help, co-locate the two units involved.
+3. otherwise align M's inputs to its local device;
+4. the foreign tensor has no known producer: a state M keeps outside its
+   parameters (a rotary table cached on first use by another layer). M runs where
+   that state is (align its inputs there) and its outputs go back to its caller's
+   device (follow-inputs). In the top-level forward, the foreign tensor came from
+   the last unit that ran on its device (the logits of ``lm_head``): align that
+   unit's outputs;
+5. co-locate the units involved (the producer's, then M's own).
+
+Blocks of one ``ModuleList`` run the same code: a repair found for a module in one
+block (steps 2 and 4) is made for the same module in every block placed on another
+device than the repair's, in the same round, so a 40-layer split needs one round,
+not one per layer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Callable, Iterator, Mapping
+
+import torch
 
 from fitmap.errors import DeviceMismatch
 from fitmap.plan import DeviceLedger, Plan, Repair
 from fitmap.repairs import colocated
-from fitmap.simulate import DevicePeak, Mismatch, Simulation, simulate
-from fitmap.skeleton import Skeleton
+from fitmap.simulate import DevicePeak, Mismatch, Simulation, device_label, execution_placement, simulate
+from fitmap.skeleton import Skeleton, build_model
 
 MAX_ROUNDS = 10
+
+Remedy = tuple[Repair, ...]
 
 
 @dataclass(frozen=True)
@@ -36,66 +58,159 @@ class CheckReport:
     devices: tuple[DevicePeak, ...]         # simulated per-device weights, KV, peak
     predicted: tuple[DeviceLedger, ...]     # ledger with the simulated numbers filled in
     mismatches: tuple[Mismatch, ...]        # every mismatch met, in order
-    repairs: tuple[Repair, ...]             # the repairs added by this check
+    repairs: tuple[Repair, ...]             # the repairs added by this check (that helped)
     clean: bool                             # the last simulation ran to the end
     fits: bool                              # clean and every GPU peak + reserve within capacity
+    tried: tuple[Repair, ...] = ()          # repairs tried and taken back: the mismatch stayed the same
 
 
 def check(config, task: str, sk: Skeleton, plan: Plan, trust_remote_code: bool = False,
           max_rounds: int = MAX_ROUNDS) -> CheckReport:
     fixes = list(plan.repairs)
+    tried = {_key(f) for f in fixes}
     seen: list[Mismatch] = []
     added: list[Repair] = []
+    dropped: list[Repair] = []
+    undo: tuple[list[Repair], list[Repair]] | None = None     # (fixes, added) before the last remedy
+    exists = _ModulePaths(config, task, getattr(torch, sk.dtype), trust_remote_code)
     sim: Simulation | None = None
-    for _ in range(max_rounds):
+    for round_ in range(max_rounds):
         dm = colocated(plan.device_map, fixes)
         sim = simulate(config, task, sk, plan, device_map=dm, plan_repairs=tuple(fixes),
                        trust_remote_code=trust_remote_code)
         if sim.mismatch is None:
             break
-        seen.append(sim.mismatch)
-        fix = propose(sim.mismatch, fixes, dm)
-        if fix is None:
-            break
-        fixes = [f for f in fixes if not (f.module == fix.module and f.kind != "colocate"
-                                          and fix.kind == "follow-inputs")] + [fix]
-        added.append(fix)
+        if undo is not None and sim.mismatch == seen[-1]:
+            dropped += [f for f in fixes if f not in undo[0]]
+            fixes, added = undo        # the same failure again: the last remedy did nothing
+        else:
+            seen.append(sim.mismatch)
+        undo = None
+        remedy = propose(sim.mismatch, fixes, execution_placement(plan, dm), tried, exists)
+        if not remedy or round_ == max_rounds - 1:
+            break                      # every remedy kept has been simulated
+        tried |= {_key(r) for r in remedy}
+        undo = (fixes, added)
+        fixes, added = _with(fixes, remedy), added + list(remedy)
     assert sim is not None
     repaired = replace(plan, repairs=tuple(fixes), device_map=colocated(plan.device_map, fixes))
     ledger = _with_simulated(repaired, sim)
     clean = sim.mismatch is None
     fits = clean and all(d.total_bytes <= d.capacity_bytes for d in ledger if d.device != "disk")
     return CheckReport(replace(repaired, estimate="simulate", devices=ledger, fits=fits and repaired.fits),
-                       sim.devices, ledger, tuple(seen), tuple(added), clean, fits)
+                       sim.devices, ledger, tuple(seen), tuple(added), clean, fits, tuple(dropped))
 
 
-def propose(m: Mismatch, fixes: list[Repair], device_map: dict) -> Repair | None:
-    """One repair for mismatch ``m`` that has not been tried yet (None when out of ideas)."""
-    tried = {(f.kind, f.module, f.device) for f in fixes}
+def _key(r: Repair) -> tuple[str, str, str]:
+    return r.kind, r.module, r.device
+
+
+def _with(fixes: list[Repair], remedy: Remedy) -> list[Repair]:
+    """``fixes`` plus ``remedy``; a module whose outputs now follow its inputs loses its align-outputs."""
+    following = {r.module for r in remedy if r.kind == "follow-inputs"}
+    kept = [f for f in fixes if not (f.kind == "align-outputs" and f.module in following)]
+    have = {_key(f) for f in kept}
+    return kept + [r for r in remedy if _key(r) not in have]
+
+
+class _ModulePaths:
+    """Does a module path exist? The model is built on meta the first time it is asked."""
+
+    def __init__(self, config, task: str, dtype: torch.dtype, trust_remote_code: bool) -> None:
+        self.args = (config, task, dtype, trust_remote_code)
+        self.paths: set[str] | None = None
+
+    def __call__(self, path: str) -> bool:
+        if self.paths is None:
+            with torch.device("meta"):
+                model = build_model(*self.args)
+            self.paths = {p for p, _ in model.named_modules(remove_duplicate=False)}
+        return path in self.paths
+
+
+# --------------------------------------------------------------------------- proposing
+def propose(m: Mismatch, fixes: list[Repair], placement: Mapping[str, str], tried=frozenset(),
+            exists: Callable[[str], bool] = lambda path: True) -> Remedy:
+    """The first remedy for ``m`` whose main repair is neither in ``fixes`` nor ``tried``;
+    () when out of ideas. ``placement``: unit -> plan device it executes on."""
+    done = set(tried) | {_key(f) for f in fixes}
+    for remedy in _remedies(m, fixes, placement, exists):
+        if _key(remedy[0]) not in done:
+            return remedy
+    return ()
+
+
+def _remedies(m: Mismatch, fixes: list[Repair], placement: Mapping[str, str],
+              exists: Callable[[str], bool]) -> Iterator[Remedy]:
     weight_dev = next((d for d, _, is_param in m.operands if is_param), None)
-    local = weight_dev or m.operands[0][0]
-    foreign = next(((d, p) for d, p, is_param in m.operands if d != local and not is_param), None)
-    candidates: list[Repair] = []
-    if weight_dev is not None:
-        candidates.append(Repair("align-inputs", m.module, weight_dev, f"{m.module}'s weights are on {weight_dev}"))
-    if foreign is not None and foreign[1] is not None and not _under(m.module, foreign[1]):
-        producer = foreign[1]
-        aligned = [f for f in fixes if f.kind == "align-outputs" and f.module == producer]
-        if aligned and aligned[0].device != local:
-            candidates.append(Repair("follow-inputs", producer, local, f"{producer} feeds several devices"))
-        candidates.append(Repair("align-outputs", producer, local, f"{m.op} in {m.module or 'model'} needs it on {local}"))
-    if m.module:
-        candidates.append(Repair("align-inputs", m.module, local, f"{m.op} mixes {m.devices[0]} and {m.devices[1]}"))
-    for unit in _units_to_colocate(m, foreign, device_map):
-        candidates.append(Repair("colocate", unit, local, f"{m.op} in {m.module or 'model'} needs it on {local}"))
-    return next((c for c in candidates if (c.kind, c.module, c.device) not in tried), None)
+    local = weight_dev or _local(m, placement)
+    foreign_dev, producer = next(((d, p) for d, p, is_param in m.operands if d != local and not is_param),
+                                 (None, None))
+    where = m.module or "the model"
+    if weight_dev is not None:                                                          # 1
+        yield (Repair("align-inputs", m.module, weight_dev, f"{m.module}'s weights are on {weight_dev}"),)
+    if producer is not None and not _under(m.module, producer):                         # 2
+        aligned = [f for f in fixes if f.module == producer and f.kind in ("align-outputs", "align-inputs")]
+        if any(f.device != local for f in aligned):
+            yield _in_every_block(Repair("follow-inputs", producer, local, f"{producer} feeds several devices"),
+                                  placement, exists)
+        yield _in_every_block(Repair("align-outputs", producer, local, f"{m.op} in {where} needs it on {local}"),
+                              placement, exists)
+    if m.module:                                                                         # 3
+        yield (Repair("align-inputs", m.module, local, f"{m.op} mixes {m.devices[0]} and {m.devices[1]}"),)
+    if foreign_dev is not None and producer is None:                                     # 4
+        if m.module:
+            why = f"{m.op} in {m.module} meets a tensor kept on {foreign_dev}"
+            yield _in_every_block(Repair("align-inputs", m.module, foreign_dev, why), placement, exists,
+                                  Repair("follow-inputs", m.module, local, f"{m.module} answers its caller"))
+        last = _last_unit_on(foreign_dev, placement)
+        if not m.module and last is not None:
+            yield _in_every_block(Repair("align-outputs", last, local, f"{m.op} in {where} needs it on {local}"),
+                                  placement, exists)
+    for unit in _units_to_colocate(m, producer, foreign_dev, local, placement):          # 5
+        dev = local if unit != m.unit else foreign_dev
+        yield (Repair("colocate", unit, dev, f"{m.op} in {where} needs it on {dev}"),)
 
 
-def _units_to_colocate(m: Mismatch, foreign, device_map: dict) -> list[str]:
-    out = []
-    if foreign is not None and foreign[1] is not None:
-        out += [u for u in device_map if _under(foreign[1], u)]
+def _local(m: Mismatch, placement: Mapping[str, str]) -> str:
+    """Where M's own code runs: its unit's device when that is one of the two, else the first operand's."""
+    home = placement.get(m.unit) if m.unit else None
+    return home if home in m.devices else m.operands[0][0]
+
+
+def _last_unit_on(device: str, placement: Mapping[str, str]) -> str | None:
+    return next((u for u in reversed(list(placement)) if placement[u] == device), None)
+
+
+def _units_to_colocate(m: Mismatch, producer: str | None, foreign_dev: str | None, local: str,
+                       placement: Mapping[str, str]) -> list[str]:
+    out = [u for u in placement if producer is not None and _under(producer, u) and placement[u] != local]
+    if m.unit is not None and foreign_dev is not None and m.unit not in out:
+        out.append(m.unit)
     return out
+
+
+def _in_every_block(first: Repair, placement: Mapping[str, str], exists: Callable[[str], bool],
+                    *with_it: Repair) -> Remedy:
+    """``first`` (and ``with_it``), and the same for the same module in every other block of
+    its ModuleList that runs on another device than ``first.device``."""
+    out = [first, *with_it]
+    unit = _unit_of(first.module, placement)
+    if unit is None:
+        return tuple(out)
+    head, _, index = unit.rpartition(".")
+    rest = first.module[len(unit):]
+    if not index.isdigit():
+        return tuple(out)
+    for other, dev in placement.items():
+        h, _, i = other.rpartition(".")
+        if h == head and i.isdigit() and other != unit and dev != first.device and exists(other + rest):
+            out += [replace(r, module=other + rest) for r in (first, *with_it)]
+    return tuple(out)
+
+
+def _unit_of(path: str, placement: Mapping[str, str]) -> str | None:
+    return max((u for u in placement if _under(path, u) and u), key=len, default=None)
 
 
 def _under(path: str, prefix: str) -> bool:
@@ -121,7 +236,25 @@ def _with_simulated(plan: Plan, sim: Simulation) -> tuple[DeviceLedger, ...]:
 
 
 def raise_unrepaired(report: CheckReport) -> None:
-    if not report.clean and report.mismatches:
-        last = report.mismatches[-1]
-        raise DeviceMismatch(f"{last.message()}; fitmap could not repair it after {len(report.repairs)} "
-                             "repair(s). Keep these units on one device with --pin MODULE=DEVICE")
+    """:class:`DeviceMismatch` when the check ended on a mismatch it could not repair."""
+    if report.clean or not report.mismatches:
+        return
+    last = report.mismatches[-1]
+    tried = report.repairs + report.tried
+    shown = ", ".join(f"{r.kind} {r.module or 'model'} -> {device_label(r.device)}" for r in tried[:4])
+    what = f"tried {len(tried)} repair(s) ({shown}{', ...' if len(tried) > 4 else ''})" if tried else "found no repair"
+    raise DeviceMismatch(f"{last.message()}. fitmap {what} and the mismatch remains; {_advice(last, report.plan)}")
+
+
+def _advice(m: Mismatch, plan: Plan) -> str:
+    placement = execution_placement(plan)
+    stray = [d for d in m.devices if d not in set(placement.values())]
+    if stray:
+        return (f"the model code itself puts a tensor on {device_label(stray[0])}, where the plan runs nothing, "
+                "so no device map can fix it: change that line of the model code, or run the model on one device")
+    producers = [_unit_of(p, placement) for _, p, _ in m.operands if p is not None]
+    units = [u for u in dict.fromkeys([m.unit, *producers]) if u]
+    if not units:
+        return "keep the units involved on one device with --pin MODULE=DEVICE"
+    dev = m.devices[0]
+    return "keep the units involved on one device: " + " ".join(f"--pin {u}={dev}" for u in units)

@@ -38,7 +38,7 @@ from torch._subclasses.fake_tensor import (
     FakeTensorMode,
 )
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.weak import WeakIdKeyDictionary
 
 MAX_TWIN_NUMEL = 4 * 1024 * 1024
@@ -69,12 +69,6 @@ class RealTwins(TorchDispatchMode):
             return self.twins.get(t)
         return t if t.device.type == "cpu" else None
 
-    def register(self, fake: torch.Tensor, real: torch.Tensor) -> None:
-        """Give ``fake`` the value ``real`` (same shape and dtype, on the CPU)."""
-        if fake.shape != real.shape or fake.dtype != real.dtype:
-            raise ValueError(f"twin {tuple(real.shape)} {real.dtype} does not match {tuple(fake.shape)} {fake.dtype}")
-        self.twins[fake] = real
-
     # ------------------------------------------------------------------ dispatch
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -84,8 +78,7 @@ class RealTwins(TorchDispatchMode):
                 return func(*args, **kwargs)
             with _disable_current_modes():
                 return real.item()
-        flat, spec = tree_flatten((args, kwargs))
-        tensors = [x for x in flat if isinstance(x, torch.Tensor)]
+        tensors = _tensors_in(args, kwargs)
         known = all(self.real(t) is not None for t in tensors)
         try:
             out = func(*args, **kwargs)
@@ -94,15 +87,15 @@ class RealTwins(TorchDispatchMode):
             if indexed is not None:
                 out = func(*indexed, **kwargs)
             elif known:
-                return self._from_real(func, flat, spec)
+                return self._from_real(func, args, kwargs)
             else:
                 raise
         if known and self._wants_twin(out, factory=not tensors):
-            real_out = self._run_real(func, flat, spec)
+            real_out = self._run_real(func, args, kwargs)
             if real_out is not None:
                 self._pair(out, real_out)
-        elif not known:
-            self._forget_written(func, args)
+                return out
+        self._forget_written(func, args)
         return out
 
     def _wants_twin(self, out: Any, factory: bool) -> bool:
@@ -111,32 +104,35 @@ class RealTwins(TorchDispatchMode):
         return bool(outs) and all(t.numel() <= self.max_numel and (t.dtype in _EXACT or not factory)
                                   for t in outs)
 
-    def _run_real(self, func, flat: list, spec) -> Any:
+    def _run_real(self, func, args: tuple, kwargs: dict) -> Any:
         """``func`` on the twins, on the CPU, with no mode (fake or ours) in the way."""
-        real_flat = [self.real(x) if isinstance(x, torch.Tensor)
-                     else _CPU if isinstance(x, torch.device) else x for x in flat]
-        args, kwargs = tree_unflatten(real_flat, spec)
+        args, kwargs = tree_map(self._real_arg, (args, kwargs))
         with _disable_current_modes():
             try:
                 return func(*args, **kwargs)
             except Exception:  # values we cannot reproduce only cost the twin, never the simulation
                 return None
 
+    def _real_arg(self, x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return self.real(x)
+        return _CPU if isinstance(x, torch.device) else x
+
     def _pair(self, out: Any, real_out: Any) -> None:
         fakes, reals = tree_flatten(out)[0], tree_flatten(real_out)[0]
         if len(fakes) != len(reals):
             return
         for f, r in zip(fakes, reals):
-            if isinstance(f, torch.Tensor) and isinstance(r, torch.Tensor) and f.shape == r.shape:
+            if isinstance(f, torch.Tensor) and isinstance(r, torch.Tensor) and (f.shape, f.dtype) == (r.shape, r.dtype):
                 self.twins[f] = r
 
-    def _from_real(self, func, flat: list, spec) -> Any:
+    def _from_real(self, func, args: tuple, kwargs: dict) -> Any:
         """A data-dependent op: its fake output is shaped by the real result."""
-        args, kwargs = tree_unflatten(flat, spec)
+        flat = tree_flatten((args, kwargs))[0]
         device, _ = FakeTensor._find_common_device(func, flat)  # raises on a device mismatch, as the GPU would
-        if "device" in kwargs and kwargs["device"] is not None:
+        if kwargs.get("device") is not None:
             device = torch.device(kwargs["device"])
-        real_out = self._run_real(func, flat, spec)
+        real_out = self._run_real(func, args, kwargs)
         if real_out is None:
             raise DynamicOutputShapeException(func)
         return tree_map(lambda r: self._fake_of(r, device) if isinstance(r, torch.Tensor) else r, real_out)
@@ -148,6 +144,7 @@ class RealTwins(TorchDispatchMode):
         for index in args[1]:
             real = self.real(index) if isinstance(index, torch.Tensor) else None
             if real is not None and real.dtype in (torch.bool, torch.uint8):
+                _same_device(args[0], index)
                 with _disable_current_modes():
                     positions = real.nonzero().unbind(1)
                 indices.extend(self._fake_of(i, index.device) for i in positions)
@@ -177,6 +174,24 @@ class RealTwins(TorchDispatchMode):
                 storage = target.untyped_storage()._cdata
                 for other in [f for f in self.twins.keys() if f.untyped_storage()._cdata == storage]:
                     del self.twins[other]
+
+
+def _tensors_in(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """Tensor operands of an aten call (they sit at most one list deep: ``cat``, ``index``)."""
+    found = []
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            found.append(a)
+        elif isinstance(a, (list, tuple)):
+            found.extend(x for x in a if isinstance(x, torch.Tensor))
+    return found
+
+
+def _same_device(x: torch.Tensor, index: torch.Tensor) -> None:
+    """Indexing with a mask on another GPU fails on real devices; say it as a mismatch does."""
+    if index.device != x.device and index.device.type != "cpu":
+        raise RuntimeError("Expected all tensors to be on the same device, but found at least two devices, "
+                           f"{x.device} and {index.device}!")
 
 
 # --------------------------------------------------------------------------- torch.tensor

@@ -4,7 +4,8 @@ The model is built on ``meta`` at the plan's dtype; then every unit's tensors
 are taken from the mmap'd checkpoint (one thread per shard, a few at a time)
 and assigned in place of the meta tensors:
 
-* GPU units: copied to ``cuda:N`` (the only CUDA calls are in :func:`gpu`);
+* GPU units: copied to ``cuda:N`` (CUDA is queried only in :func:`gpu` and
+  :func:`_return_gpu_memory`; copies are plain ``Tensor.to``);
 * ``cpu`` units: kept in RAM. When the checkpoint already has the planned
   dtype they stay views of the page cache (no second copy); their pages are
   read now so the first forward does not stall on I/O. When the execution
@@ -31,9 +32,10 @@ from typing import Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from fitmap import hooks, offload
+from fitmap import hooks, offload, repairs
 from fitmap.errors import BadInput, CheckpointError, MissingWeights
 from fitmap.inventory import Inventory, inventory
+from fitmap.keys import key_mapper
 from fitmap.plan import Plan
 from fitmap.skeleton import build_model, load_config, tied_parameters
 from fitmap.sizes import GiB
@@ -64,6 +66,11 @@ class LoadedModel:
         self._offload = self._hooks = None
         release(self.model)
 
+    @property
+    def offload_stats(self) -> offload.Stats | None:
+        """Weight sets streamed in so far, and how many were prefetched (None: nothing offloaded)."""
+        return self._offload.streamer.stats if self._offload is not None else None
+
     def __enter__(self) -> "LoadedModel":
         return self
 
@@ -73,7 +80,14 @@ class LoadedModel:
 
 def load(model_dir: Path | str, plan: Plan, *, trust_remote_code: bool = False, readahead: bool = True,
          progress: bool = True) -> LoadedModel:
-    """Build ``model_dir``'s model on meta and place its weights per ``plan``."""
+    """Build ``model_dir``'s model on meta and place its weights per ``plan``.
+
+    ``readahead``: disk units are read one unit ahead on a thread (off: read when
+    they run). ``progress``: a bar with bytes, rate and ETA for loads of 256 MiB
+    or more. Raises :class:`BadInput` (plan does not fit this model or machine),
+    :class:`CheckpointError` (missing or corrupt files), :class:`MissingWeights`
+    (tensors the checkpoint lacks), all before anything stays allocated.
+    """
     start = time.perf_counter()
     inv = inventory(model_dir)
     if inv.path is None or inv.weight_format == "none":
@@ -82,7 +96,7 @@ def load(model_dir: Path | str, plan: Plan, *, trust_remote_code: bool = False, 
     model = _skeleton_model(inv, dtype, trust_remote_code)
     layout = Layout.of(model, plan)
     ckpt = Checkpoint.index(inv, model)
-    ckpt.check_complete(model, layout)
+    ckpt.check_complete(model)
     targets = load_targets(model, layout, ckpt)
     try:
         loaded = place(model, layout, ckpt, targets, progress)
@@ -149,15 +163,14 @@ class Layout:
 
     units: dict[str, Placed]         # in execution order
     execution: torch.device          # where offloaded units run
-    align: tuple[tuple[str, torch.device], ...] = ()
     ties: tuple[tuple[str, ...], ...] = ()   # parameter names sharing one tensor (found on meta)
 
     @classmethod
     def of(cls, model: nn.Module, plan: Plan) -> "Layout":
-        device_map, align = _apply_repairs(plan)
+        device_map = repairs.colocated(plan.device_map, plan.repairs)
         execution = _runs_on(plan.execution_device)
         units = {name: _placed(name, value, execution) for name, value in device_map.items()}
-        layout = cls(units, execution, align, tied_parameters(model))
+        layout = cls(units, execution, tied_parameters(model))
         layout.check_covers(model)
         return layout
 
@@ -188,22 +201,6 @@ class Layout:
         return self.unit_of(path).runs_on
 
 
-def _apply_repairs(plan: Plan) -> tuple[dict[str, int | str], tuple[tuple[str, torch.device], ...]]:
-    device_map = dict(plan.device_map)
-    align = []
-    for r in plan.repairs:
-        value: int | str = int(r.device) if str(r.device).isdigit() else r.device
-        if r.kind == "colocate":
-            if r.module not in device_map:
-                raise BadInput(f"repair moves {r.module} to {r.device}, but it is not a unit of the plan; re-run fitmap check")
-            device_map[r.module] = value
-        elif r.kind == "align-inputs":
-            align.append((r.module, _runs_on(value)))
-        else:
-            raise BadInput(f"unknown repair kind {r.kind!r} for {r.module}; expected align-inputs or colocate")
-    return device_map, tuple(align)
-
-
 def _placed(name: str, value: int | str, execution: torch.device) -> Placed:
     if value == "disk":
         return Placed(name, "disk", execution, None)
@@ -228,31 +225,30 @@ class Checkpoint:
     where: Mapping[str, tuple[str, str]]       # model key -> (file name, checkpoint key)
     nbytes: Mapping[str, int]                  # model key -> bytes on disk
     dtypes: Mapping[str, torch.dtype]          # model key -> dtype the model built it with (floats cast to it)
-    unmatched: tuple[str, ...] = ()            # checkpoint keys no model key maps to
+    converted: tuple[str, ...] = ()            # checkpoint keys that need a merge/split fitmap does not do
 
     @classmethod
     def index(cls, inv: Inventory, model: nn.Module) -> "Checkpoint":
-        names = checkpoint_names(model, list(inv.tensors))
+        names, converted = checkpoint_names(model, list(inv.tensors))
         _check_shapes(model, inv, names)
         built = dict(_named_tensors(model))
-        used = set(names.values())
         return cls(inv.path, inv.weight_format,
                    where={k: (inv.tensors[c].file, c) for k, c in names.items()},
                    nbytes={k: inv.tensors[c].nbytes for k, c in names.items()},
                    dtypes={k: built[k].dtype for k in names},
-                   unmatched=tuple(c for c in inv.tensors if c not in used))
+                   converted=converted)
 
-    def check_complete(self, model: nn.Module, layout: Layout) -> None:
+    def check_complete(self, model: nn.Module) -> None:
         """Every parameter (and persistent buffer we cannot compute) must be in the checkpoint."""
         params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
         missing = sorted(n for n in params if n not in self.where)
         if not missing:
             return
         hint = ""
-        if self.unmatched:
-            hint = (f" The checkpoint has {len(self.unmatched)} tensor(s) with other names, e.g. "
-                    f"{', '.join(self.unmatched[:2])}: they need a conversion (merge/split) that fitmap does not do; "
-                    "use a checkpoint saved in this transformers version's layout")
+        if self.converted:
+            hint = (f" The checkpoint stores {len(self.converted)} of them in another layout, e.g. "
+                    f"{', '.join(self.converted[:2])}: transformers merges these on load, a conversion fitmap "
+                    "does not do yet; load this model with transformers (device_map=plan.device_map)")
         raise MissingWeights(f"{len(missing)} weight(s) of {type(model).__name__} are not in {self.directory}: "
                              f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}.{hint or ' Re-download the checkpoint'}")
 
@@ -307,32 +303,29 @@ def _ready(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t
 
 
-def checkpoint_names(model: nn.Module, ckpt_keys: list[str]) -> dict[str, str]:
-    """Model key -> checkpoint key: same name, or transformers' own renaming for this model
-    (e.g. Qwen2-VL checkpoints' ``model.layers`` -> ``model.language_model.layers``)."""
+def checkpoint_names(model: nn.Module, ckpt_keys: list[str]) -> tuple[dict[str, str], tuple[str, ...]]:
+    """(model key -> checkpoint key, checkpoint keys that need a merge/split conversion).
+
+    Names match as stored or through transformers' own renaming for this model
+    (:func:`fitmap.keys.key_mapper`; e.g. Qwen2-VL's ``model.layers`` ->
+    ``model.language_model.layers``). Converted tensors (Mixtral's per-expert
+    ``w1/w3`` fused into ``gate_up_proj``) are not loaded.
+    """
     expected = {n for n, _ in _named_tensors(model)}
-    rename = _renamer(model)
+    mapped = key_mapper(model)
     out: dict[str, str] = {}
+    converted = []
     for c in ckpt_keys:
-        k = c if c in expected else rename(c)
-        if k in expected:
+        k, conversion = (c, False) if c in expected else mapped(c)
+        if conversion:
+            converted.append(c)
+        elif k in expected:
             out.setdefault(k, c)
     for group in tied_parameters(model):      # a tied copy is stored once, under any of its names
         stored = next((out[n] for n in group if n in out), None)
         if stored is not None:
             out.update({n: stored for n in group})
-    return out
-
-
-def _renamer(model: nn.Module) -> Callable[[str], str]:
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming, apply_renamings
-
-        renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
-    except (ImportError, AttributeError, TypeError):   # not a transformers model, or another version
-        return lambda key: key
-    return lambda key: apply_renamings(key, renamings)
+    return out, tuple(converted)
 
 
 def _check_shapes(model: nn.Module, inv: Inventory, names: Mapping[str, str]) -> None:
@@ -514,8 +507,9 @@ def _runtime(model: nn.Module, layout: Layout, ckpt: Checkpoint, targets: Mappin
     """Hooks for device boundaries and repairs, then offload hooks for cpu/disk units."""
     input_device = layout.input_device(model)
     placement = {name: p.runs_on for name, p in layout.units.items()}
-    boundary = hooks.attach(model, placement, input_device, layout.align)
+    boundary = hooks.attach(model, placement, input_device)
     try:
+        boundary.handles.extend(repairs.apply(model, plan.repairs, _runs_on))
         streamed = offloaded_units(model, layout, ckpt, targets)
         off = offload.attach(model, streamed, layout.execution, readahead) if streamed else None
     except BaseException:

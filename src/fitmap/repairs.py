@@ -4,8 +4,11 @@
   (the module's own weights' device: a tied ``lm_head``, a merge inside a module);
 * ``align-outputs`` — a forward hook moves the module's tensor outputs to a device
   (a layer whose KV is concatenated by its parent, a vision tower feeding embeddings);
-* ``follow-inputs`` — a forward hook moves the outputs to the device of the
-  module's first tensor input (a rotary module shared by layers on several devices);
+* ``follow-inputs`` — the outputs go back to the device the module's first tensor
+  input came from, as the caller passed it (before any ``align-inputs`` of the same
+  module moved it): a rotary module shared by layers on several devices; with an
+  ``align-inputs`` to device D, "run on D, answer the caller where it is" (a module
+  whose cached state lives on D);
 * ``colocate``      — the unit moves to a device; that is a change of the device map,
   made by :func:`colocated`.
 """
@@ -36,7 +39,9 @@ def apply(model: nn.Module, fixes: Iterable[Repair], to_device: Callable[[str], 
         elif r.kind == "align-outputs":
             handles.append(module.register_forward_hook(_OutputsTo(to_device(r.device))))
         else:
-            handles.append(module.register_forward_hook(_FollowInputs(), with_kwargs=True))
+            follow = _FollowInputs()
+            handles.append(module.register_forward_pre_hook(follow.remember, with_kwargs=True, prepend=True))
+            handles.append(module.register_forward_hook(follow))
     return handles
 
 
@@ -72,12 +77,18 @@ class _OutputsTo:
 
 
 class _FollowInputs:
+    """The caller's device is taken in a pre-hook that runs before every other one."""
+
     def __init__(self) -> None:
         self.mover = Mover()
+        self.caller: torch.device | None = None
 
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    def remember(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         first = next((t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)), None)
-        if first is None:
+        self.caller = None if first is None else first.device
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        if self.caller is None:
             return None
         self.mover.reset()
-        return _move(output, first.device, self.mover)
+        return _move(output, self.caller, self.mover)

@@ -10,7 +10,7 @@ from transformers import GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_pitfall_rope import PitfallRopeConfig
-from .pitfall_blocks import MLP, PitfallPreTrainedModel, RMSNorm, apply_rope, attend, new_cache, rope_inv_freq
+from .pitfall_blocks import MLP, PitfallPreTrainedModel, RMSNorm, attend, new_cache, rope_inv_freq
 
 
 class CachedRotaryEmbedding(nn.Module):
@@ -31,7 +31,12 @@ class CachedRotaryEmbedding(nn.Module):
     def forward(self, q, k):
         q_len, k_len = q.shape[2], k.shape[2]
         cos, sin = self.tables(k_len, q.device)
-        return apply_rope(q, cos[None, k_len - q_len:], sin[None, k_len - q_len:]), apply_rope(k, cos[None], sin[None])
+        return rotate(q, cos[k_len - q_len:], sin[k_len - q_len:]), rotate(k, cos, sin)
+
+
+def rotate(x, cos, sin):
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 class Attention(nn.Module):
@@ -45,7 +50,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cache=None):
         b, t, _ = x.shape
-        q, k, v = (p(x).view(b, t, self.heads, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (p(x).view(b, t, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         if cache is not None:   # keys are cached before rotation, as OLMo does
             k, v = cache.update(k, v, self.layer_idx)
         q, k = self.rotary_emb(q, k)
