@@ -68,3 +68,25 @@ def test_disk_must_be_writable_directory(tmp_path):
         make_machine(None, "1GiB", tmp_path / "a" / "b")
     m = make_machine(None, "1GiB", tmp_path)
     assert m.disk == tmp_path and m.disk_bytes > 0
+
+
+def test_nvml_detection_honours_cuda_visible_devices(monkeypatch):
+    """Without a CUDA torch, NVML lists the GPUs; CUDA_VISIBLE_DEVICES picks and reorders them."""
+    import sys
+    import types
+
+    from fitmap import devices
+
+    cards = [("A100-40GB", 40 * GiB), ("A100-80GB", 80 * GiB), ("L4", 24 * GiB)]
+    fake = types.SimpleNamespace(
+        nvmlInit=lambda: None,
+        nvmlDeviceGetCount=lambda: len(cards),
+        nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetName=lambda h: cards[h][0],
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(total=cards[h][1]),
+    )
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,0")
+    assert devices._nvml_gpus() == [cards[2], cards[0]]
+    gpus = parse_gpus("0,1")
+    assert [(g.name, g.capacity) for g in gpus] == [cards[2], cards[0]]
