@@ -7,16 +7,18 @@ import json
 from dataclasses import replace
 
 import pytest
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
-from fitmap import pipeline
+from fitmap import pipeline, repairs
 from fitmap.check import check, propose, raise_unrepaired
 from fitmap.devices import make_machine
 from fitmap.errors import DeviceMismatch
 from fitmap.plan import Plan, Repair
-from fitmap.simulate import Mismatch, simulate
+from fitmap.simulate import Mismatch, fake_device, simulate
 from fitmap.workload import Workload
-from tests.pitfalls import make_pitfall
-from tests.test_pitfalls import BARE
+from tests.pitfalls import PITFALLS, make_pitfall
 
 
 def _prepared(model: str, workload: Workload, trust_remote_code: bool = False):
@@ -46,7 +48,7 @@ def test_clean_catalog_plan_has_no_mismatch_and_no_repair():
 def glm(tmp_path_factory):
     """ChatGLM's cross-layer KV cat on the hand-written two-GPU map, checked."""
     prep, plan = _prepared(str(make_pitfall("glm", tmp_path_factory.mktemp("glm"))), Workload(1, 8, 2), True)
-    bare = replace(plan, device_map=BARE["glm"], repairs=())
+    bare = replace(plan, device_map=PITFALLS["glm"].bare_map, repairs=())
     return prep, bare, _check(prep, bare)
 
 
@@ -80,7 +82,7 @@ def test_unrepairable_mismatch_ends_in_a_clear_device_mismatch(tmp_path):
     no hook or device map can change that."""
     directory = make_pitfall("nexttok", tmp_path, greedy_on_cpu=True)
     prep, plan = _prepared(str(directory), Workload(1, 8, 2), True)
-    report = _check(prep, replace(plan, device_map=BARE["nexttok"], repairs=()))
+    report = _check(prep, replace(plan, device_map=PITFALLS["nexttok"].bare_map, repairs=()))
     assert not report.clean and report.repairs == () and report.plan.repairs == ()
     assert report.mismatches[-1].devices == ("0", "cpu")
     with pytest.raises(DeviceMismatch) as e:
@@ -117,3 +119,23 @@ def test_colocation_comes_last():
     m = _mismatch("layers.2.attn", "layers.2", [("1", None, False), ("0", "embed", False)])
     tried = {("align-outputs", "embed", "1"), ("align-inputs", "layers.2.attn", "1")}
     assert [(r.kind, r.module, r.device) for r in propose(m, [], PLACED, tried)] == [("colocate", "embed", "1")]
+
+
+def test_run_there_and_answer_the_caller_on_fake_devices():
+    """align-inputs to the module's state + follow-inputs: computed on meta:0, returned where the caller is."""
+    class Scale(nn.Module):
+        def forward(self, x):
+            return x * self.table
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        m = Scale()
+        m.table = torch.ones(4, device="meta:0")
+        x = torch.ones(2, 4, device="meta:1")
+        with pytest.raises(RuntimeError, match="found at least two devices"):
+            m(x)
+        fixes = [Repair("align-inputs", "", "0"), Repair("follow-inputs", "", "1")]   # the order check writes them
+        handles = repairs.apply(m, fixes, fake_device)
+        assert m(x).device == torch.device("meta:1")
+        assert m(torch.ones(2, 4, device="meta:0")).device == torch.device("meta:0")
+        for h in handles:
+            h.remove()

@@ -122,3 +122,13 @@ def test_real_cpu_generate_unchanged_by_hooks():
     assert h.mover.copies == 0
     h.remove()
     assert not model._forward_pre_hooks and not model.lm_head._forward_pre_hooks
+
+
+def test_mover_copies_again_after_an_in_place_change():
+    mover = hooks.Mover()
+    with FakeTensorMode():
+        t = torch.zeros(3).to(D1)
+        first = mover.to(t, D0)
+        assert mover.to(t, D0) is first
+        t.add_(1)
+        assert mover.to(t, D0) is not first and mover.copies == 2

@@ -132,3 +132,15 @@ def test_cpu_tier_streams_to_gpu(checkpoints):
         assert lm.model.model.layers[1].self_attn.q_proj.weight.is_pinned()
         got = lm.model.generate(input_ids=TEXT_IDS.to(lm.input_device), max_new_tokens=8, do_sample=False)
     assert torch.equal(got.cpu(), tokens)
+
+
+def test_planned_by_fitmap_then_loaded(checkpoints, references, tmp_path):
+    """The whole path: fitmap.plan with a small RAM budget spills blocks to disk; the load runs them."""
+    import fitmap
+
+    d = checkpoints("llama")
+    plan = fitmap.plan(str(d), gpus=None, cpu="800KiB", disk=str(tmp_path), prompt=16, new=8)
+    assert plan.fits and "disk" in plan.device_map.values()
+    with loader.load(d, plan, progress=False) as lm:
+        got = lm.model.generate(input_ids=TEXT_IDS, max_new_tokens=8, do_sample=False)
+    assert torch.equal(got, references["llama"][0])

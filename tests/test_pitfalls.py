@@ -28,24 +28,6 @@ CPU = torch.device("cpu")
 IMAGE_TOKEN, IMAGE_TOKENS = 500, 4      # tests/pitfalls/vlm: a 28x28 image in 14x14 patches
 
 
-def layers(prefix: str, on_gpu1_from: int = 2, n: int = 4) -> dict[str, int]:
-    return {f"{prefix}.{i}": int(i >= on_gpu1_from) for i in range(n)}
-
-
-# The maps users write by hand: first half of the blocks on GPU 0, the rest and the head on GPU 1.
-BARE = {
-    "glm": {"transformer.embedding": 0, "transformer.rotary_pos_emb": 0, **layers("transformer.encoder.layers"),
-            "transformer.encoder.final_layernorm": 1, "transformer.output_layer": 1},
-    "vlm": {"vision_model.embeddings": 1, **layers("vision_model.layers", 0, 2), "vision_model.post_layernorm": 1,
-            "mlp1": 1, "language_model.model.embed_tokens": 0, "language_model.model.rotary_emb": 0,
-            **layers("language_model.model.layers"), "language_model.model.norm": 1, "language_model.lm_head": 1},
-    "tied": {"model.embed_tokens": 0, "model.rotary_emb": 0, **layers("model.layers"), "model.norm": 1,
-             "lm_head": 1},
-    "rope": {"model.embed_tokens": 0, **layers("model.blocks"), "model.norm": 1, "lm_head": 1},
-    "nexttok": {"model.embed_tokens": 0, "model.rotary_emb": 0, **layers("model.layers"), "model.norm": 1,
-                "lm_head": 1},
-}
-
 # (module the mismatch happens in, op, the model's file in the code line)
 FAILS_IN = {
     "glm": ("transformer.encoder", "aten.cat", "modeling_pitfall_glm.py"),
@@ -110,8 +92,9 @@ def _case(directory: Path, name: str) -> Case:
     req = pipeline.PlanRequest(str(directory), make_machine("2x16GiB", "8GiB"), Workload(2, 12, 4, images),
                                trust_remote_code=True, estimate="analytic")
     prep = pipeline.prepare(req)
-    assert set(BARE[name]) == {u.name for u in prep.skeleton.units}, "the bare map must place every unit"
-    bare = replace(pipeline.plan(req, prep), device_map=BARE[name], repairs=())
+    bare_map = PITFALLS[name].bare_map
+    assert list(bare_map) == [u.name for u in prep.skeleton.units], "the bare map places every unit, in order"
+    bare = replace(pipeline.plan(req, prep), device_map=bare_map, repairs=())
     sk = prep.skeleton
     with llava_layout_inputs():
         sim = simulate(sk.config, prep.inventory.task, sk, bare, trust_remote_code=True)
@@ -150,6 +133,13 @@ def test_repaired_plan_simulates_clean(case, name):
     sim = c.simulate(c.report.plan)
     assert sim.mismatch is None and sim.stage == "done"
     assert {d.device for d in sim.devices} >= {"0", "1"}
+
+
+def test_blocks_are_found_without_no_split_modules(case):
+    """nexttok declares no ``_no_split_modules``: its blocks are the repeated ModuleList children."""
+    sk = case("nexttok").prep.skeleton
+    assert sk.no_split == ("DecoderLayer",)
+    assert [u.layer for u in sk.units if u.kind == "block"] == [0, 1, 2, 3]
 
 
 def test_a_repair_that_changes_nothing_is_taken_back(case):

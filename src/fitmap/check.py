@@ -36,7 +36,7 @@ not one per layer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, Mapping
 
 import torch
@@ -66,39 +66,56 @@ class CheckReport:
 
 def check(config, task: str, sk: Skeleton, plan: Plan, trust_remote_code: bool = False,
           max_rounds: int = MAX_ROUNDS) -> CheckReport:
-    fixes = list(plan.repairs)
-    tried = {_key(f) for f in fixes}
-    seen: list[Mismatch] = []
-    added: list[Repair] = []
-    dropped: list[Repair] = []
-    undo: tuple[list[Repair], list[Repair]] | None = None     # (fixes, added) before the last remedy
+    def run(fixes: list[Repair]) -> Simulation:
+        return simulate(config, task, sk, plan, device_map=colocated(plan.device_map, fixes),
+                        plan_repairs=tuple(fixes), trust_remote_code=trust_remote_code)
+
     exists = _ModulePaths(config, task, getattr(torch, sk.dtype), trust_remote_code)
-    sim: Simulation | None = None
-    for round_ in range(max_rounds):
-        dm = colocated(plan.device_map, fixes)
-        sim = simulate(config, task, sk, plan, device_map=dm, plan_repairs=tuple(fixes),
-                       trust_remote_code=trust_remote_code)
-        if sim.mismatch is None:
-            break
-        if undo is not None and sim.mismatch == seen[-1]:
-            dropped += [f for f in fixes if f not in undo[0]]
-            fixes, added = undo        # the same failure again: the last remedy did nothing
-        else:
-            seen.append(sim.mismatch)
-        undo = None
-        remedy = propose(sim.mismatch, fixes, execution_placement(plan, dm), tried, exists)
-        if not remedy or round_ == max_rounds - 1:
-            break                      # every remedy kept has been simulated
-        tried |= {_key(r) for r in remedy}
-        undo = (fixes, added)
-        fixes, added = _with(fixes, remedy), added + list(remedy)
-    assert sim is not None
-    repaired = replace(plan, repairs=tuple(fixes), device_map=colocated(plan.device_map, fixes))
+    sim, log = _repair(run, plan, max_rounds, exists)
+    repaired = replace(plan, repairs=tuple(log.fixes), device_map=colocated(plan.device_map, log.fixes))
     ledger = _with_simulated(repaired, sim)
     clean = sim.mismatch is None
     fits = clean and all(d.total_bytes <= d.capacity_bytes for d in ledger if d.device != "disk")
+    added = tuple(r for r in log.added if r in log.fixes)
     return CheckReport(replace(repaired, estimate="simulate", devices=ledger, fits=fits and repaired.fits),
-                       sim.devices, ledger, tuple(seen), tuple(added), clean, fits, tuple(dropped))
+                       sim.devices, ledger, tuple(log.seen), added, clean, fits, tuple(log.dropped))
+
+
+@dataclass
+class _Log:
+    fixes: list[Repair]                                     # the plan's repairs so far
+    seen: list[Mismatch] = field(default_factory=list)
+    added: list[Repair] = field(default_factory=list)
+    dropped: list[Repair] = field(default_factory=list)
+
+
+def _repair(run: Callable[[list[Repair]], Simulation], plan: Plan, max_rounds: int,
+            exists: Callable[[str], bool]) -> tuple[Simulation, _Log]:
+    """Simulate, propose, repeat. Every repair kept has been simulated; the returned
+    simulation is that of ``log.fixes``."""
+    log = _Log(list(plan.repairs))
+    tried = {_key(f) for f in log.fixes}
+    undo: tuple[list[Repair], list[Repair]] | None = None   # (fixes, added) before the last remedy
+    for round_ in range(max(max_rounds, 1)):
+        sim = run(log.fixes)
+        if sim.mismatch is None:
+            break
+        if undo is not None and sim.mismatch == log.seen[-1]:  # the last remedy changed nothing
+            log.dropped += [f for f in log.fixes if f not in undo[0]]
+            log.fixes, log.added = undo
+        else:
+            log.seen.append(sim.mismatch)
+        undo = None
+        placement = execution_placement(plan, colocated(plan.device_map, log.fixes))
+        remedy = propose(sim.mismatch, log.fixes, placement, tried, exists)
+        if not remedy or round_ >= max_rounds - 1:
+            break
+        tried |= {_key(r) for r in remedy}
+        undo = (log.fixes, log.added)
+        fixes = _with(log.fixes, remedy)
+        log.added = log.added + [f for f in fixes if f not in log.fixes]
+        log.fixes = fixes
+    return sim, log
 
 
 def _key(r: Repair) -> tuple[str, str, str]:

@@ -90,11 +90,13 @@ class Mover:
 
     The memo is keyed by ``(id(tensor), device)`` and holds a weak reference to
     the source, so an entry dies with its source (no stale hit when an id is
-    reused, and a hidden state crossing a boundary is not kept alive).
+    reused, and a hidden state crossing a boundary is not kept alive). An entry
+    also records the source's version counter: a tensor changed in place since
+    its copy is copied again.
     """
 
     def __init__(self) -> None:
-        self._memo: dict[tuple[int, torch.device], tuple[weakref.ref, torch.Tensor]] = {}
+        self._memo: dict[tuple[int, torch.device], tuple[weakref.ref, int, torch.Tensor]] = {}
         self.copies = 0            # tensors actually copied (for tests and reports)
 
     def reset(self, *_: Any) -> None:
@@ -114,10 +116,10 @@ class Mover:
     def _copy(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
         key = (id(t), device)
         hit = self._memo.get(key)
-        if hit is not None and hit[0]() is t:
-            return hit[1]
+        if hit is not None and hit[0]() is t and hit[1] == t._version:
+            return hit[2]
         moved = t.to(device, non_blocking=device.type == "cuda")
-        self._memo[key] = (weakref.ref(t, self._forget(key)), moved)
+        self._memo[key] = (weakref.ref(t, self._forget(key)), t._version, moved)
         self.copies += 1
         return moved
 

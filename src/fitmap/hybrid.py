@@ -79,7 +79,8 @@ class RealTwins(TorchDispatchMode):
             with _disable_current_modes():
                 return real.item()
         tensors = _tensors_in(args, kwargs)
-        known = all(self.real(t) is not None for t in tensors)
+        has_twin = [self.real(t) is not None for t in tensors]
+        known = all(has_twin)
         try:
             out = func(*args, **kwargs)
         except _DATA_DEPENDENT:
@@ -95,7 +96,8 @@ class RealTwins(TorchDispatchMode):
             if real_out is not None:
                 self._pair(out, real_out)
                 return out
-        self._forget_written(func, args)
+        if any(has_twin):
+            self._forget_written(func, args)
         return out
 
     def _wants_twin(self, out: Any, factory: bool) -> bool:

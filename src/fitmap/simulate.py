@@ -157,13 +157,24 @@ class MemoryTracker(TorchDispatchMode):
         try:
             out = _grouped_mm_any_dtype(args, kwargs) if func is _GROUPED_MM else func(*args, **kwargs)
         except RuntimeError as e:
-            if "found at least two devices" in str(e) and self.mismatch is None:
+            if _is_device_mismatch(str(e)) and self.mismatch is None:
                 self.mismatch = self._describe(func, args, kwargs)
             raise
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.track(t)
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        for t in outs:
+            self.track(t)
+        self._inherit_producer(args, outs)
         return out
+
+    def _inherit_producer(self, args, outs: list[torch.Tensor]) -> None:
+        """A view or reshape of a module's output still came from that module."""
+        ins = [t for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)]
+        if len(ins) != 1 or not outs:
+            return
+        prod = self.producer.get(id(ins[0]))
+        if prod is not None and prod[0]() is ins[0]:
+            for t in outs:
+                self.producer[id(t)] = (weakref.ref(t), prod[1])
 
     def _describe(self, func, args, kwargs) -> Mismatch:
         module = self.module_stack[-1] if self.module_stack else ""
@@ -192,6 +203,11 @@ def _grouped_mm_any_dtype(args, kwargs):
     torch.stack([a.new_empty(1), b.new_empty(1, dtype=a.dtype)])  # same device check as the kernel
     out_dtype = kwargs.get("out_dtype") or a.dtype
     return a.new_empty(a.shape[0], b.shape[-1], dtype=out_dtype)
+
+
+def _is_device_mismatch(text: str) -> bool:
+    """Both forms fake tensors raise: most ops, and in-place indexing (``index_put_``)."""
+    return "found at least two devices" in text or ("Mismatching" in text and "device between" in text)
 
 
 def _under(path: str, prefix: str) -> bool:

@@ -153,7 +153,7 @@ def skeleton(inv: Inventory, dtype: torch.dtype, trust_remote_code: bool = False
     units = _make_units(model, unit_paths, layers_path, inv, dtype)
     if inv.tensors:
         check_against_checkpoint(model, inv)
-    units = classify(execution_order(units), _anchors(model))
+    units = classify(execution_order(units), _anchors(model, layers_path))
     groups = colocation_groups(units, tied)
     return Skeleton(type(model).__name__, str(dtype).removeprefix("torch."), units, groups,
                     tied, tuple(sorted(no_split)), layers_path, config)
@@ -323,11 +323,18 @@ class _Anchors:
     head: str | None    # path of get_output_embeddings()
 
 
-def _anchors(model: nn.Module) -> _Anchors:
+def _anchors(model: nn.Module, layers_path: str) -> _Anchors:
+    """The text model is the nearest module holding both the input embeddings and the
+    text blocks (ChatGLM nests its embedding one level deeper than its layers)."""
     paths = {id(m): p for p, m in model.named_modules()}
     embed = paths[id(model.get_input_embeddings())]
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return _Anchors(embed, embed.rpartition(".")[0], paths.get(id(out)) if out is not None else None)
+    common = []
+    for a, b in zip(embed.split("."), layers_path.split(".")):
+        if a != b:
+            break
+        common.append(a)
+    return _Anchors(embed, ".".join(common), paths.get(id(out)) if out is not None else None)
 
 
 def classify(units: list[Unit], a: _Anchors) -> list[Unit]:

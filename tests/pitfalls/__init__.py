@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import transformers
 
 HERE = Path(__file__).parent
 BLOCKS = HERE / "pitfall_blocks.py"
@@ -24,11 +25,16 @@ TEXT = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_la
             max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
+def _blocks(prefix: str, first_on_gpu1: int = 2, n: int = 4) -> dict[str, int]:
+    return {f"{prefix}.{i}": int(i >= first_on_gpu1) for i in range(n)}
+
+
 @dataclass(frozen=True)
 class Pitfall:
     name: str                       # subdirectory of tests/pitfalls
     config_class: str               # in configuration_pitfall_<name>.py
     model_class: str                # in modeling_pitfall_<name>.py
+    bare_map: dict[str, int]        # the map users write by hand (every unit, in execution order)
     config: dict = field(default_factory=dict)
 
     @property
@@ -43,22 +49,31 @@ class Pitfall:
         }}
 
 
+# The bare maps: the first half of the blocks on GPU 0, the rest and the head on GPU 1;
+# the VLM's tower and projector on GPU 1 too (InternVL's split_model spares GPU 0).
 PITFALLS = {
-    "glm": Pitfall("glm", "PitfallGlmConfig", "PitfallGlmForConditionalGeneration"),
+    "glm": Pitfall("glm", "PitfallGlmConfig", "PitfallGlmForConditionalGeneration", {
+        "transformer.embedding": 0, "transformer.rotary_pos_emb": 0, **_blocks("transformer.encoder.layers"),
+        "transformer.encoder.final_layernorm": 1, "transformer.output_layer": 1}),
     "vlm": Pitfall("vlm", "PitfallVlmConfig", "PitfallVlmForCausalLM", {
-        "image_token_id": 500,
+        "vision_model.embeddings": 1, **_blocks("vision_model.layers", 0, 2), "vision_model.post_layernorm": 1,
+        "mlp1": 1, "language_model.model.embed_tokens": 0, "language_model.model.rotary_emb": 0,
+        **_blocks("language_model.model.layers"), "language_model.model.norm": 1, "language_model.lm_head": 1,
+    }, {"image_token_id": 500,
         "vision_config": {"image_size": 28, "patch_size": 14, "hidden_size": 32, "num_hidden_layers": 2,
                           "num_attention_heads": 2, "num_channels": 3}}),
-    "tied": Pitfall("tied", "PitfallTiedConfig", "PitfallTiedForCausalLM", {"tie_word_embeddings": True}),
-    "rope": Pitfall("rope", "PitfallRopeConfig", "PitfallRopeForCausalLM"),
-    "nexttok": Pitfall("nexttok", "PitfallNexttokConfig", "PitfallNexttokForCausalLM"),
+    "tied": Pitfall("tied", "PitfallTiedConfig", "PitfallTiedForCausalLM", {
+        "model.embed_tokens": 0, "model.rotary_emb": 0, **_blocks("model.layers"), "model.norm": 1, "lm_head": 1,
+    }, {"tie_word_embeddings": True, "initializer_range": 0.2}),   # wider init: not just echoing the prompt
+    "rope": Pitfall("rope", "PitfallRopeConfig", "PitfallRopeForCausalLM", {
+        "model.embed_tokens": 0, **_blocks("model.blocks"), "model.norm": 1, "lm_head": 1}),
+    "nexttok": Pitfall("nexttok", "PitfallNexttokConfig", "PitfallNexttokForCausalLM", {
+        "model.embed_tokens": 0, "model.rotary_emb": 0, **_blocks("model.layers"), "model.norm": 1, "lm_head": 1}),
 }
 
 
 def make_pitfall(name: str, root: Path, seed: int = 0, **config) -> Path:
     """Write pitfall ``name`` (config overrides in ``config``) under ``root``; its directory."""
-    import transformers
-
     p = PITFALLS[name]
     cfg = p.config_json() | config
     # transformers imports remote code as a package named after the directory: a name

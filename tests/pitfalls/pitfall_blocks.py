@@ -71,7 +71,8 @@ class Attention(nn.Module):
     def __init__(self, config, layer_idx: int):
         super().__init__()
         h = config.hidden_size
-        self.heads, self.head_dim, self.layer_idx = config.num_attention_heads, h // config.num_attention_heads, layer_idx
+        self.heads, self.layer_idx = config.num_attention_heads, layer_idx
+        self.head_dim = h // self.heads
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(h, h, bias=False) for _ in range(3))
         self.o_proj = nn.Linear(h, h, bias=False)
 
@@ -140,7 +141,6 @@ def new_cache(model, past_key_values, use_cache):
 
 class PitfallPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
-    _supports_sdpa = True
 
     @torch.no_grad()
     def _init_weights(self, module):

@@ -43,7 +43,8 @@ class Attention(nn.Module):
     def __init__(self, config, layer_idx: int, shared: dict):
         super().__init__()
         h = config.hidden_size
-        self.heads, self.head_dim, self.layer_idx = config.num_attention_heads, h // config.num_attention_heads, layer_idx
+        self.heads, self.layer_idx = config.num_attention_heads, layer_idx
+        self.head_dim = h // self.heads
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(h, h, bias=False) for _ in range(3))
         self.o_proj = nn.Linear(h, h, bias=False)
         self.rotary_emb = CachedRotaryEmbedding(self.head_dim, shared)

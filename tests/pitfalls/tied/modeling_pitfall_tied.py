@@ -33,6 +33,7 @@ class PitfallTiedForCausalLM(PitfallPreTrainedModel, GenerationMixin):
                 inputs_embeds=None, use_cache=None, logits_to_keep=0, **kwargs):
         cache = new_cache(self, past_key_values, use_cache if use_cache is not None else self.config.use_cache)
         x = input_ids if inputs_embeds is None else inputs_embeds
-        hidden = self.model(input_ids, inputs_embeds, positions_for(x, cache, kwargs.get("cache_position"), position_ids), cache)
+        positions = positions_for(x, cache, kwargs.get("cache_position"), position_ids)
+        hidden = self.model(input_ids, inputs_embeds, positions, cache)
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         return CausalLMOutputWithPast(logits=logits, past_key_values=cache)

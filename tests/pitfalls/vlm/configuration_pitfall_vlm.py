@@ -7,7 +7,8 @@ class PitfallVisionConfig(PreTrainedConfig):
     def __init__(self, image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                  num_channels=3, **kwargs):
         self.image_size, self.patch_size, self.num_channels = image_size, patch_size, num_channels
-        self.hidden_size, self.num_hidden_layers, self.num_attention_heads = hidden_size, num_hidden_layers, num_attention_heads
+        self.hidden_size, self.num_hidden_layers = hidden_size, num_hidden_layers
+        self.num_attention_heads = num_attention_heads
         super().__init__(**kwargs)
 
 
