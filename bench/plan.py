@@ -102,6 +102,7 @@ class Load:
     act: int = 0
     stream: int = 0
     reserve: int = 0
+    offloaded: int = 0     # weights it streams in from the cpu/disk tiers (not resident)
 
     @property
     def total(self) -> int:
@@ -216,6 +217,7 @@ def loads(sk: Skeleton, profile: Profile, machine: Machine, placed: dict[str, li
         gpus[devices[0] if devices[0] in gpus else execution].kv += cost.kv_bytes
     if offloaded_weights:
         gpus[execution].stream = stream_copies * max(offloaded_weights)
+        gpus[execution].offloaded = sum(offloaded_weights)
     for g, spec in zip(gpus.values(), machine.gpus):
         g.reserve = spec.reserve if g.weights or g.kv or g.act else 0
     return list(gpus.values())
@@ -254,7 +256,11 @@ def replay(prep: pipeline.Prepared, template: Plan, row: Row, cache: dict) -> No
 
     Accelerate's runtime moves every module's inputs to that module's device; its maps
     are replayed the same way (an input-alignment hook per map key), so a map is not
-    blamed for a mismatch accelerate's hooks would have fixed.
+    blamed for a mismatch accelerate's hooks would have fixed. The simulator builds
+    every floating weight at the plan dtype (bf16 even for FP8 checkpoints), so each
+    GPU's resident weights are swapped for the checkpoint bytes the yardstick counts.
+    fitmap's runtime prefetches one more offloaded unit than the simulation streams:
+    that buffer is added to the execution GPU of fitmap's maps.
     """
     from fitmap.simulate import simulate
 
@@ -262,25 +268,34 @@ def replay(prep: pipeline.Prepared, template: Plan, row: Row, cache: dict) -> No
     if len(dm) != len(row.units):
         row.replay = "split unit: not replayed"
         return
-    key = tuple(sorted(dm.items()))
+    key = (row.method.startswith("accel"), tuple(sorted(dm.items())))
     if key not in cache:
         fixes: tuple[Repair, ...] = ()
-        if row.method.startswith("accel"):
+        if key[0]:
             fixes = tuple(Repair("align-inputs", k, str(d) if str(d).isdigit() else template.execution_device)
                           for k, d in row.device_map.items() if _is_module(prep, k))
-        plan = replace(template, device_map=dm, repairs=())
         sk = prep.skeleton
-        sim = simulate(sk.config, prep.inventory.task, sk, plan, device_map=dm, plan_repairs=fixes)
+        sim = simulate(sk.config, prep.inventory.task, sk, replace(template, device_map=dm, repairs=()),
+                       device_map=dm, plan_repairs=fixes)
         cache[key] = sim
     sim = cache[key]
     if sim.mismatch is not None:
         row.replay = f"device mismatch: {sim.mismatch.op} in {sim.mismatch.module}"
         return
-    peaks = {p.device: p.peak_bytes for p in sim.devices}
-    gpus = template.devices[: len([d for d in template.devices if d.device.isdigit()])]
-    row.replay = "/".join(f"{peaks.get(g.device, 0) / GiB:.2f}" for g in gpus)
-    row.replay_fits = all(peaks.get(g.device, 0) == 0 or peaks[g.device] + g.reserve_bytes <= g.capacity_bytes
-                          for g in gpus)
+    by_device = {p.device: p for p in sim.devices}
+    specs = [d for d in template.devices if d.device.isdigit()]
+    peaks = []
+    for spec, load in zip(specs, row.loads):
+        p = by_device.get(spec.device)
+        peak = 0 if p is None or p.peak_bytes == 0 else p.peak_bytes - p.weights_bytes + load.weights
+        if peak and spec is specs[0] and row.method.startswith("fitmap"):
+            peak += load.stream // 2
+        peaks.append(peak)
+    row.replay = "/".join(f"{b / GiB:.2f}" for b in peaks)
+    simulated_weights = sum(p.weights_bytes for p in sim.devices if p.device.isdigit())
+    if abs(simulated_weights - sum(g.weights for g in row.loads)) > GiB:
+        row.replay += f" (simulated weights {simulated_weights / GiB:.0f} GiB set to checkpoint bytes)"
+    row.replay_fits = all(b == 0 or b + s.reserve_bytes <= s.capacity_bytes for b, s in zip(peaks, specs))
 
 
 def _is_module(prep: pipeline.Prepared, key: str) -> bool:
@@ -308,9 +323,15 @@ def run_case(case: Case, replay_it: bool) -> tuple[list[Row], str]:
         if replay_it:
             replay(prep, plans["simulate"], row, cache)
     _self_check(frows[1], plans["simulate"])
+    analytic = estimate(sk, case.workload)
     setup = (f"{case.model}: fitmap prepare {prepare_ms:.0f} ms, accelerate meta model {build_ms:.0f} ms; "
-             f"judged with {profile.method} costs")
+             f"judged with {profile.method} costs; largest block activation analytic "
+             f"{_largest_block_act(sk, analytic) / GiB:.2f} GiB, simulated {_largest_block_act(sk, profile) / GiB:.2f} GiB")
     return frows + arows, setup
+
+
+def _largest_block_act(sk: Skeleton, profile: Profile) -> int:
+    return max((c.act_bytes for c, u in zip(profile.costs, sk.units) if u.kind == "block"), default=0)
 
 
 def _self_check(row: Row, plan: Plan) -> None:
@@ -351,7 +372,8 @@ def offloaded(r: Row) -> str:
     if not tiers:
         return "none"
     n = sum(1 for ds in r.units.values() if set(ds) & set(tiers))
-    return f"{n} units to {'+'.join(tiers)}"
+    gib = sum(g.offloaded for g in r.loads) / GiB
+    return f"{n} units, {gib:.1f} GiB to {'+'.join(tiers)}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,6 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--plan", required=True, metavar="PLAN.json", help="plan to check; repairs are written back")
     p.add_argument("--out", metavar="PLAN.json", help="write the checked plan here instead of over --plan")
+    for name, text in (("run", "load the model once and answer one prompt"),
+                       ("chat", "a multi-turn conversation (type /image PATH to attach an image, /exit to quit)")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("model", help="model directory or cached Hugging Face id")
+        p.add_argument("--trust-remote-code", action="store_true",
+                       help="run the model's own Python code (only if you trust it)")
+        if name == "run":
+            p.add_argument("--prompt", required=True, help="the prompt text")
+        p.add_argument("--image", action="append", default=[], metavar="FILE", help="an image file (repeatable)")
+        p.add_argument("--new", type=int, default=128, help="largest number of new tokens (default 128)")
+        p.add_argument("--plan", metavar="PLAN.json", help="run this plan (made by fitmap plan --out)")
+        _machine_args(p)
+    sub.add_parser("demo", help="plan + check a full-size VLM, then run a small random one with disk offload")
     return parser
 
 
@@ -217,8 +230,40 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from fitmap import report
+    from fitmap.devices import make_machine
+    from fitmap.prompting import open_image
+    from fitmap.run import answer
+
+    if args.new < 1:
+        raise BadInput(f"--new must be at least 1 (got {args.new})")
+    images = [open_image(p) for p in args.image]
+    machine = make_machine(args.gpus, args.cpu, args.disk, args.reserve)
+    result = answer(args.model, args.prompt, images, args.new, machine, args.plan, args.trust_remote_code)
+    report.print_plan(result.plan)
+    report.console.print(f"({result.new_tokens} tokens in {result.seconds:.2f} s; load {result.load_seconds:.2f} s)")
+    report.print_memory(result.memory)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from fitmap.chat import chat
+    from fitmap.devices import make_machine
+
+    machine = make_machine(args.gpus, args.cpu, args.disk, args.reserve)
+    return chat(args.model, args.image, args.new, machine, args.plan, args.trust_remote_code)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fitmap.demo import run_demo
+
+    return run_demo()
+
+
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "inspect": cmd_inspect, "plan": cmd_plan, "check": cmd_check,
+    "inspect": cmd_inspect, "plan": cmd_plan, "check": cmd_check, "run": cmd_run, "chat": cmd_chat,
+    "demo": cmd_demo,
 }
 
 

@@ -208,3 +208,36 @@ def _disk(disk: str | Path | None) -> tuple[Path | None, int | None]:
         raise BadInput(f"--disk {disk} is not writable; choose a directory you can write to")
     return path, shutil.disk_usage(path).free
 
+
+
+# --------------------------------------------------------------------------- runtime measurements
+def enforce_budget(index: int, budget: int) -> None:
+    """Cap what torch may allocate on GPU ``index`` at ``budget`` bytes, so a run that
+    needs more than its plan fails there instead of silently using the reserve."""
+    import torch
+
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), index)
+    torch.cuda.reset_peak_memory_stats(index)
+
+
+def gpu_peak(index: int) -> int:
+    """Bytes torch allocated at most on GPU ``index`` since the budget was set."""
+    import torch
+
+    return int(torch.cuda.max_memory_allocated(index))
+
+
+def peak_rss() -> int:
+    """Peak resident set size of this process, in bytes."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return peak_rss()

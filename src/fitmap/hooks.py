@@ -5,7 +5,7 @@ Used by the real runtime (``cpu``, ``cuda:N``) and by the fake-device simulator
 their state in the hook objects; no ``forward`` is replaced.
 
 Where hooks go: a unit is hooked when its device differs from ``input_device``,
-or when an earlier unit (in the placement's order, which is execution order)
+or when an earlier unit (in the placement's order: the plan's, i.e. execution order)
 ran elsewhere, since then the tensors it receives may come from that device.
 HF text models compute ``position_embeddings``, ``attention_mask`` and
 ``cache_position`` once in the parent forward and hand the *same* tensors to
@@ -34,7 +34,7 @@ class Hooks:
 
     handles: list[RemovableHandle] = field(default_factory=list)
     hooked: tuple[str, ...] = ()           # module paths with an input-moving pre-hook
-    mover: "Mover | None" = None           # its ``copies`` counts tensors moved so far
+    mover: Mover | None = None             # its ``copies`` counts tensors moved so far
 
     def remove(self) -> None:
         for h in self.handles:

@@ -8,8 +8,11 @@ and assigned in place of the meta tensors:
   :func:`_return_gpu_memory`; copies are plain ``Tensor.to``);
 * ``cpu`` units: kept in RAM. When the checkpoint already has the planned
   dtype they stay views of the page cache (no second copy); their pages are
-  read now so the first forward does not stall on I/O. When the execution
-  device is a GPU, :mod:`fitmap.offload` streams them in per forward;
+  read now so the first forward does not stall on I/O. Cast tensors are
+  copies, read through a mapping of at most ``CAST_WINDOW`` bytes per reader,
+  so peak RSS is the planned bytes plus ``MAX_READERS * CAST_WINDOW``. When
+  the execution device is a GPU, :mod:`fitmap.offload` streams them in per
+  forward;
 * ``disk`` units: not read now. :mod:`fitmap.offload` reads them from the
   original files at forward time (no ``.dat`` rewrite).
 
@@ -41,6 +44,7 @@ from fitmap.skeleton import build_model, load_config, tied_parameters
 from fitmap.sizes import GiB
 
 PAGE = 4096
+CAST_WINDOW = 128 << 20            # bytes cast through one mapping before the file is reopened (RSS bound)
 PROGRESS_MIN_BYTES = GiB // 4      # smaller loads take well under a second: no bar
 MAX_READERS = 4                    # shards read at once
 
@@ -253,17 +257,26 @@ class Checkpoint:
                              f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}.{hint or ' Re-download the checkpoint'}")
 
     def read(self, keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        """(model key, CPU tensor at the planned dtype) for ``keys``, one file open at a time.
+        """(model key, CPU tensor at the built dtype) for ``keys``, one file open at a time.
 
-        Same-dtype tensors are mmap views with their pages already read in.
+        Same-dtype floating tensors are mmap views with their pages already read
+        in (no second copy). Cast tensors are copies; the file is reopened every
+        ``CAST_WINDOW`` bytes so the pages read for them leave this process's RSS.
         """
         by_file: dict[str, list[str]] = {}
         for k in keys:
             by_file.setdefault(self.where[k][0], []).append(k)
         for file, ks in by_file.items():
-            get = self._opened(file)
+            get, copied = self._opened(file), 0
             for k in ks:
-                yield k, _ready(get(self.where[k][1]), self.dtypes[k])
+                t = get(self.where[k][1])
+                if _keeps_view(t, self.dtypes[k]):
+                    yield k, _touched(t)
+                    continue
+                copied += t.nbytes
+                yield k, t.to(self.dtypes[k]) if t.is_floating_point() else t.clone()
+                if copied >= CAST_WINDOW:
+                    get, copied = self._opened(file), 0
 
     def reader(self, keys: Mapping[str, str]) -> Callable[[], offload.Weights]:
         """A disk unit's reader: {relative key: tensor} from {relative key: model key}."""
@@ -293,10 +306,15 @@ class Checkpoint:
         return get
 
 
-def _ready(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if t.is_floating_point() and t.dtype != dtype:
-        return t.to(dtype)
-    if t.numel():   # fault the mmap'd pages in now, on this thread, not in the first forward
+def _keeps_view(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Weights already at their dtype stay mmap views; small non-float buffers are copied,
+    so they do not keep a whole shard's mapping alive."""
+    return t.is_floating_point() and t.dtype == dtype
+
+
+def _touched(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with its mmap'd pages read now, on this thread, not in the first forward."""
+    if t.numel():
         flat = t.reshape(-1).view(torch.uint8)
         flat[::PAGE].sum()
         flat[-1:].sum()

@@ -109,3 +109,14 @@ def print_check(report) -> None:
         console.print("no device mismatch" + (" after repairs" if report.repairs else ""))
     else:
         console.print("[red]device mismatch not repaired[/]")
+
+
+def print_memory(uses) -> None:
+    """Measured vs predicted memory per device after a run."""
+    t = Table(title="memory: measured vs predicted", caption_justify="left",
+              caption="GPUs: torch.cuda.max_memory_allocated; cpu: peak RSS above the RSS before loading")
+    for col in ("device", "predicted", "measured", "how"):
+        t.add_column(col, justify="right" if col in ("predicted", "measured") else "left")
+    for u in uses:
+        t.add_row(_device_label(u.device), fmt_bytes(u.predicted_bytes), fmt_bytes(u.measured_bytes), u.what)
+    console.print(t)

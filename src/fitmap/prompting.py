@@ -1,0 +1,132 @@
+"""Text and images -> model inputs, with the model's own processor and chat template.
+
+``AutoProcessor`` is used when the checkpoint ships one that loads here. Some
+processors cannot be built without optional packages (Qwen2-VL's needs
+torchvision for its video half); then the tokenizer and the image processor are
+used directly, and the image placeholder is expanded to the number of tokens the
+image processor's grid gives, as the full processor would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fitmap.errors import BadInput
+
+
+def open_image(path: str | Path):
+    """A PIL image in RGB, or a clear error for anything that is not an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise BadInput(f"--image {p}: no such file")
+    try:
+        with Image.open(p) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise BadInput(f"--image {p} is not an image PIL can read ({e}); give a PNG, JPEG or WebP file") from None
+
+
+@dataclass
+class Prompter:
+    """Builds inputs for one model; keeps a multi-turn conversation."""
+
+    tokenizer: Any
+    processor: Any = None            # a full multimodal processor, when one loads
+    image_processor: Any = None      # otherwise the image processor alone
+    config: Any = None
+    messages: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def for_model(cls, model_dir: str | Path, config: Any, trust_remote_code: bool = False) -> "Prompter":
+        import transformers
+
+        processor = image_processor = None
+        try:
+            processor = transformers.AutoProcessor.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, ImportError, AttributeError, TypeError):
+            processor = None
+        if processor is not None and not hasattr(processor, "tokenizer"):
+            image_processor, processor = processor, None  # an image processor only
+        if processor is None and image_processor is None and (Path(model_dir) / "preprocessor_config.json").is_file():
+            image_processor = transformers.AutoImageProcessor.from_pretrained(model_dir)
+        try:
+            tokenizer = (processor.tokenizer if processor is not None else
+                         transformers.AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code))
+        except (OSError, ValueError) as e:
+            raise BadInput(f"{model_dir} has no tokenizer fitmap can load ({e}); fitmap run needs the "
+                           "tokenizer files that come with the model") from None
+        return cls(tokenizer, processor, image_processor, config)
+
+    def add_user(self, text: str, images: list) -> None:
+        if not text.strip():
+            raise BadInput("the prompt is empty; give --prompt TEXT")
+        if images and self.processor is None and self.image_processor is None:
+            raise BadInput("this model has no image processor; it cannot take --image")
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+        self.messages.append({"role": "user", "content": content, "images": images})
+
+    def add_assistant(self, text: str) -> None:
+        self.messages.append({"role": "assistant", "content": [{"type": "text", "text": text}], "images": []})
+
+    def inputs(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """The whole conversation so far, ready for ``generate``."""
+        images = [img for m in self.messages for img in m["images"]]
+        chat = [{"role": m["role"], "content": m["content"]} for m in self.messages]
+        text = self._template(chat)
+        if self.processor is not None:
+            enc = self.processor(text=[text], images=images or None, return_tensors="pt")
+        elif images:
+            enc = self._manual(text, images)
+        else:
+            enc = self.tokenizer([text], return_tensors="pt")
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in dict(enc).items()}
+
+    def _template(self, chat: list[dict]) -> str:
+        owner = self.processor if self.processor is not None else self.tokenizer
+        if getattr(owner, "chat_template", None):
+            return owner.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        return "\n".join(c["text"] for m in chat for c in m["content"] if c["type"] == "text")
+
+    def _manual(self, text: str, images: list) -> dict:
+        """Image processor + tokenizer, with each image placeholder expanded to its token count."""
+        pixels = self.image_processor(images=images, return_tensors="pt")
+        counts = image_token_counts(self.config, pixels)
+        token = image_token(self.config, self.tokenizer)
+        pieces = text.split(token)
+        if len(pieces) - 1 != len(counts):
+            raise BadInput(f"the chat template made {len(pieces) - 1} image placeholder(s) for {len(counts)} image(s)")
+        expanded = pieces[0] + "".join(token * n + rest for n, rest in zip(counts, pieces[1:]))
+        enc = dict(self.tokenizer([expanded], return_tensors="pt"))
+        enc.update(dict(pixels))
+        if "mm_token_type_ids" not in enc and getattr(self.config, "model_type", "") in ("qwen2_vl", "qwen2_5_vl"):
+            enc["mm_token_type_ids"] = (enc["input_ids"] == self.config.image_token_id).long()
+        return enc
+
+    def decode(self, ids: torch.Tensor) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def image_token(config: Any, tokenizer: Any) -> str:
+    token_id = getattr(config, "image_token_id", None) or getattr(config, "image_token_index", None)
+    if token_id is None:
+        raise BadInput(f"model type {config.model_type!r} does not say which token stands for an image")
+    return tokenizer.convert_ids_to_tokens(int(token_id))
+
+
+def image_token_counts(config: Any, pixels: Any) -> list[int]:
+    """Tokens per image, from what the image processor produced."""
+    grid = pixels.get("image_grid_thw")
+    if grid is not None:  # Qwen2-VL family: patches merged spatial_merge_size^2 to one token
+        merge = config.vision_config.spatial_merge_size
+        return [int(g.prod()) // (merge * merge) for g in grid]
+    seq = getattr(config, "image_seq_length", None)
+    if seq is None:
+        vc = config.vision_config
+        seq = (vc.image_size // vc.patch_size) ** 2
+    return [int(seq)] * int(pixels["pixel_values"].shape[0])

@@ -1,0 +1,155 @@
+"""Stage 7 — Run: load a plan's model once and generate, reporting measured vs predicted memory.
+
+``fitmap run`` answers one prompt (text, optional images) and prints, per device,
+the memory measured during the run beside the plan's prediction. ``fitmap chat``
+keeps a multi-turn conversation. Both stream tokens to the terminal.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from fitmap import devices, pipeline
+from fitmap.errors import BadInput, DoesNotFit
+from fitmap.loader import LoadedModel, load
+from fitmap.plan import Plan
+from fitmap.prompting import Prompter
+from fitmap.workload import Workload
+
+
+@dataclass(frozen=True)
+class DeviceUse:
+    device: str                   # "0", "1", ..., "cpu"
+    predicted_bytes: int          # the plan's total for the device
+    measured_bytes: int           # GPUs: torch.cuda.max_memory_allocated; cpu: peak RSS above the pre-load RSS
+    what: str                     # how it was measured
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    new_tokens: int
+    seconds: float
+    load_seconds: float
+    memory: tuple[DeviceUse, ...]
+    plan: Plan
+
+
+def plan_for_run(model: str, prompter_tokens: int, images: list, new: int, args_plan: str | None,
+                 machine: devices.Machine, trust_remote_code: bool) -> tuple[Plan, pipeline.Prepared]:
+    """The plan to run: from ``--plan`` (checked against the model), or made now for this prompt."""
+    sizes = tuple(img.size for img in images)
+    req = pipeline.PlanRequest(model, machine, Workload(1, max(1, prompter_tokens), new, sizes),
+                               trust_remote_code=trust_remote_code)
+    if args_plan:
+        plan = Plan.load(args_plan)
+        req = replace(req, dtype=_dtype_of(plan))
+        prep = pipeline.prepare(req)
+        pipeline.require_matching(plan, prep)
+        return plan, prep
+    prep = pipeline.prepare(req)
+    plan = pipeline.plan(req, prep)
+    if not plan.fits:
+        raise DoesNotFit(plan.advice)
+    return plan, prep
+
+
+def _dtype_of(plan: Plan):
+    from fitmap.workload import Dtype
+
+    return Dtype({"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(plan.dtype, "auto"))
+
+
+def local_model_dir(prep: pipeline.Prepared) -> Path:
+    if prep.inventory.path is None:
+        raise BadInput(f"{prep.inventory.name} is a catalog architecture with no weights: fitmap run needs a model "
+                       "directory or a Hugging Face id in the local cache; use fitmap plan/check for catalog names")
+    return prep.inventory.path
+
+
+def start(model_dir: Path, plan: Plan, trust_remote_code: bool, readahead: bool = True) -> tuple[LoadedModel, int]:
+    """Load the model per ``plan`` with GPU budgets enforced; (loaded model, RSS before the load)."""
+    for d in plan.devices:
+        if d.device.isdigit() and torch.cuda.is_available():
+            devices.enforce_budget(int(d.device), d.capacity_bytes - d.reserve_bytes)
+    rss = devices.current_rss()
+    return load(model_dir, plan, trust_remote_code=trust_remote_code, readahead=readahead), rss
+
+
+def generate(loaded: LoadedModel, prompter: Prompter, new: int, out: TextIO | None) -> tuple[str, int, float]:
+    """Greedy generation of up to ``new`` tokens; streams text to ``out`` when given."""
+    import time
+
+    from transformers import TextStreamer
+
+    inputs = prompter.inputs(loaded.input_device)
+    streamer = _Streamer(prompter.tokenizer, out) if out is not None else None
+    t = time.perf_counter()
+    with torch.inference_mode():
+        ids = loaded.model.generate(**inputs, max_new_tokens=new, do_sample=False, streamer=streamer,
+                                    pad_token_id=prompter.tokenizer.pad_token_id
+                                    or prompter.tokenizer.eos_token_id)
+    seconds = time.perf_counter() - t
+    new_ids = ids[0, inputs["input_ids"].shape[1]:]
+    return prompter.decode(new_ids), int(new_ids.numel()), seconds
+
+
+class _Streamer:
+    """Prints decoded text as tokens arrive (transformers' TextStreamer, to any stream)."""
+
+    def __init__(self, tokenizer, out: TextIO) -> None:
+        from transformers import TextStreamer
+
+        self.inner = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.out = out
+        self.inner.on_finalized_text = self._print
+
+    def _print(self, text: str, stream_end: bool = False) -> None:
+        self.out.write(text + ("\n" if stream_end else ""))
+        self.out.flush()
+
+    def put(self, value) -> None:
+        self.inner.put(value)
+
+    def end(self) -> None:
+        self.inner.end()
+
+
+def measured(plan: Plan, rss_before: int) -> tuple[DeviceUse, ...]:
+    out = []
+    for d in plan.devices:
+        if d.device.isdigit():
+            peak = devices.gpu_peak(int(d.device)) if torch.cuda.is_available() else 0
+            out.append(DeviceUse(d.device, d.total_bytes, peak, "torch.cuda.max_memory_allocated"))
+        elif d.device == "cpu":
+            out.append(DeviceUse("cpu", d.total_bytes, max(0, devices.peak_rss() - rss_before),
+                                 "peak RSS above the RSS before loading"))
+    return tuple(out)
+
+
+def text_tokens(prompter: Prompter, config) -> int:
+    """Prompt tokens that are not image placeholders (the plan adds image tokens itself)."""
+    ids = prompter.inputs(torch.device("cpu"))["input_ids"]
+    image_id = getattr(config, "image_token_id", None)
+    return int((ids != image_id).sum()) if image_id is not None else int(ids.numel())
+
+
+def answer(model: str, text: str, images: list, new: int, machine: devices.Machine, plan_file: str | None = None,
+           trust_remote_code: bool = False, out: TextIO | None = sys.stdout) -> Answer:
+    """Plan (or read the plan), load, answer ``text`` about ``images``, measure."""
+    prep_inv = pipeline.prepare(pipeline.PlanRequest(model, machine, trust_remote_code=trust_remote_code,
+                                                     estimate="analytic"))
+    model_dir = local_model_dir(prep_inv)
+    prompter = Prompter.for_model(model_dir, prep_inv.skeleton.config, trust_remote_code)
+    prompter.add_user(text, images)
+    tokens = text_tokens(prompter, prep_inv.skeleton.config)
+    plan, _ = plan_for_run(model, tokens, images, new, plan_file, machine, trust_remote_code)
+    loaded, rss = start(model_dir, plan, trust_remote_code)
+    with loaded:
+        reply, n, seconds = generate(loaded, prompter, new, out)
+        return Answer(reply, n, seconds, loaded.seconds, measured(plan, rss), plan)
