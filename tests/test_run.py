@@ -1,0 +1,95 @@
+"""fitmap run / chat / demo on small random checkpoints (CPU), and their bad input."""
+
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from fitmap.cli import main
+from fitmap.demo import demo_checkpoint, demo_image
+from fitmap.devices import make_machine
+from fitmap.run import answer
+
+
+@pytest.fixture(scope="module")
+def vlm(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    return demo_checkpoint(root), demo_image(root)
+
+
+def test_run_tiny_vlm_with_image_answers_and_reports_memory(vlm, capsys):
+    path, image = vlm
+    code = main(["run", str(path), "--prompt", "what is in this image ?", "--image", str(image), "--new", "4"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "measured vs predicted" in out and "peak RSS" in out
+
+
+def test_disk_tier_gives_the_same_answer_as_ram(vlm, tmp_path):
+    from fitmap.prompting import open_image
+
+    path, image = vlm
+    img = [open_image(image)]
+    ram = answer(str(path), "describe this image .", img, 6, make_machine(None, "4GiB"), out=None)
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    split = answer(str(path), "describe this image .", img, 6, make_machine(None, int(size * 0.6), tmp_path), out=None)
+    assert "disk" in set(split.plan.device_map.values())
+    assert "disk" not in set(ram.plan.device_map.values())
+    assert split.text == ram.text and split.new_tokens == ram.new_tokens == 6
+
+
+def test_run_with_a_saved_plan(vlm, tmp_path, capsys):
+    path, _ = vlm
+    plan_file = tmp_path / "p.json"
+    assert main(["plan", str(path), "--cpu", "4GiB", "--prompt", "32", "--new", "8", "--out", str(plan_file),
+                 "--estimate", "analytic"]) == 0
+    capsys.readouterr()
+    assert main(["run", str(path), "--prompt", "hello there", "--plan", str(plan_file), "--new", "3"]) == 0
+
+
+def test_chat_is_multi_turn(vlm, monkeypatch, capsys):
+    from fitmap.chat import chat
+
+    path, image = vlm
+    stdin = io.StringIO(f"/image {image}\nwhat is this ?\nand the colour ?\n/exit\n")
+    out = io.StringIO()
+    assert chat(str(path), [], 3, make_machine(None, "4GiB"), None, False, stdin, out) == 0
+    text = out.getvalue()
+    assert text.count("assistant: ") == 2 and "image attached" in text
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--prompt", "hi", "--image", "{bad}"], "is not an image"),
+    (["--prompt", "   "], "prompt is empty"),
+    (["--prompt", "hi", "--plan", "{otherplan}"], "the plan was made for"),
+    (["--prompt", "hi", "--disk", "/proc/nope/dir"], "neither the directory nor its parent"),
+    (["--prompt", "hi", "--new", "0"], "--new must be at least 1"),
+])
+def test_run_bad_input_exits_2(vlm, tmp_path, capsys, args, needle):
+    path, _ = vlm
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image at all")
+    other = tmp_path / "other.json"
+    assert main(["plan", "llama-3.1-8b", "--gpus", "1x80GiB", "--estimate", "analytic", "--out", str(other)]) == 0
+    capsys.readouterr()
+    args = [a.format(bad=bad, otherplan=other) for a in args]
+    assert main(["run", str(path), *args]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_unwritable_disk_dir_is_bad_input(tmp_path, monkeypatch, capsys):
+    """Root ignores permission bits, so the check itself (os.access) is what is exercised."""
+    import fitmap.devices
+
+    monkeypatch.setattr(fitmap.devices.os, "access", lambda path, mode: False)
+    assert main(["plan", "llama-3.1-8b", "--gpus", "1x80GiB", "--disk", str(tmp_path)]) == 2
+    assert "is not writable" in capsys.readouterr().err
+
+
+def test_demo_checkpoint_is_made_once(tmp_path):
+    first = demo_checkpoint(tmp_path)
+    stamp = (first / "config.json").stat().st_mtime_ns
+    assert demo_checkpoint(tmp_path) == first and (first / "config.json").stat().st_mtime_ns == stamp
+    assert json.loads((first / "config.json").read_text())["model_type"] == "qwen2_vl"
