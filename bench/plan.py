@@ -294,7 +294,7 @@ def replay(prep: pipeline.Prepared, template: Plan, row: Row, cache: dict) -> No
     row.replay = "/".join(f"{b / GiB:.2f}" for b in peaks)
     simulated_weights = sum(p.weights_bytes for p in sim.devices if p.device.isdigit())
     if abs(simulated_weights - sum(g.weights for g in row.loads)) > GiB:
-        row.replay += f" (simulated weights {simulated_weights / GiB:.0f} GiB set to checkpoint bytes)"
+        row.replay += f" (weights: {simulated_weights / GiB:.0f} GiB simulated -> checkpoint bytes)"
     row.replay_fits = all(b == 0 or b + s.reserve_bytes <= s.capacity_bytes for b, s in zip(peaks, specs))
 
 

@@ -11,7 +11,7 @@ from fitmap.errors import BadInput, CheckpointError, DeviceMismatch, DoesNotFit,
 from fitmap.plan import Plan
 from fitmap.workload import Workload
 
-__all__ = ["plan", "Plan", "Workload", "FitmapError", "BadInput", "CheckpointError", "DoesNotFit",
+__all__ = ["plan", "load", "Plan", "Workload", "FitmapError", "BadInput", "CheckpointError", "DoesNotFit",
            "DeviceMismatch"]
 __version__ = "0.1.0"
 
@@ -42,3 +42,10 @@ def plan(
         options["policy"] = Policy(options["policy"])
     req = pipeline.PlanRequest(model, machine, Workload(batch, prompt, new, tuple(images)), **options)
     return pipeline.plan(req)
+
+
+def load(model_dir: str, plan: Plan, **options):
+    """Load ``model_dir``'s weights straight to the devices of ``plan`` (see :func:`fitmap.loader.load`)."""
+    from fitmap.loader import load as _load
+
+    return _load(model_dir, plan, **options)

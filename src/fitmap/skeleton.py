@@ -118,7 +118,7 @@ def build_model(config, task: str, dtype: torch.dtype, trust_remote_code: bool =
     with default_dtype(dtype):
         for auto in order + [transformers.AutoModel]:
             try:
-                return auto.from_config(config, trust_remote_code=trust_remote_code)
+                return auto.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
             except ValueError as e:  # the Auto class does not know this config
                 errors.append(str(e).splitlines()[0])
     raise BadInput(f"transformers cannot build model type {config.model_type!r}: {errors[-1]}")
