@@ -7,6 +7,7 @@ simulate) -> ``plan`` (solver). The CLI and the Python API both come through her
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from fitmap.devices import Machine
 from fitmap.errors import BadInput, FitmapError
@@ -127,22 +128,21 @@ def advice(prep: Prepared, req: PlanRequest, failed: Plan) -> str:
 
 
 def _offload_needed(prep: Prepared, req: PlanRequest) -> str | None:
-    """How much CPU RAM or disk would make it fit, if offloading can."""
+    """How much CPU RAM, or else disk, would make it fit, if offloading can."""
     m = req.machine
     if not m.gpus:
         return _ram_needed(prep, req)
-    roomy = replace(m, cpu=UNLIMITED, disk_bytes=UNLIMITED)
-    trial = _plan_at(prep, req, req.workload, roomy)
-    if not trial.fits:
-        return None
-    by = {d.device: d.weights_bytes for d in trial.devices}
-    on_cpu, on_disk = by.get("cpu", 0), by.get("disk", 0)
-    if m.gpus and on_cpu > m.cpu and not on_disk:
-        return f"with --cpu {_round_up_gib(on_cpu)}GiB (offloading {fmt_bytes(on_cpu)} of weights to RAM)"
-    if on_disk:
+    ways = []
+    more_ram = _plan_at(prep, req, req.workload, replace(m, cpu=UNLIMITED))
+    on_cpu = next((d.weights_bytes for d in more_ram.devices if d.device == "cpu"), 0)
+    if more_ram.fits and on_cpu > m.cpu:
+        ways.append(f"with --cpu {_round_up_gib(on_cpu)}GiB (offloading {fmt_bytes(on_cpu)} of weights to RAM)")
+    with_disk = _plan_at(prep, req, req.workload, replace(m, disk=m.disk or Path("DIR"), disk_bytes=UNLIMITED))
+    on_disk = next((d.weights_bytes for d in with_disk.devices if d.device == "disk"), 0)
+    if with_disk.fits and on_disk:
         where = "--disk DIR" if m.disk is None else f"more free space in {m.disk}"
-        return f"with {where} ({fmt_bytes(on_disk)} of weights streamed from disk)"
-    return None
+        ways.append(f"with {where} ({fmt_bytes(on_disk)} of weights streamed from disk)")
+    return ", or ".join(ways) or None
 
 
 def _ram_needed(prep: Prepared, req: PlanRequest) -> str | None:
