@@ -189,7 +189,8 @@ def _print_limits(req, prep, args) -> int:
         at_max = replace(req.workload, prompt=lim.prompt, new=lim.new)
         verify = pipeline.plan(replace(req, machine=gpus_only, workload=at_max), prep)
     data = {"max_context": lim.max_context, "prompt": lim.prompt, "new": lim.new, "batch": req.workload.batch,
-            "max_batch": lim.max_batch, "estimate": verify.estimate if verify else req.estimate,
+            "max_batch": lim.max_batch, "model_window": lim.window, "limited_by_model_window": lim.model_limited,
+            "estimate": verify.estimate if verify else req.estimate,
             "fits_at_max_context": bool(verify and verify.fits)}
     if args.json:
         print(json.dumps(data, indent=2))
@@ -199,7 +200,9 @@ def _print_limits(req, prep, args) -> int:
         where = "on the GPUs alone" if req.machine.gpus else "in RAM and disk"
         console.print(f"largest context at batch {req.workload.batch} {where}: {lim.max_context} tokens "
                       f"(prompt {lim.prompt} + new {lim.new}), {data['estimate']} costs; a plan at that "
-                      f"context {'fits' if data['fits_at_max_context'] else 'does NOT fit'}")
+                      f"context {'fits' if data['fits_at_max_context'] else 'does NOT fit'}"
+                      + (f"; this is the model's own window ({lim.window}), memory allows more"
+                         if lim.model_limited else ""))
         if lim.max_batch is not None:
             console.print(f"largest batch at {req.workload.prompt}+{req.workload.new} tokens: {lim.max_batch}")
     if not lim.max_context:

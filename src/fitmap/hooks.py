@@ -56,7 +56,7 @@ def attach(model: nn.Module, placement: Placement, input_device: torch.device,
     handles = [model.register_forward_pre_hook(mover.reset)]
     hooked = []
     for path, device in targets:
-        module = _module_or_none(model, path)
+        module = module_or_none(model, path)
         if module is None:   # a bare parameter unit: its owner's forward uses it
             continue
         handles.append(module.register_forward_pre_hook(InputsTo(device, mover), with_kwargs=True))
@@ -77,7 +77,7 @@ def boundary_units(placement: Placement, input_device: torch.device) -> list[tup
     return out
 
 
-def _module_or_none(model: nn.Module, path: str) -> nn.Module | None:
+def module_or_none(model: nn.Module, path: str) -> nn.Module | None:
     try:
         return model.get_submodule(path)
     except AttributeError:

@@ -376,7 +376,7 @@ def streamed_units(model: nn.Module, layout: Layout) -> set[str]:
     Only modules: a bare-parameter unit has no forward to hook, so it stays resident.
     """
     return {n for n, p in layout.units.items()
-            if (p.tier == "disk" or (p.tier == "cpu" and p.runs_on.type != "cpu")) and _module_or_none(model, n)}
+            if (p.tier == "disk" or (p.tier == "cpu" and p.runs_on.type != "cpu")) and hooks.module_or_none(model, n)}
 
 
 def place(model: nn.Module, layout: Layout, ckpt: Checkpoint, targets: Mapping[str, torch.device | None],
@@ -549,13 +549,6 @@ def offloaded_units(model: nn.Module, layout: Layout, ckpt: Checkpoint,
         read = ckpt.reader({k: f"{name}.{k}" for k in keys}) if p.tier == "disk" else None
         out.append(offload.Offloaded(name, tuple(keys), read))
     return out
-
-
-def _module_or_none(model: nn.Module, path: str) -> nn.Module | None:
-    try:
-        return model.get_submodule(path)
-    except AttributeError:
-        return None
 
 
 def release(model: nn.Module) -> None:

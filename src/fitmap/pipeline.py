@@ -198,6 +198,12 @@ class Limits:
     prompt: int
     new: int
     max_batch: int | None     # largest batch at the request's context (when asked)
+    window: int = 0           # the model's own context window (max_position_embeddings)
+
+    @property
+    def model_limited(self) -> bool:
+        """True when the model's window, not memory, is the limit."""
+        return self.max_context >= self.window > 0
 
 
 def limits(req: PlanRequest, prep: Prepared | None = None, batch_too: bool = False) -> Limits:
@@ -216,12 +222,13 @@ def limits(req: PlanRequest, prep: Prepared | None = None, batch_too: bool = Fal
         new = w.new * ctx // total
         return replace(w, prompt=ctx - new, new=new)
 
-    context = _largest(at, prep, req, _context_ceiling(prep), low=1) or 0
+    window = _context_ceiling(prep)
+    context = _largest(at, prep, req, window, low=1) or 0
     batch = None
     if batch_too:
         batch = _largest(lambda b: replace(w, batch=b), prep, req, 1 << 14, low=1) or 0
     best = at(context) if context else w
-    return Limits(context, best.prompt if context else 0, best.new if context else 0, batch)
+    return Limits(context, best.prompt if context else 0, best.new if context else 0, batch, window)
 
 
 def _context_ceiling(prep: Prepared) -> int:
