@@ -201,7 +201,7 @@ def _print_limits(req, prep, args) -> int:
         console.print(f"largest context at batch {req.workload.batch} {where}: {lim.max_context} tokens "
                       f"(prompt {lim.prompt} + new {lim.new}), {data['estimate']} costs; a plan at that "
                       f"context {'fits' if data['fits_at_max_context'] else 'does NOT fit'}"
-                      + (f"; this is the model's own window ({lim.window}), memory allows more"
+                      + (f"; this is the model's own window ({lim.window} text tokens beside the images), memory allows more"
                          if lim.model_limited else ""))
         if lim.max_batch is not None:
             console.print(f"largest batch at {req.workload.prompt}+{req.workload.new} tokens: {lim.max_batch}")

@@ -222,7 +222,7 @@ def limits(req: PlanRequest, prep: Prepared | None = None, batch_too: bool = Fal
         new = w.new * ctx // total
         return replace(w, prompt=ctx - new, new=new)
 
-    window = _context_ceiling(prep)
+    window = _context_ceiling(prep) - estimate(prep.skeleton, w).image_tokens  # images take window too
     context = _largest(at, prep, req, window, low=1) or 0
     batch = None
     if batch_too:
