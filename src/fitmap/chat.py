@@ -30,7 +30,7 @@ def chat(model: str, image_paths: list[str], new: int, machine: Machine, plan_fi
     prompter = Prompter.for_model(model_dir, prep.skeleton.config, trust_remote_code)
     pending = [open_image(p) for p in image_paths]
     plan, _ = plan_for_run(model, CHAT_CONTEXT, pending, new, plan_file, machine, trust_remote_code)
-    loaded, rss = start(model_dir, plan, trust_remote_code)
+    loaded, sampler = start(model_dir, plan, trust_remote_code)
     with loaded:
         out.write("fitmap chat: /image PATH attaches an image, /exit quits\n")
         for line in _lines(stdin, out):
@@ -48,7 +48,7 @@ def chat(model: str, image_paths: list[str], new: int, machine: Machine, plan_fi
             out.write("assistant: ")
             text, _, _ = generate(loaded, prompter, new, out)
             prompter.add_assistant(text)
-        report.print_memory(measured(plan, rss))
+        report.print_memory(measured(plan, sampler))
     return 0
 
 

@@ -241,3 +241,55 @@ def current_rss() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         return peak_rss()
+
+
+class RssSampler:
+    """Peak private (anonymous) and file-backed resident memory while the block runs.
+
+    Peak RSS alone mixes the two: pages of mmap'd checkpoints that were read (page
+    cache, reclaimable) count as file-backed; weights copied or cast, activations
+    and KV are anonymous. Sampled every ``interval`` seconds on a thread.
+    """
+
+    def __init__(self, interval: float = 0.005) -> None:
+        import threading
+
+        self.interval = interval
+        self.anon_peak = self.file_peak = 0
+        self.anon_start = self.file_start = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "RssSampler":
+        self.anon_start, self.file_start = rss_parts()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def _sample(self) -> None:
+        anon, file = rss_parts()
+        self.anon_peak = max(self.anon_peak, anon)
+        self.file_peak = max(self.file_peak, file)
+
+
+def rss_parts() -> tuple[int, int]:
+    """(anonymous, file-backed) resident bytes of this process."""
+    anon = file = 0
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    anon = int(line.split()[1]) * 1024
+                elif line.startswith("RssFile:"):
+                    file = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return anon, file

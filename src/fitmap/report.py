@@ -9,7 +9,7 @@ from rich.table import Table
 
 from fitmap.inventory import Inventory
 from fitmap.plan import Plan
-from fitmap.sizes import GiB, fmt_bytes
+from fitmap.sizes import GiB, MiB, fmt_bytes
 from fitmap.skeleton import Skeleton
 
 # Pipes and CI logs get a width that fits the ledger; terminals keep their own.
@@ -67,7 +67,9 @@ def print_plan(plan: Plan) -> None:
     images = f", images {', '.join(f'{a}x{b}' for a, b in w.images)}" if w.images else ""
     console.print(f"[bold]{plan.model}[/] at batch {w.batch} x ({w.prompt} prompt + {w.new} new tokens{images}), "
                   f"{plan.dtype}, policy {plan.policy}, {plan.estimate} costs")
-    t = Table(caption="sizes in GiB; use = total / capacity", caption_justify="left")
+    compute = [d.capacity_bytes for d in plan.devices if d.device != "disk"] or [GiB]
+    unit, scale = ("GiB", GiB) if max(compute) >= GiB else ("MiB", MiB)
+    t = Table(caption=f"sizes in {unit}; use = total / capacity", caption_justify="left")
     for col in ("device", "capacity", "weights", "KV", "activ.", "reserve", "stream", "total", "use", "units"):
         t.add_column(col, justify="left" if col == "device" else "right")
     for d in plan.devices:
@@ -75,7 +77,7 @@ def print_plan(plan: Plan) -> None:
         style = "red" if d.total_bytes > d.capacity_bytes else ""
         sizes = (d.capacity_bytes, d.weights_bytes, d.kv_bytes, d.activation_bytes, d.reserve_bytes,
                  d.stream_bytes, d.total_bytes)
-        t.add_row(_device_label(d.device), *(f"{x / GiB:.2f}" for x in sizes), use, str(len(d.units)),
+        t.add_row(_device_label(d.device), *(f"{x / scale:.2f}" for x in sizes), use, str(len(d.units)),
                   style=style)
     console.print(t)
     for r in plan.repairs:
@@ -114,7 +116,7 @@ def print_check(report) -> None:
 def print_memory(uses) -> None:
     """Measured vs predicted memory per device after a run."""
     t = Table(title="memory: measured vs predicted", caption_justify="left",
-              caption="GPUs: torch.cuda.max_memory_allocated; cpu: peak RSS above the RSS before loading")
+              caption="GPUs: torch.cuda.max_memory_allocated; cpu: resident memory sampled every 5 ms")
     for col in ("device", "predicted", "measured", "how"):
         t.add_column(col, justify="right" if col in ("predicted", "measured") else "left")
     for u in uses:

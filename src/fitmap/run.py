@@ -19,6 +19,7 @@ from fitmap.errors import BadInput, DoesNotFit
 from fitmap.loader import LoadedModel, load
 from fitmap.plan import Plan
 from fitmap.prompting import Prompter
+from fitmap.sizes import fmt_bytes
 from fitmap.workload import Workload
 
 
@@ -72,13 +73,18 @@ def local_model_dir(prep: pipeline.Prepared) -> Path:
     return prep.inventory.path
 
 
-def start(model_dir: Path, plan: Plan, trust_remote_code: bool, readahead: bool = True) -> tuple[LoadedModel, int]:
-    """Load the model per ``plan`` with GPU budgets enforced; (loaded model, RSS before the load)."""
+def start(model_dir: Path, plan: Plan, trust_remote_code: bool,
+          readahead: bool = True) -> tuple[LoadedModel, devices.RssSampler]:
+    """Load the model per ``plan`` with GPU budgets enforced; memory is sampled from here on."""
     for d in plan.devices:
         if d.device.isdigit() and torch.cuda.is_available():
             devices.enforce_budget(int(d.device), d.capacity_bytes - d.reserve_bytes)
-    rss = devices.current_rss()
-    return load(model_dir, plan, trust_remote_code=trust_remote_code, readahead=readahead), rss
+    sampler = devices.RssSampler().__enter__()
+    try:
+        return load(model_dir, plan, trust_remote_code=trust_remote_code, readahead=readahead), sampler
+    except BaseException:
+        sampler.__exit__(None, None, None)
+        raise
 
 
 def generate(loaded: LoadedModel, prompter: Prompter, new: int, out: TextIO | None) -> tuple[str, int, float]:
@@ -120,15 +126,21 @@ class _Streamer:
         self.inner.end()
 
 
-def measured(plan: Plan, rss_before: int) -> tuple[DeviceUse, ...]:
+def measured(plan: Plan, sampler: devices.RssSampler) -> tuple[DeviceUse, ...]:
+    """Per device: GPUs from torch's allocator; the CPU from sampled resident memory above
+    what the process held before loading (private memory, plus mmap'd checkpoint pages)."""
+    sampler.__exit__(None, None, None)
     out = []
     for d in plan.devices:
         if d.device.isdigit():
             peak = devices.gpu_peak(int(d.device)) if torch.cuda.is_available() else 0
             out.append(DeviceUse(d.device, d.total_bytes, peak, "torch.cuda.max_memory_allocated"))
         elif d.device == "cpu":
-            out.append(DeviceUse("cpu", d.total_bytes, max(0, devices.peak_rss() - rss_before),
-                                 "peak RSS above the RSS before loading"))
+            anon = max(0, sampler.anon_peak - sampler.anon_start)
+            file = max(0, sampler.file_peak - sampler.file_start)
+            out.append(DeviceUse("cpu", d.total_bytes, anon + file,
+                                 f"RSS peak above pre-load: {fmt_bytes(anon)} private + {fmt_bytes(file)} "
+                                 "mmap'd checkpoint pages"))
     return tuple(out)
 
 
@@ -149,7 +161,7 @@ def answer(model: str, text: str, images: list, new: int, machine: devices.Machi
     prompter.add_user(text, images)
     tokens = text_tokens(prompter, prep_inv.skeleton.config)
     plan, _ = plan_for_run(model, tokens, images, new, plan_file, machine, trust_remote_code)
-    loaded, rss = start(model_dir, plan, trust_remote_code)
+    loaded, sampler = start(model_dir, plan, trust_remote_code)
     with loaded:
         reply, n, seconds = generate(loaded, prompter, new, out)
-        return Answer(reply, n, seconds, loaded.seconds, measured(plan, rss), plan)
+        return Answer(reply, n, seconds, loaded.seconds, measured(plan, sampler), plan)
