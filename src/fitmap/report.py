@@ -67,8 +67,7 @@ def print_plan(plan: Plan) -> None:
     images = f", images {', '.join(f'{a}x{b}' for a, b in w.images)}" if w.images else ""
     console.print(f"[bold]{plan.model}[/] at batch {w.batch} x ({w.prompt} prompt + {w.new} new tokens{images}), "
                   f"{plan.dtype}, policy {plan.policy}, {plan.estimate} costs")
-    compute = [d.capacity_bytes for d in plan.devices if d.device != "disk"] or [GiB]
-    unit, scale = ("GiB", GiB) if max(compute) >= GiB else ("MiB", MiB)
+    unit, scale = _unit(plan.devices)
     t = Table(caption=f"sizes in {unit}; use = total / capacity", caption_justify="left")
     for col in ("device", "capacity", "weights", "KV", "activ.", "reserve", "stream", "total", "use", "units"):
         t.add_column(col, justify="left" if col == "device" else "right")
@@ -85,13 +84,20 @@ def print_plan(plan: Plan) -> None:
     console.print("[green]fits[/]" if plan.fits else f"[red]does not fit[/]: short by {fmt_bytes(plan.shortfall_bytes)}")
 
 
+def _unit(ledgers) -> tuple[str, int]:
+    """GiB for real machines, MiB when every RAM/GPU budget is under 1 GiB (tiny models)."""
+    compute = [d.capacity_bytes for d in ledgers if d.device != "disk"] or [GiB]
+    return ("GiB", GiB) if max(compute) >= GiB else ("MiB", MiB)
+
+
 def _device_label(device: str) -> str:
     return f"cuda:{device}" if device.isdigit() else device
 
 
 def print_check(report) -> None:
     """Simulated per-device peaks against capacity, mismatches met, repairs made."""
-    t = Table(title="simulated on fake devices", caption="sizes in GiB; total = weights + KV + activation "
+    unit, scale = _unit(report.predicted)
+    t = Table(title="simulated on fake devices", caption=f"sizes in {unit}; total = weights + KV + activation "
               "peak + reserve + stream", caption_justify="left")
     for col in ("device", "capacity", "weights", "KV", "activ. peak", "total", "use"):
         t.add_column(col, justify="left" if col == "device" else "right")
@@ -99,7 +105,7 @@ def print_check(report) -> None:
         if d.device == "disk":
             continue
         style = "red" if d.total_bytes > d.capacity_bytes else ""
-        t.add_row(_device_label(d.device), *(f"{x / GiB:.2f}" for x in (
+        t.add_row(_device_label(d.device), *(f"{x / scale:.2f}" for x in (
             d.capacity_bytes, d.weights_bytes, d.kv_bytes, d.activation_bytes, d.total_bytes)),
             f"{100 * d.utilization:.0f}%", style=style)
     console.print(t)
