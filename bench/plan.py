@@ -419,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", action="append", help="run only this model (repeatable)")
     args = ap.parse_args(argv)
     cases = [c for c in CASES if not args.only or c.model in args.only]
+    if not cases:
+        ap.error(f"--only: no such case; choose from {', '.join(c.model for c in CASES)}")
     rows, setups = [], []
     start = time.perf_counter()
     with contextlib.redirect_stderr(io.StringIO()):  # imports out of the first case's prepare time

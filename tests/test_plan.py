@@ -8,8 +8,6 @@ from fitmap import pipeline
 from fitmap.devices import make_machine
 from fitmap.errors import BadInput
 from fitmap.plan import Plan
-from fitmap.sizes import GiB, MiB
-from fitmap.solver import Policy
 from fitmap.workload import Workload
 
 

@@ -4,7 +4,6 @@ import io
 import json
 
 import pytest
-from PIL import Image
 
 from fitmap.cli import main
 from fitmap.demo import demo_checkpoint, demo_image

@@ -4,7 +4,6 @@ import time
 from dataclasses import replace
 
 import pytest
-import torch
 
 from fitmap import pipeline
 from fitmap.check import check

@@ -17,7 +17,6 @@ def test_units_cover_every_weight_once(checkpoints, family):
     owned = [p for u in sk.units for p in u.params]
     assert len(owned) == len(set(owned))
     # every checkpoint tensor, under the model's name for it, belongs to exactly one unit
-    import torch
 
     from fitmap.keys import key_mapper
     from fitmap.skeleton import build_model, load_config

@@ -469,7 +469,7 @@ def compute_buffers(model: nn.Module, ckpt: Checkpoint, targets: Mapping[str, to
             path, _, attr = key.rpartition(".")
             model.get_submodule(path)._buffers[attr] = _sentinel_like(b, targets[key])
             owners.setdefault(path, []).append(key)
-    for path, keys in owners.items():
+    for path in owners:
         _init_module(model, path)
     not_computed = [k for keys in owners.values() for k in keys if _still_sentinel(model.get_buffer(k))]
     if not_computed:

@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from fitmap.skeleton import Skeleton, Unit
+from fitmap.skeleton import Skeleton
 from fitmap.workload import Workload
 
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}

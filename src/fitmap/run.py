@@ -91,7 +91,6 @@ def generate(loaded: LoadedModel, prompter: Prompter, new: int, out: TextIO | No
     """Greedy generation of up to ``new`` tokens; streams text to ``out`` when given."""
     import time
 
-    from transformers import TextStreamer
 
     inputs = prompter.inputs(loaded.input_device)
     streamer = _Streamer(prompter.tokenizer, out) if out is not None else None

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import linecache
-import sys
 import traceback
 import weakref
 from collections import Counter
@@ -40,7 +39,7 @@ from torch.utils._pytree import tree_flatten
 
 from fitmap import hooks, hybrid, repairs
 from fitmap.plan import Plan, Repair
-from fitmap.profile import Profile, UnitCost, image_shape, text_config
+from fitmap.profile import Profile, UnitCost, text_config
 from fitmap.skeleton import Skeleton, build_model
 from fitmap.workload import Workload
 
@@ -368,7 +367,7 @@ def _instrument(run: _Run, sk: Skeleton, fixes: tuple[Repair, ...]) -> list:
     t.unit_of = {u.name: u.name for u in sk.units}
     paths = {id(m): p for p, m in run.model.named_modules()}
     for path, m in run.model.named_modules():
-        for name, p in m.named_parameters(recurse=False):
+        for p in m.parameters(recurse=False):
             t.param_owner.setdefault(p.untyped_storage()._cdata, []).append(path)
     handles: list = []
     for path, m in run.model.named_modules():
