@@ -73,7 +73,7 @@ def check(config, task: str, sk: Skeleton, plan: Plan, trust_remote_code: bool =
     exists = _ModulePaths(config, task, getattr(torch, sk.dtype), trust_remote_code)
     sim, log = _repair(run, plan, max_rounds, exists)
     repaired = replace(plan, repairs=tuple(log.fixes), device_map=colocated(plan.device_map, log.fixes))
-    ledger = _with_simulated(repaired, sim)
+    ledger = _with_simulated(repaired, sim, sk)
     clean = sim.mismatch is None
     fits = clean and all(d.total_bytes <= d.capacity_bytes for d in ledger if d.device != "disk")
     added = tuple(r for r in log.added if r in log.fixes)
@@ -234,9 +234,18 @@ def _under(path: str, prefix: str) -> bool:
     return prefix == "" or path == prefix or path.startswith(prefix + ".")
 
 
-def _with_simulated(plan: Plan, sim: Simulation) -> tuple[DeviceLedger, ...]:
-    """The plan's ledger with weights/KV/activations replaced by the simulated ones."""
+def _with_simulated(plan: Plan, sim: Simulation, sk: Skeleton) -> tuple[DeviceLedger, ...]:
+    """The plan's ledger with KV and activations replaced by the simulated ones.
+
+    Weights stay the skeleton's exact bytes under the (possibly co-located) map: the
+    simulation builds every floating weight at the plan's dtype, which is wrong for
+    checkpoints stored narrower (FP8 DeepSeek-V3: half the bytes).
+    """
     peaks = {d.device: d for d in sim.devices}
+    weights: dict[str, int] = {}
+    for u in sk.units:
+        dev = str(plan.device_map.get(u.name))
+        weights[dev] = weights.get(dev, 0) + u.weight_bytes
     out = []
     for led in plan.devices:
         p = peaks.get(led.device)
@@ -246,8 +255,9 @@ def _with_simulated(plan: Plan, sim: Simulation) -> tuple[DeviceLedger, ...]:
         # The simulation streams one offloaded unit at a time through the execution device;
         # the runtime's prefetch holds two (the ledger's stream buffer), so one is already in the peak.
         activation = max(0, p.activation_bytes - led.stream_bytes // 2)
-        total = p.weights_bytes + p.kv_bytes + activation + led.reserve_bytes + led.stream_bytes
-        out.append(replace(led, weights_bytes=p.weights_bytes, kv_bytes=p.kv_bytes,
+        w = weights.get(led.device, 0)
+        total = w + p.kv_bytes + activation + led.reserve_bytes + led.stream_bytes
+        out.append(replace(led, weights_bytes=w, kv_bytes=p.kv_bytes,
                            activation_bytes=activation, total_bytes=total))
     return tuple(out)
 

@@ -141,12 +141,20 @@ def cached_tokens(tc, layer: int, seq: int) -> int:
 
 
 def _block_act(tc, tokens: int, ctx_tokens: int, batch: int, b: int) -> int:
-    """Peak bytes inside one decoder block: residual in/out plus the larger of attention and MLP."""
+    """Peak bytes inside one decoder block: residual in/out plus the larger of attention and MLP.
+
+    ``tokens`` are the query tokens of the whole batch, ``ctx_tokens`` the keys.
+    Fused kernels (sdpa, flash) keep no score matrix; eager attention (Gemma-2's
+    soft-capping has no fused path in transformers) holds batch x heads x T x S
+    scores, upcast to fp32 for the softmax.
+    """
     h = tc.hidden_size
     heads = tc.num_attention_heads
     hd = head_dim(tc)
     kvh = getattr(tc, "num_key_value_heads", None) or heads
     attn = tokens * (2 * heads * hd + 2 * kvh * hd) * b
+    if getattr(tc, "_attn_implementation", None) == "eager":
+        attn += heads * tokens * (ctx_tokens // max(1, batch)) * (2 * b + 4)
     if getattr(tc, "kv_lora_rank", None):  # MLA expands the whole context per step
         attn = batch * ctx_tokens * heads * (tc.qk_nope_head_dim + tc.qk_rope_head_dim + tc.v_head_dim) * b \
             + tokens * heads * (tc.qk_nope_head_dim + tc.qk_rope_head_dim) * b * 2

@@ -153,7 +153,7 @@ def skeleton(inv: Inventory, dtype: torch.dtype, trust_remote_code: bool = False
     units = _make_units(model, unit_paths, layers_path, inv, dtype)
     if inv.tensors:
         check_against_checkpoint(model, inv)
-    units = classify(execution_order(units), _anchors(model, layers_path))
+    units = by_stage(classify(execution_order(units), _anchors(model, layers_path)))
     groups = colocation_groups(units, tied)
     return Skeleton(type(model).__name__, str(dtype).removeprefix("torch."), units, groups,
                     tied, tuple(sorted(no_split)), layers_path, config)
@@ -313,6 +313,16 @@ def execution_order(units: list[Unit]) -> list[Unit]:
     """Registration order, except that text decoder blocks run in layer order."""
     blocks = iter(sorted((u for u in units if u.layer is not None), key=lambda u: u.layer))
     return [next(blocks) if u.layer is not None else u for u in units]
+
+
+_STAGE = {"vision": 0, "input": 1, "block": 2, "other": 2, "output": 3}
+
+
+def by_stage(units: list[Unit]) -> list[Unit]:
+    """Execution order: the input side (vision tower, embeddings, rotary) runs before the
+    first block and the output side after the last, whatever order they were registered in."""
+    index = {u.name: i for i, u in enumerate(units)}
+    return sorted(units, key=lambda u: (_STAGE[u.kind], index[u.name]))
 
 
 # --------------------------------------------------------------------------- groups
