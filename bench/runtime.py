@@ -333,11 +333,13 @@ def bench_startup(path: Path, plan, warm_repeats: int) -> str:
 class Decoder:
     """One model decoding token by token from a fixed prompt; ``step()`` times one token."""
 
-    def __init__(self, name: str, model, device, evicts: list[Path], close=lambda: None) -> None:
+    def __init__(self, name: str, model, device, evicts: list[Path], close=lambda: None,
+                 threads: int | None = None) -> None:
         import torch
         from transformers import DynamicCache
 
         self.name, self.model, self.device, self.evicts, self.close = name, model, device, evicts, close
+        self.threads = threads      # torch intra-op threads during this model's steps (None: as set)
         self.times: list[float] = []
         with torch.no_grad():
             self.cache = DynamicCache(config=model.config)
@@ -349,11 +351,14 @@ class Decoder:
         import torch
 
         evict(self.evicts)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads or threads)
         start = time.perf_counter()
         with torch.no_grad():
             out = self.model(input_ids=self.token, past_key_values=self.cache, use_cache=True)
             self.token = out.logits[:, -1:].argmax(-1)
         elapsed = time.perf_counter() - start
+        torch.set_num_threads(threads)
         self.tokens.append(int(self.token))
         return elapsed
 
@@ -385,10 +390,11 @@ def bench_decode(path: Path, plan, tokens: int) -> str:
     dbytes = nbytes(dfiles)
     offload_dir = path.parent / "accelerate-offload"
     decoders = []
-    for readahead in (True, False):
+    threads = torch.get_num_threads()
+    for readahead, n in ((True, None), (False, None), (True, max(1, threads - 1))):
         lm = load(path, plan, readahead=readahead, progress=False)
-        decoders.append(Decoder(f"fitmap, read-ahead {'on' if readahead else 'off'}", lm.model, lm.input_device,
-                                dfiles, lm.close))
+        name = f"fitmap, read-ahead {'on' if readahead else 'off'}" + (f", {n} torch thread(s)" if n else "")
+        decoders.append(Decoder(name, lm.model, lm.input_device, dfiles, lm.close, threads=n))
     acc = transformers.AutoModelForCausalLM.from_pretrained(path, device_map=plan.device_map, dtype=torch.bfloat16,
                                                             offload_folder=str(offload_dir))
     afiles = accelerate_files(acc)
@@ -420,7 +426,8 @@ def bench_decode(path: Path, plan, tokens: int) -> str:
              f"Page cache left after eviction: {left:.1%}. "
              f"Plain cold read of the disk tier in the same rounds: median {t_bound:.3f} s "
              f"({dbytes / t_bound / GB:.2f} GB/s; range {min(reads):.3f}-{max(reads):.3f} s). "
-             f"{tokens} tokens per variant, interleaved; same tokens from all: {same}.",
+             f"{tokens} tokens per variant, interleaved; same tokens from all: {same}. "
+             f"torch threads {threads}; load average {_load()}.",
              "",
              "| runtime | time per token (median) | tok/s | disk-tier GB/s | fraction of disk bound |",
              "|---|---|---|---|---|"]
@@ -477,12 +484,11 @@ def bench_hooks(rounds: int) -> str:
 
     everything = copy.deepcopy(base)   # first unit on the other label: every later unit is hooked
     n = len(hooks.attach(everything, {u: (other if i == 0 else cpu) for i, u in enumerate(units)}, cpu).hooked)
-    variants[f"fitmap hooks, every unit hooked ({n} units)"] = (everything, n)
+    variants[f"fitmap hooks, every unit hooked, inputs in place ({n} units)"] = (everything, n)
 
-    half = copy.deepcopy(base)         # a two-device split: layers 4-7 and the head elsewhere
-    split = units.index("model.layers.4")
-    n = len(hooks.attach(half, {u: (other if i >= split else cpu) for i, u in enumerate(units)}, cpu).hooked)
-    variants[f"fitmap hooks, split at layer 4 ({n} units)"] = (half, n)
+    moving = copy.deepcopy(base)       # every unit on the other label: every hooked call copies its inputs
+    n = len(hooks.attach(moving, {u: other for u in units}, cpu).hooked)
+    variants[f"fitmap hooks, every unit hooked, inputs copied each time ({n} units)"] = (moving, n)
 
     acc = dispatch_model(copy.deepcopy(base), device_map={u: "cpu" for u in units}, force_hooks=True)
     n = sum(1 for m in acc.modules() if hasattr(m, "_hf_hook"))
@@ -492,7 +498,8 @@ def bench_hooks(rounds: int) -> str:
     torch.set_num_threads(1)   # a tiny model gains nothing from a second thread; one is steadier on a busy machine
     ids = prompt_ids() % 512
     state = {}
-    times: dict[str, list[float]] = {name: [] for name in variants}
+    wall: dict[str, list[float]] = {name: [] for name in variants}
+    cpu_time: dict[str, list[float]] = {name: [] for name in variants}
     items = list(variants.items())
     with torch.no_grad():
         for name, (model, _) in items:
@@ -502,24 +509,29 @@ def bench_hooks(rounds: int) -> str:
         for r in range(rounds + 50):
             for name, (model, _) in items[r % len(items):] + items[:r % len(items)]:
                 cache, token = state[name]
-                start = time.perf_counter()
+                c0, t0 = time.thread_time(), time.perf_counter()
                 model(input_ids=token, past_key_values=cache, use_cache=True)
-                elapsed = time.perf_counter() - start
+                t1, c1 = time.perf_counter(), time.thread_time()
                 cache.crop(-1)   # back to the prompt: every step sees the same cache
                 if r >= 50:
-                    times[name].append(elapsed)
+                    wall[name].append(t1 - t0)
+                    cpu_time[name].append(c1 - c0)
     torch.set_num_threads(threads)
-    base_t = statistics.median(times["unsplit (no hooks)"])
+    base_wall = statistics.median(wall["unsplit (no hooks)"])
+    base_cpu = statistics.median(cpu_time["unsplit (no hooks)"])
     lines = [f"Tiny Llama (8 layers, hidden 64, fp32), one decode step at {PROMPT} cached tokens, "
-             f"1 torch thread; median of {rounds} interleaved rounds (load average {_load()}).",
+             f"1 torch thread; median of {rounds} interleaved rounds; wall time, and the CPU time of the "
+             f"calling thread (all the work with 1 torch thread; not inflated when another process takes "
+             f"the core). Load average {_load()}.",
              "",
-             "| variant | decode step (median) | overhead vs unsplit | per hooked module |",
-             "|---|---|---|---|"]
+             "| variant | step, wall | overhead | step, thread CPU | overhead | per hooked module (CPU) |",
+             "|---|---|---|---|---|---|"]
     for name, (_, n) in items:
-        t = statistics.median(times[name])
-        over = f"{(t - base_t) / base_t:+.1%}" if n else "—"
-        per = f"{(t - base_t) / n * 1e6:+.2f} µs" if n else "—"
-        lines.append(f"| {name} | {t * 1e3:.3f} ms | {over} | {per} |")
+        tw, tc = statistics.median(wall[name]), statistics.median(cpu_time[name])
+        ow = f"{(tw - base_wall) / base_wall:+.1%}" if n else "—"
+        oc = f"{(tc - base_cpu) / base_cpu:+.1%}" if n else "—"
+        per = f"{(tc - base_cpu) / n * 1e6:+.2f} µs" if n else "—"
+        lines.append(f"| {name} | {tw * 1e3:.3f} ms | {ow} | {tc * 1e3:.3f} ms | {oc} | {per} |")
     return "\n".join(lines)
 
 

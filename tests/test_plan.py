@@ -55,7 +55,7 @@ def test_shorter_prompt_is_suggested_when_kv_is_the_problem():
 
 
 def test_tied_model_keeps_embedding_and_head_on_one_device():
-    plan = fitmap.plan("gemma-2-27b", "4x16GiB", "8GiB", prompt=4096, new=512, estimate="analytic")
+    plan = fitmap.plan("gemma-2-27b", "4x16GiB", "8GiB", prompt=1024, new=256, estimate="analytic")
     assert plan.fits
     assert plan.device_map["model.embed_tokens"] == plan.device_map["lm_head"]
 

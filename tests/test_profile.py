@@ -1,0 +1,60 @@
+"""The analytic cost model: KV bytes, image tokens, activations against the simulation."""
+
+import pytest
+
+from fitmap import pipeline
+from fitmap.devices import make_machine
+from fitmap.profile import estimate, image_shape, kv_bytes_per_token
+from fitmap.simulate import simulated_costs
+from fitmap.workload import Workload
+
+
+def _prep(model, workload=Workload(1, 1024, 256)):
+    req = pipeline.PlanRequest(model, make_machine("1x80GiB", "1GiB"), workload, estimate="analytic")
+    return pipeline.prepare(req)
+
+
+def test_llama_kv_per_token_from_config():
+    prep = _prep("llama-3.1-8b")
+    tc = prep.skeleton.config
+    assert kv_bytes_per_token(tc, 0, 2) == 2 * 8 * 128 * 2  # K and V, 8 KV heads, head dim 128, bf16
+    prof = estimate(prep.skeleton, Workload(2, 1000, 24))
+    assert sum(c.kv_bytes for c in prof.costs) == 32 * 2 * 1024 * 2 * 8 * 128 * 2
+
+
+def test_deepseek_mla_caches_the_compressed_latent():
+    tc = _prep("deepseek-v3").skeleton.config
+    assert kv_bytes_per_token(tc, 0, 2) == (512 + 64) * 2
+
+
+@pytest.mark.parametrize("model,size,tokens", [
+    ("qwen2-vl-7b", (1344, 1344), 2304),     # (1344/28)^2 merged patches
+    ("qwen2-vl-7b", (448, 300), 16 * 11),    # resized to multiples of 28
+    ("internvl-78b", (1344, 1344), 2560),    # 3x3 tiles + thumbnail, 256 tokens each
+    ("internvl-78b", (800, 400), 768),       # 2x1 tiles + thumbnail
+    ("llava-1.5-13b", (1344, 1344), 576),    # fixed 336 px, 24x24 patches
+])
+def test_image_tokens_follow_the_processor(model, size, tokens):
+    cfg = _prep(model).skeleton.config
+    assert image_shape(cfg, *size).tokens == tokens
+
+
+@pytest.mark.parametrize("model", ["llama-3.1-8b", "mixtral-8x7b"])
+def test_analytic_activations_track_the_simulation(model):
+    """Block activation peaks: the config formulas stay within 40% of the measured ones."""
+    w = Workload(1, 2048, 256)
+    prep = _prep(model, w)
+    analytic = estimate(prep.skeleton, w)
+    simulated = simulated_costs(prep, w).profile(prep.skeleton, w)
+    block = "model.layers.1"
+    a, s = analytic.cost(block), simulated.cost(block)
+    assert a.kv_bytes == pytest.approx(s.kv_bytes, rel=0.01)
+    assert a.act_bytes == pytest.approx(s.act_bytes, rel=0.40), (a.act_bytes, s.act_bytes)
+
+
+def test_eager_attention_counts_the_score_matrix():
+    """Gemma-2 runs eager attention in transformers: T x T scores per head."""
+    prep = _prep("gemma-2-27b")
+    short = estimate(prep.skeleton, Workload(1, 1024, 0)).cost("model.layers.0").act_bytes
+    long = estimate(prep.skeleton, Workload(1, 4096, 0)).cost("model.layers.0").act_bytes
+    assert long > 8 * short  # quadratic, not linear
