@@ -6,37 +6,42 @@ Three benchmarks, each printed as a markdown table:
   fresh child process: ``fitmap.loader.load`` with an all-``cpu`` plan vs
   transformers ``from_pretrained(device_map=<same map>)``, both then
   ``generate(max_new_tokens=1)``. Cold (checkpoint evicted from the page cache
-  with ``POSIX_FADV_DONTNEED``) and warm. Peak RSS of the child is split into
-  anonymous memory (copies) and file pages (mmap'd checkpoint, shared with the
-  page cache), sampled every 5 ms; the bound is checkpoint size / cold read rate.
+  with ``POSIX_FADV_DONTNEED``) and warm. Peak RSS of the child (``ru_maxrss``
+  from ``wait4``), and its peaks of anonymous memory (copies) and file pages
+  (the mmap'd checkpoint, shared with the page cache), sampled every 5 ms.
+  The bound is checkpoint size / cold sequential read rate.
 * ``decode`` — a third of the decoder layers on the ``disk`` tier, the files that
   hold them evicted before every token (a machine whose RAM cannot keep them):
   fitmap with read-ahead on and off vs transformers/accelerate disk offload
   (``from_pretrained(device_map=..., offload_folder=...)``: ``AlignDevicesHook``
   reading the original safetensors). All variants are loaded in one process and
-  run token by token in rotation, together with a plain sequential read of the
-  same evicted files, so each round compares them at the disk's current speed
-  (this machine's virtual disk moves between ~0.7 and ~2 GB/s).
+  step token by token in rotation; each round also times a plain sequential read
+  of the same evicted files, and fitmap's own disk reader with no compute, so
+  every variant is compared at the disk's current speed (this machine's virtual
+  disk moves between ~0.7 and ~2 GB/s from one second to the next).
   Fraction of the disk bound = (disk-tier bytes / cold read rate) / time per token.
 * ``hooks`` — per-token overhead of boundary hooks on a small model (8-layer
   tiny Llama, where Python overhead shows): a decode step unhooked vs
-  ``fitmap.hooks.attach`` with every unit hooked (and with the second half
-  hooked, as on a two-device split) vs accelerate ``dispatch_model`` on the
-  same all-cpu map (``force_hooks=True``: ``AlignDevicesHook`` everywhere).
-  Median of interleaved runs, the KV cache cropped back after every step.
+  ``fitmap.hooks.attach`` (every unit hooked; a two-device split; every input
+  copied) vs accelerate ``dispatch_model`` on the same all-cpu map
+  (``force_hooks=True``: ``AlignDevicesHook`` everywhere), and a no-op torch
+  hook on the same units as the floor. One model instance, hooks attached and
+  removed per block of steps, blocks interleaved; medians of wall and thread CPU time.
+
+All forwards run under ``torch.no_grad()``: fitmap's boundary hooks fail under
+``torch.inference_mode()`` (see docs/benchmarks.md, "Runtime").
 
 The checkpoint (random Llama, hidden 2048, 18 layers, GQA 16/4, bf16, one
 safetensors shard per layer, 1.89 GB) is written once to
-``$TMPDIR/fitmap-bench-runtime``.
+``$TMPDIR/fitmap-bench-runtime`` (about 15 s).
 
-    .venv/bin/python bench/runtime.py                 # all three (~6 min)
+    .venv/bin/python bench/runtime.py                 # all three, ~3 min
     .venv/bin/python bench/runtime.py --only decode --tokens 12
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import ctypes
 import gc
 import json
@@ -49,6 +54,7 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -210,8 +216,9 @@ def child_startup(variant: str, path: str, plan_file: str) -> None:
     """In a fresh process: load, generate one token, print timings and memory as JSON."""
     peak = _MemSampler()
     peak.start()
-    t_imports = time.time()
     import torch
+    import transformers
+    from transformers.models.llama import modeling_llama  # noqa: F401  (both load it; imported here, not timed as load)
 
     if variant == "fitmap":
         from fitmap.loader import load
@@ -222,8 +229,6 @@ def child_startup(variant: str, path: str, plan_file: str) -> None:
         lm = load(path, plan, progress=False)
         model, device = lm.model, lm.input_device
     else:
-        import transformers
-
         device_map = json.loads(Path(plan_file).read_text())["device_map"]
         t_load = time.time()
         model = transformers.AutoModelForCausalLM.from_pretrained(path, device_map=device_map, dtype=torch.bfloat16)
@@ -234,8 +239,8 @@ def child_startup(variant: str, path: str, plan_file: str) -> None:
     t_first = time.time()
     assert out.shape[1] == PROMPT + 1
     peak.stop()
-    print(json.dumps(dict(t_imports=t_imports, t_load=t_load, t_gen=t_gen, t_first=t_first,
-                          peak_rss=peak.rss, peak_anon=peak.anon, peak_file=peak.file)))
+    print(json.dumps({"t_load": t_load, "t_gen": t_gen, "t_first": t_first,
+                      "peak_rss": peak.rss, "peak_anon": peak.anon, "peak_file": peak.file}))
 
 
 class _MemSampler(threading.Thread):
@@ -272,7 +277,7 @@ class Startup:
     variant: str
     cache: str
     first_token: float      # s, spawn to first token
-    imports: float          # s, spawn to imports done
+    imports: float          # s, spawn to imports done (python, torch, transformers + llama, fitmap)
     load: float             # s
     generate: float         # s
     peak_rss: int
@@ -286,22 +291,20 @@ def run_startup_child(variant: str, path: Path, plan_file: Path, cold: bool) -> 
         evict(shards(path))
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
     t0 = time.time()
-    proc = subprocess.Popen([sys.executable, __file__, "--child-startup", variant, str(path), str(plan_file)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
-    out, err = proc.communicate()
-    usage = resource_of(proc)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{variant} child failed:\n{err[-3000:]}")
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, __file__, "--child-startup", variant, str(path), str(plan_file)],
+                                stdout=subprocess.PIPE, stderr=err, env=env, text=True)
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)   # this child's own rusage (ru_maxrss: its peak RSS)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        proc.stdout.close()
+        if proc.returncode != 0:
+            err.seek(0)
+            raise RuntimeError(f"{variant} child failed:\n{err.read()[-3000:]}")
     r = json.loads(out.strip().splitlines()[-1])
     return Startup(variant, "cold" if cold else "warm", r["t_first"] - t0, r["t_load"] - t0,
                    r["t_gen"] - r["t_load"], r["t_first"] - r["t_gen"], r["peak_rss"], r["peak_anon"],
-                   r["peak_file"], usage)
-
-
-def resource_of(proc: subprocess.Popen) -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024   # max over children so far
+                   r["peak_file"], usage.ru_maxrss * 1024)
 
 
 def bench_startup(path: Path, plan, warm_repeats: int) -> str:
@@ -310,22 +313,27 @@ def bench_startup(path: Path, plan, warm_repeats: int) -> str:
     files = shards(path)
     size = nbytes(files)
     rate, rates = cold_read_rate(files, repeats=3)
+    variants = ("fitmap", "transformers")
+    cold = {v: run_startup_child(v, path, plan_file, cold=True) for v in variants}
+    warm: dict[str, list[Startup]] = {v: [] for v in variants}
+    for i in range(warm_repeats):   # interleaved, so both see the same machine
+        for v in variants[i % 2:] + variants[:i % 2]:
+            warm[v].append(run_startup_child(v, path, plan_file, cold=False))
     rows: list[Startup] = []
-    for variant in ("fitmap", "transformers"):
-        rows.append(run_startup_child(variant, path, plan_file, cold=True))
-        warm = [run_startup_child(variant, path, plan_file, cold=False) for _ in range(warm_repeats)]
-        rows.append(sorted(warm, key=lambda s: s.first_token)[len(warm) // 2])
-    lines = [f"Checkpoint {size / GB:.2f} GB in {len(files)} shards; cold sequential read "
-             f"{rate / GB:.2f} GB/s (median of {', '.join(f'{r / GB:.2f}' for r in rates)}): "
-             f"bound (file size / cold read rate) = **{size / rate:.2f} s** cold.",
+    for v in variants:
+        rows += [cold[v], sorted(warm[v], key=lambda s: s.first_token)[len(warm[v]) // 2]]
+    lines = [(f"Checkpoint {size / GB:.2f} GB in {len(files)} shards; cold sequential read "
+              f"{rate / GB:.2f} GB/s (median of {', '.join(f'{r / GB:.2f}' for r in rates)}): "
+              f"bound (file size / cold read rate) = **{size / rate:.2f} s** cold. "
+              f"Warm: median of {warm_repeats} runs by time to first token."),
              "",
-             "| variant | page cache | start → first token | of which imports | load | generate(1) "
-             "| peak RSS | peak anon (copies) | peak file-backed | RSS ÷ checkpoint |",
+             ("| variant | page cache | start → first token | python + imports | load | generate(1) "
+              "| peak RSS (ru_maxrss) | peak anon (copies) | peak file-backed (mmap) | peak RSS ÷ checkpoint |"),
              "|---|---|---|---|---|---|---|---|---|---|"]
     for s in rows:
         lines.append(f"| {s.variant} | {s.cache} | {s.first_token:.2f} s | {s.imports:.2f} s | {s.load:.2f} s "
-                     f"| {s.generate:.2f} s | {s.peak_rss / GB:.2f} GB | {s.peak_anon / GB:.2f} GB "
-                     f"| {s.peak_file / GB:.2f} GB | {s.peak_rss / size:.2f} |")
+                     f"| {s.generate:.2f} s | {s.maxrss / GB:.2f} GB | {s.peak_anon / GB:.2f} GB "
+                     f"| {s.peak_file / GB:.2f} GB | {s.maxrss / size:.2f} |")
     return "\n".join(lines)
 
 
@@ -333,13 +341,11 @@ def bench_startup(path: Path, plan, warm_repeats: int) -> str:
 class Decoder:
     """One model decoding token by token from a fixed prompt; ``step()`` times one token."""
 
-    def __init__(self, name: str, model, device, evicts: list[Path], close=lambda: None,
-                 threads: int | None = None) -> None:
+    def __init__(self, name: str, model, device, evicts: list[Path], close=lambda: None) -> None:
         import torch
         from transformers import DynamicCache
 
         self.name, self.model, self.device, self.evicts, self.close = name, model, device, evicts, close
-        self.threads = threads      # torch intra-op threads during this model's steps (None: as set)
         self.times: list[float] = []
         with torch.no_grad():
             self.cache = DynamicCache(config=model.config)
@@ -351,14 +357,11 @@ class Decoder:
         import torch
 
         evict(self.evicts)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(self.threads or threads)
         start = time.perf_counter()
         with torch.no_grad():
             out = self.model(input_ids=self.token, past_key_values=self.cache, use_cache=True)
             self.token = out.logits[:, -1:].argmax(-1)
         elapsed = time.perf_counter() - start
-        torch.set_num_threads(threads)
         self.tokens.append(int(self.token))
         return elapsed
 
@@ -388,59 +391,81 @@ def bench_decode(path: Path, plan, tokens: int) -> str:
 
     dfiles = disk_shards(path)
     dbytes = nbytes(dfiles)
-    offload_dir = path.parent / "accelerate-offload"
     decoders = []
-    threads = torch.get_num_threads()
-    for readahead, n in ((True, None), (False, None), (True, max(1, threads - 1))):
+    for readahead in (True, False):
         lm = load(path, plan, readahead=readahead, progress=False)
-        name = f"fitmap, read-ahead {'on' if readahead else 'off'}" + (f", {n} torch thread(s)" if n else "")
-        decoders.append(Decoder(name, lm.model, lm.input_device, dfiles, lm.close, threads=n))
+        decoders.append(Decoder(f"fitmap, read-ahead {'on' if readahead else 'off'}", lm.model, lm.input_device,
+                                dfiles, lm.close))
+    reader = fitmap_disk_reader(lm)
     acc = transformers.AutoModelForCausalLM.from_pretrained(path, device_map=plan.device_map, dtype=torch.bfloat16,
-                                                            offload_folder=str(offload_dir))
+                                                            offload_folder=str(path.parent / "accelerate-offload"))
     afiles = accelerate_files(acc)
     decoders.append(Decoder("accelerate disk offload (transformers from_pretrained)", acc, torch.device("cpu"),
                             afiles or dfiles))
-    # every variant evicts every disk file, so none finds another's pages
-    union = sorted(set(dfiles) | set(afiles))
+    union = sorted(set(dfiles) | set(afiles))   # every variant evicts every disk file: none finds another's pages
     for d in decoders:
         d.evicts = union
     evict(union)
     left = cached_fraction(union)
-    reads = []
+    plain, fitmap_read = [], []
     for r in range(tokens + 1):
-        order = decoders[r % len(decoders):] + decoders[:r % len(decoders)]
-        for d in order:
+        for d in decoders[r % len(decoders):] + decoders[:r % len(decoders)]:
             t = d.step()
             if r:                       # round 0 warms allocator and caches; not counted
                 d.times.append(t)
         evict(union)
-        t_read = read_seconds(dfiles)
+        t_plain = read_seconds(dfiles)
+        evict(union)
+        t_fitmap = reader()
         if r:
-            reads.append(t_read)
+            plain.append(t_plain)
+            fitmap_read.append(t_fitmap)
     same = len({tuple(d.tokens) for d in decoders}) == 1
-    t_bound = statistics.median(reads)
-    lines = [f"Disk tier: layers {DISK_LAYERS.start}-{DISK_LAYERS.stop - 1} of {LAYERS}, {len(dfiles)} shards, "
-             f"{dbytes / GB:.3f} GB read per token; accelerate reads "
-             f"{', '.join(sorted({f.parent.name for f in afiles})) or '?'}/ "
-             f"({len(afiles)} files: {'the original shards' if set(afiles) == set(dfiles) else 'offload files'}). "
-             f"Page cache left after eviction: {left:.1%}. "
-             f"Plain cold read of the disk tier in the same rounds: median {t_bound:.3f} s "
-             f"({dbytes / t_bound / GB:.2f} GB/s; range {min(reads):.3f}-{max(reads):.3f} s). "
-             f"{tokens} tokens per variant, interleaved; same tokens from all: {same}. "
-             f"torch threads {threads}; load average {_load()}.",
+    t_bound = statistics.median(plain)
+    lines = [(f"Disk tier: layers {DISK_LAYERS.start}-{DISK_LAYERS.stop - 1} of {LAYERS} ({len(dfiles)} shards, "
+              f"{dbytes / GB:.3f} GB read per token); accelerate reads "
+              f"{'the same original shards' if set(afiles) == set(dfiles) else f'{len(afiles)} offload files'} "
+              f"(transformers 5 indexes the safetensors in place, no .dat rewrite). Page cache left after "
+              f"eviction: {left:.1%}. {tokens} tokens per variant in rotation; each round also times a plain "
+              f"sequential read (`readinto`, 16 MiB) of the evicted files — median {t_bound:.3f} s = "
+              f"{dbytes / t_bound / GB:.2f} GB/s (range {dbytes / max(plain) / GB:.2f}-"
+              f"{dbytes / min(plain) / GB:.2f} GB/s). Same tokens from all: {same}. "
+              f"torch threads {torch.get_num_threads()}; load average {_load()}."),
              "",
-             "| runtime | time per token (median) | tok/s | disk-tier GB/s | fraction of disk bound |",
-             "|---|---|---|---|---|"]
+             ("| runtime | time per token (median) | tok/s | disk-tier GB/s | fraction of disk bound "
+              "| median of per-round fractions |"),
+             "|---|---|---|---|---|---|"]
     for d in decoders:
         t = statistics.median(d.times)
-        lines.append(f"| {d.name} | {t:.3f} s | {1 / t:.2f} | {dbytes / t / GB:.2f} | {t_bound / t:.0%} |")
-    lines.append(f"| (plain sequential read of the same files) | {t_bound:.3f} s | {1 / t_bound:.2f} "
-                 f"| {dbytes / t_bound / GB:.2f} | 100% |")
+        per_round = statistics.median(p / x for p, x in zip(plain, d.times))
+        lines.append(f"| {d.name} | {t:.3f} s | {1 / t:.2f} | {dbytes / t / GB:.2f} | {t_bound / t:.0%} "
+                     f"| {per_round:.0%} |")
+    t_fit = statistics.median(fitmap_read)
+    lines.append(f"| (fitmap's disk reader alone, no compute: safetensors mmap + page touch) | {t_fit:.3f} s "
+                 f"| — | {dbytes / t_fit / GB:.2f} | {t_bound / t_fit:.0%} "
+                 f"| {statistics.median(p / x for p, x in zip(plain, fitmap_read)):.0%} |")
+    lines.append(f"| (plain sequential read of the same files) | {t_bound:.3f} s | — | {dbytes / t_bound / GB:.2f} "
+                 f"| 100% | 100% |")
     for d in decoders:
         d.close()
     del decoders, acc
     gc.collect()
     return "\n".join(lines)
+
+
+def fitmap_disk_reader(lm):
+    """Seconds for fitmap's own disk-unit readers to bring every disk unit in once, one after the other
+    (what the read-ahead thread runs; reaches into the loaded model's offload state)."""
+    slots = lm._offload.streamer.slots
+    readers = [s.unit.read for s in slots.values() if s.unit.read is not None]
+
+    def run() -> float:
+        start = time.perf_counter()
+        for read in readers:
+            weights = read()
+            del weights
+        return time.perf_counter() - start
+    return run
 
 
 def bench_compute_floor(path: Path, ram_plan, steps: int = 6) -> str:
@@ -469,69 +494,103 @@ def tiny_llama(layers: int = 8):
     return transformers.AutoModelForCausalLM.from_config(cfg).eval()
 
 
-def bench_hooks(rounds: int) -> str:
+def hook_variants(model) -> dict[str, tuple[Callable[[], Callable[[], object]], int]]:
+    """name -> (attach(): detach callable, modules hooked). All act on the same model instance, so no
+    variant gains or loses from where its tensors happen to sit in memory."""
     import torch
     from accelerate import dispatch_model
-    from transformers import DynamicCache
+    from accelerate.hooks import remove_hook_from_submodules
 
     from fitmap import hooks
 
-    base = tiny_llama()
     units = ["model.embed_tokens", "model.rotary_emb"] + [f"model.layers.{i}" for i in range(8)] + \
             ["model.norm", "lm_head"]
-    cpu, other = torch.device("cpu"), torch.device("cpu", 1)   # "cpu:1": a second device label, same memory
-    variants: dict[str, tuple[object, int]] = {"unsplit (no hooks)": (copy.deepcopy(base), 0)}
+    cpu, other = torch.device("cpu"), torch.device("cpu", 1)   # "cpu:1": a second device label (a copy, same RAM)
+    at = units.index("model.layers.4")
+    fitmap_cases = {   # name: (placement, input device)
+        # the first unit elsewhere: every later unit is hooked, its inputs already in place (fast path)
+        "fitmap, every unit hooked, inputs in place": ({u: other if i == 0 else cpu for i, u in enumerate(units)}, cpu),
+        # a two-device split: input side on "cpu:1", layers 4+ on cpu (hooked), logits copied back
+        "fitmap, 2-device split at layer 4": ({u: other if i < at else cpu for i, u in enumerate(units)}, other),
+        # every unit on "cpu:1", inputs on cpu: every hooked call copies its tensors (the Mover path)
+        "fitmap, every unit hooked, inputs copied each time": ({u: other for u in units}, cpu),
+    }
 
-    everything = copy.deepcopy(base)   # first unit on the other label: every later unit is hooked
-    n = len(hooks.attach(everything, {u: (other if i == 0 else cpu) for i, u in enumerate(units)}, cpu).hooked)
-    variants[f"fitmap hooks, every unit hooked, inputs in place ({n} units)"] = (everything, n)
+    def fitmap_attach(placement, device):
+        def attach():
+            return hooks.attach(model, placement, device).remove
+        return attach
 
-    moving = copy.deepcopy(base)       # every unit on the other label: every hooked call copies its inputs
-    n = len(hooks.attach(moving, {u: other for u in units}, cpu).hooked)
-    variants[f"fitmap hooks, every unit hooked, inputs copied each time ({n} units)"] = (moving, n)
+    def noop_attach():
+        handles = [model.get_submodule(u).register_forward_pre_hook(lambda m, a, k: None, with_kwargs=True)
+                   for u in units]
+        return lambda: [h.remove() for h in handles]
 
-    acc = dispatch_model(copy.deepcopy(base), device_map={u: "cpu" for u in units}, force_hooks=True)
-    n = sum(1 for m in acc.modules() if hasattr(m, "_hf_hook"))
-    variants[f"accelerate dispatch_model, same map ({n} modules)"] = (acc, n)
+    def accelerate_attach():
+        dispatch_model(model, device_map={u: "cpu" for u in units}, force_hooks=True)
+        return lambda: remove_hook_from_submodules(model)
 
+    out: dict[str, tuple[Callable[[], Callable[[], object]], int]] = {"unsplit (no hooks)": (lambda: (lambda: None), 0)}
+    for name, (placement, device) in fitmap_cases.items():
+        detach = fitmap_attach(placement, device)()
+        out[name] = (fitmap_attach(placement, device), len(hooks.boundary_units(placement, device)))
+        detach()
+    out["(floor) a no-op torch pre-hook, same units"] = (noop_attach, len(units))
+    detach = accelerate_attach()
+    n_acc = sum(1 for m in model.modules() if hasattr(m, "_hf_hook"))
+    detach()
+    out["accelerate dispatch_model, same map (force_hooks)"] = (accelerate_attach, n_acc)
+    return out
+
+
+def bench_hooks(blocks: int, steps: int = 10) -> str:
+    import logging
+
+    import torch
+    from transformers import DynamicCache
+
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+    model = tiny_llama()
+    variants = hook_variants(model)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # a tiny model gains nothing from a second thread; one is steadier on a busy machine
-    ids = prompt_ids() % 512
-    state = {}
     wall: dict[str, list[float]] = {name: [] for name in variants}
     cpu_time: dict[str, list[float]] = {name: [] for name in variants}
     items = list(variants.items())
     with torch.no_grad():
-        for name, (model, _) in items:
-            cache = DynamicCache(config=model.config)
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
-            state[name] = (cache, out.logits[:, -1:].argmax(-1))
-        for r in range(rounds + 50):
-            for name, (model, _) in items[r % len(items):] + items[:r % len(items)]:
-                cache, token = state[name]
-                c0, t0 = time.thread_time(), time.perf_counter()
-                model(input_ids=token, past_key_values=cache, use_cache=True)
-                t1, c1 = time.perf_counter(), time.thread_time()
-                cache.crop(-1)   # back to the prompt: every step sees the same cache
-                if r >= 50:
-                    wall[name].append(t1 - t0)
-                    cpu_time[name].append(c1 - c0)
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=prompt_ids() % 512, past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        for b in range(blocks):
+            for name, (attach, _) in items[b % len(items):] + items[:b % len(items)]:
+                detach = attach()
+                for s in range(steps + 1):
+                    c0, t0 = time.thread_time(), time.perf_counter()
+                    model(input_ids=token, past_key_values=cache, use_cache=True)
+                    t1, c1 = time.perf_counter(), time.thread_time()
+                    cache.crop(-1)   # back to the prompt: every step sees the same cache
+                    if s:            # the first step after attaching is not counted
+                        wall[name].append(t1 - t0)
+                        cpu_time[name].append(c1 - c0)
+                detach()
     torch.set_num_threads(threads)
     base_wall = statistics.median(wall["unsplit (no hooks)"])
     base_cpu = statistics.median(cpu_time["unsplit (no hooks)"])
-    lines = [f"Tiny Llama (8 layers, hidden 64, fp32), one decode step at {PROMPT} cached tokens, "
-             f"1 torch thread; median of {rounds} interleaved rounds; wall time, and the CPU time of the "
-             f"calling thread (all the work with 1 torch thread; not inflated when another process takes "
-             f"the core). Load average {_load()}.",
+    lines = [(f"Tiny Llama (8 layers, hidden 64, fp32, 12 units), one decode step at {PROMPT} cached tokens, "
+              f"1 torch thread, one model instance (hooks attached and removed per block of {steps} steps, "
+              f"{blocks} interleaved blocks: {blocks * steps} steps per variant). Medians of wall time and of "
+              f"the calling thread's CPU time (all the work with 1 torch thread; not inflated when another "
+              f"process takes the core). Load average {_load()}."),
              "",
-             "| variant | step, wall | overhead | step, thread CPU | overhead | per hooked module (CPU) |",
-             "|---|---|---|---|---|---|"]
+             ("| variant | modules hooked | step, wall | overhead | step, thread CPU | overhead "
+              "| per hooked module (CPU) |"),
+             "|---|---|---|---|---|---|---|"]
     for name, (_, n) in items:
         tw, tc = statistics.median(wall[name]), statistics.median(cpu_time[name])
         ow = f"{(tw - base_wall) / base_wall:+.1%}" if n else "—"
         oc = f"{(tc - base_cpu) / base_cpu:+.1%}" if n else "—"
         per = f"{(tc - base_cpu) / n * 1e6:+.2f} µs" if n else "—"
-        lines.append(f"| {name} | {tw * 1e3:.3f} ms | {ow} | {tc * 1e3:.3f} ms | {oc} | {per} |")
+        lines.append(f"| {name} | {n} | {tw * 1e3:.3f} ms | {ow} | {tc * 1e3:.3f} ms | {oc} | {per} |")
     return "\n".join(lines)
 
 
@@ -545,7 +604,7 @@ def main() -> None:
     ap.add_argument("--only", default="startup,decode,hooks", help="comma-separated: startup, decode, hooks")
     ap.add_argument("--tokens", type=int, default=10, help="decode: tokens per variant (after one warm-up)")
     ap.add_argument("--warm", type=int, default=3, help="startup: warm runs per variant (median shown)")
-    ap.add_argument("--rounds", type=int, default=2000, help="hooks: interleaved decode steps per variant")
+    ap.add_argument("--blocks", type=int, default=200, help="hooks: interleaved blocks of 10 steps per variant")
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "fitmap-bench-runtime")
     ap.add_argument("--child-startup", nargs=3, metavar=("VARIANT", "PATH", "PLAN"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -571,7 +630,7 @@ def main() -> None:
         print("\n" + bench_compute_floor(path, ram), "\n", flush=True)
     if "hooks" in only:
         print("### Per-token hook overhead (tiny model)\n")
-        print(bench_hooks(args.rounds), "\n", flush=True)
+        print(bench_hooks(args.blocks), "\n", flush=True)
     print(f"(total {time.perf_counter() - start:.0f} s)")
 
 

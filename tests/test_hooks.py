@@ -132,3 +132,25 @@ def test_mover_copies_again_after_an_in_place_change():
         assert mover.to(t, D0) is first
         t.add_(1)
         assert mover.to(t, D0) is not first and mover.copies == 2
+
+
+def test_boundary_copies_work_under_inference_mode():
+    """``fitmap run`` generates under inference_mode, whose tensors have no version counter."""
+    import transformers
+
+    from fitmap import hooks
+    from tests.tiny import config
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config("llama")).eval()
+    units = ["model.embed_tokens", "model.rotary_emb", "model.layers.0", "model.layers.1", "model.layers.2",
+             "model.layers.3", "model.norm", "lm_head"]
+    cpu, other = torch.device("cpu"), torch.device("cpu", 1)   # two labels, as cuda:0 / cuda:1 would be
+    ids = torch.tensor([[1, 5, 7, 9]])
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=5, do_sample=False)
+    h = hooks.attach(model, {u: other if i >= 4 else cpu for i, u in enumerate(units)}, cpu)
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    h.remove()
+    assert torch.equal(out, ref)

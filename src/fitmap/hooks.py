@@ -116,10 +116,11 @@ class Mover:
     def _copy(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
         key = (id(t), device)
         hit = self._memo.get(key)
-        if hit is not None and hit[0]() is t and hit[1] == t._version:
+        version = _version(t)
+        if hit is not None and hit[0]() is t and hit[1] == version:
             return hit[2]
         moved = t.to(device, non_blocking=device.type == "cuda")
-        self._memo[key] = (weakref.ref(t, self._forget(key)), t._version, moved)
+        self._memo[key] = (weakref.ref(t, self._forget(key)), version, moved)
         self.copies += 1
         return moved
 
@@ -134,6 +135,12 @@ class Mover:
 
 
 _CONTAINERS = (tuple, list, dict)
+
+
+def _version(t: torch.Tensor) -> int:
+    """The in-place version counter; inference-mode tensors have none (and are not modified
+    in place by the models we hook within one forward)."""
+    return -1 if t.is_inference() else t._version
 
 
 def on_device(x: Any, device: torch.device) -> bool:

@@ -431,7 +431,7 @@ def set_tensor(model: nn.Module, key: str, t: torch.Tensor) -> None:
     path, _, attr = key.rpartition(".")
     owner = model.get_submodule(path)
     if attr in owner._parameters:
-        owner._parameters[attr] = nn.Parameter(t, requires_grad=False)
+        owner._parameters[attr] = offload.as_parameter(t)
     else:
         owner._buffers[attr] = t
 
