@@ -41,9 +41,9 @@ class DeviceLedger:
 
 @dataclass(frozen=True)
 class Repair:
-    """A fix found by ``fitmap check``: an input-alignment hook or a co-location."""
+    """A fix found by ``fitmap check``: an alignment hook (see :mod:`fitmap.repairs`) or a co-location."""
 
-    kind: str                    # "align-inputs" | "colocate"
+    kind: str                    # "align-inputs" | "align-outputs" | "follow-inputs" | "colocate"
     module: str                  # module path the repair applies to
     device: str                  # device the inputs are moved to / the unit is moved to
     reason: str = ""
