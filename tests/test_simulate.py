@@ -1,6 +1,5 @@
 """The fake-device simulator: device placement, mismatches, memory against real runs."""
 
-import time
 from dataclasses import replace
 
 import pytest
@@ -80,13 +79,11 @@ def test_offloaded_units_stream_through_the_execution_gpu(checkpoints):
     assert gpu.peak_bytes >= on_gpu + block  # ... but pass through it while they run
 
 
-def test_llama_70b_batch4_simulates_quickly_and_cleanly():
+def test_llama_70b_batch4_simulates_cleanly():
+    """(Its speed, a few seconds here, is a benchmark figure, not asserted.)"""
     prep, plan = _prepared("llama-3.1-70b", "4x40GiB", Workload(4, 4096, 1024))
-    t = time.perf_counter()
     report = check(prep.skeleton.config, prep.inventory.task, prep.skeleton, plan)
-    elapsed = time.perf_counter() - t
     assert report.clean and not report.repairs
-    assert elapsed < 30
     gpus = [d for d in report.predicted if d.device.isdigit()]
     assert len(gpus) == 4 and all(d.total_bytes <= d.capacity_bytes for d in gpus)
     # torch allocations alone: 37-39 GiB per GPU at this workload

@@ -1,6 +1,5 @@
 """Vision-language models on fake devices: processor-shaped inputs, hybrid propagation."""
 
-import time
 
 import pytest
 import torch
@@ -114,9 +113,7 @@ def test_catalog_qwen2_vl_7b_prefill_and_decode_with_a_1344_image():
     w = Workload(1, 3000, 1000, ((1344, 1344),))
     prep, plan = _prepared("qwen2-vl-7b", "2x16GiB", w)
     assert plan.fits
-    start = time.perf_counter()
     sim = simulate(prep.skeleton.config, prep.inventory.task, prep.skeleton, plan)
-    elapsed = time.perf_counter() - start
     assert sim.mismatch is None and sim.stage == "done", sim.mismatch and sim.mismatch.message()
     assert sim.image_tokens == 2304  # 96x96 patches, 2x2 merged
     gpus = {d.device: d for d in sim.devices if d.device != "cpu"}
@@ -124,4 +121,3 @@ def test_catalog_qwen2_vl_7b_prefill_and_decode_with_a_1344_image():
     for d in gpus.values():
         assert d.weights_bytes < d.peak_bytes < 16 * 2**30
     assert sum(d.kv_bytes for d in gpus.values()) == 28 * 2 * 4 * 128 * 2 * (3000 + 2304 + 1000)  # the full context after the decode step
-    assert elapsed < 60  # seconds here on an idle machine; generous for a loaded CI box
