@@ -40,7 +40,7 @@ from fitmap.errors import BadInput, CheckpointError, MissingWeights
 from fitmap.inventory import Inventory, inventory
 from fitmap.keys import key_mapper
 from fitmap.plan import Plan
-from fitmap.skeleton import build_model, load_config, tied_parameters
+from fitmap.skeleton import build_model, load_config, share_parameter, tied_parameters
 from fitmap.sizes import GiB
 
 PAGE = 4096
@@ -441,9 +441,7 @@ def retie(model: nn.Module, ties: tuple[tuple[str, ...], ...]) -> None:
     for group in ties:
         loaded = next((model.get_parameter(n) for n in group if not model.get_parameter(n).is_meta), None)
         if loaded is not None:
-            for n in group:
-                path, _, attr = n.rpartition(".")
-                model.get_submodule(path)._parameters[attr] = loaded
+            share_parameter(model, group, loaded)
 
 
 @contextmanager

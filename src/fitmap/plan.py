@@ -121,7 +121,8 @@ class _Component:
 
 
 def components(sk: Skeleton, pins: dict[str, str]) -> list[_Component]:
-    """Units merged by co-location groups, in execution order (input side first, output last)."""
+    """Units merged by co-location groups, in execution order: a group sits where its first
+    unit does, and the skeleton lists the input side first and the output side last."""
     parent = {u.name: u.name for u in sk.units}
 
     def find(x: str) -> str:
@@ -144,17 +145,7 @@ def components(sk: Skeleton, pins: dict[str, str]) -> list[_Component]:
             raise BadInput(f"--pin puts {', '.join(names)} on {sorted(comp_pins)}, but they must stay together")
         offloadable = len(names) == 1 and kinds[names[0]] == "block"
         comps.append(_Component(tuple(names), comp_pins.pop() if comp_pins else None, offloadable))
-    return sorted(comps, key=lambda c: _rank(c, kinds, sk))
-
-
-def _rank(c: _Component, kinds: dict[str, str], sk: Skeleton) -> tuple[int, int]:
-    order = {u.name: i for i, u in enumerate(sk.units)}
-    k = {kinds[n] for n in c.units}
-    if k & {"input", "vision"}:
-        return (0, 0)
-    if "output" in k:
-        return (2, 0)
-    return (1, min(order[n] for n in c.units))
+    return comps
 
 
 def resolve_pins(sk: Skeleton, pins: dict[str, str], machine: Machine) -> dict[str, str]:

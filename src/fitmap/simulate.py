@@ -40,7 +40,7 @@ from torch.utils._pytree import tree_flatten
 from fitmap import hooks, hybrid, repairs
 from fitmap.plan import Plan, Repair
 from fitmap.profile import Profile, UnitCost, text_config
-from fitmap.skeleton import Skeleton, build_model
+from fitmap.skeleton import Skeleton, build_model, share_parameter
 from fitmap.workload import Workload
 
 
@@ -289,10 +289,7 @@ def _move_tensor(m: nn.Module, name: str, device: torch.device) -> None:
 def retie(model: nn.Module, tied: tuple[tuple[str, ...], ...]) -> None:
     """Tied parameters share one tensor: the first name's placement wins (as in a real load)."""
     for names in tied:
-        first = model.get_parameter(names[0])
-        for other in names[1:]:
-            owner, _, attr = other.rpartition(".")
-            model.get_submodule(owner)._parameters[attr] = first
+        share_parameter(model, names, model.get_parameter(names[0]))
 
 
 # --------------------------------------------------------------------------- inputs

@@ -248,6 +248,13 @@ def tied_parameters(model: nn.Module) -> tuple[tuple[str, ...], ...]:
     return tuple(tuple(names) for names in by_storage.values() if len(names) > 1)
 
 
+def share_parameter(model: nn.Module, names: tuple[str, ...], param: nn.Parameter) -> None:
+    """Make every parameter name in ``names`` refer to ``param`` (re-tying after placement)."""
+    for name in names:
+        owner, _, attr = name.rpartition(".")
+        model.get_submodule(owner)._parameters[attr] = param
+
+
 def _make_units(model: nn.Module, paths: list[str], layers_path: str, inv: Inventory,
                 dtype: torch.dtype) -> list[Unit]:
     params = dict(model.named_parameters())

@@ -8,7 +8,7 @@ causal, a decode step attends to the whole cache.
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 
@@ -147,3 +147,32 @@ class PitfallPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, RotaryEmbedding):
             init.copy_(module.inv_freq, rope_inv_freq(module.head_dim))
+
+
+class PitfallTextConfig(PreTrainedConfig):
+    """The text-model sizes every pitfall shares; each model names its own ``model_type``."""
+
+    def __init__(self, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                 num_attention_heads=4, max_position_embeddings=2048, **kwargs):
+        self.vocab_size, self.hidden_size, self.intermediate_size = vocab_size, hidden_size, intermediate_size
+        self.num_hidden_layers, self.num_attention_heads = num_hidden_layers, num_attention_heads
+        self.max_position_embeddings = max_position_embeddings
+        super().__init__(**kwargs)
+
+
+class PitfallCausalLM(PitfallPreTrainedModel, GenerationMixin):
+    """A decoder (``decoder_class``) under an untied ``lm_head``; subclasses write ``forward``."""
+
+    decoder_class = Decoder
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = self.decoder_class(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self):
+        return self.lm_head

@@ -12,12 +12,10 @@ This model declares no ``_no_split_modules``: its blocks are found from the repe
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-from transformers import GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_pitfall_nexttok import PitfallNexttokConfig
-from .pitfall_blocks import Decoder, PitfallPreTrainedModel, new_cache, positions_for
+from .pitfall_blocks import PitfallCausalLM, new_cache, positions_for
 
 
 @dataclass
@@ -25,20 +23,8 @@ class NextTokenOutput(CausalLMOutputWithPast):
     next_input_ids: torch.LongTensor | None = None   # input_ids with the greedy next token appended
 
 
-class PitfallNexttokForCausalLM(PitfallPreTrainedModel, GenerationMixin):
+class PitfallNexttokForCausalLM(PitfallCausalLM):
     config_class = PitfallNexttokConfig
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.model = Decoder(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def get_output_embeddings(self):
-        return self.lm_head
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 use_cache=None, logits_to_keep=0, **kwargs):

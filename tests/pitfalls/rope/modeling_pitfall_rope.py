@@ -6,11 +6,10 @@ over two GPUs, the layers on cuda:1 multiply their queries by tables on cuda:0.
 
 import torch
 from torch import nn
-from transformers import GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_pitfall_rope import PitfallRopeConfig
-from .pitfall_blocks import MLP, PitfallPreTrainedModel, RMSNorm, attend, new_cache, rope_inv_freq
+from .pitfall_blocks import MLP, PitfallCausalLM, RMSNorm, attend, new_cache, rope_inv_freq
 
 
 class CachedRotaryEmbedding(nn.Module):
@@ -85,21 +84,10 @@ class Model(nn.Module):
         return self.norm(x)
 
 
-class PitfallRopeForCausalLM(PitfallPreTrainedModel, GenerationMixin):
+class PitfallRopeForCausalLM(PitfallCausalLM):
     config_class = PitfallRopeConfig
+    decoder_class = Model
     _no_split_modules = ["Block"]
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.model = Model(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def get_output_embeddings(self):
-        return self.lm_head
 
     def forward(self, input_ids=None, past_key_values=None, use_cache=None, logits_to_keep=0, **kwargs):
         cache = new_cache(self, past_key_values, use_cache if use_cache is not None else self.config.use_cache)

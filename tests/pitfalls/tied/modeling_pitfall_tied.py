@@ -4,30 +4,16 @@ and ``lm_head`` with the last layers on GPU 1 still holds ONE tensor (the tie wi
 on GPU 0), so the head multiplies hidden states on cuda:1 by a weight on cuda:0.
 """
 
-from torch import nn
-from transformers import GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_pitfall_tied import PitfallTiedConfig
-from .pitfall_blocks import Decoder, PitfallPreTrainedModel, new_cache, positions_for
+from .pitfall_blocks import PitfallCausalLM, new_cache, positions_for
 
 
-class PitfallTiedForCausalLM(PitfallPreTrainedModel, GenerationMixin):
+class PitfallTiedForCausalLM(PitfallCausalLM):
     config_class = PitfallTiedConfig
     _no_split_modules = ["DecoderLayer"]
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.model = Decoder(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def get_output_embeddings(self):
-        return self.lm_head
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, logits_to_keep=0, **kwargs):
