@@ -26,6 +26,10 @@ class DoesNotFit(FitmapError):
     """The model and workload need more memory than the devices offer."""
 
 
+class OutOfBudget(FitmapError):
+    """A GPU ran out of memory inside the budget its plan set (the request was larger than planned)."""
+
+
 class DeviceMismatch(FitmapError):
     """The model code mixed tensors from two devices (found in simulation or at run time)."""
 

@@ -15,7 +15,7 @@ from typing import TextIO
 import torch
 
 from fitmap import devices, pipeline
-from fitmap.errors import BadInput, DoesNotFit
+from fitmap.errors import BadInput, DoesNotFit, OutOfBudget
 from fitmap.loader import LoadedModel, load
 from fitmap.plan import Plan
 from fitmap.prompting import Prompter
@@ -82,26 +82,54 @@ def start(model_dir: Path, plan: Plan, trust_remote_code: bool,
     sampler = devices.RssSampler().__enter__()
     try:
         return load(model_dir, plan, trust_remote_code=trust_remote_code, readahead=readahead), sampler
+    except torch.OutOfMemoryError as e:
+        sampler.__exit__(None, None, None)
+        raise OutOfBudget(f"a GPU ran out of memory while loading, inside the budgets the plan set "
+                          f"({_budgets(plan)}): {str(e).splitlines()[0][:160]}. Another process may hold "
+                          "memory on it (see nvidia-smi); free it, or re-plan with --gpus naming smaller "
+                          "budgets or a larger --reserve") from None
     except BaseException:
         sampler.__exit__(None, None, None)
         raise
+
+
+def _budgets(plan: Plan) -> str:
+    return ", ".join(f"GPU {d.device}: {fmt_bytes(d.capacity_bytes - d.reserve_bytes)}"
+                     for d in plan.devices if d.device.isdigit())
 
 
 def generate(loaded: LoadedModel, prompter: Prompter, new: int, out: TextIO | None) -> tuple[str, int, float]:
     """Greedy generation of up to ``new`` tokens; streams text to ``out`` when given."""
     import time
 
-
     inputs = prompter.inputs(loaded.input_device)
     streamer = _Streamer(prompter.tokenizer, out) if out is not None else None
     t = time.perf_counter()
-    with torch.inference_mode():
-        ids = loaded.model.generate(**inputs, max_new_tokens=new, do_sample=False, streamer=streamer,
-                                    pad_token_id=prompter.tokenizer.pad_token_id
-                                    or prompter.tokenizer.eos_token_id)
+    try:
+        with torch.inference_mode():
+            ids = loaded.model.generate(**inputs, max_new_tokens=new, do_sample=False, streamer=streamer,
+                                        pad_token_id=prompter.tokenizer.pad_token_id
+                                        or prompter.tokenizer.eos_token_id)
+    except torch.OutOfMemoryError as e:
+        raise OutOfBudget(out_of_budget_message(loaded.plan, int(inputs["input_ids"].shape[1]), new, e)) from None
     seconds = time.perf_counter() - t
     new_ids = ids[0, inputs["input_ids"].shape[1]:]
     return prompter.decode(new_ids), int(new_ids.numel()), seconds
+
+
+def out_of_budget_message(plan: Plan, tokens: int, new: int, error: BaseException) -> str:
+    """One line for a GPU that ran out inside its budget: the budget, what the plan was made for, the fix."""
+    import re
+
+    m = re.search(r"GPU (\d+)", str(error))
+    gpu = m.group(1) if m else next((d.device for d in plan.devices if d.device.isdigit()), "?")
+    led = next((d for d in plan.devices if d.device == gpu), None)
+    budget = f" (budget {fmt_bytes(led.capacity_bytes - led.reserve_bytes)})" if led is not None else ""
+    w = plan.workload
+    made_for = f"batch {w.batch}, {w.prompt} prompt + {w.new} new tokens"
+    return (f"GPU {gpu} ran out of memory{budget} during generation: this request has {tokens} prompt tokens and "
+            f"{new} new, the plan was made for {made_for}. Re-plan for this request (fitmap plan ... --prompt "
+            f"{tokens} --new {new} --out plan.json), or shorten the prompt")
 
 
 class _Streamer:
