@@ -143,7 +143,7 @@ class UsedPeak(threading.Thread):
     def __init__(self, handle, on: bool) -> None:
         super().__init__(daemon=True)
         self.handle, self.on, self.peak = handle, on, 0
-        self._stop = threading.Event()
+        self._done = threading.Event()
 
     def __enter__(self) -> "UsedPeak":
         if self.on:
@@ -152,12 +152,12 @@ class UsedPeak(threading.Thread):
         return self
 
     def run(self) -> None:
-        while not self._stop.wait(0.002):
+        while not self._done.wait(0.002):
             self.peak = max(self.peak, device_used(self.handle))
 
     def __exit__(self, *exc: object) -> None:
         if self.on:
-            self._stop.set()
+            self._done.set()
             self.join()
             self.peak = max(self.peak, device_used(self.handle))
 
@@ -467,16 +467,25 @@ def sec_budget(b: Bench) -> dict:
 
 def _cli_over_budget(b: Bench, llama: Path, plan_file: Path) -> dict:
     """``fitmap run`` with a prompt far over the plan: exit 2 and one line, no traceback."""
-    words = b.scale(60000, 300)
+    words = b.scale(30000, 300)   # one argument may hold at most 128 KiB
     cmd = [sys.executable, "-m", "fitmap.cli", "run", str(llama), "--plan", str(plan_file),
            "--prompt", " ".join(["the"] * words), "--new", "4"]
     if b.gpus:
         cmd[5:5] = ["--gpus", "0:12GiB"]
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    handle = nvml_handle() if b.device.type == "cuda" else None
+    free_all()
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    with UsedPeak(handle, b.device.type == "cuda") as used:
+        base = used.peak
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     err = proc.stderr.strip().splitlines()
-    r = dict(exit_code=proc.returncode, stderr_lines=len(err), stderr_tail=err[-3:], seconds=time.perf_counter() - t)
+    r = dict(exit_code=proc.returncode, stderr_lines=len(err), stderr_tail=err[-3:], seconds=time.perf_counter() - t,
+             driver_used_before=base, driver_used_peak=used.peak, child_driver_peak=used.peak - base)
+    if b.device.type == "cuda":
+        b.row("budget", "fitmap run child, driver's used memory above this process's",
+              f"{(used.peak - base) / GiB:.2f} GiB (CUDA context included)",
+              "inside 12 GiB" if used.peak - base <= 12 * GiB else "OVER 12 GiB")
     good = proc.returncode == 2 and len(err) == 1 and "Traceback" not in proc.stderr
     b.row("budget", f"fitmap run --plan (12 GiB plan) with a {words}-word prompt",
           f"exit {proc.returncode}, {len(err)} stderr line(s): {err[-1][:160] if err else ''}",
@@ -546,8 +555,9 @@ def _rotate(b: Bench, decoders: list[Decoder], tokens: int, between=lambda: None
 
 
 def _tier_rows(b: Bench, section: str, decoders: list[Decoder], bound_s: float, extra: dict) -> dict:
-    out = dict(extra, bound_seconds_per_token=bound_s,
-               same_tokens=len({tuple(d.tokens) for d in decoders}) == 1)
+    n = min(len(d.tokens) for d in decoders)
+    out = dict(extra, bound_seconds_per_token=bound_s, compared_tokens=n,
+               same_tokens=len({tuple(d.tokens[:n]) for d in decoders}) == 1)
     base = None
     for d in decoders:
         t = statistics.median(d.times)
@@ -560,7 +570,7 @@ def _tier_rows(b: Bench, section: str, decoders: list[Decoder], bound_s: float, 
         r = out[d.name]
         b.row(section, d.name, f"{r['tok_per_s']:.2f} tok/s, {r['fraction_of_bound']:.0%} of bound "
               f"({1 / bound_s:.2f} tok/s)", "")
-    b.row(section, "fitmap vs accelerate", f"{speedup:.2f}x; same tokens: {out['same_tokens']}", "")
+    b.row(section, "fitmap vs accelerate", f"{speedup:.2f}x; same first {n} tokens: {out['same_tokens']}", "")
     return out
 
 
@@ -572,12 +582,30 @@ def sec_cpu_tier(b: Bench) -> dict:
     plan, units, nbytes, _ = _offload_plan(b, llama, "cpu")
     pinned, pageable = h2d_bandwidth(b, b.scale(1 << 30, 1 << 20))
     bound = nbytes / pinned if b.device.type == "cuda" else float("nan")
+    from fitmap import offload
+
     lm = load(llama, plan, progress=False)
-    decoders = [Decoder("fitmap (pinned, side-stream prefetch)", lm.model, lm.input_device, vocab, 64)]
+    decoders = [Decoder("fitmap (pinned, two reused device buffers, side-stream prefetch)", lm.model,
+                        lm.input_device, vocab, 64)]
     reset_peak(b)
     _rotate(b, decoders, b.scale(16, 3))
     fit_peak = max_allocated(b)
+    copies = _copies_alone(b, lm)
+    try:
+        profile = _profile(b, decoders[0])
+    except Exception as e:   # the profiler is a diagnosis, not a result
+        profile = f"profiler failed: {type(e).__name__}: {e}"
     lm.close()
+    free_all()
+    offload.RING_BUFFERS, ring = 0, offload.RING_BUFFERS   # the same with copies through the caching allocator
+    try:
+        lm = load(llama, plan, progress=False)
+        alloc = Decoder("fitmap, copies through the caching allocator (record_stream)", lm.model, lm.input_device,
+                        vocab, 64)
+        _rotate(b, [alloc], b.scale(8, 2))
+        lm.close()
+    finally:
+        offload.RING_BUFFERS = ring
     free_all()
     acc = _accelerate_model(b, llama, plan)
     decoders.append(Decoder("transformers/accelerate, same map", acc, b.device, vocab, 64))
@@ -585,12 +613,53 @@ def sec_cpu_tier(b: Bench) -> dict:
     del acc
     free_all()
     extra = dict(offloaded_units=len(units), bytes_per_token=nbytes, pinned_h2d=pinned, pageable_h2d=pageable,
-                 fitmap_max_allocated=fit_peak, stats=vars(lm.offload_stats) if lm.offload_stats else None)
+                 fitmap_max_allocated=fit_peak, copies_alone_seconds=copies, profile=profile)
     if b.device.type == "cuda":
         b.row("cpu_tier", "set-up", f"{len(units)} layers, {nbytes / GB:.2f} GB per token over "
-              f"{pinned / GB:.1f} GB/s pinned ({pageable / GB:.1f} GB/s pageable); fitmap max_allocated "
-              f"{fit_peak / GiB:.2f} GiB", "")
+              f"{pinned / GB:.1f} GB/s pinned ({pageable / GB:.1f} GB/s pageable); the units' copies alone "
+              f"(no compute) {copies * 1e3:.1f} ms; fitmap max_allocated {fit_peak / GiB:.2f} GiB", "")
+    extra["allocator_variant"] = dict(seconds_per_token=statistics.median(alloc.times), times=alloc.times,
+                                      same_tokens=alloc.tokens[:len(decoders[0].tokens)] ==
+                                      decoders[0].tokens[:len(alloc.tokens)])
+    b.row("cpu_tier", alloc.name, f"{1 / statistics.median(alloc.times):.2f} tok/s, "
+          f"{bound / statistics.median(alloc.times):.0%} of bound", "")
     return _tier_rows(b, "cpu_tier", decoders, bound, extra)
+
+
+def _copies_alone(b: Bench, lm) -> float:
+    """Seconds to copy every cpu-tier unit into the device buffers back to back, no compute: the
+    transfer floor with these tensors' sizes (median of 3)."""
+    if lm._offload is None:     # a dry run: cpu units run where they are
+        return float("nan")
+    streamer = lm._offload.streamer
+    ring = streamer.ring
+    host = [s.resting for s in streamer.slots.values() if s.unit.read is None]
+    times = []
+    for _ in range(3):
+        sync(b)
+        t = time.perf_counter()
+        for h in host:
+            ring.release(ring.start(h).buffer)
+        sync(b)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _profile(b: Bench, d: Decoder) -> str:
+    """torch.profiler's table of two decode steps (where host time goes)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if b.device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        d.step(b)
+        d.step(b)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+    (b.root / "profile-cpu-tier.txt").write_text(table)
+    if b.out is not None:
+        (b.out.parent / "profile-cpu-tier.txt").write_text(table)
+    del torch
+    return table
 
 
 def sec_disk_tier(b: Bench) -> dict:
@@ -702,13 +771,12 @@ def sec_hooks(b: Bench) -> dict:
     dev = b.device
 
     def fitmap_attach():
-        # What a split runs on every unit after the first device boundary: the model's memo reset,
-        # InputsTo on each unit (inputs already in place: the fast path), OutputsTo on the model.
+        # What a split runs on every unit after the first device boundary: InputsTo on each unit
+        # (inputs already in place: the fast path), OutputsTo on the model (as fitmap.hooks.attach).
         mover = hooks.Mover()
-        hs = [model.register_forward_pre_hook(mover.reset)]
-        hs += [model.get_submodule(u).register_forward_pre_hook(hooks.InputsTo(dev, mover), with_kwargs=True)
-               for u in units]
-        hs.append(model.register_forward_hook(hooks.OutputsTo(dev, mover)))
+        hs = [model.get_submodule(u).register_forward_pre_hook(hooks.InputsTo(dev, mover), with_kwargs=True)
+              for u in units]
+        hs.append(model.register_forward_hook(hooks.OutputsTo(dev, mover), always_call=True))
         return lambda: [h.remove() for h in hs]
 
     def noop_attach():

@@ -508,8 +508,6 @@ def hook_variants(model) -> dict[str, tuple[Callable[[], Callable[[], object]], 
     cpu, other = torch.device("cpu"), torch.device("cpu", 1)   # "cpu:1": a second device label (a copy, same RAM)
     at = units.index("model.layers.4")
     fitmap_cases = {   # name: (placement, input device)
-        # the first unit elsewhere: every later unit is hooked, its inputs already in place (fast path)
-        "fitmap, every unit hooked, inputs in place": ({u: other if i == 0 else cpu for i, u in enumerate(units)}, cpu),
         # a two-device split: input side on "cpu:1", layers 4+ on cpu (hooked), logits copied back
         "fitmap, 2-device split at layer 4": ({u: other if i < at else cpu for i, u in enumerate(units)}, other),
         # every unit on "cpu:1", inputs on cpu: every hooked call copies its tensors (the Mover path)
@@ -521,6 +519,16 @@ def hook_variants(model) -> dict[str, tuple[Callable[[], Callable[[], object]], 
             return hooks.attach(model, placement, device).remove
         return attach
 
+    def in_place_attach():
+        # What a split runs on every unit after its first device boundary, with no tensor to move:
+        # the model's memo reset and output hook, InputsTo on each unit (its fast path).
+        mover = hooks.Mover()
+        handles = [model.register_forward_pre_hook(mover.reset)]
+        handles += [model.get_submodule(u).register_forward_pre_hook(hooks.InputsTo(cpu, mover), with_kwargs=True)
+                    for u in units]
+        handles.append(model.register_forward_hook(hooks.OutputsTo(cpu, mover), always_call=True))
+        return lambda: [h.remove() for h in handles]
+
     def noop_attach():
         handles = [model.get_submodule(u).register_forward_pre_hook(lambda m, a, k: None, with_kwargs=True)
                    for u in units]
@@ -531,6 +539,7 @@ def hook_variants(model) -> dict[str, tuple[Callable[[], Callable[[], object]], 
         return lambda: remove_hook_from_submodules(model)
 
     out: dict[str, tuple[Callable[[], Callable[[], object]], int]] = {"unsplit (no hooks)": (lambda: (lambda: None), 0)}
+    out["fitmap, every unit hooked, inputs in place"] = (in_place_attach, len(units))
     for name, (placement, device) in fitmap_cases.items():
         detach = fitmap_attach(placement, device)()
         out[name] = (fitmap_attach(placement, device), len(hooks.boundary_units(placement, device)))

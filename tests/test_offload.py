@@ -145,3 +145,51 @@ def test_planned_by_fitmap_then_loaded(checkpoints, references, tmp_path):
     with loader.load(d, plan, progress=False) as lm:
         got = lm.model.generate(input_ids=TEXT_IDS, max_new_tokens=8, do_sample=False)
     assert torch.equal(got, references["llama"][0])
+
+
+class Chain(nn.Module):
+    """Square Linear blocks, each with its own weights: a block run with another's weights shows."""
+
+    def __init__(self, blocks: int, width: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(blocks))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = torch.tanh(b(x))
+        return x
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("slow", ["compute", "copy"])
+def test_ring_orders_copies_and_compute(slow):
+    """cpu-tier units through the two reused device buffers give the all-GPU result exactly, whether
+    the compute is slower than the copies (a copy must wait before overwriting a buffer still being
+    read) or the copies are slower (a unit must wait for its copy); no memory is allocated per unit."""
+    import copy
+
+    torch.manual_seed(0)
+    width = 4096 if slow == "copy" else 512
+    model = Chain(6, width)
+    x = torch.randn(8, width)
+    dev = torch.device("cuda", 0)
+    with torch.no_grad():
+        want = copy.deepcopy(model).to(dev)(x.to(dev))
+    units = [offload.Offloaded(f"blocks.{i}", ("weight", "bias")) for i in range(6)]
+    off = offload.attach(model, units, dev)
+    if slow == "compute":
+        for b in model.blocks:
+            b.register_forward_pre_hook(lambda m, a: torch.cuda._sleep(2_000_000))   # ~1 ms on the compute stream
+    assert len(off.streamer.ring.buffers) == 2 and model.blocks[0].weight.is_pinned()
+    with torch.no_grad():
+        model(x.to(dev))
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated(dev)
+        for _ in range(4):
+            got = model(x.to(dev))
+            assert torch.equal(got, want)
+        torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated(dev) - before < 1 << 20
+    assert model.blocks[3].weight.device.type == "cpu"     # host tensors back between forwards
+    off.close()

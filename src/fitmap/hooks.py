@@ -53,7 +53,7 @@ def attach(model: nn.Module, placement: Placement, input_device: torch.device,
     mover = Mover()
     targets = [(p, torch.device(d)) for p, d in boundary_units(placement, torch.device(input_device))]
     targets += [(p, torch.device(d)) for p, d in align]
-    handles = [model.register_forward_pre_hook(mover.reset)]
+    handles = []
     hooked = []
     for path, device in targets:
         module = module_or_none(model, path)
@@ -61,7 +61,8 @@ def attach(model: nn.Module, placement: Placement, input_device: torch.device,
             continue
         handles.append(module.register_forward_pre_hook(InputsTo(device, mover), with_kwargs=True))
         hooked.append(path)
-    handles.append(model.register_forward_hook(OutputsTo(torch.device(input_device), mover)))
+    if hooked:   # outputs may come from another device; the memo of copies is dropped at the end of each forward
+        handles.append(model.register_forward_hook(OutputsTo(torch.device(input_device), mover), always_call=True))
     return Hooks(handles, tuple(hooked), mover)
 
 
@@ -97,11 +98,18 @@ class Mover:
 
     def __init__(self) -> None:
         self._memo: dict[tuple[int, torch.device], tuple[weakref.ref, int, torch.Tensor]] = {}
+        self._seen: dict[torch.device, dict[int, Any]] = {}
         self.copies = 0            # tensors actually copied (for tests and reports)
 
     def reset(self, *_: Any) -> None:
-        """Forward pre-hook of the top-level model: a new forward, a new memo."""
+        """Forget the forward (at its end): nothing of it stays referenced."""
         self._memo.clear()
+        for seen in self._seen.values():
+            seen.clear()
+
+    def seen(self, device: torch.device) -> dict[int, Any]:
+        """Keyword values found on ``device`` in this forward (see :class:`InputsTo`)."""
+        return self._seen.setdefault(device, {})
 
     def to(self, x: Any, device: torch.device) -> Any:
         """``x`` with every tensor inside tuples/lists/dicts on ``device``; other objects as is."""
@@ -164,17 +172,61 @@ def on_device(x: Any, device: torch.device) -> bool:
     return True
 
 
+_NOTHING_TO_MOVE = (type(None), bool, int, float, str)
+
+
 class InputsTo:
-    """Forward pre-hook (with kwargs): move a module's tensor inputs to ``device``."""
+    """Forward pre-hook (with kwargs): move a module's tensor inputs to ``device``.
+
+    Runs on every hooked call, so it is built to cost little more than an empty hook.
+    Positional arguments (the hidden state: a new tensor per unit) are checked each
+    time. Keyword values are mostly the parent's broadcast tensors and objects (the
+    cache), the same for every unit of a forward: one found already on ``device`` is
+    remembered, keyed by ``id``, and skipped at the next units. Tensors and objects are
+    remembered through a weak reference (no hidden state is kept alive, and a reused
+    id cannot hit: the reference is dead by then and its callback drops the entry);
+    tuples, which cannot be weakly referenced, until the forward ends. Values that
+    must move go through the :class:`Mover` and its memo.
+    """
 
     def __init__(self, device: torch.device, mover: Mover) -> None:
         self.device = device
         self.mover = mover
+        self.in_place = mover.seen(device)
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if on_device(args, self.device) and on_device(kwargs, self.device):
+        device = self.device
+        moved_args = args if on_device(args, device) else self.mover.to(args, device)
+        in_place = self.in_place
+        changed = None
+        for key, value in kwargs.items():
+            known = in_place.get(id(value))
+            if known is value or type(value) in _NOTHING_TO_MOVE or (known is not None and known() is value):
+                continue
+            if on_device(value, device):
+                if type(value) is tuple:            # immutable: kept until the forward ends (OutputsTo)
+                    in_place[id(value)] = value
+                elif type(value) not in _CONTAINERS:   # lists and dicts can change: looked at each time
+                    _remember(in_place, value)
+                continue
+            if changed is None:
+                changed = dict(kwargs)
+            changed[key] = self.mover.to(value, device)
+        if changed is None and moved_args is args:
             return None   # fast path: nothing to move
-        return self.mover.to(args, self.device), self.mover.to(kwargs, self.device)
+        return moved_args, kwargs if changed is None else changed
+
+
+def _remember(table: dict[int, weakref.ref], value: Any) -> None:
+    key = id(value)
+
+    def drop(ref: weakref.ref) -> None:
+        if table.get(key) is ref:
+            del table[key]
+    try:
+        table[key] = weakref.ref(value, drop)
+    except TypeError:   # not weak-referenceable: looked at each time
+        pass
 
 
 class OutputsTo:
@@ -185,9 +237,12 @@ class OutputsTo:
         self.mover = mover
 
     def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        if isinstance(output, dict) and type(output) is not dict:   # a ModelOutput
-            for k, v in output.items():
-                if not on_device(v, self.device):
-                    output[k] = self.mover.to(v, self.device)
-            return output
-        return None if on_device(output, self.device) else self.mover.to(output, self.device)
+        try:
+            if isinstance(output, dict) and type(output) is not dict:   # a ModelOutput
+                for k, v in output.items():
+                    if not on_device(v, self.device):
+                        output[k] = self.mover.to(v, self.device)
+                return output
+            return None if on_device(output, self.device) else self.mover.to(output, self.device)
+        finally:
+            self.mover.reset()   # nothing of this forward stays referenced until the next one

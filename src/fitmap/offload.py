@@ -3,8 +3,12 @@ the execution device, with the next unit's weights on their way while the
 current one computes.
 
 * ``cpu`` tier, GPU execution: weights stay in pinned host memory; a pre-hook
-  swaps in device copies made on a side stream, a post-hook swaps the host
-  tensors back (the device copies are freed).
+  swaps in device copies made on a side stream into one of two device buffers
+  reused for the whole run (a ring, each the size of the largest unit: the plan's
+  stream buffer), a post-hook swaps the host tensors back. Events order the
+  buffers: a copy waits until the compute that read the buffer's previous unit
+  is done, and a unit's compute waits for its copy; the host never waits, and
+  the caching allocator is not involved.
 * ``disk`` tier: weights are read from the ORIGINAL checkpoint (mmap'd
   safetensors) when the unit is about to run, by a read-ahead thread one unit
   ahead; after the unit's forward they are dropped (back to ``meta``), so RAM
@@ -126,8 +130,11 @@ class Streamer:
         self.next: dict[str, str | None] = dict(zip(order, order[1:] + [None]))
         self.last = ENTRY
         self.pending: tuple[str, Future] | None = None
+        self.running: dict[str, Fetched] = {}
         self.stats = Stats()
         self.copier = _Copier.for_device(device)
+        host = [s.resting for s in self.slots.values() if s.unit.read is None]
+        self.ring = _Ring.for_units(device, host)   # cpu-tier units on a GPU: reused device buffers
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="fitmap-readahead") if readahead else None
 
     def start_forward(self, *_: object) -> None:
@@ -144,11 +151,16 @@ class Streamer:
     def leave(self, path: str) -> None:
         slot = self.slots[path]
         _put(slot.targets, slot.resting)
+        fetched = self.running.pop(path, None)
+        if fetched is not None and fetched.buffer is not None:
+            self.ring.release(fetched.buffer)
 
     def close(self) -> None:
         self.pending = None
+        self.running.clear()
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
+        self.ring = _Ring.for_units(self.device, [])   # the device buffers go with the model
 
     # -- fetching
     def _take(self, path: str) -> Weights:
@@ -157,8 +169,11 @@ class Streamer:
             fut = self.pending[1]
             self.pending = None
             self.stats.prefetched += 1
-            return self.copier.ready(fut.result())
-        return self.copier.ready(self._fetch(path))
+            fetched = fut.result()
+        else:
+            fetched = self._fetch(path)
+        self.running[path] = fetched
+        return self.copier.ready(fetched)
 
     def _prefetch(self, path: str | None) -> None:
         if not self.readahead or path is None or (self.pending and self.pending[0] == path):
@@ -175,6 +190,8 @@ class Streamer:
 
     def _fetch(self, path: str) -> "Fetched":
         slot = self.slots[path]
+        if slot.unit.read is None and self.ring.buffers:
+            return self.ring.start(slot.resting)    # called on the main thread only
         host = slot.resting if slot.unit.read is None else slot.unit.read()
         return self.copier.start(host)
 
@@ -212,6 +229,7 @@ def _put(targets: Mapping[str, tuple[nn.Module, str]], weights: Mapping[str, tor
 class Fetched:
     weights: Weights
     event: object = None       # torch.cuda.Event when the copy ran on a side stream
+    buffer: int | None = None  # ring buffer holding ``weights`` (cpu tier on a GPU)
 
 
 class _Copier:
@@ -245,6 +263,70 @@ class _CudaCopier(_Copier):
     def ready(self, fetched: Fetched) -> Weights:
         main = torch.cuda.current_stream(self.device)
         main.wait_event(fetched.event)
-        for t in fetched.weights.values():
-            t.record_stream(main)    # made on the side stream: freed only after main's use
+        if fetched.buffer is None:
+            for t in fetched.weights.values():
+                t.record_stream(main)    # made on the side stream: freed only after main's use
         return fetched.weights
+
+
+ALIGN = 256          # bytes: each tensor in a ring buffer starts on an allocation-aligned offset
+RING_BUFFERS = 2     # device buffers for cpu-tier units (0: copies through the caching allocator instead)
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def packed_bytes(weights: Weights) -> int:
+    """Bytes ``weights`` take packed one after another in a ring buffer."""
+    return sum(_aligned(t.numel() * t.element_size()) for t in weights.values())
+
+
+class _Ring:
+    """Two device buffers, each the size of the largest cpu-tier unit, reused for the whole run.
+
+    A unit's weights are copied (side stream, from pinned host memory) into the next
+    buffer, as views packed in it. Before the copy, the side stream waits for the event
+    recorded on the compute stream when the buffer's previous unit left; the compute
+    stream waits for the copy's event before the unit runs. Nothing blocks the host, and
+    no device memory is allocated or freed per unit. At most two units are live (the one
+    running and the one prefetched), so two buffers never hand out one that is in use.
+    """
+
+    def __init__(self, device: torch.device, nbytes: int, count: int = 2) -> None:
+        self.device = device
+        self.buffers = [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(count)] if nbytes else []
+        self.freed: list[object] = [None] * len(self.buffers)   # compute-stream event: last reader done
+        self.turn = 0
+        self.stream = torch.cuda.Stream(device) if self.buffers else None
+
+    @classmethod
+    def for_units(cls, device: torch.device, host_units: Sequence[Weights]) -> "_Ring":
+        if device.type != "cuda" or not host_units or RING_BUFFERS == 0:
+            return cls(device, 0)
+        return cls(device, max(packed_bytes(w) for w in host_units), RING_BUFFERS)
+
+    def start(self, host: Weights) -> Fetched:
+        index = self.turn
+        self.turn = (index + 1) % len(self.buffers)
+        buf = self.buffers[index]
+        weights: Weights = {}
+        with torch.cuda.stream(self.stream):
+            if self.freed[index] is not None:
+                self.stream.wait_event(self.freed[index])
+            offset = 0
+            for key, t in host.items():
+                n = t.numel() * t.element_size()
+                view = buf[offset:offset + n].view(t.dtype).view(t.shape)
+                view.copy_(t, non_blocking=True)
+                weights[key] = view
+                offset += _aligned(n)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return Fetched(weights, event, index)
+
+    def release(self, index: int) -> None:
+        """The unit in buffer ``index`` has been run (enqueued): the next copy into it waits for that."""
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        self.freed[index] = event
