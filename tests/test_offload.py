@@ -162,11 +162,13 @@ class Chain(nn.Module):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("buffers", [2, 4])
 @pytest.mark.parametrize("slow", ["compute", "copy"])
-def test_ring_orders_copies_and_compute(slow):
-    """cpu-tier units through the two reused device buffers give the all-GPU result exactly, whether
+def test_ring_orders_copies_and_compute(slow, buffers):
+    """cpu-tier units through the reused device buffers give the all-GPU result exactly, whether
     the compute is slower than the copies (a copy must wait before overwriting a buffer still being
-    read) or the copies are slower (a unit must wait for its copy); no memory is allocated per unit."""
+    read) or the copies are slower (a unit must wait for its copy), with one unit or several in flight;
+    no memory is allocated per unit."""
     import copy
 
     torch.manual_seed(0)
@@ -177,11 +179,11 @@ def test_ring_orders_copies_and_compute(slow):
     with torch.no_grad():
         want = copy.deepcopy(model).to(dev)(x.to(dev))
     units = [offload.Offloaded(f"blocks.{i}", ("weight", "bias")) for i in range(6)]
-    off = offload.attach(model, units, dev)
+    off = offload.attach(model, units, dev, ring_buffers=buffers)
     if slow == "compute":
         for b in model.blocks:
             b.register_forward_pre_hook(lambda m, a: torch.cuda._sleep(2_000_000))   # ~1 ms on the compute stream
-    assert len(off.streamer.ring.buffers) == 2 and model.blocks[0].weight.is_pinned()
+    assert len(off.streamer.ring.buffers) == buffers and model.blocks[0].weight.is_pinned()
     with torch.no_grad():
         model(x.to(dev))
         torch.cuda.synchronize()

@@ -527,11 +527,30 @@ def _runtime(model: nn.Module, layout: Layout, ckpt: Checkpoint, targets: Mappin
     try:
         boundary.handles.extend(repairs.apply(model, plan.repairs, _runs_on))
         streamed = offloaded_units(model, layout, ckpt, targets)
-        off = offload.attach(model, streamed, layout.execution, readahead) if streamed else None
+        off = (offload.attach(model, streamed, layout.execution, readahead, ring_buffers(plan, model, streamed))
+               if streamed else None)
     except BaseException:
         boundary.remove()
         raise
     return LoadedModel(model, input_device, plan, _hooks=boundary, _offload=off)
+
+
+MAX_RING = 8           # device buffers for cpu-tier units, at most
+
+
+def ring_buffers(plan: Plan, model: nn.Module, streamed: list[offload.Offloaded]) -> int:
+    """Device buffers for the cpu-tier units: the two the plan charges (its stream buffer),
+    plus as many more as the execution GPU has free in the plan after a margin (10% of what
+    the plan puts there, at least 1 GiB), up to ``MAX_RING``. More buffers let copies run
+    further ahead of a host that is slow to launch the units before them."""
+    unit_bytes = [sum(t.numel() * t.element_size() for k, t in model.get_submodule(u.path).state_dict().items()
+                      if k in u.keys) for u in streamed if u.read is None]
+    ledger = next((d for d in plan.devices if d.device == plan.execution_device), None)
+    if not unit_bytes or ledger is None:
+        return 2
+    used = ledger.total_bytes - ledger.reserve_bytes
+    spare = ledger.capacity_bytes - ledger.total_bytes - max(used // 10, GiB)
+    return min(MAX_RING, 2 + max(0, spare) // max(max(unit_bytes), 1))
 
 
 def offloaded_units(model: nn.Module, layout: Layout, ckpt: Checkpoint,

@@ -65,12 +65,15 @@ class Offload:
         self.streamer.close()
 
 
-def attach(model: nn.Module, units: Sequence[Offloaded], device: torch.device, readahead: bool = True) -> Offload:
+def attach(model: nn.Module, units: Sequence[Offloaded], device: torch.device, readahead: bool = True,
+           ring_buffers: int = 2) -> Offload:
     """Hook ``units`` (in execution order) of ``model`` to run on ``device`` with weights streamed in.
 
     Disk units must hold ``meta`` placeholders; cpu units must hold their host tensors.
+    ``ring_buffers``: device buffers for cpu-tier units on a GPU, each the size of the
+    largest (at least 2; more let copies run further ahead of a slow host).
     """
-    streamer = Streamer(model, units, torch.device(device), readahead)
+    streamer = Streamer(model, units, torch.device(device), readahead, ring_buffers)
     handles = [model.register_forward_pre_hook(streamer.start_forward)]
     for u in units:
         module = model.get_submodule(u.path)
@@ -120,33 +123,40 @@ class Stats:
 
 
 class Streamer:
-    """Brings offloaded units' weights in just in time, one unit ahead."""
+    """Brings offloaded units' weights in just in time, ahead of their forward.
 
-    def __init__(self, model: nn.Module, units: Sequence[Offloaded], device: torch.device, readahead: bool) -> None:
+    Prefetches follow the order learned from the last forward: cpu-tier units on a GPU
+    as many ahead as the ring has buffers to spare (``ring_buffers - 1``: the copies
+    keep the copy engine busy while the host is still launching earlier units), disk
+    units one ahead on the read-ahead thread.
+    """
+
+    def __init__(self, model: nn.Module, units: Sequence[Offloaded], device: torch.device, readahead: bool,
+                 ring_buffers: int = 2) -> None:
         self.device = device
         self.readahead = readahead
         self.slots = {u.path: _slot(model, u, device) for u in units}
         order = [ENTRY] + [u.path for u in units]
         self.next: dict[str, str | None] = dict(zip(order, order[1:] + [None]))
         self.last = ENTRY
-        self.pending: tuple[str, Future] | None = None
+        self.pending: list[tuple[str, Future]] = []     # in the order the units should run
         self.running: dict[str, Fetched] = {}
         self.stats = Stats()
         self.copier = _Copier.for_device(device)
         host = [s.resting for s in self.slots.values() if s.unit.read is None]
-        self.ring = _Ring.for_units(device, host)   # cpu-tier units on a GPU: reused device buffers
+        self.ring = _Ring.for_units(device, host, ring_buffers)   # cpu-tier units on a GPU: reused device buffers
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="fitmap-readahead") if readahead else None
 
     def start_forward(self, *_: object) -> None:
-        """Model pre-hook: the first offloaded unit of the last forward starts loading now."""
+        """Model pre-hook: the first offloaded units of the last forward start loading now."""
         self.last = ENTRY
-        self._prefetch(self.next.get(ENTRY))
+        self._prefetch_after(ENTRY)
 
     def enter(self, path: str) -> None:
         self.next[self.last] = path       # learn the order actually run
         self.last = path
         _put(self.slots[path].targets, self._take(path))
-        self._prefetch(self.next.get(path))
+        self._prefetch_after(path)
 
     def leave(self, path: str) -> None:
         slot = self.slots[path]
@@ -156,37 +166,64 @@ class Streamer:
             self.ring.release(fetched.buffer)
 
     def close(self) -> None:
-        self.pending = None
+        self._drop_pending()
         self.running.clear()
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
-        self.ring = _Ring.for_units(self.device, [])   # the device buffers go with the model
+        self.ring = _Ring.for_units(self.device, [], 0)   # the device buffers go with the model
 
     # -- fetching
     def _take(self, path: str) -> Weights:
         self.stats.fetched += 1
-        if self.pending is not None and self.pending[0] == path:
-            fut = self.pending[1]
-            self.pending = None
+        if self.pending and self.pending[0][0] == path:
+            fetched = self.pending.pop(0)[1].result()
             self.stats.prefetched += 1
-            fetched = fut.result()
         else:
+            # Another unit runs than the ones prefetched: drop them. Ring copies in flight stay
+            # ordered on the side stream, and every buffer's previous unit has left by now.
+            self._drop_pending()
             fetched = self._fetch(path)
         self.running[path] = fetched
         return self.copier.ready(fetched)
 
-    def _prefetch(self, path: str | None) -> None:
-        if not self.readahead or path is None or (self.pending and self.pending[0] == path):
-            return
-        if self.pending is not None:
-            self.pending[1].cancel()
+    def _drop_pending(self) -> None:
+        for _, fut in self.pending:
+            fut.cancel()
             self.stats.wasted += 1
-        if self.slots[path].unit.read is None:   # host tensors: the copy itself is asynchronous
+        self.pending = []
+
+    def _prefetch_after(self, path: str) -> None:
+        """Start fetches for the units expected after ``path``, as deep as each tier allows."""
+        if not self.readahead:
+            return
+        queued = {p for p, _ in self.pending}
+        ring_room = max(len(self.ring.buffers) - 1, 1) - sum(1 for p in queued if self._on_ring(p))
+        disk_room = 1 - sum(1 for p in queued if not self._on_ring(p))
+        nxt, steps = self.next.get(path), len(self.slots)
+        while nxt is not None and nxt != path and steps > 0:   # the learned order may loop: bounded
+            steps -= 1
+            if nxt not in queued:
+                on_ring = self._on_ring(nxt)
+                if (ring_room if on_ring else disk_room) <= 0:
+                    return
+                self.pending.append((nxt, self._start(nxt)))
+                queued.add(nxt)
+                if on_ring:
+                    ring_room -= 1
+                else:
+                    disk_room -= 1
+            nxt = self.next.get(nxt)
+
+    def _on_ring(self, path: str) -> bool:
+        """cpu-tier units (host tensors), whose copies need no thread."""
+        return self.slots[path].unit.read is None
+
+    def _start(self, path: str) -> Future:
+        if self._on_ring(path):    # host tensors: the copy itself is asynchronous
             fut: Future = Future()
             fut.set_result(self._fetch(path))
-        else:                                    # disk: read on the read-ahead thread
-            fut = self.pool.submit(self._fetch, path)
-        self.pending = (path, fut)
+            return fut
+        return self.pool.submit(self._fetch, path)   # disk: read on the read-ahead thread
 
     def _fetch(self, path: str) -> "Fetched":
         slot = self.slots[path]
@@ -270,7 +307,7 @@ class _CudaCopier(_Copier):
 
 
 ALIGN = 256          # bytes: each tensor in a ring buffer starts on an allocation-aligned offset
-RING_BUFFERS = 2     # device buffers for cpu-tier units (0: copies through the caching allocator instead)
+USE_RING = True      # False: cpu-tier copies go through the caching allocator (kept for comparison in bench/)
 
 
 def _aligned(n: int) -> int:
@@ -283,14 +320,15 @@ def packed_bytes(weights: Weights) -> int:
 
 
 class _Ring:
-    """Two device buffers, each the size of the largest cpu-tier unit, reused for the whole run.
+    """Device buffers (two or more), each the size of the largest cpu-tier unit, reused for the whole run.
 
     A unit's weights are copied (side stream, from pinned host memory) into the next
     buffer, as views packed in it. Before the copy, the side stream waits for the event
     recorded on the compute stream when the buffer's previous unit left; the compute
     stream waits for the copy's event before the unit runs. Nothing blocks the host, and
-    no device memory is allocated or freed per unit. At most two units are live (the one
-    running and the one prefetched), so two buffers never hand out one that is in use.
+    no device memory is allocated or freed per unit. Buffers are handed out in turn and
+    at most ``len(buffers)`` units are live (one running, the rest prefetched), so a
+    buffer handed out is never one a live unit uses.
     """
 
     def __init__(self, device: torch.device, nbytes: int, count: int = 2) -> None:
@@ -301,10 +339,10 @@ class _Ring:
         self.stream = torch.cuda.Stream(device) if self.buffers else None
 
     @classmethod
-    def for_units(cls, device: torch.device, host_units: Sequence[Weights]) -> "_Ring":
-        if device.type != "cuda" or not host_units or RING_BUFFERS == 0:
+    def for_units(cls, device: torch.device, host_units: Sequence[Weights], count: int) -> "_Ring":
+        if device.type != "cuda" or not host_units or not USE_RING or count < 1:
             return cls(device, 0)
-        return cls(device, max(packed_bytes(w) for w in host_units), RING_BUFFERS)
+        return cls(device, max(packed_bytes(w) for w in host_units), max(2, count))
 
     def start(self, host: Weights) -> Fetched:
         index = self.turn
