@@ -109,3 +109,17 @@ def test_sliding_window_layers_keep_their_window(checkpoints):
     full = 300 * per_token  # prompt + new: the decode step appended the last token
     # gemma2 alternates sliding (window 32) and full layers
     assert sorted(kv) == sorted([full, full, kv[0], kv[0]]) and min(kv) < full / 4
+
+
+@pytest.mark.parametrize("family,workload", [("llama", Workload(1, 32, 8)),
+                                             ("qwen2_vl", Workload(1, 32, 4, ((112, 112),)))])
+def test_simulation_runs_as_on_a_machine_with_cuda(checkpoints, monkeypatch, family, workload):
+    """With CUDA present, FakeTensorMode lifts ``torch.tensor(..., device="meta:0")`` to plain
+    ``meta`` (transformers' DynamicLayer makes its empty KV that way); the simulator must keep
+    the index, or every simulation on a GPU machine falls back to the analytic estimate
+    (found by bench/gpu.py on an H200)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(FakeTensorMode, "avoid_device_init", property(lambda self: False))
+    _, plan = _prepared(checkpoints(family), "2x80GiB", workload, estimate="simulate")
+    assert plan.estimate == "simulate"

@@ -212,10 +212,21 @@ def _read_twins(data: Any, twins: RealTwins) -> Any:
 
 @contextlib.contextmanager
 def _tensor_reads_twins(twins: RealTwins) -> Iterator[None]:
-    """``torch.tensor([...0-dim tensors...])`` reads values below the dispatcher; give it the twins."""
+    """``torch.tensor([...0-dim tensors...])`` reads values below the dispatcher; give it the twins.
+
+    Also keeps a fake device's index: on a machine with CUDA, ``FakeTensorMode`` lifts
+    ``torch.tensor(data, device="meta:1")`` to plain ``meta`` (the index dropped), and the
+    next op mixing it with ``meta:1`` tensors fails ("Unhandled FakeTensor Device
+    Propagation ... meta, meta:1"). transformers' ``DynamicLayer`` makes its empty KV
+    tensors that way. Made on the CPU and moved, the tensor keeps its device."""
     original = torch.tensor
 
     def tensor(data, *args, **kwargs):
+        device = kwargs.get("device")
+        if device is not None:
+            device = torch.device(device)
+            if device.type == "meta" and device.index is not None:
+                return original(_read_twins(data, twins), *args, **dict(kwargs, device="cpu")).to(device)
         return original(_read_twins(data, twins), *args, **kwargs)
 
     torch.tensor = tensor
