@@ -56,6 +56,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))
 
+from fitmap.compat import cache_kwarg  # noqa: E402  (no torch import: --help stays fast)
+
 GB = 1e9
 GiB = 1 << 30
 SECTIONS = ("fidelity", "budget", "cpu_tier", "disk_tier", "startup", "hooks")
@@ -219,7 +221,6 @@ def write_llama(b: Bench) -> Path:
     path = b.root / ("llama-tiny" if b.dry else "llama-3.1-8b-random")
     if (path / "done").exists():
         return path
-    import torch
     import transformers
 
     from fitmap.demo import _tokenizer
@@ -411,7 +412,6 @@ def _measure(b: Bench, handle, plan, model, inputs: dict, new: int, case: str, w
 def sec_budget(b: Bench) -> dict:
     import torch
 
-    from fitmap.errors import FitmapError
     from fitmap.run import start
     from fitmap.workload import Workload
 
@@ -505,7 +505,7 @@ class Decoder:
         self.times: list[float] = []
         with torch.inference_mode():
             self.cache = DynamicCache(config=model.config)
-            out = model(input_ids=random_ids(1, prompt, vocab).to(device), past_key_values=self.cache,
+            out = model(input_ids=random_ids(1, prompt, vocab).to(device), **{cache_kwarg(model): self.cache},
                         use_cache=True)
         self.token = out.logits[:, -1:].argmax(-1)
         self.tokens = [int(self.token)]
@@ -517,7 +517,7 @@ class Decoder:
         sync(b)
         start = time.perf_counter()
         with torch.inference_mode():
-            out = self.model(input_ids=self.token, past_key_values=self.cache, use_cache=True)
+            out = self.model(input_ids=self.token, **{cache_kwarg(self.model): self.cache}, use_cache=True)
             self.token = out.logits[:, -1:].argmax(-1)
         self.tokens.append(int(self.token))   # reads the token back: waits for the GPU
         return time.perf_counter() - start
@@ -812,7 +812,7 @@ def sec_hooks(b: Bench) -> dict:
     steps, blocks = 20, b.scale(30, 2)
     with torch.inference_mode():
         cache = DynamicCache(config=model.config)
-        out = model(input_ids=random_ids(1, 16, 1024).to(dev), past_key_values=cache, use_cache=True)
+        out = model(input_ids=random_ids(1, 16, 1024).to(dev), **{cache_kwarg(model): cache}, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
         for blk in range(blocks):
             for name, attach in items[blk % len(items):] + items[:blk % len(items)]:
@@ -820,7 +820,7 @@ def sec_hooks(b: Bench) -> dict:
                 for s in range(steps + 1):
                     sync(b)
                     t0 = time.perf_counter()
-                    model(input_ids=token, past_key_values=cache, use_cache=True)
+                    model(input_ids=token, **{cache_kwarg(model): cache}, use_cache=True)
                     sync(b)
                     if s:
                         times[name].append(time.perf_counter() - t0)
@@ -836,8 +836,6 @@ def sec_hooks(b: Bench) -> dict:
     floor = res["(floor) no-op torch pre-hook, same units"]["overhead"]
     b.row("hooks", "fitmap minus floor", f"{(fit - floor) * 100:+.1f} points",
           "within 1 point" if fit - floor <= 0.01 else "MORE than 1 point over the floor")
-    del model
-    free_all()
     return res
 
 

@@ -61,6 +61,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from fitmap.compat import cache_kwarg  # noqa: E402
+
 CKPT_VERSION = "llama-h2048-l18-kv4-bf16-v1"
 LAYERS = 18
 DISK_LAYERS = range(12, 18)          # the last third, where fitmap's planner puts them under a tight --cpu
@@ -349,7 +351,7 @@ class Decoder:
         self.times: list[float] = []
         with torch.no_grad():
             self.cache = DynamicCache(config=model.config)
-            out = model(input_ids=prompt_ids().to(device), past_key_values=self.cache, use_cache=True)
+            out = model(input_ids=prompt_ids().to(device), **{cache_kwarg(model): self.cache}, use_cache=True)
         self.token = out.logits[:, -1:].argmax(-1)
         self.tokens = [int(self.token)]
 
@@ -359,7 +361,7 @@ class Decoder:
         evict(self.evicts)
         start = time.perf_counter()
         with torch.no_grad():
-            out = self.model(input_ids=self.token, past_key_values=self.cache, use_cache=True)
+            out = self.model(input_ids=self.token, **{cache_kwarg(self.model): self.cache}, use_cache=True)
             self.token = out.logits[:, -1:].argmax(-1)
         elapsed = time.perf_counter() - start
         self.tokens.append(int(self.token))
@@ -568,14 +570,14 @@ def bench_hooks(blocks: int, steps: int = 10) -> str:
     items = list(variants.items())
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
-        out = model(input_ids=prompt_ids() % 512, past_key_values=cache, use_cache=True)
+        out = model(input_ids=prompt_ids() % 512, **{cache_kwarg(model): cache}, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
         for b in range(blocks):
             for name, (attach, _) in items[b % len(items):] + items[:b % len(items)]:
                 detach = attach()
                 for s in range(steps + 1):
                     c0, t0 = time.thread_time(), time.perf_counter()
-                    model(input_ids=token, past_key_values=cache, use_cache=True)
+                    model(input_ids=token, **{cache_kwarg(model): cache}, use_cache=True)
                     t1, c1 = time.perf_counter(), time.thread_time()
                     cache.crop(-1)   # back to the prompt: every step sees the same cache
                     if s:            # the first step after attaching is not counted

@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fitmap import pipeline  # noqa: E402
+from fitmap.compat import cache_kwarg, cache_of  # noqa: E402
 from fitmap.devices import make_machine  # noqa: E402
 from fitmap.simulate import grow_cache, simulate, _decode_inputs  # noqa: E402
 from fitmap.workload import Workload  # noqa: E402
@@ -67,12 +68,12 @@ def measured_peak(path: Path, w: Workload) -> int:
     with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                                  profile_memory=True) as prof:
         out = model(**inputs, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        cache = cache_of(out)
         full = w.prompt + w.new - 1
         grow_cache(cache, full)
         next_ids = out.logits[:, -1:].argmax(-1)
         del out
-        model(**_decode_inputs(inputs, next_ids, full), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(**_decode_inputs(inputs, next_ids, full), **{cache_kwarg(model): cache}, use_cache=True, logits_to_keep=1)
         del cache
     return _integrate(prof)
 

@@ -10,6 +10,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from fitmap import hooks
+from fitmap.compat import cache_kwarg, cache_of
 from fitmap.skeleton import build_model
 from tests.tiny import config
 
@@ -64,11 +65,11 @@ def test_fake_split_prefill_and_decode_with_hooks(fake_llama):
     with mode, torch.no_grad():
         ids = torch.randint(0, 512, (2, 7)).to(D0)
         cache = DynamicCache(config=model.config)
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, output_hidden_states=True)
+        out = model(input_ids=ids, **{cache_kwarg(model): cache}, use_cache=True, output_hidden_states=True)
         assert out.logits.device == D0 and out.logits.shape == (2, 7, 512)
         assert {t.device for t in out.hidden_states} == {D0}
         assert [layer.keys.device for layer in cache.layers] == [D0, D0, D1, D1]   # KV stays per layer
-        step = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
+        step = model(input_ids=out.logits[:, -1:].argmax(-1), **{cache_kwarg(model): cache_of(out)}, use_cache=True)
         assert step.logits.device == D0 and step.logits.shape == (2, 1, 512)
         assert cache.get_seq_length() == 8
     h.remove()

@@ -92,3 +92,29 @@ def test_demo_checkpoint_is_made_once(tmp_path):
     stamp = (first / "config.json").stat().st_mtime_ns
     assert demo_checkpoint(tmp_path) == first and (first / "config.json").stat().st_mtime_ns == stamp
     assert json.loads((first / "config.json").read_text())["model_type"] == "qwen2_vl"
+
+
+def test_out_of_memory_inside_the_budget_is_one_line(vlm, monkeypatch, capsys):
+    """A request larger than its plan runs out of GPU memory inside the budget fitmap set: the user
+    gets one line with the budget, what the plan was made for and the fix, and exit 2 (on a GPU this
+    is bench/gpu.py's budget section; here torch's error is raised where generate would raise it)."""
+    import torch
+
+    from fitmap import loader
+
+    path, _ = vlm
+    real_load = loader.load
+
+    def load_then_fail(*args, **kwargs):
+        lm = real_load(*args, **kwargs)
+
+        def oom(*a, **k):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity")
+        lm.model.generate = oom
+        return lm
+
+    monkeypatch.setattr("fitmap.run.load", load_then_fail)
+    code = main(["run", str(path), "--prompt", "hello there", "--new", "3"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "GPU 0 ran out of memory" in err and "Re-plan for this request" in err and "--prompt" in err

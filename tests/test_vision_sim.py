@@ -8,6 +8,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fitmap import hybrid, pipeline
 from fitmap.catalog_models import build_config, catalog_entry
+from fitmap.compat import cache_of
 from fitmap.devices import make_machine
 from fitmap.errors import BadInput
 from fitmap.profile import image_shape
@@ -96,14 +97,14 @@ def test_fake_run_computes_the_real_runs_positions_and_a_real_run_accepts_the_in
         out = real_model(**inputs, use_cache=True)
     seq = TINY.prompt + tokens
     assert out.logits.shape == (2, seq, cfg.text_config.vocab_size)
-    assert out.past_key_values.get_seq_length() == seq
+    assert cache_of(out).get_seq_length() == seq
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode, torch.no_grad(), hybrid.propagation(mode) as twins:
         model = build_model(cfg, "image-text-to-text", torch.float32).eval()
         fake_inputs, _ = vision_inputs(cfg, TINY, torch.device("cpu"), torch.float32)
         fake_out = model(**fake_inputs, use_cache=True, logits_to_keep=1)
-        assert fake_out.past_key_values.get_seq_length() == seq
+        assert cache_of(fake_out).get_seq_length() == seq
         deltas = twins.real(model.model.rope_deltas)
     assert deltas is not None and torch.equal(deltas, real_model.model.rope_deltas)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 import sys
 from typing import Callable, Sequence
 
@@ -84,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--plan", metavar="PLAN.json", help="run this plan (made by fitmap plan --out)")
         _machine_args(p)
     sub.add_parser("demo", help="plan + check a full-size VLM, then run a small random one with disk offload")
+    p = sub.add_parser("calibrate", help="measure this machine once (GPU fixed cost, copy and disk rates) for plan")
+    p.add_argument("--disk", metavar="DIR", help="directory on the disk to measure (default: fitmap's cache)")
+    p.add_argument("--size", default="512MiB", help="test file size for the disk read (default 512MiB)")
+    p.add_argument("--show", action="store_true", help="print the saved calibration, measure nothing")
+    p.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
@@ -136,10 +142,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         result = checked.plan
     if args.out:
         result.save(args.out)
+    speed = report.offload_speed(result)
     if args.json:
-        print(json.dumps(result.to_json() | (_check_json(checked) if checked else {}), indent=2))
+        print(json.dumps(result.to_json() | (_check_json(checked) if checked else {}) | speed, indent=2))
     else:
         report.print_plan(planned)
+        report.print_machine_notes(req.machine, result, speed)
         if checked:
             report.print_check(checked)
     if not result.fits:
@@ -264,9 +272,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo()
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from fitmap import calibrate
+
+    if args.show:
+        cal = calibrate.load()
+        if cal is None:
+            raise BadInput(f"no calibration of this machine in {calibrate.saved_path()}; run fitmap calibrate")
+    else:
+        from fitmap.sizes import parse_size
+
+        size = parse_size(args.size)
+        if size < 16 << 20:
+            raise BadInput(f"--size {args.size} is too small to time a disk read; use at least 16MiB")
+        cal = calibrate.measure(Path(args.disk) if args.disk else None, size)
+        path = calibrate.save(cal)
+    if args.json:
+        print(json.dumps(cal.to_json(), indent=2))
+    else:
+        for line in calibrate.describe(cal):
+            print(line)
+        if not args.show:
+            print(f"saved to {path}; fitmap plan uses it for the GPUs it detects and for offload speed")
+    return 0
+
+
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "inspect": cmd_inspect, "plan": cmd_plan, "check": cmd_check, "run": cmd_run, "chat": cmd_chat,
-    "demo": cmd_demo,
+    "demo": cmd_demo, "calibrate": cmd_calibrate,
 }
 
 

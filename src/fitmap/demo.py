@@ -11,15 +11,15 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
+from fitmap.cache import cache_dir
+
 CATALOG_MODEL = "qwen2-vl-7b"
-CACHE_ENV = "FITMAP_CACHE"
 DEMO_NAME = "qwen2-vl-tiny-random-v1"
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
             "<|image_pad|>", "<|video_pad|>"]
@@ -32,11 +32,6 @@ CHAT_TEMPLATE = (
     "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-
-def cache_dir() -> Path:
-    root = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fitmap"
-    return Path(root)
 
 
 def demo_checkpoint(root: Path | None = None) -> Path:

@@ -48,6 +48,7 @@ class GpuSpec:
     reserve: int         # bytes kept free for context/workspace/fragmentation
     name: str = ""       # e.g. "NVIDIA A100-SXM4-40GB", or "hypothetical"
     detected: bool = False
+    reserve_source: str = "default"   # "default" (512 MiB + 2%) | "calibrated" | "--reserve"
 
 
 @dataclass(frozen=True)
@@ -148,13 +149,26 @@ def parse_gpus(text: str | None, reserve: int | None = None) -> tuple[GpuSpec, .
             raise BadInput(_missing_gpu_message(index, hardware, cap_text))
         name, total = hardware[index]
         cap = min(parse_size(cap_text), total) if cap_text else total
-        specs.append(GpuSpec(index, cap, _reserve(cap, reserve), name, detected=True))
+        specs.append(_detected_spec(index, name, cap, reserve))
     _reject_duplicates(specs, text)
     return tuple(specs)
 
 
 def _reserve(capacity: int, override: int | None) -> int:
     return default_reserve(capacity) if override is None else override
+
+
+def _detected_spec(index: int, name: str, capacity: int, override: int | None) -> GpuSpec:
+    """A detected GPU; its reserve from ``--reserve``, else this machine's calibration, else the default."""
+    if override is not None:
+        return GpuSpec(index, capacity, override, name, True, "--reserve")
+    from fitmap import calibrate
+
+    cal = calibrate.load()
+    measured = cal.gpu(index, name) if cal is not None else None
+    if measured is not None:
+        return GpuSpec(index, capacity, measured.reserve(capacity), name, True, "calibrated")
+    return GpuSpec(index, capacity, default_reserve(capacity), name, True)
 
 
 def _missing_gpu_message(index: int, hardware: list[tuple[str, int]], cap_text: str) -> str:

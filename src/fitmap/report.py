@@ -84,6 +84,45 @@ def print_plan(plan: Plan) -> None:
     console.print("[green]fits[/]" if plan.fits else f"[red]does not fit[/]: short by {fmt_bytes(plan.shortfall_bytes)}")
 
 
+def offload_speed(plan: Plan) -> dict:
+    """``{"offload_speed": ...}``: per offload tier, bytes per decode step and the measured rate
+    that bounds it (from ``fitmap calibrate``); ``{}`` when nothing is offloaded."""
+    from fitmap import calibrate
+
+    if not any(d.device in ("cpu", "disk") and d.weights_bytes for d in plan.devices):
+        return {}
+    cal = calibrate.load()
+    if cal is None:
+        return {"offload_speed": {"calibrated": False}}
+    speeds = calibrate.offload_speeds(plan, cal)
+    best = calibrate.expected_tokens_per_second(speeds)
+    return {"offload_speed": {
+        "calibrated": True, "measured_at": cal.measured_at,
+        "tiers": [{"tier": s.tier, "bytes_per_token": s.bytes_per_token, "bytes_per_second": s.rate,
+                   "via": s.via, "seconds_per_token": s.seconds} for s in speeds],
+        "max_tokens_per_second": best}}
+
+
+def print_machine_notes(machine, plan: Plan, speed: dict) -> None:
+    """Where each GPU's reserve came from, and what the offload tiers allow per token."""
+    sources = {g.reserve_source for g in machine.gpus if g.detected}
+    if "calibrated" in sources:
+        console.print("reserve: measured by fitmap calibrate")
+    elif "default" in sources:
+        console.print("reserve: default (512 MiB + 2% of each card); fitmap calibrate measures this machine's")
+    info = speed.get("offload_speed")
+    if info is None:
+        return
+    if not info["calibrated"]:
+        console.print("offload speed: unknown on this machine; fitmap calibrate measures its copy and disk rates")
+        return
+    parts = [f"{t['tier']} tier {fmt_bytes(t['bytes_per_token'])}/token at {t['bytes_per_second'] / 1e9:.2f} GB/s "
+             f"({t['via']})" for t in info["tiers"]]
+    best = info["max_tokens_per_second"]
+    if best:
+        console.print(f"offload bounds decode at {best:.2f} tok/s: {'; '.join(parts)}")
+
+
 def _unit(ledgers) -> tuple[str, int]:
     """GiB for real machines, MiB when every RAM/GPU budget is under 1 GiB (tiny models)."""
     compute = [d.capacity_bytes for d in ledgers if d.device != "disk"] or [GiB]

@@ -37,7 +37,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from fitmap import hooks, hybrid, repairs
+from fitmap import compat, hooks, hybrid, repairs
 from fitmap.plan import Plan, Repair
 from fitmap.profile import Profile, UnitCost, text_config
 from fitmap.skeleton import Skeleton, build_model, share_parameter
@@ -460,14 +460,14 @@ def _simulate_steps(run: _Run, config, task: str, sk: Skeleton, workload: Worklo
     try:
         with t:
             out = run.model(**inputs, use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
+            cache = compat.cache_of(out)
             stage = "decode"
             full = workload.prompt + image_tokens + workload.new - 1
             grow_cache(cache, full)
             next_ids = out.logits[:, -1:].argmax(-1).to(run.input_device)
             step = _decode_inputs(inputs, next_ids, full)
             del out
-            run.model(**step, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            run.model(**step, **{compat.cache_kwarg(run.model): cache}, use_cache=True, logits_to_keep=1)
             stage = "done"
             kv = _cache_bytes(cache)
     except RuntimeError:
