@@ -36,6 +36,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     nbytes: int
     file: str                  # file name inside the model directory
+    offset: int = -1           # safetensors: byte offset of the data in the file (-1: not known)
 
 
 @dataclass(frozen=True)
@@ -188,10 +189,10 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{file} has an unreadable header (not JSON); the file is corrupt, re-download it") from None
     header.pop("__metadata__", None)
-    return {name: _tensor_info(file, name, spec, size - 8 - n) for name, spec in header.items()}
+    return {name: _tensor_info(file, name, spec, size - 8 - n, 8 + n) for name, spec in header.items()}
 
 
-def _tensor_info(file: Path, name: str, spec: object, data_size: int) -> TensorInfo:
+def _tensor_info(file: Path, name: str, spec: object, data_size: int, data_start: int) -> TensorInfo:
     try:
         dtype, shape, (begin, end) = spec["dtype"], tuple(spec["shape"]), spec["data_offsets"]  # type: ignore[index]
     except (KeyError, TypeError, ValueError):
@@ -211,7 +212,7 @@ def _tensor_info(file: Path, name: str, spec: object, data_size: int) -> TensorI
             f"{file}: tensor {name!r} has shape {list(shape)} {dtype} ({numel * DTYPE_BYTES[dtype]} bytes) "
             f"but {end - begin} bytes of data; the file is corrupt"
         )
-    return TensorInfo(name, dtype, shape, end - begin, file.name)
+    return TensorInfo(name, dtype, shape, end - begin, file.name, data_start + begin)
 
 
 def _bin_files(path: Path) -> tuple[str, ...]:

@@ -35,9 +35,9 @@ from typing import Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from fitmap import hooks, offload, repairs
+from fitmap import diskread, hooks, offload, repairs
 from fitmap.errors import BadInput, CheckpointError, MissingWeights
-from fitmap.inventory import Inventory, inventory
+from fitmap.inventory import Inventory, TensorInfo, inventory
 from fitmap.keys import key_mapper
 from fitmap.plan import Plan
 from fitmap.skeleton import build_model, load_config, share_parameter, tied_parameters
@@ -230,6 +230,7 @@ class Checkpoint:
     nbytes: Mapping[str, int]                  # model key -> bytes on disk
     dtypes: Mapping[str, torch.dtype]          # model key -> dtype the model built it with (floats cast to it)
     converted: tuple[str, ...] = ()            # checkpoint keys that need a merge/split fitmap does not do
+    infos: Mapping[str, TensorInfo] = field(default_factory=dict)   # model key -> checkpoint tensor
 
     @classmethod
     def index(cls, inv: Inventory, model: nn.Module) -> "Checkpoint":
@@ -240,7 +241,7 @@ class Checkpoint:
                    where={k: (inv.tensors[c].file, c) for k, c in names.items()},
                    nbytes={k: inv.tensors[c].nbytes for k, c in names.items()},
                    dtypes={k: built[k].dtype for k in names},
-                   converted=converted)
+                   converted=converted, infos={k: inv.tensors[c] for k, c in names.items()})
 
     def check_complete(self, model: nn.Module) -> None:
         """Every parameter (and persistent buffer we cannot compute) must be in the checkpoint."""
@@ -526,9 +527,9 @@ def _runtime(model: nn.Module, layout: Layout, ckpt: Checkpoint, targets: Mappin
     boundary = hooks.attach(model, placement, input_device)
     try:
         boundary.handles.extend(repairs.apply(model, plan.repairs, _runs_on))
-        streamed = offloaded_units(model, layout, ckpt, targets)
-        off = (offload.attach(model, streamed, layout.execution, readahead, ring_buffers(plan, model, streamed))
-               if streamed else None)
+        streamed, disk_ahead = offloaded_units(model, layout, ckpt, targets, plan, readahead)
+        off = (offload.attach(model, streamed, layout.execution, readahead, ring_buffers(plan, model, streamed),
+                              disk_ahead) if streamed else None)
     except BaseException:
         boundary.remove()
         raise
@@ -553,19 +554,52 @@ def ring_buffers(plan: Plan, model: nn.Module, streamed: list[offload.Offloaded]
     return min(MAX_RING, 2 + max(0, spare) // max(max(unit_bytes), 1))
 
 
-def offloaded_units(model: nn.Module, layout: Layout, ckpt: Checkpoint,
-                    targets: Mapping[str, torch.device | None]) -> list[offload.Offloaded]:
-    """Disk units (read per forward) and, on a GPU, cpu units (copied in per forward), in execution order."""
+def offloaded_units(model: nn.Module, layout: Layout, ckpt: Checkpoint, targets: Mapping[str, torch.device | None],
+                    plan: Plan, readahead: bool) -> tuple[list[offload.Offloaded], int]:
+    """Disk units (read per forward) and, on a GPU, cpu units (copied in per forward), in execution
+    order; and how many disk units may be read ahead (the read buffers there are, less one)."""
     streamed = streamed_units(model, layout)
-    out = []
-    for name, p in layout.units.items():
-        if name not in streamed:
-            continue
-        keys = [k for k in model.get_submodule(name).state_dict(keep_vars=True)
-                if p.tier == "cpu" or targets[f"{name}.{k}"] is None]
-        read = ckpt.reader({k: f"{name}.{k}" for k in keys}) if p.tier == "disk" else None
-        out.append(offload.Offloaded(name, tuple(keys), read))
-    return out
+    keys = {name: [k for k in model.get_submodule(name).state_dict(keep_vars=True)
+                   if p.tier == "cpu" or targets[f"{name}.{k}"] is None]
+            for name, p in layout.units.items() if name in streamed}
+    disk = {name: {k: f"{name}.{k}" for k in ks} for name, ks in keys.items() if layout.units[name].tier == "disk"}
+    readers, ahead = disk_readers(ckpt, disk, plan, readahead, pinned=layout.execution.type == "cuda")
+    out = [offload.Offloaded(name, tuple(ks), readers.get(name)) for name, ks in keys.items()]
+    return out, ahead
+
+
+MAX_READ_BUFFERS = 8    # disk units in RAM at once, at most (one running, the rest read ahead)
+
+
+def disk_readers(ckpt: Checkpoint, disk: Mapping[str, Mapping[str, str]], plan: Plan, readahead: bool,
+                 pinned: bool) -> tuple[dict[str, Callable[[], object]], int]:
+    """A reader per disk unit, and how many units may be read ahead.
+
+    safetensors checkpoints are read with large positioned reads into a pool of reused
+    buffers (:mod:`fitmap.diskread`): two, plus as many as the RAM the plan leaves free
+    holds (after a margin of 10% of what it uses there, at least 1 GiB), up to
+    ``MAX_READ_BUFFERS``. Other formats and dtypes go through the mmap reader, one ahead.
+    """
+    if not disk:
+        return {}, 1
+    infos = {name: {rel: (ckpt.infos.get(k), ckpt.dtypes[k]) for rel, k in ks.items()} for name, ks in disk.items()}
+    if ckpt.format != "safetensors" or not all(
+            i is not None and diskread.readable([i]) for unit in infos.values() for i, _ in unit.values()):
+        return {name: ckpt.reader(ks) for name, ks in disk.items()}, 1
+    spans = {name: diskread.spans(ckpt.directory, unit) for name, unit in infos.items()}
+    size = max(diskread.buffer_bytes(s) for s in spans.values())
+    count = _read_buffers(plan, size) if readahead else 2
+    pool = diskread.Buffers(size, count, pinned)
+    return {name: diskread.UnitReader(s, pool) for name, s in spans.items()}, count - 1
+
+
+def _read_buffers(plan: Plan, size: int) -> int:
+    ledger = next((d for d in plan.devices if d.device == "cpu"), None)
+    if ledger is None or size <= 0:
+        return 2
+    used = ledger.total_bytes - ledger.reserve_bytes
+    spare = ledger.capacity_bytes - ledger.total_bytes - max(used // 10, GiB)
+    return min(MAX_READ_BUFFERS, 2 + max(0, spare) // size)
 
 
 def release(model: nn.Module) -> None:

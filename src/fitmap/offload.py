@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -47,7 +47,9 @@ class Offloaded:
 
     path: str                                       # unit module path
     keys: tuple[str, ...]                           # state-dict keys (relative to ``path``) streamed in
-    read: Callable[[], Weights] | None = None       # disk tier: reads ``keys`` (CPU tensors)
+    read: Callable[[], Any] | None = None           # disk tier: reads ``keys`` (CPU tensors): a Weights
+    # dict, or an object with ``.weights`` and ``.release(copied_event=None)`` (a reused buffer,
+    # given back when the unit has run or its copy to the GPU is done: fitmap.diskread.HostRead).
     # ``read`` None: cpu tier, the module's current (host) tensors are the source
 
 
@@ -66,14 +68,15 @@ class Offload:
 
 
 def attach(model: nn.Module, units: Sequence[Offloaded], device: torch.device, readahead: bool = True,
-           ring_buffers: int = 2) -> Offload:
+           ring_buffers: int = 2, disk_ahead: int = 1) -> Offload:
     """Hook ``units`` (in execution order) of ``model`` to run on ``device`` with weights streamed in.
 
     Disk units must hold ``meta`` placeholders; cpu units must hold their host tensors.
     ``ring_buffers``: device buffers for cpu-tier units on a GPU, each the size of the
-    largest (at least 2; more let copies run further ahead of a slow host).
+    largest (at least 2; more let copies run further ahead of a slow host). ``disk_ahead``:
+    disk units read ahead at most (their readers must have that many buffers to spare).
     """
-    streamer = Streamer(model, units, torch.device(device), readahead, ring_buffers)
+    streamer = Streamer(model, units, torch.device(device), readahead, ring_buffers, disk_ahead)
     handles = [model.register_forward_pre_hook(streamer.start_forward)]
     for u in units:
         module = model.get_submodule(u.path)
@@ -128,13 +131,15 @@ class Streamer:
     Prefetches follow the order learned from the last forward: cpu-tier units on a GPU
     as many ahead as the ring has buffers to spare (``ring_buffers - 1``: the copies
     keep the copy engine busy while the host is still launching earlier units), disk
-    units one ahead on the read-ahead thread.
+    units ``disk_ahead`` ahead, read one after another on the read-ahead thread from
+    the top of each forward, so the disk works while the RAM/GPU layers compute.
     """
 
     def __init__(self, model: nn.Module, units: Sequence[Offloaded], device: torch.device, readahead: bool,
-                 ring_buffers: int = 2) -> None:
+                 ring_buffers: int = 2, disk_ahead: int = 1) -> None:
         self.device = device
         self.readahead = readahead
+        self.disk_ahead = max(1, disk_ahead)
         self.slots = {u.path: _slot(model, u, device) for u in units}
         order = [ENTRY] + [u.path for u in units]
         self.next: dict[str, str | None] = dict(zip(order, order[1:] + [None]))
@@ -162,8 +167,10 @@ class Streamer:
         slot = self.slots[path]
         _put(slot.targets, slot.resting)
         fetched = self.running.pop(path, None)
-        if fetched is not None and fetched.buffer is not None:
-            self.ring.release(fetched.buffer)
+        if fetched is not None:
+            if fetched.buffer is not None:
+                self.ring.release(fetched.buffer)
+            _release_host(fetched)
 
     def close(self) -> None:
         self._drop_pending()
@@ -188,7 +195,8 @@ class Streamer:
 
     def _drop_pending(self) -> None:
         for _, fut in self.pending:
-            fut.cancel()
+            if not fut.cancel():    # read, or being read: its host buffer goes back when it is done
+                fut.add_done_callback(_release_when_done)
             self.stats.wasted += 1
         self.pending = []
 
@@ -198,7 +206,7 @@ class Streamer:
             return
         queued = {p for p, _ in self.pending}
         ring_room = max(len(self.ring.buffers) - 1, 1) - sum(1 for p in queued if self._on_ring(p))
-        disk_room = 1 - sum(1 for p in queued if not self._on_ring(p))
+        disk_room = self.disk_ahead - sum(1 for p in queued if not self._on_ring(p))
         nxt, steps = self.next.get(path), len(self.slots)
         while nxt is not None and nxt != path and steps > 0:   # the learned order may loop: bounded
             steps -= 1
@@ -227,10 +235,29 @@ class Streamer:
 
     def _fetch(self, path: str) -> "Fetched":
         slot = self.slots[path]
-        if slot.unit.read is None and self.ring.buffers:
-            return self.ring.start(slot.resting)    # called on the main thread only
-        host = slot.resting if slot.unit.read is None else slot.unit.read()
-        return self.copier.start(host)
+        if slot.unit.read is None:
+            if self.ring.buffers:
+                return self.ring.start(slot.resting)    # called on the main thread only
+            return self.copier.start(slot.resting)
+        host = slot.unit.read()
+        weights = host if isinstance(host, dict) else host.weights
+        fetched = self.copier.start(weights)
+        if fetched.event is not None and not isinstance(host, dict):
+            host.release(fetched.event)      # the buffer is free once its copy to the GPU is done
+        else:
+            fetched.host = None if isinstance(host, dict) else host   # given back when the unit has run
+        return fetched
+
+
+def _release_host(fetched: "Fetched") -> None:
+    if fetched.host is not None:
+        fetched.host.release()
+        fetched.host = None
+
+
+def _release_when_done(fut: Future) -> None:
+    if not fut.cancelled() and fut.exception() is None:
+        _release_host(fut.result())
 
 
 def _slot(model: nn.Module, unit: Offloaded, device: torch.device) -> _Slot:
@@ -267,6 +294,7 @@ class Fetched:
     weights: Weights
     event: object = None       # torch.cuda.Event when the copy ran on a side stream
     buffer: int | None = None  # ring buffer holding ``weights`` (cpu tier on a GPU)
+    host: Any = None           # a disk read's host buffer, given back when the unit has run (CPU execution)
 
 
 class _Copier:
