@@ -16,6 +16,7 @@ those copies are asynchronous).
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
 from dataclasses import dataclass
@@ -89,10 +90,34 @@ def _span(path: Path, run: list[tuple[str, TensorInfo, torch.dtype]]) -> Span:
 
 
 # --------------------------------------------------------------------------- buffers
+BLOCK = 4096              # O_DIRECT: file offsets, lengths and memory addresses aligned to this
+
+
+def _down(n: int) -> int:
+    return n // BLOCK * BLOCK
+
+
+def _up(n: int) -> int:
+    return (n + BLOCK - 1) // BLOCK * BLOCK
+
+
+def region(span: Span) -> tuple[int, int]:
+    """(file offset, bytes) of the block-aligned region that holds ``span``."""
+    start = _down(span.offset)
+    return start, _up(span.offset + span.nbytes) - start
+
+
+def buffer_bytes(unit_spans: Sequence[Span]) -> int:
+    """Bytes of buffer a unit's spans take, each read as its block-aligned region."""
+    return sum(region(s)[1] for s in unit_spans)
+
+
 class Buffer:
     def __init__(self, nbytes: int, pinned: bool) -> None:
-        self.data = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
-        self.view = memoryview(self.data.numpy())     # writable: reads land here
+        self.raw = torch.empty(nbytes + BLOCK, dtype=torch.uint8, pin_memory=pinned)
+        skip = -self.raw.data_ptr() % BLOCK                 # the usable part starts block-aligned
+        self.data = self.raw[skip:skip + nbytes]
+        self.view = memoryview(self.raw.numpy())[skip:skip + nbytes]   # writable: reads land here
         self.copied: object = None                    # CUDA event of the last copy out of it
 
 
@@ -133,18 +158,6 @@ class HostRead:
             self.buffer = None
 
 
-ALIGN = 64   # bytes: each span starts on an aligned offset of its buffer
-
-
-def _aligned(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
-
-
-def buffer_bytes(unit_spans: Sequence[Span]) -> int:
-    """Bytes of buffer a unit's spans take, each span aligned."""
-    return sum(_aligned(s.nbytes) for s in unit_spans)
-
-
 class UnitReader:
     """Reads one disk unit: ``reader()`` -> :class:`HostRead`."""
 
@@ -157,15 +170,17 @@ class UnitReader:
         try:
             weights, needs_buffer, at = {}, False, 0
             for span in self.spans:
-                _read_into(span, buf.view[at:at + span.nbytes])
+                start, size = region(span)
+                _read_region(span.file, start, span.offset + span.nbytes - start, buf.view[at:at + size])
+                base = at + span.offset - start
                 for p in span.pieces:
-                    t = _as_tensor(buf.data[at + p.start:at + p.start + p.nbytes], p)
+                    t = _as_tensor(buf.data[base + p.start:base + p.start + p.nbytes], p)
                     if p.target != p.dtype and t.is_floating_point():
                         t = t.to(p.target)               # a copy: the buffer is not needed for it
-                    elif t.data_ptr() and buf.data.data_ptr() <= t.data_ptr() < buf.data.data_ptr() + buf.data.numel():
+                    elif t.numel() and _inside(t, buf.data):
                         needs_buffer = True
                     weights[p.key] = t
-                at += _aligned(span.nbytes)
+                at += size
         except BaseException:
             self.pool.release(buf)
             raise
@@ -173,6 +188,10 @@ class UnitReader:
             self.pool.release(buf)
             return HostRead(weights, None, None)
         return HostRead(weights, buf, self.pool)
+
+
+def _inside(t: torch.Tensor, data: torch.Tensor) -> bool:
+    return data.data_ptr() <= t.data_ptr() < data.data_ptr() + data.numel()
 
 
 def _as_tensor(raw: torch.Tensor, p: Piece) -> torch.Tensor:
@@ -185,17 +204,37 @@ def _as_tensor(raw: torch.Tensor, p: Piece) -> torch.Tensor:
         return raw.clone().view(p.dtype).view(p.shape)
 
 
-def _read_into(span: Span, target: memoryview) -> None:
+_NO_DIRECT: set[Path] = set()     # directories where O_DIRECT was refused (tmpfs, some network file systems)
+
+
+def _read_region(path: Path, start: int, needed: int, target: memoryview) -> None:
+    """Read at least ``needed`` bytes of ``path`` from block-aligned ``start`` into ``target``
+    (a block-aligned region of a buffer). With ``O_DIRECT`` the disk writes straight into the
+    buffer: no copy through the page cache on this machine's cores, and no page cache filled
+    with weights that will not fit there anyway. Falls back to buffered reads."""
+    direct = getattr(os, "O_DIRECT", 0) and path.parent not in _NO_DIRECT
     try:
-        fd = os.open(span.file, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
     except OSError as e:
-        raise CheckpointError(f"cannot open {span.file}: {e.strerror}; the file is missing, re-download it") from None
+        if direct and e.errno == errno.EINVAL:
+            _NO_DIRECT.add(path.parent)
+            return _read_region(path, start, needed, target)
+        raise CheckpointError(f"cannot open {path}: {e.strerror}; the file is missing, re-download it") from None
     try:
         done = 0
-        while done < span.nbytes:
-            n = os.preadv(fd, [target[done:min(span.nbytes, done + MAX_READ)]], span.offset + done)
+        while done < needed:
+            try:
+                n = os.preadv(fd, [target[done:min(len(target), done + MAX_READ)]], start + done)
+            except OSError as e:
+                if direct and e.errno == errno.EINVAL:
+                    _NO_DIRECT.add(path.parent)
+                    os.close(fd)
+                    fd = os.open(path, os.O_RDONLY)
+                    direct = 0
+                    continue
+                raise CheckpointError(f"cannot read {path}: {e.strerror}; re-download the file") from None
             if n == 0:
-                raise CheckpointError(f"{span.file} ended at byte {span.offset + done}, inside a tensor: "
+                raise CheckpointError(f"{path} ended at byte {start + done}, inside a tensor: "
                                       "the file is truncated, re-download it")
             done += n
     finally:
