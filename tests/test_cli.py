@@ -63,3 +63,24 @@ def test_console_script_exit_code():
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "not a catalog name" in proc.stderr
+
+
+@pytest.mark.parametrize("value", ["false", "False", 0, 1, None, "yes"])
+def test_trust_remote_code_must_be_a_real_bool(value, tmp_path):
+    """A non-empty string is truthy: ``trust_remote_code="false"`` must not run a repository's code."""
+    import fitmap
+    from fitmap import loader, skeleton
+
+    with pytest.raises(fitmap.BadInput, match="trust_remote_code must be True or False"):
+        fitmap.plan("llama-3.1-8b", gpus="1x24GiB", trust_remote_code=value)
+    with pytest.raises(fitmap.BadInput, match="trust_remote_code"):
+        loader.load(tmp_path, None, trust_remote_code=value)
+    with pytest.raises(fitmap.BadInput, match="trust_remote_code"):
+        skeleton.build_model(None, "causal-lm", None, trust_remote_code=value)
+
+
+def test_estimate_must_be_known():
+    import fitmap
+
+    with pytest.raises(fitmap.BadInput, match="estimate must be"):
+        fitmap.plan("llama-3.1-8b", gpus="1x24GiB", estimate="magic")

@@ -38,6 +38,15 @@ class MissingWeights(FitmapError):
     """After loading, parameters or buffers were still without storage."""
 
 
+def remote_code_flag(value: object) -> bool:
+    """``trust_remote_code`` as given, when it is a real bool. Anything else (the string
+    ``"false"`` is truthy) is refused: running a repository's code is never implied."""
+    if type(value) is not bool:
+        raise BadInput(f"trust_remote_code must be True or False, not {value!r} ({type(value).__name__}); "
+                       "a model's own code runs only when you pass True")
+    return value
+
+
 def collect(problems: list[str], exc: type[FitmapError] = BadInput) -> None:
     """Raise ``exc`` with all ``problems`` at once (one per line), if there are any."""
     if problems:

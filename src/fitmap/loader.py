@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from fitmap import diskread, hooks, offload, repairs
-from fitmap.errors import BadInput, CheckpointError, MissingWeights
+from fitmap.errors import BadInput, CheckpointError, MissingWeights, remote_code_flag
 from fitmap.inventory import Inventory, TensorInfo, inventory
 from fitmap.keys import key_mapper
 from fitmap.plan import Plan
@@ -93,6 +93,7 @@ def load(model_dir: Path | str, plan: Plan, *, trust_remote_code: bool = False, 
     (tensors the checkpoint lacks), all before anything stays allocated.
     """
     start = time.perf_counter()
+    remote_code_flag(trust_remote_code)
     inv = inventory(model_dir)
     if inv.path is None or inv.weight_format == "none":
         raise BadInput(f"{model_dir} has no weights to load; fitmap load needs a model directory with a checkpoint")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fitmap.devices import Machine
-from fitmap.errors import BadInput, FitmapError
+from fitmap.errors import BadInput, FitmapError, remote_code_flag
 from fitmap.inventory import Inventory, inventory
 from fitmap.plan import UNLIMITED, Plan, make_plan
 from fitmap.profile import Profile, estimate
@@ -32,6 +32,11 @@ class PlanRequest:
     pins: dict[str, str] = field(default_factory=dict)
     trust_remote_code: bool = False
     estimate: str = "simulate"        # "simulate" | "analytic"
+
+    def __post_init__(self) -> None:
+        remote_code_flag(self.trust_remote_code)
+        if self.estimate not in ("simulate", "analytic"):
+            raise BadInput(f"estimate must be 'simulate' or 'analytic', not {self.estimate!r}")
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from fitmap.errors import BadInput
+from fitmap.errors import BadInput, remote_code_flag
 
 
 def open_image(path: str | Path):
@@ -45,6 +45,8 @@ class Prompter:
     @classmethod
     def for_model(cls, model_dir: str | Path, config: Any, trust_remote_code: bool = False) -> "Prompter":
         import transformers
+
+        remote_code_flag(trust_remote_code)
 
         processor = image_processor = None
         try:

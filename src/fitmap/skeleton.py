@@ -27,7 +27,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from fitmap.errors import BadInput, CheckpointError
+from fitmap.errors import BadInput, CheckpointError, remote_code_flag
 from fitmap.inventory import DTYPE_BYTES, Inventory, TensorInfo
 from fitmap.keys import key_mapper
 
@@ -72,6 +72,8 @@ def load_config(inv: Inventory, trust_remote_code: bool = False):
     """The transformers config of ``inv``; remote code only when the user allows it."""
     import transformers
 
+    remote_code_flag(trust_remote_code)
+
     if inv.source == "catalog":
         from fitmap.catalog_models import build_config, catalog_entry
 
@@ -110,6 +112,8 @@ def build_model(config, task: str, dtype: torch.dtype, trust_remote_code: bool =
     FakeTensorMode for simulation. Weights are never initialised from a checkpoint here.
     """
     import transformers
+
+    remote_code_flag(trust_remote_code)
 
     order = [transformers.AutoModelForCausalLM, transformers.AutoModelForImageTextToText]
     if task == "image-text-to-text":
