@@ -791,7 +791,7 @@ def sec_hooks(b: Bench) -> dict:
         # What a split runs on every unit after the first device boundary: InputsTo on each unit
         # (inputs already in place: the fast path), OutputsTo on the model (as fitmap.hooks.attach).
         mover = hooks.Mover()
-        hs = [model.get_submodule(u).register_forward_pre_hook(hooks.InputsTo(dev, mover), with_kwargs=True)
+        hs = [model.get_submodule(u).register_forward_pre_hook(hooks.inputs_to(dev, mover), with_kwargs=True)
               for u in units]
         hs.append(model.register_forward_hook(hooks.OutputsTo(dev, mover), always_call=True))
         return lambda: [h.remove() for h in hs]

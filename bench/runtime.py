@@ -560,7 +560,7 @@ def hook_variants(model) -> dict[str, tuple[Callable[[], Callable[[], object]], 
         # the model's memo reset and output hook, InputsTo on each unit (its fast path).
         mover = hooks.Mover()
         handles = [model.register_forward_pre_hook(mover.reset)]
-        handles += [model.get_submodule(u).register_forward_pre_hook(hooks.InputsTo(cpu, mover), with_kwargs=True)
+        handles += [model.get_submodule(u).register_forward_pre_hook(hooks.inputs_to(cpu, mover), with_kwargs=True)
                     for u in units]
         handles.append(model.register_forward_hook(hooks.OutputsTo(cpu, mover), always_call=True))
         return lambda: [h.remove() for h in handles]

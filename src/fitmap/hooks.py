@@ -59,7 +59,7 @@ def attach(model: nn.Module, placement: Placement, input_device: torch.device,
         module = module_or_none(model, path)
         if module is None:   # a bare parameter unit: its owner's forward uses it
             continue
-        handles.append(module.register_forward_pre_hook(InputsTo(device, mover), with_kwargs=True))
+        handles.append(module.register_forward_pre_hook(inputs_to(device, mover), with_kwargs=True))
         hooked.append(path)
     if hooked:   # outputs may come from another device; the memo of copies is dropped at the end of each forward
         handles.append(model.register_forward_hook(OutputsTo(torch.device(input_device), mover), always_call=True))
@@ -200,8 +200,7 @@ class InputsTo:
         in_place = self.in_place
         changed = None
         for key, value in kwargs.items():
-            known = in_place.get(id(value))
-            if known is value or type(value) in _NOTHING_TO_MOVE or (known is not None and known() is value):
+            if id(value) in in_place or type(value) in _NOTHING_TO_MOVE:
                 continue
             if on_device(value, device):
                 if type(value) is tuple:            # immutable: kept until the forward ends (OutputsTo)
@@ -215,6 +214,36 @@ class InputsTo:
         if changed is None and moved_args is args:
             return None   # fast path: nothing to move
         return moved_args, kwargs if changed is None else changed
+
+
+def inputs_to(device: torch.device, mover: Mover):
+    """The pre-hook a unit on ``device`` gets: :class:`InputsTo` behind a fast path.
+
+    A closure, not a method (a call costs half), that only confirms what the common case
+    looks like: positional tensors already on ``device``, and every keyword value one that
+    an earlier unit of this forward found in place (``id`` in the per-device table: an
+    entry is removed when its object dies, so an id found there is that object's) or one
+    that holds no tensor. Anything else goes to :class:`InputsTo`, which moves and remembers.
+    """
+    slow = InputsTo(device, mover)
+    in_place = slow.in_place
+    tensor = torch.Tensor
+    containers = _CONTAINERS
+    plain = _NOTHING_TO_MOVE
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        for a in args:
+            if isinstance(a, tensor):
+                if a.device != device:
+                    return slow(module, args, kwargs)
+            elif type(a) in containers:
+                return slow(module, args, kwargs)
+        for v in kwargs.values():
+            if id(v) in in_place or v is None or type(v) in plain:
+                continue
+            return slow(module, args, kwargs)
+        return None
+    return hook
 
 
 def _remember(table: dict[int, weakref.ref], value: Any) -> None:
