@@ -56,6 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))
 
+from bench.runtime import evict  # noqa: E402  (page-cache eviction, shared with the CPU benchmark)
 from fitmap.compat import cache_kwarg  # noqa: E402  (no torch import: --help stays fast)
 
 GB = 1e9
@@ -190,28 +191,10 @@ def free_all() -> None:
 
 
 def h2d_bandwidth(b: Bench, nbytes: int) -> tuple[float, float]:
-    """(pinned, pageable) host->device bytes/s: median of 5 copies of ``nbytes``."""
-    import torch
+    """(pinned, pageable) host->device bytes/s, as ``fitmap calibrate`` measures them."""
+    from fitmap.calibrate import h2d_rates
 
-    if b.device.type != "cuda":
-        return float("nan"), float("nan")
-    out = []
-    for pinned in (True, False):
-        host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
-        host.fill_(1)
-        dev = torch.empty(nbytes, dtype=torch.uint8, device=b.device)
-        times = []
-        for _ in range(6):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            dev.copy_(host, non_blocking=True)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        out.append(nbytes / statistics.median(times[1:]))
-        del host, dev
-    torch.cuda.empty_cache()
-    return out[0], out[1]
+    return h2d_rates(b.device, nbytes) if b.device.type == "cuda" else (float("nan"), float("nan"))
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -270,16 +253,6 @@ def _save_random(b: Bench, auto, cfg, path: Path) -> None:
 
 def shards(path: Path) -> list[Path]:
     return sorted(path.glob("*.safetensors"))
-
-
-def evict(files: list[Path]) -> None:
-    """Drop ``files`` from the page cache (POSIX_FADV_DONTNEED)."""
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def cold_read_rate(files: list[Path], repeats: int = 3) -> float:

@@ -169,7 +169,7 @@ def _measure_gpu(index: int, nvml: _Nvml) -> GpuCalibration:
             free, total = torch.cuda.mem_get_info(dev)
             fixed = total - free - reserved
         fraction = _allocator_fraction(dev)
-        pinned, pageable = _h2d(dev)
+        pinned, pageable = h2d_rates(dev)
     props = torch.cuda.get_device_properties(dev)
     return GpuCalibration(index, torch.cuda.get_device_name(dev), int(props.total_memory), max(0, int(fixed)),
                           fraction, pinned, pageable)
@@ -194,7 +194,7 @@ def _allocator_fraction(dev) -> float:
     return max(0.0, reserved / allocated - 1)
 
 
-def _h2d(dev, nbytes: int = 256 * MiB) -> tuple[float, float]:
+def h2d_rates(dev, nbytes: int = 256 * MiB) -> tuple[float, float]:
     """(pinned, pageable) host-to-device bytes/s, median of 5 copies after one warm-up."""
     import torch
 
