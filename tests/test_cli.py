@@ -84,3 +84,44 @@ def test_estimate_must_be_known():
 
     with pytest.raises(fitmap.BadInput, match="estimate must be"):
         fitmap.plan("llama-3.1-8b", gpus="1x24GiB", estimate="magic")
+
+
+def test_plan_file_faults_are_one_line(tmp_path, capsys):
+    base = ["plan", "llama-3.1-8b", "--gpus", "2x16GiB", "--cpu", "8GiB", "--estimate", "analytic"]
+    for out in (str(tmp_path), str(tmp_path / "no" / "such" / "p.json"), "/dev/full"):
+        code, _, err = run(base + ["--out", out], capsys)
+        assert code == 2 and "cannot write the plan" in err and len(err.strip().splitlines()) == 1, err
+    # a plan that does not fit is not written, and run refuses one that says it does not fit
+    p = tmp_path / "p.json"
+    code, _, err = run(["plan", "llama-3.1-8b", "--cpu", "1KiB", "--estimate", "analytic", "--out", str(p)], capsys)
+    assert code == 2 and not p.exists()
+    code, _, err = run(["check", "llama-3.1-8b", "--plan", str(tmp_path)], capsys)
+    assert code == 2 and "cannot read plan file" in err
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:7", None, 7, -1])
+def test_a_hand_edited_plan_with_a_device_it_does_not_have_is_refused(tmp_path, capsys, device):
+    p = tmp_path / "p.json"
+    assert main(["plan", "llama-3.1-8b", "--gpus", "2x16GiB", "--estimate", "analytic", "--out", str(p)]) == 0
+    data = json.loads(p.read_text())
+    data["device_map"]["model.layers.3"] = device
+    p.write_text(json.dumps(data))
+    capsys.readouterr()
+    code, _, err = run(["check", "llama-3.1-8b", "--plan", str(p)], capsys)
+    assert code == 2 and "devices it does not have" in err and "model.layers.3" in err, err
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(prompt=1.5), "prompt must be a whole number"),
+    (dict(batch="4"), "batch must be a whole number"),
+    (dict(images=[(-5, 100)]), "an image is"),
+    (dict(images=["1344x1344"]), "an image is"),
+    (dict(images=[(0, 0)]), "an image is"),
+    (dict(gpus="100000000x1GiB"), "between 1 and 1024"),
+])
+def test_api_bad_values_raise_fitmap_errors(kwargs, needle):
+    import fitmap
+
+    args = dict(gpus="1x24GiB") | kwargs
+    with pytest.raises(fitmap.BadInput, match=needle):
+        fitmap.plan("llama-3.1-8b", **args)

@@ -140,7 +140,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.check and result.fits:
         checked = _check(prep, result, args.trust_remote_code)
         result = checked.plan
-    if args.out:
+    if args.out and result.fits:      # a plan that does not fit is not written: nothing half-done
         result.save(args.out)
     speed = report.offload_speed(result)
     if args.json:

@@ -30,6 +30,7 @@ from fitmap.sizes import MiB, fmt_bytes, parse_size
 # (300-500 MiB on recent drivers with lazy module loading), the cuBLAS/cuBLASLt
 # workspaces, and the caching allocator's rounding and fragmentation (a few % of
 # what is allocated). llama.cpp keeps 1 GiB free per device for the same reasons.
+MAX_GPUS = 1024          # hypothetical GPUs in one plan, at most (the solver is linear in them)
 RESERVE_FIXED = 512 * MiB
 RESERVE_FRACTION = 0.02
 
@@ -132,8 +133,8 @@ def parse_gpus(text: str | None, reserve: int | None = None) -> tuple[GpuSpec, .
         m = _HYPO.match(part)
         if m:
             count, size = int(m.group(1)), parse_size(m.group(2))
-            if count < 1:
-                raise BadInput(f"--gpus {part!r}: the count must be at least 1")
+            if count < 1 or len(specs) + count > MAX_GPUS:
+                raise BadInput(f"--gpus {part!r}: the count must be between 1 and {MAX_GPUS} GPUs in all")
             for _ in range(count):
                 specs.append(GpuSpec(len(specs), size, _reserve(size, reserve), "hypothetical"))
             continue

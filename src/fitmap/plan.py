@@ -94,12 +94,24 @@ class Plan:
                 shortfall_bytes=d.get("shortfall_bytes", 0), advice=d.get("advice", ""),
                 groups=d.get("groups", {}), repairs=tuple(Repair(**r) for r in d.get("repairs", [])),
                 execution_device=d.get("execution_device", "cpu"),
-            )
-        except (KeyError, TypeError) as e:
+            ).validated()
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise BadInput(f"not a fitmap plan (missing or wrong field {e}); make one with fitmap plan --out") from None
 
+    def validated(self) -> "Plan":
+        if not isinstance(self.device_map, dict) or not self.device_map:
+            raise BadInput("the plan has no device_map; make one with fitmap plan --out")
+        self.check_devices()
+        return self
+
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        p = Path(path)
+        text = json.dumps(self.to_json(), indent=2) + "\n"
+        try:
+            p.write_text(text)
+        except OSError as e:
+            raise BadInput(f"cannot write the plan to {p}: {e.strerror or e}; give --out a file path in a "
+                           "directory you can write to") from None
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
@@ -110,6 +122,24 @@ class Plan:
             raise BadInput(f"plan file {p} does not exist; write one with fitmap plan ... --out {p}") from None
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise BadInput(f"plan file {p} is not valid JSON; write it again with fitmap plan ... --out") from None
+        except OSError as e:
+            raise BadInput(f"cannot read plan file {p}: {e.strerror or e}; give --plan the JSON file fitmap plan "
+                           "--out wrote") from None
+
+    def check_devices(self) -> None:
+        """Every unit on a GPU of the plan's ledger, ``cpu`` or ``disk`` (a hand-edited plan may say ``tpu``)."""
+        gpus = sorted(int(d.device) for d in self.devices if d.device.isdigit())
+        bad = []
+        for unit, dev in self.device_map.items():
+            if dev in ("cpu", "disk"):
+                continue
+            index = dev if type(dev) is int else int(dev) if isinstance(dev, str) and dev.isdigit() else None
+            if index is None or index not in gpus:
+                bad.append(f"{unit} -> {dev!r}")
+        if bad:
+            have = ", ".join(map(str, gpus)) or "none"
+            raise BadInput(f"the plan places {len(bad)} unit(s) on devices it does not have ({'; '.join(bad[:3])}); "
+                           f"a unit goes on one of the plan's GPUs ({have}), 'cpu' or 'disk': fix the map or re-plan")
 
 
 # --------------------------------------------------------------------------- items

@@ -49,6 +49,9 @@ def plan_for_run(model: str, prompter_tokens: int, images: list, new: int, args_
                                trust_remote_code=trust_remote_code)
     if args_plan:
         plan = Plan.load(args_plan)
+        if not plan.fits:
+            raise DoesNotFit(f"plan {args_plan} does not fit its machine ({plan.advice or 'fits: false'}); "
+                             "re-plan until fitmap plan says it fits")
         req = replace(req, dtype=_dtype_of(plan))
         prep = pipeline.prepare(req)
         pipeline.require_matching(plan, prep)

@@ -30,6 +30,14 @@ class Workload:
     images: tuple[tuple[int, int], ...] = field(default_factory=tuple)  # (width, height) per image, per sequence
 
     def __post_init__(self) -> None:
+        for k in ("batch", "prompt", "new"):
+            v = getattr(self, k)
+            if type(v) is not int:
+                raise BadInput(f"{k} must be a whole number of {'sequences' if k == 'batch' else 'tokens'}, "
+                               f"not {v!r} ({type(v).__name__})")
+        for image in self.images:
+            if (not isinstance(image, tuple) or len(image) != 2 or any(type(x) is not int or x < 1 for x in image)):
+                raise BadInput(f"an image is (width, height) in whole pixels, both at least 1; got {image!r}")
         problems = [
             f"--{k} must be {'at least 1' if k == 'batch' else 'non-negative'} (got {v})"
             for k, v in (("batch", self.batch), ("prompt", self.prompt), ("new", self.new))
