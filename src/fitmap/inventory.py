@@ -141,7 +141,7 @@ def read_weights(path: Path) -> tuple[str, tuple[str, ...], dict[str, TensorInfo
     elif single.is_file():
         files = ("model.safetensors",)
     else:
-        files = tuple(sorted(p.name for p in path.glob("*.safetensors")))
+        files = tuple(sorted(p.name for p in path.glob("*.safetensors")))   # a non-file is reported by name
     if files:
         tensors: dict[str, TensorInfo] = {}
         for f in files:
@@ -159,9 +159,17 @@ def read_weights(path: Path) -> tuple[str, tuple[str, ...], dict[str, TensorInfo
 def _shards_from_index(index: Path) -> tuple[str, ...]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-        raise CheckpointError(f"{index} is not a valid index (needs a 'weight_map'); re-download it") from None
+        raise CheckpointError(f"{index} is not a valid index (needs a 'weight_map' of tensor name -> shard "
+                              "file name); re-download it") from None
     files = tuple(sorted(set(weight_map.values())))
+    root = index.parent.resolve()
+    outside = [f for f in files if not f or Path(f).is_absolute() or root not in (root / f).resolve().parents]
+    if outside:
+        raise CheckpointError(f"{index} names shard(s) outside {index.parent}: {', '.join(map(repr, outside[:3]))}; "
+                              "an index names files of its own directory: re-download it")
     missing = [f for f in files if not (index.parent / f).is_file()]
     if missing:
         raise CheckpointError(
@@ -173,6 +181,10 @@ def _shards_from_index(index: Path) -> tuple[str, ...]:
 
 def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
     """Tensor infos of one safetensors file, validated against the file's size."""
+    if not file.is_file():
+        what = "a broken link (an interrupted download?)" if file.is_symlink() else (
+            "a directory" if file.is_dir() else "missing")
+        raise CheckpointError(f"{file} is {what}, not a safetensors file; re-download it")
     size = file.stat().st_size
     with open(file, "rb") as f:
         head = f.read(8)
@@ -188,13 +200,24 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
         header = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{file} has an unreadable header (not JSON); the file is corrupt, re-download it") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file} has a header that is not a JSON object; the file is corrupt, re-download it")
     header.pop("__metadata__", None)
+    if not header:
+        raise CheckpointError(f"{file} holds no tensors; the file is incomplete, re-download it")
     return {name: _tensor_info(file, name, spec, size - 8 - n, 8 + n) for name, spec in header.items()}
+
+
+def _count(x: object) -> bool:
+    """A JSON whole number that can be a size or an offset (bools are ints in Python)."""
+    return type(x) is int and x >= 0
 
 
 def _tensor_info(file: Path, name: str, spec: object, data_size: int, data_start: int) -> TensorInfo:
     try:
         dtype, shape, (begin, end) = spec["dtype"], tuple(spec["shape"]), spec["data_offsets"]  # type: ignore[index]
+        if not (isinstance(dtype, str) and all(_count(x) for x in shape + (begin, end))):
+            raise TypeError
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(f"{file}: tensor {name!r} has a malformed header entry; re-download the file") from None
     if dtype not in DTYPE_BYTES:
