@@ -125,3 +125,16 @@ def test_api_bad_values_raise_fitmap_errors(kwargs, needle):
     args = dict(gpus="1x24GiB") | kwargs
     with pytest.raises(fitmap.BadInput, match=needle):
         fitmap.plan("llama-3.1-8b", **args)
+
+
+def test_prompt_beyond_the_window_is_refused(capsys, checkpoints):
+    code, _, err = run(["plan", str(checkpoints("llama")), "--prompt", "100000", "--estimate", "analytic"], capsys)
+    assert code == 2 and "reads at most 2048 tokens" in err and "--prompt 1792" in err
+
+
+def test_a_user_sees_fitmap_lines_only(checkpoints):
+    """No torch / transformers warning or log in the user's face (``--verbose`` shows them)."""
+    proc = subprocess.run([sys.executable, "-m", "fitmap.cli", "plan", str(checkpoints("qwen2_vl")), "--gpus",
+                           "2x1GiB", "--image", "112x112"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "fits" in proc.stdout
+    assert proc.stderr == "", proc.stderr

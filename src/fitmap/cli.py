@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 import sys
 from typing import Callable, Sequence
@@ -54,6 +55,8 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fitmap", description=__doc__.splitlines()[0])
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show the warnings and logs of torch, transformers and huggingface_hub")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="what a model is made of (no weights read)")
     _model_args(p)
@@ -303,8 +306,22 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+def quiet_third_parties() -> None:
+    """A user sees fitmap's lines only: torch's and transformers' warnings, transformers' logs
+    below errors and hub progress bars are hidden (``fitmap --verbose`` shows them)."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].logging.set_verbosity_error()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.verbose:
+        quiet_third_parties()
     try:
         return HANDLERS[args.command](args)
     except FitmapError as e:

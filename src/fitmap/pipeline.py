@@ -81,6 +81,7 @@ def _simulate_or_explain(prep: Prepared, req: PlanRequest):
 def plan(req: PlanRequest, prep: Prepared | None = None) -> Plan:
     """The plan for ``req``; when it does not fit, ``plan.advice`` says what would."""
     prep = prep or prepare(req)
+    require_window(prep, req.workload)
     result = _plan_at(prep, req, req.workload)
     if prep.simulation_error:
         result = replace(result, estimate=f"analytic (simulation failed: {prep.simulation_error})")
@@ -92,6 +93,16 @@ def plan(req: PlanRequest, prep: Prepared | None = None) -> Plan:
 def _plan_at(prep: Prepared, req: PlanRequest, workload: Workload, machine: Machine | None = None) -> Plan:
     return make_plan(req.model, prep.skeleton, profile_for(prep, req, workload),
                      machine or req.machine, req.policy, req.pins)
+
+
+def require_window(prep: Prepared, workload: Workload) -> None:
+    """Prompt + new tokens must fit the model's context window (``max_position_embeddings``)."""
+    window = _context_ceiling(prep)
+    tokens = workload.prompt + workload.new
+    if tokens > window:
+        raise BadInput(f"{prep.inventory.name} reads at most {window} tokens (its max_position_embeddings); "
+                       f"--prompt {workload.prompt} + --new {workload.new} = {tokens}. Keep prompt + new within "
+                       f"{window}, e.g. --prompt {max(1, window - workload.new)}")
 
 
 def require_matching(plan: Plan, prep: Prepared) -> None:
