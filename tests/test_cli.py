@@ -138,3 +138,21 @@ def test_a_user_sees_fitmap_lines_only(checkpoints):
                            "2x1GiB", "--image", "112x112"], capture_output=True, text=True)
     assert proc.returncode == 0 and "fits" in proc.stdout
     assert proc.stderr == "", proc.stderr
+
+
+def test_images_for_a_text_model_are_refused(capsys, checkpoints, tmp_path):
+    code, _, err = run(["plan", "llama-3.1-8b", "--gpus", "1x24GiB", "--image", "1344x1344"], capsys)
+    assert code == 2 and "takes no images" in err
+
+
+@pytest.mark.parametrize("edit,needle", [({"num_attention_heads": 5}, "not a multiple"),
+                                         ({"hidden_size": "64"}, "expected int")])
+def test_a_config_transformers_rejects_is_one_line(capsys, checkpoints, tmp_path, edit, needle):
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(checkpoints("llama"), d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(cfg | edit))
+    code, _, err = run(["plan", str(d), "--estimate", "analytic"], capsys)
+    assert code == 2 and needle in err and "rejected by transformers" in err and len(err.strip().splitlines()) == 1

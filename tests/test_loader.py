@@ -192,3 +192,18 @@ def test_progress_bar_runs(checkpoints, monkeypatch, capsys):
     monkeypatch.setattr(loader, "PROGRESS_MIN_BYTES", 0)
     with loader.load(d, plan_for(d), progress=True) as lm:
         assert lm.bytes_read == sum(t.nbytes for t in inventory(d).tensors.values())
+
+
+def test_weights_the_config_does_not_describe_are_refused(checkpoints, tmp_path):
+    """A checkpoint with 4 layers under a config that says 3 must not answer with a layer dropped."""
+    import json
+    import shutil
+
+    from fitmap.errors import CheckpointError
+
+    d = tmp_path / "m"
+    shutil.copytree(checkpoints("llama"), d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(cfg | {"num_hidden_layers": cfg["num_hidden_layers"] - 1}))
+    with pytest.raises(CheckpointError, match=r"belong to no part of LlamaForCausalLM .*model\.layers\.3\."):
+        loader.load(d, plan_for(d, {}), progress=False)

@@ -140,3 +140,20 @@ def test_hypothetical_planning_is_fast_for_deepseek_v3():
     elapsed = time.perf_counter() - t
     assert plan.fits
     print(f"deepseek-v3 plan: {elapsed:.3f} s")
+
+
+@pytest.mark.parametrize("gpus,cpu", [(None, "16GiB"), ("2x24GiB", "1GiB"), ("2x24GiB", "30.1GiB")])
+def test_advice_fits_when_followed(gpus, cpu, tmp_path):
+    """The --cpu the advice names, typed back as printed, fits (it is rounded up, never down)."""
+    import re
+
+    import fitmap
+
+    plan = fitmap.plan("qwen2.5-72b", gpus=gpus, cpu=cpu, disk=str(tmp_path) if gpus is None else None,
+                       estimate="analytic")
+    assert not plan.fits
+    m = re.search(r"--cpu (\S+)", plan.advice)
+    assert m, plan.advice
+    again = fitmap.plan("qwen2.5-72b", gpus=gpus, cpu=m.group(1), disk=str(tmp_path) if gpus is None else None,
+                        estimate="analytic")
+    assert again.fits, (plan.advice, m.group(1))

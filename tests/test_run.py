@@ -118,3 +118,18 @@ def test_out_of_memory_inside_the_budget_is_one_line(vlm, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "GPU 0 ran out of memory" in err and "Re-plan for this request" in err and "--prompt" in err
+
+
+def test_an_image_for_a_text_model_is_one_line(vlm, checkpoints, tmp_path, capsys):
+    """AutoProcessor returns a text model's tokenizer: it must not be taken for an image processor."""
+    import shutil
+
+    from fitmap.demo import _tokenizer
+
+    _, image = vlm
+    d = tmp_path / "llama"
+    shutil.copytree(checkpoints("llama"), d)
+    _tokenizer().save_pretrained(d)
+    code = main(["run", str(d), "--prompt", "hello there", "--image", str(image), "--new", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "image" in err, err

@@ -145,7 +145,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         result = checked.plan
     if args.out and result.fits:      # a plan that does not fit is not written: nothing half-done
         result.save(args.out)
-    speed = report.offload_speed(result)
+    speed = report.offload_speed(result) if result.fits else {}
     if args.json:
         print(json.dumps(result.to_json() | (_check_json(checked) if checked else {}) | speed, indent=2))
     else:

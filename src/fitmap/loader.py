@@ -232,6 +232,7 @@ class Checkpoint:
     dtypes: Mapping[str, torch.dtype]          # model key -> dtype the model built it with (floats cast to it)
     converted: tuple[str, ...] = ()            # checkpoint keys that need a merge/split fitmap does not do
     infos: Mapping[str, TensorInfo] = field(default_factory=dict)   # model key -> checkpoint tensor
+    unexpected: tuple[str, ...] = ()           # checkpoint keys that belong to no part of the model
 
     @classmethod
     def index(cls, inv: Inventory, model: nn.Module) -> "Checkpoint":
@@ -242,10 +243,17 @@ class Checkpoint:
                    where={k: (inv.tensors[c].file, c) for k, c in names.items()},
                    nbytes={k: inv.tensors[c].nbytes for k, c in names.items()},
                    dtypes={k: built[k].dtype for k in names},
-                   converted=converted, infos={k: inv.tensors[c] for k, c in names.items()})
+                   converted=converted, infos={k: inv.tensors[c] for k, c in names.items()},
+                   unexpected=_unexpected(model, inv, names, converted))
 
     def check_complete(self, model: nn.Module) -> None:
-        """Every parameter (and persistent buffer we cannot compute) must be in the checkpoint."""
+        """Every parameter (and persistent buffer we cannot compute) must be in the checkpoint, and
+        every checkpoint tensor must belong to the model (else config.json and the weights disagree)."""
+        if self.unexpected:
+            raise CheckpointError(
+                f"{len(self.unexpected)} tensor(s) in {self.directory} belong to no part of {type(model).__name__} "
+                f"(e.g. {', '.join(self.unexpected[:3])}): config.json and the weights disagree. Check "
+                "num_hidden_layers and the other sizes in config.json against the checkpoint, or re-download it")
         params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
         missing = sorted(n for n in params if n not in self.where)
         if not missing:
@@ -346,6 +354,18 @@ def checkpoint_names(model: nn.Module, ckpt_keys: list[str]) -> tuple[dict[str, 
         if stored is not None:
             out.update({n: stored for n in group})
     return out, tuple(converted)
+
+
+def _unexpected(model: nn.Module, inv: Inventory, names: Mapping[str, str], converted: tuple[str, ...]) -> tuple[str, ...]:
+    """Checkpoint keys no model tensor takes, less those the model class says to ignore
+    (``_keys_to_ignore_on_load_unexpected``, e.g. DeepSeek-V3's multi-token-prediction layer)
+    and rotary ``inv_freq`` buffers older checkpoints carry."""
+    import re
+
+    used = set(names.values()) | set(converted)
+    ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
+    return tuple(sorted(k for k in inv.tensors if k not in used and not k.endswith("rotary_emb.inv_freq")
+                        and not any(p.search(k) for p in ignore)))
 
 
 def _check_shapes(model: nn.Module, inv: Inventory, names: Mapping[str, str]) -> None:

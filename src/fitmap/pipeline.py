@@ -6,6 +6,8 @@ simulate) -> ``plan`` (solver). The CLI and the Python API both come through her
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from fitmap.errors import BadInput, FitmapError, remote_code_flag
 from fitmap.inventory import Inventory, inventory
 from fitmap.plan import UNLIMITED, Plan, make_plan
 from fitmap.profile import Profile, estimate
-from fitmap.sizes import GiB, fmt_bytes
+from fitmap.sizes import GiB, MiB, fmt_bytes, parse_size
 from fitmap.skeleton import Skeleton, planned_dtype, skeleton
 from fitmap.solver import Policy
 from fitmap.workload import Dtype, Workload
@@ -82,6 +84,9 @@ def plan(req: PlanRequest, prep: Prepared | None = None) -> Plan:
     """The plan for ``req``; when it does not fit, ``plan.advice`` says what would."""
     prep = prep or prepare(req)
     require_window(prep, req.workload)
+    if req.workload.images and prep.inventory.task != "image-text-to-text":
+        raise BadInput(f"{prep.inventory.name} is a text model (its config has no vision_config): it takes no "
+                       "images; drop --image")
     result = _plan_at(prep, req, req.workload)
     if prep.simulation_error:
         result = replace(result, estimate=f"analytic (simulation failed: {prep.simulation_error})")
@@ -152,7 +157,10 @@ def _offload_needed(prep: Prepared, req: PlanRequest) -> str | None:
     more_ram = _plan_at(prep, req, req.workload, replace(m, cpu=UNLIMITED))
     on_cpu = next((d.weights_bytes for d in more_ram.devices if d.device == "cpu"), 0)
     if more_ram.fits and on_cpu > m.cpu:
-        ways.append(f"with --cpu {_round_up_gib(on_cpu)}GiB (offloading {fmt_bytes(on_cpu)} of weights to RAM)")
+        gib = _round_up_gib(on_cpu)
+        while not _plan_at(prep, req, req.workload, replace(m, cpu=gib * GiB)).fits:   # advice that fits when followed
+            gib += 1
+        ways.append(f"with --cpu {gib}GiB (offloading {fmt_bytes(on_cpu)} of weights to RAM)")
     with_disk = _plan_at(prep, req, req.workload, replace(m, disk=m.disk or Path("DIR"), disk_bytes=UNLIMITED))
     on_disk = next((d.weights_bytes for d in with_disk.devices if d.device == "disk"), 0)
     if with_disk.fits and on_disk:
@@ -179,7 +187,16 @@ def _ram_needed(prep: Prepared, req: PlanRequest) -> str | None:
         mid = (low + high) // 2
         low, high = (low, mid) if fits(mid) else (mid, high)
     where = "" if m.disk is not None else " and --disk DIR"
-    return f"with --cpu {fmt_bytes(high).replace(' ', '')}{where}"
+    text = _size_at_least(high)
+    while not fits(parse_size(text)):     # the printed value, read back, must fit: it is what the user types
+        text = _size_at_least(parse_size(text) + max(high // 1000, 1))
+    return f"with --cpu {text}{where}"
+
+
+def _size_at_least(n: int) -> str:
+    """A size string (GiB or MiB, one decimal) that reads back as at least ``n`` bytes."""
+    unit, name = (GiB, "GiB") if n >= GiB else (MiB, "MiB")
+    return f"{math.ceil(n * 10 / unit) / 10:.1f}{name}"
 
 
 def _round_up_gib(n: int) -> int:

@@ -53,6 +53,8 @@ class Prompter:
             processor = transformers.AutoProcessor.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         except (OSError, ValueError, ImportError, AttributeError, TypeError):
             processor = None
+        if isinstance(processor, transformers.PreTrainedTokenizerBase):
+            processor = None                               # a text model: AutoProcessor gave its tokenizer
         if processor is not None and not hasattr(processor, "tokenizer"):
             image_processor, processor = processor, None  # an image processor only
         if processor is None and image_processor is None and (Path(model_dir) / "preprocessor_config.json").is_file():

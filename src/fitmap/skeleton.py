@@ -86,7 +86,17 @@ def load_config(inv: Inventory, trust_remote_code: bool = False):
     try:
         return transformers.AutoConfig.from_pretrained(inv.path, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError, OSError, TypeError) as e:
-        raise CheckpointError(f"{inv.path}/config.json cannot be read by transformers: {e}") from None
+        raise CheckpointError(f"{inv.path}/config.json cannot be read by transformers: {_one_line(e)}") from None
+    except Exception as e:
+        if type(e).__module__.startswith("huggingface_hub"):   # transformers 5's strict config validation
+            raise CheckpointError(f"{inv.path}/config.json is rejected by transformers: {_one_line(e)}; fix "
+                                  "config.json or restore it from the model's repository") from None
+        raise
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception's message on one line (transformers' validation errors span several)."""
+    return " ".join(str(e).split())
 
 
 def _native(config: dict) -> bool:
