@@ -157,3 +157,17 @@ def test_advice_fits_when_followed(gpus, cpu, tmp_path):
     again = fitmap.plan("qwen2.5-72b", gpus=gpus, cpu=m.group(1), disk=str(tmp_path) if gpus is None else None,
                         estimate="analytic")
     assert again.fits, (plan.advice, m.group(1))
+
+
+def test_a_config_with_more_layers_than_the_weights_does_not_plan(checkpoints, tmp_path):
+    import json
+    import shutil
+
+    import fitmap
+
+    d = tmp_path / "m"
+    shutil.copytree(checkpoints("llama"), d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(cfg | {"num_hidden_layers": cfg["num_hidden_layers"] + 2}))
+    with pytest.raises(fitmap.CheckpointError, match=r"lack .* parameter\(s\) .*model\.layers\.4\."):
+        fitmap.plan(str(d), estimate="analytic")

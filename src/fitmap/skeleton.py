@@ -328,6 +328,20 @@ def check_against_checkpoint(model: nn.Module, inv: Inventory) -> None:
             f"config.json in {inv.path} does not match the weights ({len(wrong)} tensor(s) differ), e.g. "
             + "; ".join(wrong[:3]) + ". Use the config.json that came with these weights"
         )
+    missing = _missing_parameters(model, inv)
+    if missing:
+        raise CheckpointError(
+            f"the weights in {inv.path} lack {len(missing)} parameter(s) that config.json describes (e.g. "
+            f"{', '.join(missing[:3])}): config.json and the weights disagree. Check num_hidden_layers and the "
+            "other sizes in config.json, or download the missing shards")
+
+
+def _missing_parameters(model: nn.Module, inv: Inventory) -> list[str]:
+    """Parameters no checkpoint tensor provides (a tied copy is stored once, under any of its names)."""
+    have = set(inv.tensors)
+    tied = {n: group for group in tied_parameters(model) for n in group}
+    return sorted(n for n, _ in model.named_parameters(remove_duplicate=False)
+                  if n not in have and not any(t in have for t in tied.get(n, ())))
 
 
 def execution_order(units: list[Unit]) -> list[Unit]:
