@@ -601,6 +601,7 @@ def bench_hooks(blocks: int, steps: int = 10) -> str:
     torch.set_num_threads(1)   # a tiny model gains nothing from a second thread; one is steadier on a busy machine
     wall: dict[str, list[float]] = {name: [] for name in variants}
     cpu_time: dict[str, list[float]] = {name: [] for name in variants}
+    rounds: dict[str, list[float]] = {name: [] for name in variants}   # per round: median thread CPU of the block
     items = list(variants.items())
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
@@ -617,6 +618,7 @@ def bench_hooks(blocks: int, steps: int = 10) -> str:
                     if s:            # the first step after attaching is not counted
                         wall[name].append(t1 - t0)
                         cpu_time[name].append(c1 - c0)
+                rounds[name].append(statistics.median(cpu_time[name][-steps:]))
                 detach()
     torch.set_num_threads(threads)
     base_wall = statistics.median(wall["unsplit (no hooks)"])
@@ -625,17 +627,21 @@ def bench_hooks(blocks: int, steps: int = 10) -> str:
               f"1 torch thread, one model instance (hooks attached and removed per block of {steps} steps, "
               f"{blocks} interleaved blocks: {blocks * steps} steps per variant). Medians of wall time and of "
               f"the calling thread's CPU time (all the work with 1 torch thread; not inflated when another "
-              f"process takes the core). Load average {_load()}."),
+              f"process takes the core). Paired: in each round every variant runs one block; the median over "
+              f"rounds of (variant's block / unsplit block of the same round) - 1, which cancels the machine's "
+              f"drift between rounds. Load average {_load()}."),
              "",
              ("| variant | modules hooked | step, wall | overhead | step, thread CPU | overhead "
-              "| per hooked module (CPU) |"),
-             "|---|---|---|---|---|---|---|"]
+              "| per hooked module (CPU) | paired overhead (CPU) |"),
+             "|---|---|---|---|---|---|---|---|"]
     for name, (_, n) in items:
         tw, tc = statistics.median(wall[name]), statistics.median(cpu_time[name])
         ow = f"{(tw - base_wall) / base_wall:+.1%}" if n else "—"
         oc = f"{(tc - base_cpu) / base_cpu:+.1%}" if n else "—"
         per = f"{(tc - base_cpu) / n * 1e6:+.2f} µs" if n else "—"
-        lines.append(f"| {name} | {n} | {tw * 1e3:.3f} ms | {ow} | {tc * 1e3:.3f} ms | {oc} | {per} |")
+        paired = statistics.median(v / u - 1 for v, u in zip(rounds[name], rounds["unsplit (no hooks)"]))
+        pc = f"{paired:+.1%}" if n else "—"
+        lines.append(f"| {name} | {n} | {tw * 1e3:.3f} ms | {ow} | {tc * 1e3:.3f} ms | {oc} | {per} | {pc} |")
     return "\n".join(lines)
 
 
