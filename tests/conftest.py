@@ -1,5 +1,11 @@
+import os
+import tempfile
+
 import pytest
 import torch
+
+# Tests never read or write the user's fitmap cache (calibration, simulated costs, the demo model).
+os.environ["FITMAP_CACHE"] = tempfile.mkdtemp(prefix="fitmap-test-cache-")
 
 from tests.tiny import make_checkpoint
 

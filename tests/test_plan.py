@@ -171,3 +171,24 @@ def test_a_config_with_more_layers_than_the_weights_does_not_plan(checkpoints, t
     (d / "config.json").write_text(json.dumps(cfg | {"num_hidden_layers": cfg["num_hidden_layers"] + 2}))
     with pytest.raises(fitmap.CheckpointError, match=r"lack .* parameter\(s\) .*model\.layers\.4\."):
         fitmap.plan(str(d), estimate="analytic")
+
+
+def test_simulated_costs_are_kept_for_the_next_plan(checkpoints, tmp_path, monkeypatch):
+    """The same model and workload on another machine reuses the simulation (fitmap's cache)."""
+    import fitmap
+    from fitmap import simulate
+
+    monkeypatch.setenv("FITMAP_CACHE", str(tmp_path))
+    runs = []
+    real = simulate.simulated_costs
+    monkeypatch.setattr(simulate, "simulated_costs", lambda *a, **k: runs.append(1) or real(*a, **k))
+    d = str(checkpoints("llama"))
+    first = fitmap.plan(d, gpus="2x1GiB", prompt=64, new=8)
+    second = fitmap.plan(d, gpus="1x1GiB", cpu="1GiB", prompt=64, new=8)
+    assert first.estimate == second.estimate == "simulate" and len(runs) == 1
+    assert list((tmp_path / "costs").glob("*.json"))
+    third = fitmap.plan(d, gpus="2x1GiB", prompt=64, new=8)
+    gpus = lambda p: [d for d in p.devices if d.device != "cpu"]   # noqa: E731  (free RAM moves)
+    assert gpus(third) == gpus(first) and len(runs) == 1
+    fitmap.plan(d, gpus="2x1GiB", prompt=32, new=8)              # another workload: measured
+    assert len(runs) == 2

@@ -69,10 +69,19 @@ def profile_for(prep: Prepared, req: PlanRequest, workload: Workload) -> Profile
 
 
 def _simulate_or_explain(prep: Prepared, req: PlanRequest):
+    """Simulated costs for ``req``'s workload: from fitmap's cache when this model and workload
+    were simulated before (by this fitmap, torch and transformers), else measured and kept."""
+    from fitmap import costcache
     from fitmap.simulate import simulated_costs
 
+    k = costcache.key(prep.inventory, prep.skeleton.dtype, req.workload)
+    cached = costcache.load(k)
+    if cached is not None and {u.name for u in prep.skeleton.units} <= set(cached.a.act):
+        return cached
     try:
-        return simulated_costs(prep, req.workload, req.trust_remote_code)
+        costs = simulated_costs(prep, req.workload, req.trust_remote_code)
+        costcache.save(k, costs)
+        return costs
     except FitmapError:
         raise
     except Exception as e:  # model code the fake devices cannot run: say so, plan analytically

@@ -560,6 +560,15 @@ class SimulatedCosts:
     b: _Point
     image_tokens: int
 
+    def to_json(self) -> dict:
+        return {"a": vars(self.a), "b": vars(self.b), "image_tokens": self.image_tokens}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "SimulatedCosts":
+        point = lambda p: _Point(int(p["tokens"]), {k: int(v) for k, v in p["act"].items()},  # noqa: E731
+                                 {k: float(v) for k, v in p["kv_per_token"].items()})
+        return cls(point(d["a"]), point(d["b"]), int(d["image_tokens"]))
+
     def profile(self, sk: Skeleton, workload: Workload) -> Profile:
         from fitmap.profile import cached_tokens
 
