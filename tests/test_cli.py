@@ -156,3 +156,12 @@ def test_a_config_transformers_rejects_is_one_line(capsys, checkpoints, tmp_path
     (d / "config.json").write_text(json.dumps(cfg | edit))
     code, _, err = run(["plan", str(d), "--estimate", "analytic"], capsys)
     assert code == 2 and needle in err and "rejected by transformers" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["plan", "llama-3.1-8b", "--cpu", "-5GiB"], "cannot read size"),
+    (["plan", "llama-3.1-8b", "--gpus", "1x24GiB", "--prompt", "-3"], "--prompt must be non-negative"),
+])
+def test_negative_values_get_fitmaps_message(args, needle, capsys):
+    code, _, err = run(args, capsys)
+    assert code == 2 and needle in err, err

@@ -133,3 +133,16 @@ def test_an_image_for_a_text_model_is_one_line(vlm, checkpoints, tmp_path, capsy
     code = main(["run", str(d), "--prompt", "hello there", "--image", str(image), "--new", "2"])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "image" in err, err
+
+
+def test_images_that_are_not_images_are_one_line(tmp_path):
+    from PIL import Image
+
+    from fitmap.errors import BadInput
+    from fitmap.prompting import open_image
+
+    big = tmp_path / "big.png"
+    Image.new("1", (20000, 20000)).save(big)          # 400 megapixels, a few kB on disk
+    for path, needle in ((tmp_path, "is a directory"), (big, "megapixels"), (tmp_path / "none.png", "no such file")):
+        with pytest.raises(BadInput, match=needle):
+            open_image(path)

@@ -318,7 +318,23 @@ def quiet_third_parties() -> None:
         sys.modules["transformers"].logging.set_verbosity_error()
 
 
+_VALUE_OPTIONS = ("--cpu", "--gpus", "--reserve", "--batch", "--prompt", "--new", "--size")
+
+
+def _negative_values_attached(argv: Sequence[str]) -> list[str]:
+    """``--cpu -5GiB`` as ``--cpu=-5GiB``: argparse takes a value starting with ``-`` for an option
+    and says only "expected one argument"; attached, the value reaches fitmap's own check."""
+    out: list[str] = []
+    for token in argv:
+        if out and out[-1] in _VALUE_OPTIONS and token[:1] == "-" and token[1:2].isdigit():
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = _negative_values_attached(sys.argv[1:] if argv is None else list(argv))
     args = build_parser().parse_args(argv)
     if not args.verbose:
         quiet_third_parties()
