@@ -205,7 +205,8 @@ class Streamer:
         if not self.readahead:
             return
         queued = {p for p, _ in self.pending}
-        ring_room = max(len(self.ring.buffers) - 1, 1) - sum(1 for p in queued if self._on_ring(p))
+        live = sum(1 for f in self.running.values() if f.buffer is not None)   # more than one if units nest
+        ring_room = max(len(self.ring.buffers) - max(live, 1), 1) - sum(1 for p in queued if self._on_ring(p))
         disk_room = self.disk_ahead - sum(1 for p in queued if not self._on_ring(p))
         nxt, steps = self.next.get(path), len(self.slots)
         while nxt is not None and nxt != path and steps > 0:   # the learned order may loop: bounded
