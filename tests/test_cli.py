@@ -165,3 +165,21 @@ def test_a_config_transformers_rejects_is_one_line(capsys, checkpoints, tmp_path
 def test_negative_values_get_fitmaps_message(args, needle, capsys):
     code, _, err = run(args, capsys)
     assert code == 2 and needle in err, err
+
+
+def test_starting_the_cli_loads_no_torch():
+    """The heavy imports happen inside main's handler, where Ctrl-C becomes "interrupted" (exit 130),
+    and `fitmap --help` answers at once."""
+    proc = subprocess.run([sys.executable, "-c", "import sys, fitmap, fitmap.cli; print('torch' in sys.modules); "
+                           "print(fitmap.Plan.__name__)"], capture_output=True, text=True)
+    assert proc.stdout.split() == ["False", "Plan"], proc.stderr
+
+
+def test_ctrl_c_is_one_line(monkeypatch, capsys):
+    from fitmap import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setitem(cli.HANDLERS, "plan", interrupted)
+    code, _, err = run(["plan", "llama-3.1-8b"], capsys)
+    assert code == 130 and err.strip() == "interrupted"

@@ -7,16 +7,47 @@
 
 from __future__ import annotations
 
+import sys
+import types
+from typing import TYPE_CHECKING
+
 from fitmap.errors import BadInput, CheckpointError, DeviceMismatch, DoesNotFit, FitmapError
-from fitmap.plan import Plan
 from fitmap.workload import Workload
+
+if TYPE_CHECKING:
+    from fitmap.plan import Plan
+
+
+def __getattr__(name: str):
+    """``fitmap.Plan`` on first use: importing fitmap (and so starting the CLI) does not load torch,
+    so Ctrl-C during the heavy imports lands inside the CLI's handler."""
+    if name == "Plan":
+        from fitmap.plan import Plan
+
+        return Plan
+    raise AttributeError(f"module 'fitmap' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """``fitmap.plan`` is the function below, also after the submodule ``fitmap.plan`` is first
+    imported (the import system sets the package attribute to the submodule then; the submodule
+    stays in ``sys.modules``)."""
+
+    @property
+    def plan(self):
+        return _plan
+
+    @plan.setter
+    def plan(self, value) -> None:
+        pass
+
 
 __all__ = ["plan", "load", "Plan", "Workload", "FitmapError", "BadInput", "CheckpointError", "DoesNotFit",
            "DeviceMismatch"]
 __version__ = "0.1.0"
 
 
-def plan(
+def _plan(
     model: str,
     gpus: str | None = None,
     cpu: str | None = None,
@@ -49,3 +80,7 @@ def load(model_dir: str, plan: Plan, **options):
     from fitmap.loader import load as _load
 
     return _load(model_dir, plan, **options)
+
+
+_plan.__name__ = _plan.__qualname__ = "plan"
+sys.modules[__name__].__class__ = _Package

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from pathlib import Path
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from fitmap.errors import BadInput, DoesNotFit, FitmapError
