@@ -183,3 +183,35 @@ def test_ctrl_c_is_one_line(monkeypatch, capsys):
     monkeypatch.setitem(cli.HANDLERS, "plan", interrupted)
     code, _, err = run(["plan", "llama-3.1-8b"], capsys)
     assert code == 130 and err.strip() == "interrupted"
+
+
+def test_repository_code_runs_only_with_true(tmp_path):
+    """A remote-code model whose configuration module writes a file when imported: no value of
+    trust_remote_code but True runs it (checked in a fresh process, so nothing is imported yet)."""
+    import shutil
+
+    from tests.pitfalls import make_pitfall
+
+    made = make_pitfall("glm", tmp_path / "made")
+    d = tmp_path / "probe_glm"
+    shutil.copytree(made, d)
+    config_py = next(d.glob("configuration_*.py"))
+    config_py.write_text("import os\nopen(os.environ['FITMAP_PROBE'], 'w').write('ran')\n" + config_py.read_text())
+    probe = tmp_path / "probe.txt"
+    script = f"""
+import fitmap
+for value in ("false", "False", 0, 1, None, False):
+    try:
+        fitmap.plan({str(d)!r}, gpus="1x1GiB", trust_remote_code=value, estimate="analytic")
+        raise SystemExit(f"planned with trust_remote_code={{value!r}}")
+    except fitmap.BadInput:
+        pass
+import os
+print("ran" if os.path.exists(os.environ["FITMAP_PROBE"]) else "not run")
+fitmap.plan({str(d)!r}, gpus="1x1GiB", trust_remote_code=True, estimate="analytic")
+print("ran" if os.path.exists(os.environ["FITMAP_PROBE"]) else "not run")
+"""
+    env = dict(__import__("os").environ, FITMAP_PROBE=str(probe), HF_MODULES_CACHE=str(tmp_path / "modules"))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["not", "run", "ran"]       # refused five ways; True runs it (the probe works)
