@@ -567,12 +567,9 @@ def ring_buffers(plan: Plan, model: nn.Module, streamed: list[offload.Offloaded]
     further ahead of a host that is slow to launch the units before them."""
     unit_bytes = [sum(t.numel() * t.element_size() for k, t in model.get_submodule(u.path).state_dict().items()
                       if k in u.keys) for u in streamed if u.read is None]
-    ledger = next((d for d in plan.devices if d.device == plan.execution_device), None)
-    if not unit_bytes or ledger is None:
+    if not unit_bytes:
         return 2
-    used = ledger.total_bytes - ledger.reserve_bytes
-    spare = ledger.capacity_bytes - ledger.total_bytes - max(used // 10, GiB)
-    return min(MAX_RING, 2 + max(0, spare) // max(max(unit_bytes), 1))
+    return min(MAX_RING, 2 + _spare(plan, plan.execution_device) // max(max(unit_bytes), 1))
 
 
 def offloaded_units(model: nn.Module, layout: Layout, ckpt: Checkpoint, targets: Mapping[str, torch.device | None],
@@ -609,18 +606,19 @@ def disk_readers(ckpt: Checkpoint, disk: Mapping[str, Mapping[str, str]], plan: 
         return {name: ckpt.reader(ks) for name, ks in disk.items()}, 1
     spans = {name: diskread.spans(ckpt.directory, unit) for name, unit in infos.items()}
     size = max(diskread.buffer_bytes(s) for s in spans.values())
-    count = _read_buffers(plan, size) if readahead else 2
+    count = min(MAX_READ_BUFFERS, 2 + _spare(plan, "cpu") // max(size, 1)) if readahead else 2
     pool = diskread.Buffers(size, count, pinned)
     return {name: diskread.UnitReader(s, pool) for name, s in spans.items()}, count - 1
 
 
-def _read_buffers(plan: Plan, size: int) -> int:
-    ledger = next((d for d in plan.devices if d.device == "cpu"), None)
-    if ledger is None or size <= 0:
-        return 2
+def _spare(plan: Plan, device: str) -> int:
+    """Bytes the plan leaves free on ``device`` after a margin (10% of what it puts there, at
+    least 1 GiB): room for buffers beyond the two the plan charges. 0 when it has no ledger."""
+    ledger = next((d for d in plan.devices if d.device == device), None)
+    if ledger is None:
+        return 0
     used = ledger.total_bytes - ledger.reserve_bytes
-    spare = ledger.capacity_bytes - ledger.total_bytes - max(used // 10, GiB)
-    return min(MAX_READ_BUFFERS, 2 + max(0, spare) // size)
+    return max(0, ledger.capacity_bytes - ledger.total_bytes - max(used // 10, GiB))
 
 
 def release(model: nn.Module) -> None:

@@ -1,18 +1,18 @@
 """Offload that keeps up: units whose weights live in CPU RAM or on disk run on
-the execution device, with the next unit's weights on their way while the
+the execution device, with the next units' weights on their way while the
 current one computes.
 
 * ``cpu`` tier, GPU execution: weights stay in pinned host memory; a pre-hook
-  swaps in device copies made on a side stream into one of two device buffers
-  reused for the whole run (a ring, each the size of the largest unit: the plan's
-  stream buffer), a post-hook swaps the host tensors back. Events order the
-  buffers: a copy waits until the compute that read the buffer's previous unit
-  is done, and a unit's compute waits for its copy; the host never waits, and
-  the caching allocator is not involved.
-* ``disk`` tier: weights are read from the ORIGINAL checkpoint (mmap'd
-  safetensors) when the unit is about to run, by a read-ahead thread one unit
-  ahead; after the unit's forward they are dropped (back to ``meta``), so RAM
-  holds at most two units of disk weights (the running one and the next).
+  swaps in device copies made on a side stream into a ring of device buffers
+  reused for the whole run (two or more, each the size of the largest unit), a
+  post-hook swaps the host tensors back. Events order the buffers: a copy waits
+  until the compute that read the buffer's previous unit is done, and a unit's
+  compute waits for its copy; the host never waits, and the caching allocator is
+  not involved. Copies run as many units ahead as the ring has buffers to spare.
+* ``disk`` tier: weights are read from the ORIGINAL checkpoint by a read-ahead
+  thread, as many units ahead as the unit readers have buffers to spare
+  (:mod:`fitmap.diskread`); after the unit's forward they are dropped (back to
+  ``meta``) and the buffer goes back to its pool.
 
 Which unit is "next" is learned from the previous forward (a decode step skips
 the vision tower), starting from the static execution order. State lives in
