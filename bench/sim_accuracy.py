@@ -22,9 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fitmap import pipeline  # noqa: E402
-from fitmap.compat import cache_kwarg, cache_of  # noqa: E402
+from fitmap.compat import cache_of  # noqa: E402
 from fitmap.devices import make_machine  # noqa: E402
-from fitmap.simulate import grow_cache, simulate, _decode_inputs  # noqa: E402
+from fitmap.simulate import decode_inputs, grow_cache, prefill_inputs, simulate  # noqa: E402
 from fitmap.workload import Workload  # noqa: E402
 
 CASES = [  # (family, overrides, batch, prompt, new)
@@ -67,13 +67,12 @@ def measured_peak(path: Path, w: Workload) -> int:
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                                  profile_memory=True) as prof:
-        out = model(**inputs, use_cache=True, logits_to_keep=1)
+        out = model(**prefill_inputs(model, inputs))
         cache = cache_of(out)
         full = w.prompt + w.new - 1
-        grow_cache(cache, full)
-        next_ids = out.logits[:, -1:].argmax(-1)
+        cache = grow_cache(cache, full, w.prompt)
         del out
-        model(**_decode_inputs(inputs, next_ids, full), **{cache_kwarg(model): cache}, use_cache=True, logits_to_keep=1)
+        model(**decode_inputs(model, inputs, cache, full))
         del cache
     return _integrate(prof)
 

@@ -45,7 +45,7 @@ from fitmap.errors import DeviceMismatch
 from fitmap.plan import DeviceLedger, Plan, Repair
 from fitmap.repairs import colocated
 from fitmap.simulate import DevicePeak, Mismatch, Simulation, device_label, execution_placement, simulate
-from fitmap.skeleton import Skeleton, build_model
+from fitmap.skeleton import Skeleton, build_model, empty_weights
 
 MAX_ROUNDS = 10
 
@@ -139,7 +139,7 @@ class _ModulePaths:
 
     def __call__(self, path: str) -> bool:
         if self.paths is None:
-            with torch.device("meta"):
+            with empty_weights():
                 model = build_model(*self.args)
             self.paths = {p for p, _ in model.named_modules(remove_duplicate=False)}
         return path in self.paths

@@ -73,8 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", action="store_true", help="with --max-context: also the largest batch")
     p = sub.add_parser("check", help="replay a plan on fake devices: peaks per device, mismatches, repairs")
     _model_args(p)
-    p.add_argument("--plan", required=True, metavar="PLAN.json", help="plan to check; repairs are written back")
+    p.add_argument("--plan", required=True, metavar="PLAN.json",
+                   help="a fitmap plan (repairs are written back), or a bare device map {module: device} "
+                        "such as infer_auto_device_map returns (the fitmap plan goes to MAP.fitmap.json)")
     p.add_argument("--out", metavar="PLAN.json", help="write the checked plan here instead of over --plan")
+    p.add_argument("--gpus", help="for a bare device map: the GPUs' memory, as for fitmap plan")
+    p.add_argument("--cpu", help="for a bare device map: CPU RAM for offloaded weights")
+    p.add_argument("--disk", help="for a bare device map: disk-tier directory")
+    p.add_argument("--reserve", help="for a bare device map: per-GPU reserve")
     for name, text in (("run", "load the model once and answer one prompt"),
                        ("chat", "a multi-turn conversation (type /image PATH to attach an image, /exit to quit)")):
         p = sub.add_parser(name, help=text)
@@ -222,26 +228,56 @@ def _print_limits(req, prep, args) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from fitmap import pipeline, report
+    from fitmap import pipeline, report, usermap
     from fitmap.devices import make_machine
     from fitmap.plan import Plan
-    from fitmap.workload import Dtype
+    from fitmap.workload import Dtype, Workload
 
-    plan = Plan.load(args.plan)
-    dtype = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(plan.dtype, "auto")
-    req = pipeline.PlanRequest(args.model, make_machine(None, 1), plan.workload, Dtype(dtype),
+    bare = usermap.read(args.plan)
+    plan = Plan.load(args.plan) if bare is None else None
+    dtype = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(plan.dtype if plan else "", "auto")
+    workload = plan.workload if plan else Workload()
+    req = pipeline.PlanRequest(args.model, make_machine(None, 1), workload, Dtype(dtype),
                                trust_remote_code=args.trust_remote_code)
     prep = pipeline.prepare(req)
+    out = args.out or args.plan
+    if bare is not None:
+        plan, out = _check_user_map(args, prep, bare)
     pipeline.require_matching(plan, prep)
     checked = _check(prep, plan, args.trust_remote_code)
-    checked.plan.save(args.out or args.plan)
+    checked.plan.save(out)
     if args.json:
         print(json.dumps(checked.plan.to_json() | _check_json(checked), indent=2))
     else:
         report.print_check(checked)
+        if bare is not None:
+            report.console.print(f"fitmap plan (whole units) written to {out}")
     if not checked.fits:
         raise DoesNotFit(_check_failure(checked))
     return 0
+
+
+def _check_user_map(args: argparse.Namespace, prep, raw: dict):
+    """The user's own map replayed as given (its errors and the repairs that fix it in place),
+    then the whole-unit fitmap plan made from it, to be checked and written."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from fitmap import report, usermap
+    from fitmap.devices import make_machine
+    from fitmap.workload import Workload
+
+    sk = prep.skeleton
+    dm = usermap.normalized(raw, [p for u in sk.units for p in u.params])
+    machine = make_machine(args.gpus, args.cpu, args.disk, args.reserve)
+    user = usermap.as_plan(prep.inventory.name, sk, dm, machine, Workload())
+    found = _check(prep, user, args.trust_remote_code)
+    if not args.json:
+        report.console.print(f"your map ({len(dm)} entries) on fake devices:")
+        report.print_check(found)
+    units = usermap.to_units(sk, found.plan.device_map)
+    out = args.out or str(Path(args.plan).with_suffix("")) + ".fitmap.json"
+    return replace(user, device_map=units, repairs=(), policy="from user map"), out
 
 
 def cmd_run(args: argparse.Namespace) -> int:

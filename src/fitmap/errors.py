@@ -51,3 +51,21 @@ def collect(problems: list[str], exc: type[FitmapError] = BadInput) -> None:
     """Raise ``exc`` with all ``problems`` at once (one per line), if there are any."""
     if problems:
         raise exc("\n".join(problems) if len(problems) > 1 else problems[0])
+
+
+class ModelCodeError(FitmapError):
+    """The model's own Python code (``trust_remote_code``) failed under this transformers/torch."""
+
+    @classmethod
+    def from_exception(cls, doing: str, e: BaseException) -> "ModelCodeError":
+        """One line: what failed, where in the model's code, and the versions to try."""
+        import traceback
+
+        import transformers
+
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if "transformers_modules" in f.filename]
+        where = f" at {frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno} ({frames[-1].line})" if frames else ""
+        message = " ".join(str(e).split())[:300]
+        return cls(f"the model's own code failed while {doing}: {type(e).__name__}: {message}{where}. "
+                   f"It may have been written for another transformers than {transformers.__version__}: install "
+                   "the version its model card pins (fitmap runs on transformers 4.40 and later)")

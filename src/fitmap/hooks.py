@@ -258,8 +258,14 @@ def _remember(table: dict[int, weakref.ref], value: Any) -> None:
         pass
 
 
+KV_KEYS = frozenset({"past_key_values", "cache"})
+
+
 class OutputsTo:
-    """Forward hook of the top-level model: outputs back on the input device."""
+    """Forward hook of the top-level model: outputs back on the input device. The KV cache
+    stays where each layer keeps it (a tuple cache moved whole would copy every layer's
+    keys and values to the first GPU at each step, as accelerate does without
+    ``_skip_keys_device_placement``)."""
 
     def __init__(self, device: torch.device, mover: Mover) -> None:
         self.device = device
@@ -269,7 +275,7 @@ class OutputsTo:
         try:
             if isinstance(output, dict) and type(output) is not dict:   # a ModelOutput
                 for k, v in output.items():
-                    if not on_device(v, self.device):
+                    if k not in KV_KEYS and not on_device(v, self.device):
                         output[k] = self.mover.to(v, self.device)
                 return output
             return None if on_device(output, self.device) else self.mover.to(output, self.device)

@@ -35,12 +35,12 @@ from typing import Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from fitmap import diskread, hooks, offload, repairs
+from fitmap import compat, diskread, hooks, offload, repairs
 from fitmap.errors import BadInput, CheckpointError, MissingWeights, remote_code_flag
 from fitmap.inventory import Inventory, TensorInfo, inventory
 from fitmap.keys import key_mapper
 from fitmap.plan import Plan
-from fitmap.skeleton import build_model, load_config, share_parameter, tied_parameters
+from fitmap.skeleton import build_model, empty_weights, load_config, share_parameter, tied_parameters
 from fitmap.sizes import GiB
 
 PAGE = 4096
@@ -119,7 +119,7 @@ def _skeleton_model(inv: Inventory, dtype: torch.dtype, trust_remote_code: bool)
     """The model on meta at ``dtype``; floating checkpoint tensors are cast to what it holds."""
     config = load_config(inv, trust_remote_code)
     config.dtype = dtype    # transformers 5 builds at config.dtype, whatever the default dtype says
-    with torch.device("meta"):
+    with empty_weights(keep_buffers=True):
         return build_model(config, inv.task, dtype, trust_remote_code).eval()
 
 
@@ -482,13 +482,21 @@ def _progress(total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
 
 # --------------------------------------------------------------------------- buffers
 def compute_buffers(model: nn.Module, ckpt: Checkpoint, targets: Mapping[str, torch.device | None]) -> None:
-    """Buffers the checkpoint does not carry, computed by the model's ``_init_weights`` on their device."""
+    """Buffers the checkpoint does not carry: the values the model's ``__init__`` computed
+    (kept by ``empty_weights``), else computed by its ``_init_weights`` on their device."""
     owners: dict[str, list[str]] = {}
     for key, b in list(model.named_buffers(remove_duplicate=False)):
         if b.is_meta and key not in ckpt.where:
             path, _, attr = key.rpartition(".")
-            model.get_submodule(path)._buffers[attr] = _sentinel_like(b, targets[key])
+            module = model.get_submodule(path)
+            computed = module.__dict__.get("_fitmap_init_buffers", {}).get(attr)
+            if computed is not None and computed.shape == b.shape:
+                module._buffers[attr] = computed.to(targets[key] or "cpu")
+                continue
+            module._buffers[attr] = _sentinel_like(b, targets[key])
             owners.setdefault(path, []).append(key)
+    for module in model.modules():
+        module.__dict__.pop("_fitmap_init_buffers", None)
     for path in owners:
         _init_module(model, path)
     not_computed = [k for keys in owners.values() for k in keys if _still_sentinel(model.get_buffer(k))]
@@ -515,9 +523,9 @@ def _still_sentinel(b: torch.Tensor) -> bool:
 
 
 def _init_module(model: nn.Module, path: str) -> None:
-    """Run the nearest PreTrainedModel's ``_init_weights`` on one module, its loaded tensors protected."""
+    """Run the nearest PreTrainedModel's ``_init_weights`` on one module; its loaded tensors
+    keep their values (flagged for transformers 5's guard, and restored afterwards on any version)."""
     from transformers import PreTrainedModel
-    from transformers import initialization as init
 
     owner = model.get_submodule(path)
     parts = path.split(".")
@@ -525,10 +533,14 @@ def _init_module(model: nn.Module, path: str) -> None:
     pretrained = next((m for m in map(model.get_submodule, prefixes) if isinstance(m, PreTrainedModel)), None)
     if pretrained is None:
         return
-    for t in list(owner.parameters(recurse=False)) + [b for b in owner.buffers(recurse=False) if not _still_sentinel(b)]:
+    loaded = list(owner.parameters(recurse=False)) + [b for b in owner.buffers(recurse=False) if not _still_sentinel(b)]
+    kept = [(t, t.detach().clone()) for t in loaded if not t.is_meta]
+    for t in loaded:
         t._is_hf_initialized = True     # transformers' init functions skip these: loaded weights stay
-    with torch.no_grad(), init.guard_torch_init_functions():
+    with torch.no_grad(), compat.init_guard():
         pretrained._init_weights(owner)
+        for t, value in kept:
+            t.copy_(value)
 
 
 def check_materialized(model: nn.Module, targets: Mapping[str, torch.device | None]) -> None:

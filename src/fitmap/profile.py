@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+from fitmap import configs
 from fitmap.skeleton import Skeleton
 from fitmap.workload import Workload
 
@@ -58,7 +59,7 @@ class ImageShape:
 
 
 def _qwen2_vl(cfg, w: int, h: int) -> ImageShape:
-    vc = cfg.vision_config
+    vc = configs.vision_config(cfg)
     patch, merge = vc.patch_size, vc.spatial_merge_size
     factor = patch * merge
     min_px, max_px = 56 * 56, 12845056  # Qwen2-VL's published preprocessor_config.json
@@ -75,7 +76,7 @@ def _qwen2_vl(cfg, w: int, h: int) -> ImageShape:
 
 def _internvl(cfg, w: int, h: int) -> ImageShape:
     """Dynamic tiling: the grid (i x j <= 12 tiles) closest to the aspect ratio, plus a thumbnail."""
-    vc = cfg.vision_config
+    vc = configs.vision_config(cfg)
     size = vc.image_size[0] if isinstance(vc.image_size, (list, tuple)) else vc.image_size
     patch = vc.patch_size[0] if isinstance(vc.patch_size, (list, tuple)) else vc.patch_size
     best = _closest_grid(w, h, size)
@@ -99,7 +100,7 @@ def _closest_grid(w: int, h: int, size: int, max_tiles: int = 12) -> tuple[int, 
 
 def _fixed_size(cfg, w: int, h: int) -> ImageShape:
     """LLaVA-style: the image is resized to the tower's square input."""
-    vc = cfg.vision_config
+    vc = configs.vision_config(cfg)
     grid = (vc.image_size // vc.patch_size) ** 2
     return ImageShape(grid, grid + 1, 1)
 
@@ -117,7 +118,8 @@ def image_shape(config, w: int, h: int) -> ImageShape:
 
 # --------------------------------------------------------------------------- costs
 def text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
+    """The text model's config under any of the names model code uses (:mod:`fitmap.configs`)."""
+    return configs.text_config(config)
 
 
 def head_dim(tc) -> int:
@@ -172,7 +174,7 @@ def _block_act(tc, tokens: int, ctx_tokens: int, batch: int, b: int) -> int:
 
 def _vision_act(config, images: list[ImageShape], batch: int, b: int) -> int:
     """Peak inside one vision block, all images of the batch at once."""
-    vc = config.vision_config
+    vc = configs.vision_config(config)
     hv = getattr(vc, "embed_dim", None) or vc.hidden_size
     inter = getattr(vc, "intermediate_size", None) or int(hv * getattr(vc, "mlp_ratio", 4))
     patches = batch * sum(i.patches for i in images)
@@ -184,7 +186,7 @@ def estimate(sk: Skeleton, workload: Workload) -> Profile:
     cfg = sk.config
     tc = text_config(cfg)
     b = _BYTES.get(sk.dtype, 2)
-    images = [image_shape(cfg, w, h) for w, h in workload.images] if hasattr(cfg, "vision_config") else []
+    images = [image_shape(cfg, w, h) for w, h in workload.images] if configs.vision_config(cfg) is not None else []
     img_tokens = sum(i.tokens for i in images)
     seq = workload.prompt + img_tokens + workload.new
     prefill = workload.batch * (workload.prompt + img_tokens)

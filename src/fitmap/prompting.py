@@ -67,7 +67,7 @@ class Prompter:
             processor = None
         if isinstance(processor, transformers.PreTrainedTokenizerBase):
             processor = None                               # a text model: AutoProcessor gave its tokenizer
-        if processor is not None and not hasattr(processor, "tokenizer"):
+        if processor is not None and not isinstance(processor, transformers.ProcessorMixin):
             image_processor, processor = processor, None  # an image processor only
         if processor is None and image_processor is None and (Path(model_dir) / "preprocessor_config.json").is_file():
             image_processor = transformers.AutoImageProcessor.from_pretrained(model_dir)
@@ -123,6 +123,14 @@ class Prompter:
         if "mm_token_type_ids" not in enc and getattr(self.config, "model_type", "") in ("qwen2_vl", "qwen2_5_vl"):
             enc["mm_token_type_ids"] = (enc["input_ids"] == self.config.image_token_id).long()
         return enc
+
+    def has_images(self) -> bool:
+        return any(m["images"] for m in self.messages)
+
+    def text_turns(self) -> list[dict]:
+        """The conversation as ``{"role", "content"}`` with plain-text content (a model's own ``chat()``)."""
+        return [{"role": m["role"], "content": "".join(c.get("text", "") for c in m["content"])}
+                for m in self.messages]
 
     def decode(self, ids: torch.Tensor) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -105,6 +105,9 @@ def generate(loaded: LoadedModel, prompter: Prompter, new: int, out: TextIO | No
     """Greedy generation of up to ``new`` tokens; streams text to ``out`` when given."""
     import time
 
+    own = own_chat(loaded.model)
+    if own is not None and not prompter.has_images():
+        return _own_chat(loaded, own, prompter, new, out)
     inputs = prompter.inputs(loaded.input_device)
     streamer = _Streamer(prompter.tokenizer, out) if out is not None else None
     t = time.perf_counter()
@@ -118,6 +121,43 @@ def generate(loaded: LoadedModel, prompter: Prompter, new: int, out: TextIO | No
     seconds = time.perf_counter() - t
     new_ids = ids[0, inputs["input_ids"].shape[1]:]
     return prompter.decode(new_ids), int(new_ids.numel()), seconds
+
+
+def own_chat(model) -> str | None:
+    """The model's own chat method, when its code (remote code) defines one in ChatGLM's form
+    ``chat(tokenizer, query, history=...)``; its prompt format and stop tokens are the model's."""
+    import inspect
+
+    for name in ("chat",):
+        fn = getattr(type(model), name, None)
+        if fn is None or not getattr(fn, "__module__", "").startswith("transformers_modules"):
+            continue
+        params = list(inspect.signature(fn).parameters)
+        if params[1:3] == ["tokenizer", "query"] and "history" in params:
+            return name
+    return None
+
+
+def _own_chat(loaded: LoadedModel, name: str, prompter: Prompter, new: int,
+              out: TextIO | None) -> tuple[str, int, float]:
+    """One turn through the model's own ``chat()``, greedy, at most ``new`` tokens."""
+    import time
+
+    turns = prompter.text_turns()
+    query, history = turns[-1]["content"], turns[:-1]
+    t = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            reply, _ = getattr(loaded.model, name)(prompter.tokenizer, query, history=history,
+                                                  max_new_tokens=new, do_sample=False, num_beams=1)
+    except torch.OutOfMemoryError as e:
+        raise OutOfBudget(out_of_budget_message(loaded.plan, 0, new, e)) from None
+    seconds = time.perf_counter() - t
+    text = reply if isinstance(reply, str) else str(reply)
+    if out is not None:
+        out.write(text + "\n")
+        out.flush()
+    return text, len(prompter.tokenizer.encode(text, add_special_tokens=False)), seconds
 
 
 def out_of_budget_message(plan: Plan, tokens: int, new: int, error: BaseException) -> str:

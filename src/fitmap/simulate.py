@@ -24,6 +24,7 @@ recorded as a :class:`Mismatch`.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import linecache
 import traceback
 import weakref
@@ -345,8 +346,26 @@ def simulate(config, task: str, sk: Skeleton, plan: Plan, workload: Workload | N
 
 @contextlib.contextmanager
 def _no_grad_fake(mode: FakeTensorMode) -> Iterator[None]:
-    with mode, torch.no_grad():
-        yield
+    to_empty = nn.Module.to_empty
+    nn.Module.to_empty = _to_empty_without_swap
+    try:
+        with mode, torch.no_grad():
+            yield
+    finally:
+        nn.Module.to_empty = to_empty
+
+
+def _to_empty_without_swap(self: nn.Module, *, device=None, recurse: bool = True) -> nn.Module:
+    """``Module.to_empty`` for fake tensors: new tensors are assigned, not swapped in (torch's
+    swap fails on fake parameters; ChatGLM builds every Linear with ``skip_init``)."""
+    for module in self.modules() if recurse else (self,):
+        for name, p in module._parameters.items():
+            if p is not None:
+                module._parameters[name] = nn.Parameter(torch.empty_like(p, device=device), p.requires_grad)
+        for name, b in module._buffers.items():
+            if b is not None:
+                module._buffers[name] = torch.empty_like(b, device=device)
+    return self
 
 
 def _clear_hf_device_hints(model: nn.Module) -> None:
@@ -457,17 +476,16 @@ def _simulate_steps(run: _Run, config, task: str, sk: Skeleton, workload: Worklo
     weights = Counter(t.current)
     inputs, image_tokens = make_inputs(config, workload, run.input_device, task)
     stage = "prefill"
+    model = run.model
     try:
         with t:
-            out = run.model(**inputs, use_cache=True, logits_to_keep=1)
+            out = model(**prefill_inputs(model, inputs))
             cache = compat.cache_of(out)
             stage = "decode"
             full = workload.prompt + image_tokens + workload.new - 1
-            grow_cache(cache, full)
-            next_ids = out.logits[:, -1:].argmax(-1).to(run.input_device)
-            step = _decode_inputs(inputs, next_ids, full)
+            cache = grow_cache(cache, full, inputs["input_ids"].shape[1])
             del out
-            run.model(**step, **{compat.cache_kwarg(run.model): cache}, use_cache=True, logits_to_keep=1)
+            model(**decode_inputs(model, inputs, cache, full))
             stage = "done"
             kv = _cache_bytes(cache)
     except RuntimeError:
@@ -485,19 +503,92 @@ def _order(device: str) -> tuple[int, int]:
     return (0, int(device)) if device.isdigit() else (1, 0)
 
 
-def _decode_inputs(inputs: dict, next_ids: torch.Tensor, past: int) -> dict:
-    """The inputs ``generate()`` builds for one step after ``past`` cached tokens."""
-    b = next_ids.shape[0]
-    mask = torch.ones(b, past + 1, dtype=torch.long, device=next_ids.device)
-    step = {"input_ids": next_ids, "attention_mask": mask,
-            "cache_position": torch.arange(past, past + 1, device=next_ids.device)}
-    if "image_grid_thw" in inputs:  # Qwen2-VL keeps its rope deltas from the prefill
-        step["position_ids"] = torch.full((3, b, 1), past, dtype=torch.long, device=next_ids.device)
-    return step
+def _accepted(fn: Any, kwargs: dict) -> dict:
+    """The keyword arguments ``fn`` takes (all of them when it takes ``**kwargs``): remote code
+    written for transformers 4.x has no ``logits_to_keep`` or ``cache_position``."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in params}
 
 
-def grow_cache(cache: Any, length: int) -> None:
-    """Give every cache layer ``length`` tokens (sliding layers keep their window)."""
+def _own_generation(model: nn.Module) -> bool:
+    """Does the model's own code (remote code) define how generation prepares each step?"""
+    fn = getattr(type(model), "prepare_inputs_for_generation", None)
+    return fn is not None and getattr(fn, "__module__", "").startswith("transformers_modules")
+
+
+def _last_logit_only(model: nn.Module) -> dict:
+    params = inspect.signature(model.forward).parameters
+    if "logits_to_keep" in params:
+        return {"logits_to_keep": 1}
+    if "return_last_logit" in params:          # ChatGLM's own name for it
+        return {"return_last_logit": True}
+    return {}
+
+
+def prefill_inputs(model: nn.Module, inputs: dict) -> dict:
+    """The prefill call as ``generate`` makes it: through the model's own
+    ``prepare_inputs_for_generation`` when its code defines one; only arguments its forward takes."""
+    kwargs = {**inputs, "use_cache": True, **_last_logit_only(model)}
+    if _own_generation(model):
+        rest = {k: v for k, v in kwargs.items() if k != "input_ids"}
+        prepared = model.prepare_inputs_for_generation(
+            inputs["input_ids"], **_accepted(model.prepare_inputs_for_generation, rest))
+        kwargs = {**kwargs, **{k: v for k, v in prepared.items() if v is not None}}
+    return _accepted(model.forward, kwargs)
+
+
+def decode_inputs(model: nn.Module, inputs: dict, cache: Any, past: int) -> dict:
+    """One decode step after ``past`` cached tokens, as ``generate()`` builds it. The next
+    token is a stand-in id (0): what the step costs does not depend on its value."""
+    ids = inputs["input_ids"]
+    b, device = ids.shape[0], ids.device
+    next_ids = torch.zeros(b, 1, dtype=torch.long, device=device)
+    mask = torch.ones(b, past + 1, dtype=torch.long, device=device)
+    if _own_generation(model):
+        full_ids = torch.cat([ids, next_ids.expand(b, past + 1 - ids.shape[1])], dim=1)
+        positions = torch.arange(past + 1, device=device).unsqueeze(0).expand(b, -1)
+        given = {compat.cache_kwarg(model): cache, "attention_mask": mask, "position_ids": positions,
+                 "use_cache": True, "is_first_forward": False,
+                 "cache_position": torch.arange(past, past + 1, device=device)}
+        prepared = model.prepare_inputs_for_generation(
+            full_ids, **_accepted(model.prepare_inputs_for_generation, given))
+        step = {k: v for k, v in prepared.items() if v is not None}
+    else:
+        step = {"input_ids": next_ids, "attention_mask": mask, compat.cache_kwarg(model): cache, "use_cache": True,
+                "cache_position": torch.arange(past, past + 1, device=device)}
+        if "image_grid_thw" in inputs:  # Qwen2-VL keeps its rope deltas from the prefill
+            step["position_ids"] = torch.full((3, b, 1), past, dtype=torch.long, device=device)
+    return _accepted(model.forward, {**step, **_last_logit_only(model)})
+
+
+def grow_cache(cache: Any, length: int, prefill: int) -> Any:
+    """Give every cache layer ``length`` tokens (sliding layers keep their window). Cache
+    objects are grown in place; tuple caches (remote code written for transformers 4.x:
+    per layer ``(key, value)``, the sequence on the axis that had ``prefill`` entries) are
+    returned anew."""
+    if isinstance(cache, (tuple, list)):
+        return type(cache)(grow_cache(c, length, prefill) for c in cache)
+    if isinstance(cache, torch.Tensor):
+        dims = [d for d in range(cache.dim() - 1) if cache.shape[d] == prefill]
+        if not dims:
+            return cache
+        shape = list(cache.shape)
+        shape[dims[-1] if cache.dim() == 4 and dims[-1] == 2 else dims[0]] = length
+        return cache.new_empty(shape)
+    for kname, vname in (("key_cache", "value_cache"),):   # transformers 4.x DynamicCache
+        if isinstance(getattr(cache, kname, None), list):
+            for lists in (getattr(cache, kname), getattr(cache, vname)):
+                for i, t in enumerate(lists):
+                    if isinstance(t, torch.Tensor) and t.dim() == 4:
+                        lists[i] = t.new_empty(*t.shape[:-2], length, t.shape[-1])
+            if hasattr(cache, "_seen_tokens"):
+                cache._seen_tokens = length
+            return cache
     for layer in getattr(cache, "layers", []):
         keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
         if not isinstance(keys, torch.Tensor) or keys.dim() < 3:
@@ -508,15 +599,26 @@ def grow_cache(cache: Any, length: int) -> None:
         layer.values = values.new_empty(*values.shape[:-2], n, values.shape[-1])
         if hasattr(layer, "cumulative_length"):
             layer.cumulative_length = length
+    return cache
+
+
+def _cache_layers(cache: Any) -> list[list[torch.Tensor]]:
+    """Per text layer, the KV tensors of ``cache`` (any of the layouts above)."""
+    if isinstance(cache, (tuple, list)):
+        return [[t for t in layer if isinstance(t, torch.Tensor)] if isinstance(layer, (tuple, list)) else [layer]
+                for layer in cache]
+    if isinstance(getattr(cache, "key_cache", None), list):
+        return [[k, v] for k, v in zip(cache.key_cache, cache.value_cache)]
+    return [[t for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if isinstance(t, torch.Tensor)]
+            for layer in getattr(cache, "layers", [])]
 
 
 def _cache_bytes(cache: Any) -> dict[tuple[str, int], int]:
     out: dict[tuple[str, int], int] = {}
-    for i, layer in enumerate(getattr(cache, "layers", [])):
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                key = (plan_device(t.device), i)
-                out[key] = out.get(key, 0) + t.numel() * t.element_size()
+    for i, layer in enumerate(_cache_layers(cache)):
+        for t in layer:
+            key = (plan_device(t.device), i)
+            out[key] = out.get(key, 0) + t.numel() * t.element_size()
     return out
 
 

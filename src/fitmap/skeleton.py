@@ -27,7 +27,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from fitmap.errors import BadInput, CheckpointError, remote_code_flag
+from fitmap import compat
+from fitmap.errors import BadInput, CheckpointError, ModelCodeError, remote_code_flag
 from fitmap.inventory import DTYPE_BYTES, Inventory, TensorInfo
 from fitmap.keys import key_mapper
 
@@ -118,24 +119,82 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
 def build_model(config, task: str, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
     """Instantiate the model from ``config`` in the current device context, at ``dtype``.
 
-    The caller chooses the storage: ``with torch.device("meta")`` for planning, a
+    The caller chooses the storage: :func:`empty_weights` for planning and loading, a
     FakeTensorMode for simulation. Weights are never initialised from a checkpoint here.
     """
-    import transformers
-
     remote_code_flag(trust_remote_code)
-
-    order = [transformers.AutoModelForCausalLM, transformers.AutoModelForImageTextToText]
-    if task == "image-text-to-text":
-        order.reverse()
     errors = []
-    with default_dtype(dtype):
-        for auto in order + [transformers.AutoModel]:
+    with default_dtype(dtype), _python_not_torchscript():
+        for auto in compat.auto_classes(task):
             try:
-                return auto.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+                model = compat.from_config(auto, config, dtype, trust_remote_code)
             except ValueError as e:  # the Auto class does not know this config
                 errors.append(str(e).splitlines()[0])
+                continue
+            except Exception as e:
+                if not _remote(type(config)):
+                    raise
+                raise ModelCodeError.from_exception("building the model", e) from None
+            compat.ensure_generate(model)
+            return model
     raise BadInput(f"transformers cannot build model type {config.model_type!r}: {errors[-1]}")
+
+
+@contextlib.contextmanager
+def _python_not_torchscript() -> Iterator[None]:
+    """Model code's ``@torch.jit.script`` helpers (ChatGLM's rotary) run as the Python they
+    were written in: TorchScript cannot take fake tensors ("Unknown device for graph fuser")
+    nor the runtime's hooks, and computes the same values. Scripting is off while the model's
+    module is imported; helpers scripted before (the module imported earlier) are swapped back."""
+    import sys
+
+    from torch.jit import _state
+
+    was = bool(_state._enabled)
+    _state.disable()
+    try:
+        yield
+    finally:
+        if was:
+            _state.enable()
+    for name, module in list(sys.modules.items()):
+        if name.startswith("transformers_modules") and module is not None:
+            for attr, value in list(vars(module).items()):
+                original = getattr(value, "_torchdynamo_inline", None)
+                if isinstance(value, torch.jit.ScriptFunction) and callable(original):
+                    setattr(module, attr, original)
+
+
+def _remote(cls: type) -> bool:
+    return cls.__module__.startswith("transformers_modules")
+
+
+@contextlib.contextmanager
+def empty_weights(keep_buffers: bool = False) -> Iterator[None]:
+    """Parameters and buffers are registered on ``meta`` while ``__init__`` computes with
+    ordinary CPU tensors (InternViT's ``torch.linspace(...).item()``, rotary tables), as
+    accelerate's ``init_empty_weights`` does. With ``keep_buffers`` the values ``__init__``
+    gave the buffers are kept (``module._fitmap_init_buffers``) for the loader, which
+    places them instead of recomputing them."""
+    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def to_meta_parameter(module, name, param):
+        if param is not None and not param.is_meta:
+            param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+        register_parameter(module, name, param)
+
+    def to_meta_buffer(module, name, tensor, persistent=True):
+        if tensor is not None and not tensor.is_meta:
+            if keep_buffers:
+                module.__dict__.setdefault("_fitmap_init_buffers", {})[name] = tensor
+            tensor = tensor.to("meta")
+        register_buffer(module, name, tensor, persistent)
+
+    nn.Module.register_parameter, nn.Module.register_buffer = to_meta_parameter, to_meta_buffer
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
 
 
 def planned_dtype(inv: Inventory, requested: str | None) -> torch.dtype:
@@ -157,7 +216,7 @@ def skeleton(inv: Inventory, dtype: torch.dtype, trust_remote_code: bool = False
     """Build ``inv``'s model on meta (unless given) and find units, order and groups."""
     config = load_config(inv, trust_remote_code)
     if model is None:
-        with torch.device("meta"):
+        with empty_weights():
             model = build_model(config, inv.task, dtype, trust_remote_code)
     no_split = no_split_classes(model)
     unit_paths = find_units(model, no_split)

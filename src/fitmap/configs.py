@@ -1,0 +1,101 @@
+"""A model's config read under any of the names model code uses.
+
+Native transformers configs say ``num_hidden_layers`` and ``num_key_value_heads``;
+remote code says what its authors chose: ChatGLM ``num_layers``,
+``multi_query_group_num``, ``kv_channels``, ``padded_vocab_size``, ``seq_length``,
+``ffn_hidden_size``; GPT-2 style ``n_embd`` / ``n_head`` / ``n_layer``. VLMs keep
+their text model's config under ``text_config``, ``llm_config`` (InternVL),
+``language_config`` or at the top level (MiniCPM-V, CogVLM), and a vision config
+as an object or a plain dict (CogVLM2). :func:`text_config` and
+:func:`vision_config` give one view over all of them; a value no name provides
+raises :class:`MissingConfigValue`, one line naming the names tried.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+from fitmap.errors import BadInput
+
+ALIASES: dict[str, tuple[str, ...]] = {
+    "hidden_size": ("hidden_size", "n_embd", "d_model", "dim"),
+    "num_attention_heads": ("num_attention_heads", "n_head", "num_heads", "n_heads"),
+    "num_key_value_heads": ("num_key_value_heads", "multi_query_group_num", "num_multi_query_heads",
+                            "n_head_kv", "num_kv_heads", "n_kv_heads"),
+    "head_dim": ("head_dim", "kv_channels"),
+    "num_hidden_layers": ("num_hidden_layers", "num_layers", "n_layer", "n_layers"),
+    "vocab_size": ("vocab_size", "padded_vocab_size"),
+    "intermediate_size": ("intermediate_size", "ffn_hidden_size", "n_inner", "ffn_dim"),
+    "max_position_embeddings": ("max_position_embeddings", "seq_length", "max_sequence_length", "n_positions",
+                                "max_seq_len"),
+}
+TEXT_KEYS = ("text_config", "llm_config", "language_config", "text_model_config")
+
+
+class MissingConfigValue(BadInput, AttributeError):
+    """A value fitmap needs that the config gives under none of the names it knows."""
+
+
+class ConfigView:
+    """Attribute access over a config (object or dict) that resolves the aliases above."""
+
+    def __init__(self, config: Any, what: str = "config") -> None:
+        object.__setattr__(self, "_config", config)
+        object.__setattr__(self, "_what", what)
+
+    def __getattr__(self, name: str) -> Any:
+        config = object.__getattribute__(self, "_config")
+        for alias in ALIASES.get(name, (name,)):
+            if alias == "multi_query_group_num" and _get(config, "multi_query_attention") is False:
+                continue                  # ChatGLM without multi-query attention: one KV head per head
+            value = _get(config, alias)
+            if value is not None:
+                return value
+        if name.startswith("_"):
+            raise AttributeError(name)
+        raise MissingConfigValue(f"the model's {object.__getattribute__(self, '_what')} gives no {name} "
+                                 f"(looked for {', '.join(ALIASES.get(name, (name,)))}); fitmap cannot size this "
+                                 "model from its config: report it with the model's config.json")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("a config view is read-only")
+
+
+def _get(config: Any, name: str) -> Any:
+    if isinstance(config, dict):
+        return config.get(name)
+    try:
+        return getattr(config, name, None)
+    except Exception:        # transformers 5 configs raise on some removed attributes
+        return None
+
+
+def text_config(config: Any) -> ConfigView:
+    """The text model's config, wherever the model keeps it."""
+    if isinstance(config, ConfigView):
+        return config
+    for key in TEXT_KEYS:
+        inner = _get(config, key)
+        if inner is not None and _get(inner, "hidden_size") is not None:
+            return ConfigView(inner, f"{key}")
+    get = getattr(config, "get_text_config", None)
+    if callable(get):
+        try:
+            inner = get()
+        except Exception:
+            inner = config
+        return ConfigView(inner if inner is not None else config)
+    return ConfigView(config)
+
+
+def vision_config(config: Any) -> Any:
+    """The vision config as an attribute object (CogVLM2 keeps a plain dict), or None."""
+    vc = _get(config, "vision_config")
+    if isinstance(vc, dict):
+        return SimpleNamespace(**vc)
+    return vc
+
+
+def model_type(config: Any) -> str:
+    return str(_get(config, "model_type") or "")

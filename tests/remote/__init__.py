@@ -1,0 +1,74 @@
+"""Remote-code models written the way the real ones are (see each ``modeling_*.py``).
+
+Each subdirectory imitates one family's published code at tiny size: its own config
+attribute names, forward signatures without ``**kwargs``, no ``GenerationMixin`` base,
+tuple KV caches, its own ``chat()``, TorchScript helpers, tensor math in ``__init__``.
+They are written for the transformers 4.x their model cards pin, as the real ones are;
+:func:`make_remote` saves one with random weights (``from_pretrained`` on that
+transformers is the reference).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).parent
+
+CHATGLM = {
+    "model_type": "chatglm", "architectures": ["ChatGLMModel"],
+    "auto_map": {
+        "AutoConfig": "configuration_chatglm.ChatGLMConfig",
+        "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+        "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
+        "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
+    },
+    "add_bias_linear": False, "add_qkv_bias": True, "apply_query_key_layer_scaling": True,
+    "apply_residual_connection_post_layernorm": False, "attention_dropout": 0.0, "attention_softmax_in_fp32": True,
+    "bias_dropout_fusion": True, "ffn_hidden_size": 96, "fp32_residual_connection": False, "hidden_dropout": 0.0,
+    "hidden_size": 64, "kv_channels": 16, "layernorm_epsilon": 1e-05, "multi_query_attention": True,
+    "multi_query_group_num": 2, "num_attention_heads": 4, "num_layers": 4, "original_rope": True,
+    "padded_vocab_size": 320, "post_layer_norm": True, "rmsnorm": True, "seq_length": 1024, "use_cache": True,
+    "torch_dtype": "float32", "transformers_version": "4.30.2", "tie_word_embeddings": False,
+    "eos_token_id": 2, "pad_token_id": 0,
+}
+TOKENIZER_CONFIGS = {
+    "chatglm": {"remove_space": False, "do_lower_case": False, "tokenizer_class": "ChatGLMTokenizer",
+                "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}},
+}
+CONFIGS = {"chatglm": CHATGLM}
+
+
+def make_remote(name: str, root: Path, seed: int = 0, std: float = 0.5, **config) -> Path:
+    """Save remote-code model ``name`` with random weights (normal, ``std``: wide enough that
+    greedy decoding does not repeat one token) under ``root``; its directory."""
+    import transformers
+
+    cfg = CONFIGS[name] | config
+    sources = sorted((HERE / name).glob("*.py"))
+    digest = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode() + transformers.__version__.encode()
+                          + b"".join(s.read_bytes() for s in sources)).hexdigest()[:10]
+    directory = root / f"{name}_{digest}"
+    if (directory / "config.json").is_file():
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    for src in sources:
+        shutil.copy(src, directory / src.name)
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2))
+    if name in TOKENIZER_CONFIGS:
+        (directory / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIGS[name], indent=2))
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.from_pretrained(directory, trust_remote_code=True), trust_remote_code=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, std) if p.dim() > 1 else p.fill_(1.0)
+    model.eval().save_pretrained(directory, safe_serialization=True)
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2))   # keep auto_map as written
+    for src in sources:
+        shutil.copy(src, directory / src.name)
+    return directory

@@ -1,0 +1,185 @@
+"""Remote-code models with their real interfaces (tests/remote), on the transformers their
+code was written for (``make test`` runs this file on transformers 5 and on 4.40, in .venv-tf4).
+
+ChatGLM3's code reads ``config.max_length`` (gone in transformers 5) and has no
+``GenerationMixin``: on 5.x fitmap must say so in one line; on 4.40 every step works
+— inspect, a simulated plan on two GPUs, its check, the check of a naive
+``infer_auto_device_map`` map that splits a block, and a cpu+disk run that answers
+through the model's own ``chat()`` with the unsplit model's text.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+from fitmap import compat, pipeline, profile
+from fitmap.devices import make_machine
+from fitmap.workload import Workload
+from tests.remote import CHATGLM, make_remote
+
+TF4 = compat.major() < 5
+only_tf4 = pytest.mark.skipif(not TF4, reason="ChatGLM3's code runs on the transformers 4.x its card pins")
+only_tf5 = pytest.mark.skipif(TF4, reason="what users of transformers 5 see")
+
+
+@pytest.fixture(scope="module")
+def glm(tmp_path_factory):
+    if not TF4:       # the code cannot be built on 5.x: the files alone, with random weights from 4.x absent
+        root = tmp_path_factory.mktemp("remote")
+        return _files_only(root)
+    return make_remote("chatglm", tmp_path_factory.mktemp("remote"))
+
+
+def _files_only(root):
+    """The model's files with weights of the right names and shapes, written without its code."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from tests.remote import HERE
+
+    d = root / "chatglm"
+    d.mkdir()
+    for src in (HERE / "chatglm").glob("*.py"):
+        shutil.copy(src, d / src.name)
+    (d / "config.json").write_text(json.dumps(CHATGLM))
+    c = CHATGLM
+    h, v, f = c["hidden_size"], c["padded_vocab_size"], c["ffn_hidden_size"]
+    qkv = c["num_attention_heads"] * c["kv_channels"] + 2 * c["multi_query_group_num"] * c["kv_channels"]
+    shapes = {"transformer.embedding.word_embeddings.weight": (v, h),
+              "transformer.rotary_pos_emb.inv_freq": (c["kv_channels"] // 4,),
+              "transformer.encoder.final_layernorm.weight": (h,), "transformer.output_layer.weight": (v, h)}
+    for i in range(c["num_layers"]):
+        p = f"transformer.encoder.layers.{i}."
+        shapes |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                   p + "self_attention.query_key_value.weight": (qkv, h), p + "self_attention.query_key_value.bias":
+                   (qkv,), p + "self_attention.dense.weight": (h, h), p + "mlp.dense_h_to_4h.weight": (2 * f, h),
+                   p + "mlp.dense_4h_to_h.weight": (h, f)}
+    save_file({k: torch.zeros(s) for k, s in shapes.items()}, str(d / "model.safetensors"))
+    return d
+
+
+def fitmap(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fitmap.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def request(model, workload=Workload(1, 64, 32), **machine) -> pipeline.PlanRequest:
+    return pipeline.PlanRequest(str(model), make_machine(**machine), workload, trust_remote_code=True)
+
+
+# --------------------------------------------------------------------------- transformers 5
+@only_tf5
+def test_code_written_for_4x_fails_in_one_line_on_5x(glm):
+    r = fitmap("inspect", str(glm), "--trust-remote-code")
+    assert r.returncode == 2, r.stderr
+    line = r.stderr.strip()
+    assert "\n" not in line and "Traceback" not in line
+    assert "modeling_chatglm.py:" in line and "max_length" in line and "4.40" in line
+
+
+# --------------------------------------------------------------------------- transformers 4.40
+@only_tf4
+def test_skeleton_finds_units_and_sides(glm):
+    prep = pipeline.prepare(request(glm))
+    sk = prep.skeleton
+    assert sk.no_split == ("GLMBlock",) and [u.layer for u in sk.units if u.kind == "block"] == [0, 1, 2, 3]
+    groups = {g.name: set(g.units) for g in sk.groups}
+    assert groups["input"] == {"transformer.embedding", "transformer.rotary_pos_emb"}
+    assert groups["output"] == {"transformer.encoder.final_layernorm", "transformer.output_layer"}
+
+
+@only_tf4
+def test_analytic_estimate_reads_chatglm_names(glm):
+    """KV per layer from multi_query_group_num and kv_channels, not num_attention_heads."""
+    sk = pipeline.prepare(request(glm)).skeleton
+    w = Workload(1, 64, 32)
+    est = profile.estimate(sk, w)
+    per_layer = 2 * CHATGLM["multi_query_group_num"] * CHATGLM["kv_channels"] * 4 * (64 + 32)
+    assert {c.kv_bytes for c in est.costs if c.name.startswith("transformer.encoder.layers.")} == {per_layer}
+    tc = profile.text_config(sk.config)
+    assert (tc.num_hidden_layers, tc.num_key_value_heads, tc.head_dim, tc.vocab_size) == (4, 2, 16, 320)
+
+
+@only_tf4
+def test_plan_on_two_gpus_is_simulated_and_each_gpu_holds_its_layers_kv(glm):
+    req = request(glm, gpus="2x1GiB")
+    plan = pipeline.plan(req)
+    assert plan.fits and plan.estimate == "simulate", plan.estimate
+    assert {plan.device_map[u] for u in ("transformer.embedding", "transformer.rotary_pos_emb")} == {0}
+    kv = {d.device: d.kv_bytes for d in plan.devices if d.device.isdigit()}
+    per_layer = 2 * 2 * 16 * 4 * (64 + 32)
+    layers = {d: sum(1 for u, dev in plan.device_map.items() if str(dev) == d and ".layers." in u) for d in kv}
+    for d in kv:   # within one token of the full context per layer
+        assert abs(kv[d] - layers[d] * per_layer) <= layers[d] * 2 * 2 * 16 * 4, (d, kv, layers)
+
+
+@only_tf4
+def test_check_of_the_plan_is_clean(glm, tmp_path):
+    out = tmp_path / "plan.json"
+    r = fitmap("plan", str(glm), "--gpus", "2x1GiB", "--trust-remote-code", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    r = fitmap("check", str(glm), "--plan", str(out), "--trust-remote-code")
+    assert r.returncode == 0, r.stderr
+    assert "no device mismatch" in r.stdout and "mismatch:" not in r.stdout
+
+
+@only_tf4
+def test_check_of_a_naive_auto_map_reports_the_error_and_repairs_it(glm, tmp_path):
+    """accelerate's infer_auto_device_map with no no-split classes cuts a GLMBlock in two;
+    the residual add meets cuda:0 and cuda:1 at a line of the model's file."""
+    from accelerate import infer_auto_device_map, init_empty_weights
+
+    config = transformers.AutoConfig.from_pretrained(glm, trust_remote_code=True)
+    with init_empty_weights():
+        model = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=True)
+    total = sum(p.numel() * 4 for p in model.parameters())
+    dm = infer_auto_device_map(model, max_memory={0: int(total * 0.45), 1: int(total * 0.8)},
+                               no_split_module_classes=[])
+    assert any(k.count(".") > 3 for k in dm), dm          # a block is split
+    user_map = tmp_path / "map.json"
+    user_map.write_text(json.dumps({k: f"cuda:{v}" if isinstance(v, int) else v for k, v in dm.items()}))
+    r = fitmap("check", str(glm), "--plan", str(user_map), "--gpus", "2x1GiB", "--trust-remote-code")
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())
+    assert "mismatch: aten.add in transformer.encoder.layers." in text and "modeling_chatglm.py:" in text
+    assert "repair:" in text and "no device mismatch after repairs" in text
+    written = json.loads((tmp_path / "map.fitmap.json").read_text())
+    units = {u.name for u in pipeline.prepare(request(glm)).skeleton.units}
+    assert set(written["device_map"]) == units and written["repairs"] == []
+
+
+@only_tf4
+def test_run_on_cpu_and_disk_answers_through_its_own_chat_like_the_unsplit_model(glm, tmp_path):
+    from fitmap.run import answer
+
+    tok = transformers.AutoTokenizer.from_pretrained(glm, trust_remote_code=True)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(glm, trust_remote_code=True).eval()
+    expected, _ = ref.chat(tok, "hello world", max_new_tokens=12, do_sample=False, num_beams=1)
+    del ref
+    plan_file = tmp_path / "cpu_disk.json"
+    machine = dict(cpu="800KiB", disk=str(tmp_path / "disk"))
+    (tmp_path / "disk").mkdir()
+    req = request(glm, Workload(1, 64, 12), **machine)
+    plan = pipeline.plan(req)
+    assert plan.fits and {str(d) for d in plan.device_map.values()} == {"cpu", "disk"}, plan.device_map
+    plan.save(plan_file)
+    got = answer(str(glm), "hello world", [], 12, make_machine(**machine), str(plan_file), True, out=None)
+    assert got.text == expected and expected
+
+
+@only_tf4
+def test_generate_is_there_however_often_the_class_is_built(glm):
+    from fitmap.skeleton import build_model, empty_weights, load_config
+    from fitmap.inventory import inventory
+
+    config = load_config(inventory(str(glm)), True)
+    for _ in range(2):
+        with empty_weights():
+            model = build_model(config, "causal-lm", torch.float32, True)
+        assert callable(getattr(model, "generate", None))
