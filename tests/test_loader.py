@@ -44,7 +44,7 @@ def meta_tensors(model: torch.nn.Module) -> list[str]:
 IDS = torch.tensor([[1, 17, 33, 41, 99, 250, 7, 300], [1, 400, 5, 6, 8, 13, 21, 34]])
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "glm", "qwen2_vl"])
 def test_cpu_plan_gives_transformers_logits(checkpoints, family):
     d = checkpoints(family)
     with torch.no_grad():

@@ -183,3 +183,24 @@ def test_generate_is_there_however_often_the_class_is_built(glm):
         with empty_weights():
             model = build_model(config, "causal-lm", torch.float32, True)
         assert callable(getattr(model, "generate", None))
+
+
+@only_tf4
+def test_check_of_a_plan_whose_map_splits_a_block(glm, tmp_path):
+    """The seed's recipe: layer 1's attention on GPU 0, its MLP on GPU 1, in a fitmap plan."""
+    out = tmp_path / "plan.json"
+    assert fitmap("plan", str(glm), "--gpus", "2x1GiB", "--trust-remote-code", "--out", str(out)).returncode == 0
+    plan = json.loads(out.read_text())
+    dm = {}
+    for k, v in plan["device_map"].items():
+        if k == "transformer.encoder.layers.1":
+            dm |= {f"{k}.{sub}": d for sub, d in (("input_layernorm", 0), ("self_attention", 0),
+                                                 ("post_attention_layernorm", 1), ("mlp", 1))}
+        else:
+            dm[k] = v
+    out.write_text(json.dumps(plan | {"device_map": dm}))
+    r = fitmap("check", str(glm), "--plan", str(out), "--trust-remote-code")
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())
+    assert "modeling_chatglm.py:" in text and "repair: align-outputs transformer.encoder.layers.1.mlp" in text
+    assert "transformer.encoder.layers.1" in json.loads(out.read_text())["device_map"]

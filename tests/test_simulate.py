@@ -17,7 +17,7 @@ def _prepared(model, gpus, workload, cpu="64GiB", estimate="analytic"):
     return prep, pipeline.plan(req, prep)
 
 
-@pytest.mark.parametrize("family", ["llama", "mixtral", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "mixtral", "gemma2", "glm"])
 def test_split_over_two_fake_gpus_runs_clean(checkpoints, family):
     prep, plan = _prepared(checkpoints(family), "2x1MiB", Workload(1, 32, 8), cpu="1MiB")
     dm = {u: (0 if i < len(plan.device_map) // 2 else 1) for i, u in enumerate(plan.device_map)}

@@ -22,6 +22,8 @@ def config(family: str) -> transformers.PretrainedConfig:
         return transformers.LlamaConfig(**TEXT, tie_word_embeddings=False)
     if family == "mixtral":
         return transformers.MixtralConfig(**TEXT, num_local_experts=4, num_experts_per_tok=2)
+    if family == "glm":     # GLM-4 as transformers ports it natively (THUDM's remote code is tests/remote)
+        return transformers.GlmConfig(**TEXT, head_dim=16, partial_rotary_factor=0.5, tie_word_embeddings=False)
     if family == "gemma2":
         return transformers.Gemma2Config(**TEXT, head_dim=16, sliding_window=32, tie_word_embeddings=True)
     if family == "qwen2_vl":

@@ -241,8 +241,11 @@ def cmd_check(args: argparse.Namespace) -> int:
                                trust_remote_code=args.trust_remote_code)
     prep = pipeline.prepare(req)
     out = args.out or args.plan
+    if bare is None and set(plan.device_map) != {u.name for u in prep.skeleton.units} and usermap.fits_model(
+            plan.device_map, prep.skeleton, _module_names(prep, args.trust_remote_code)):
+        bare = dict(plan.device_map)            # a plan whose map names other modules (a split block)
     if bare is not None:
-        plan, out = _check_user_map(args, prep, bare)
+        plan, out = _check_user_map(args, prep, bare, plan)
     pipeline.require_matching(plan, prep)
     checked = _check(prep, plan, args.trust_remote_code)
     checked.plan.save(out)
@@ -257,9 +260,22 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_user_map(args: argparse.Namespace, prep, raw: dict):
+def _module_names(prep, trust_remote_code: bool) -> list[str]:
+    """Every module path of the model (a map may name parameterless ones, e.g. a rotary embedding)."""
+    import torch
+
+    from fitmap.skeleton import build_model, empty_weights
+
+    sk = prep.skeleton
+    with empty_weights():
+        model = build_model(sk.config, prep.inventory.task, getattr(torch, sk.dtype), trust_remote_code)
+    return [name for name, _ in model.named_modules()]
+
+
+def _check_user_map(args: argparse.Namespace, prep, raw: dict, given=None):
     """The user's own map replayed as given (its errors and the repairs that fix it in place),
-    then the whole-unit fitmap plan made from it, to be checked and written."""
+    then the whole-unit fitmap plan made from it, to be checked and written. The GPUs are
+    ``--gpus``, else those of the plan the map came in (``given``), else detected."""
     from dataclasses import replace
     from pathlib import Path
 
@@ -268,15 +284,20 @@ def _check_user_map(args: argparse.Namespace, prep, raw: dict):
     from fitmap.workload import Workload
 
     sk = prep.skeleton
-    dm = usermap.normalized(raw, [p for u in sk.units for p in u.params])
-    machine = make_machine(args.gpus, args.cpu, args.disk, args.reserve)
-    user = usermap.as_plan(prep.inventory.name, sk, dm, machine, Workload())
+    dm = usermap.normalized(raw, [p for u in sk.units for p in u.params], _module_names(prep, args.trust_remote_code))
+    if given is not None and args.gpus is None:
+        machine = usermap.machine_of(given)
+    else:
+        machine = make_machine(args.gpus, args.cpu, args.disk, args.reserve)
+    user = usermap.as_plan(prep.inventory.name, sk, dm, machine, given.workload if given else Workload())
     found = _check(prep, user, args.trust_remote_code)
     if not args.json:
         report.console.print(f"your map ({len(dm)} entries) on fake devices:")
         report.print_check(found)
     units = usermap.to_units(sk, found.plan.device_map)
     out = args.out or str(Path(args.plan).with_suffix("")) + ".fitmap.json"
+    if given is not None and args.out is None:
+        out = args.plan
     return replace(user, device_map=units, repairs=(), policy="from user map"), out
 
 

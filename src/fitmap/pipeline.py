@@ -85,8 +85,20 @@ def _simulate_or_explain(prep: Prepared, req: PlanRequest):
     except FitmapError:
         raise
     except Exception as e:  # model code the fake devices cannot run: say so, plan analytically
-        prep.simulation_error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        prep.simulation_error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}{_where(e)}"
         return None
+
+
+def _where(e: BaseException) -> str:
+    """`` at FILE:LINE (code)`` of the innermost frame in the model's code, if any."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if "transformers_modules" in f.filename or "/transformers/models/" in f.filename]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" at {f.filename.rsplit('/', 1)[-1]}:{f.lineno} ({(f.line or '').strip()[:80]})"
 
 
 def plan(req: PlanRequest, prep: Prepared | None = None) -> Plan:

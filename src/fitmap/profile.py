@@ -77,10 +77,12 @@ def _qwen2_vl(cfg, w: int, h: int) -> ImageShape:
 def _internvl(cfg, w: int, h: int) -> ImageShape:
     """Dynamic tiling: the grid (i x j <= 12 tiles) closest to the aspect ratio, plus a thumbnail."""
     vc = configs.vision_config(cfg)
-    size = vc.image_size[0] if isinstance(vc.image_size, (list, tuple)) else vc.image_size
+    size = getattr(cfg, "force_image_size", None) or vc.image_size
+    size = size[0] if isinstance(size, (list, tuple)) else size
     patch = vc.patch_size[0] if isinstance(vc.patch_size, (list, tuple)) else vc.patch_size
-    best = _closest_grid(w, h, size)
-    tiles = best[0] * best[1] + (1 if best[0] * best[1] > 1 else 0)
+    best = _closest_grid(w, h, size, int(getattr(cfg, "max_dynamic_patch", None) or 12))
+    thumbnail = getattr(cfg, "use_thumbnail", True) is not False
+    tiles = best[0] * best[1] + (1 if thumbnail and best[0] * best[1] > 1 else 0)
     per_tile = (size // patch) ** 2
     ratio = getattr(cfg, "downsample_ratio", 0.5)
     return ImageShape(tiles * int(per_tile * ratio * ratio), tiles * (per_tile + 1), tiles)
@@ -107,12 +109,12 @@ def _fixed_size(cfg, w: int, h: int) -> ImageShape:
 
 IMAGE_SHAPES: dict[str, Callable] = {
     "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_vl, "internvl": _internvl,
-    "llava": _fixed_size,
+    "llava": _fixed_size, "internvl_chat": _internvl,
 }
 
 
 def image_shape(config, w: int, h: int) -> ImageShape:
-    fn = IMAGE_SHAPES.get(config.model_type, _fixed_size)
+    fn = IMAGE_SHAPES.get(configs.model_type(config), _fixed_size)
     return fn(config, w, h)
 
 

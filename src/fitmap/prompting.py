@@ -18,6 +18,7 @@ import torch
 from fitmap.errors import BadInput, remote_code_flag
 
 
+OWN_IMAGE_PATHS = ("internvl_chat",)   # remote code whose chat() takes images (see fitmap.run.own_chat)
 MAX_PIXELS = 100_000_000    # larger images are refused before decoding (PIL's own bomb check is at 179 MP)
 
 
@@ -82,10 +83,15 @@ class Prompter:
     def add_user(self, text: str, images: list) -> None:
         if not text.strip():
             raise BadInput("the prompt is empty; give --prompt TEXT")
-        if images and self.processor is None and self.image_processor is None:
+        if images and self.processor is None and self.image_processor is None and not self.own_images:
             raise BadInput("this model has no image processor; it cannot take --image")
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
         self.messages.append({"role": "user", "content": content, "images": images})
+
+    @property
+    def own_images(self) -> bool:
+        """Images go through the model's own ``chat()`` (InternVL's remote code has no processor)."""
+        return getattr(self.config, "model_type", "") in OWN_IMAGE_PATHS
 
     def add_assistant(self, text: str) -> None:
         self.messages.append({"role": "assistant", "content": [{"type": "text", "text": text}], "images": []})
@@ -97,7 +103,7 @@ class Prompter:
         text = self._template(chat)
         if self.processor is not None:
             enc = self.processor(text=[text], images=images or None, return_tensors="pt")
-        elif images:
+        elif images and not self.own_images:
             enc = self._manual(text, images)
         else:
             enc = self.tokenizer([text], return_tensors="pt")
@@ -106,7 +112,10 @@ class Prompter:
     def _template(self, chat: list[dict]) -> str:
         owner = self.processor if self.processor is not None else self.tokenizer
         if getattr(owner, "chat_template", None):
-            return owner.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+            try:
+                return owner.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+            except TypeError:   # an older template that takes each message's content as one string
+                return owner.apply_chat_template(self.text_turns(), add_generation_prompt=True, tokenize=False)
         return "\n".join(c["text"] for m in chat for c in m["content"] if c["type"] == "text")
 
     def _manual(self, text: str, images: list) -> dict:
@@ -132,6 +141,15 @@ class Prompter:
         return [{"role": m["role"], "content": "".join(c.get("text", "") for c in m["content"])}
                 for m in self.messages]
 
+    def internvl_pixels(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+        """The images of the last turn as InternVL's model card preprocesses them (its
+        ``dynamic_preprocess``: the closest grid of square tiles, a thumbnail when there is more
+        than one, ImageNet normalisation); None without images."""
+        images = self.messages[-1]["images"] if self.messages else []
+        if not images:
+            return None
+        return torch.cat([internvl_tiles(self.config, img) for img in images]).to(device=device, dtype=dtype)
+
     def decode(self, ids: torch.Tensor) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
@@ -154,3 +172,26 @@ def image_token_counts(config: Any, pixels: Any) -> list[int]:
         vc = config.vision_config
         seq = (vc.image_size // vc.patch_size) ** 2
     return [int(seq)] * int(pixels["pixel_values"].shape[0])
+
+
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def internvl_tiles(config: Any, image) -> torch.Tensor:
+    """(tiles, 3, S, S) for one PIL image, tiled as :func:`fitmap.profile.image_shape` counts."""
+    import numpy as np
+
+    from fitmap import configs
+    from fitmap.profile import _closest_grid
+
+    vc = configs.vision_config(config)
+    size = getattr(config, "force_image_size", None) or vc.image_size
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    cols, rows = _closest_grid(image.width, image.height, size, int(getattr(config, "max_dynamic_patch", None) or 12))
+    resized = image.resize((size * cols, size * rows))
+    tiles = [resized.crop((c * size, r * size, (c + 1) * size, (r + 1) * size)) for r in range(rows) for c in range(cols)]
+    if len(tiles) > 1 and getattr(config, "use_thumbnail", True) is not False:
+        tiles.append(image.resize((size, size)))
+    mean, std = torch.tensor(_IMAGENET_MEAN).view(3, 1, 1), torch.tensor(_IMAGENET_STD).view(3, 1, 1)
+    return torch.stack([(torch.from_numpy(np.asarray(t, dtype=np.float32) / 255.0).permute(2, 0, 1) - mean) / std
+                        for t in tiles])

@@ -106,7 +106,7 @@ def generate(loaded: LoadedModel, prompter: Prompter, new: int, out: TextIO | No
     import time
 
     own = own_chat(loaded.model)
-    if own is not None and not prompter.has_images():
+    if own is not None and (own == "internvl" or not prompter.has_images()):
         return _own_chat(loaded, own, prompter, new, out)
     inputs = prompter.inputs(loaded.input_device)
     streamer = _Streamer(prompter.tokenizer, out) if out is not None else None
@@ -124,32 +124,42 @@ def generate(loaded: LoadedModel, prompter: Prompter, new: int, out: TextIO | No
 
 
 def own_chat(model) -> str | None:
-    """The model's own chat method, when its code (remote code) defines one in ChatGLM's form
-    ``chat(tokenizer, query, history=...)``; its prompt format and stop tokens are the model's."""
+    """Which form of its own ``chat()`` the model's code (remote code) defines, if any:
+    ``"glm"`` — ChatGLM's ``chat(tokenizer, query, history)``; ``"internvl"`` — InternVL's
+    ``chat(tokenizer, pixel_values, question, generation_config, history)``. Prompt format,
+    image tokens and stop tokens are then the model's."""
     import inspect
 
-    for name in ("chat",):
-        fn = getattr(type(model), name, None)
-        if fn is None or not getattr(fn, "__module__", "").startswith("transformers_modules"):
-            continue
-        params = list(inspect.signature(fn).parameters)
-        if params[1:3] == ["tokenizer", "query"] and "history" in params:
-            return name
+    fn = getattr(type(model), "chat", None)
+    if fn is None or not getattr(fn, "__module__", "").startswith("transformers_modules"):
+        return None
+    params = list(inspect.signature(fn).parameters)[1:]
+    if params[:2] == ["tokenizer", "query"] and "history" in params:
+        return "glm"
+    if params[:4] == ["tokenizer", "pixel_values", "question", "generation_config"]:
+        return "internvl"
     return None
 
 
-def _own_chat(loaded: LoadedModel, name: str, prompter: Prompter, new: int,
+def _own_chat(loaded: LoadedModel, form: str, prompter: Prompter, new: int,
               out: TextIO | None) -> tuple[str, int, float]:
     """One turn through the model's own ``chat()``, greedy, at most ``new`` tokens."""
     import time
 
     turns = prompter.text_turns()
     query, history = turns[-1]["content"], turns[:-1]
+    model, tokenizer = loaded.model, prompter.tokenizer
     t = time.perf_counter()
     try:
         with torch.inference_mode():
-            reply, _ = getattr(loaded.model, name)(prompter.tokenizer, query, history=history,
-                                                  max_new_tokens=new, do_sample=False, num_beams=1)
+            if form == "glm":
+                reply, _ = model.chat(tokenizer, query, history=history, max_new_tokens=new, do_sample=False,
+                                      num_beams=1)
+            else:
+                pairs = [(a["content"], b["content"]) for a, b in zip(history[0::2], history[1::2])]
+                pixels = prompter.internvl_pixels(loaded.input_device, _float_dtype(model))
+                reply = model.chat(tokenizer, pixels, query, dict(max_new_tokens=new, do_sample=False),
+                                   history=pairs or None)
     except torch.OutOfMemoryError as e:
         raise OutOfBudget(out_of_budget_message(loaded.plan, 0, new, e)) from None
     seconds = time.perf_counter() - t
@@ -157,7 +167,11 @@ def _own_chat(loaded: LoadedModel, name: str, prompter: Prompter, new: int,
     if out is not None:
         out.write(text + "\n")
         out.flush()
-    return text, len(prompter.tokenizer.encode(text, add_special_tokens=False)), seconds
+    return text, len(tokenizer.encode(text, add_special_tokens=False)), seconds
+
+
+def _float_dtype(model) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def out_of_budget_message(plan: Plan, tokens: int, new: int, error: BaseException) -> str:

@@ -41,7 +41,7 @@ from torch.utils._pytree import tree_flatten
 from fitmap import compat, hooks, hybrid, repairs
 from fitmap.plan import Plan, Repair
 from fitmap.profile import Profile, UnitCost, text_config
-from fitmap.skeleton import Skeleton, build_model, share_parameter
+from fitmap.skeleton import Skeleton, build_model, empty_weights, share_parameter
 from fitmap.workload import Workload
 
 
@@ -278,6 +278,17 @@ def place_parameters(model: nn.Module, unit_device: Mapping[str, torch.device]) 
                 _move_tensor(m, name, device)
 
 
+def _buffers_where_they_run(model: nn.Module, offloaded: list[str], unit_device: Mapping[str, torch.device]) -> None:
+    """Offloaded units keep their buffers resident on the device they run on (the loader's
+    rule: rotary tables are computed, not streamed)."""
+    for unit in offloaded:
+        module = hooks.module_or_none(model, unit)
+        if module is not None:
+            for m in module.modules():
+                for name in list(m._buffers):
+                    _move_tensor(m, name, unit_device[unit])
+
+
 def _move_tensor(m: nn.Module, name: str, device: torch.device) -> None:
     if name in m._parameters and m._parameters[name] is not None:
         p = m._parameters[name]
@@ -327,10 +338,12 @@ def simulate(config, task: str, sk: Skeleton, plan: Plan, workload: Workload | N
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     tracker = MemoryTracker()
     dtype = getattr(torch, sk.dtype)
-    with _no_grad_fake(mode), hybrid.propagation(mode), gpu_attention_kernels():
+    with empty_weights(real_buffers=True):      # __init__ computes for real (InternViT's .item())
         model = build_model(config, task, dtype, trust_remote_code).eval()
+    with _no_grad_fake(mode), hybrid.propagation(mode), gpu_attention_kernels():
         unit_device = {u: fake_device(d) for u, d in placement.items()}
         place_parameters(model, unit_device | {u: torch.device("cpu") for u in offloaded})
+        _buffers_where_they_run(model, offloaded, unit_device)
         retie(model, sk.tied)
         _clear_hf_device_hints(model)
         input_device = _input_device(model)
@@ -346,26 +359,8 @@ def simulate(config, task: str, sk: Skeleton, plan: Plan, workload: Workload | N
 
 @contextlib.contextmanager
 def _no_grad_fake(mode: FakeTensorMode) -> Iterator[None]:
-    to_empty = nn.Module.to_empty
-    nn.Module.to_empty = _to_empty_without_swap
-    try:
-        with mode, torch.no_grad():
-            yield
-    finally:
-        nn.Module.to_empty = to_empty
-
-
-def _to_empty_without_swap(self: nn.Module, *, device=None, recurse: bool = True) -> nn.Module:
-    """``Module.to_empty`` for fake tensors: new tensors are assigned, not swapped in (torch's
-    swap fails on fake parameters; ChatGLM builds every Linear with ``skip_init``)."""
-    for module in self.modules() if recurse else (self,):
-        for name, p in module._parameters.items():
-            if p is not None:
-                module._parameters[name] = nn.Parameter(torch.empty_like(p, device=device), p.requires_grad)
-        for name, b in module._buffers.items():
-            if b is not None:
-                module._buffers[name] = torch.empty_like(b, device=device)
-    return self
+    with mode, torch.no_grad():
+        yield
 
 
 def _clear_hf_device_hints(model: nn.Module) -> None:
@@ -477,15 +472,18 @@ def _simulate_steps(run: _Run, config, task: str, sk: Skeleton, workload: Worklo
     inputs, image_tokens = make_inputs(config, workload, run.input_device, task)
     stage = "prefill"
     model = run.model
+    decoder = generation_owner(model)
+    _set_image_token(model, inputs)
     try:
         with t:
-            out = model(**prefill_inputs(model, inputs))
+            first = model if decoder is model or "pixel_values" in inputs else decoder
+            out = first(**prefill_inputs(first, inputs))
             cache = compat.cache_of(out)
             stage = "decode"
             full = workload.prompt + image_tokens + workload.new - 1
             cache = grow_cache(cache, full, inputs["input_ids"].shape[1])
             del out
-            model(**decode_inputs(model, inputs, cache, full))
+            decoder(**decode_inputs(decoder, inputs, cache, full))
             stage = "done"
             kv = _cache_bytes(cache)
     except RuntimeError:
@@ -513,6 +511,27 @@ def _accepted(fn: Any, kwargs: dict) -> dict:
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return kwargs
     return {k: v for k, v in kwargs.items() if k in params}
+
+
+def generation_owner(model: nn.Module) -> nn.Module:
+    """The module ``generate`` runs decode steps on. Remote-code VLMs (InternVL) define their
+    own ``generate`` that merges image features into the embeddings once and hands
+    ``inputs_embeds`` to their language model's ``generate``: decoding runs there."""
+    own = getattr(type(model), "generate", None)
+    if own is None or not getattr(own, "__module__", "").startswith("transformers_modules"):
+        return model
+    for name in ("language_model", "llm", "text_model"):
+        child = getattr(model, name, None)
+        if isinstance(child, nn.Module) and callable(getattr(child, "prepare_inputs_for_generation", None)):
+            return child
+    return model
+
+
+def _set_image_token(model: nn.Module, inputs: dict) -> None:
+    """InternVL's ``chat()`` sets ``img_context_token_id`` from the tokenizer before it generates."""
+    token = inputs.pop("_image_token_id", None)
+    if token is not None and hasattr(model, "img_context_token_id") and model.img_context_token_id is None:
+        model.img_context_token_id = int(token)
 
 
 def _own_generation(model: nn.Module) -> bool:
@@ -552,9 +571,10 @@ def decode_inputs(model: nn.Module, inputs: dict, cache: Any, past: int) -> dict
     if _own_generation(model):
         full_ids = torch.cat([ids, next_ids.expand(b, past + 1 - ids.shape[1])], dim=1)
         positions = torch.arange(past + 1, device=device).unsqueeze(0).expand(b, -1)
-        given = {compat.cache_kwarg(model): cache, "attention_mask": mask, "position_ids": positions,
-                 "use_cache": True, "is_first_forward": False,
-                 "cache_position": torch.arange(past, past + 1, device=device)}
+        given = {compat.cache_kwarg(model): cache, "attention_mask": mask, "use_cache": True,
+                 "is_first_forward": False, "cache_position": torch.arange(past, past + 1, device=device)}
+        if "position_ids" in inspect.signature(model.prepare_inputs_for_generation).parameters:
+            given["position_ids"] = positions   # ChatGLM's tokenizer makes them and generate extends them
         prepared = model.prepare_inputs_for_generation(
             full_ids, **_accepted(model.prepare_inputs_for_generation, given))
         step = {k: v for k, v in prepared.items() if v is not None}

@@ -170,31 +170,40 @@ def _remote(cls: type) -> bool:
 
 
 @contextlib.contextmanager
-def empty_weights(keep_buffers: bool = False) -> Iterator[None]:
-    """Parameters and buffers are registered on ``meta`` while ``__init__`` computes with
-    ordinary CPU tensors (InternViT's ``torch.linspace(...).item()``, rotary tables), as
-    accelerate's ``init_empty_weights`` does. With ``keep_buffers`` the values ``__init__``
-    gave the buffers are kept (``module._fitmap_init_buffers``) for the loader, which
-    places them instead of recomputing them."""
+def empty_weights(keep_buffers: bool = False, real_buffers: bool = False) -> Iterator[None]:
+    """Parameters are registered on ``meta`` while ``__init__`` computes with ordinary CPU
+    tensors (InternViT's ``torch.linspace(...).item()``, rotary tables built from
+    ``inv_freq``), as accelerate's ``init_empty_weights`` does. Buffers stay real while
+    ``__init__`` runs and go to ``meta`` when the context ends; with ``keep_buffers`` their
+    values are kept (``module._fitmap_init_buffers``) for the loader, which places them
+    instead of recomputing them; with ``real_buffers`` they stay the CPU tensors ``__init__``
+    made (the simulator: their values drive index math)."""
     register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+    registered: list[tuple[nn.Module, str]] = []
 
     def to_meta_parameter(module, name, param):
         if param is not None and not param.is_meta:
             param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
         register_parameter(module, name, param)
 
-    def to_meta_buffer(module, name, tensor, persistent=True):
-        if tensor is not None and not tensor.is_meta:
-            if keep_buffers:
-                module.__dict__.setdefault("_fitmap_init_buffers", {})[name] = tensor
-            tensor = tensor.to("meta")
+    def note_buffer(module, name, tensor, persistent=True):
         register_buffer(module, name, tensor, persistent)
+        registered.append((module, name))
 
-    nn.Module.register_parameter, nn.Module.register_buffer = to_meta_parameter, to_meta_buffer
+    nn.Module.register_parameter, nn.Module.register_buffer = to_meta_parameter, note_buffer
     try:
         yield
     finally:
         nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
+    if real_buffers:
+        return
+    for module, name in registered:
+        tensor = module._buffers.get(name)
+        if tensor is None or tensor.is_meta:
+            continue
+        if keep_buffers:
+            module.__dict__.setdefault("_fitmap_init_buffers", {})[name] = tensor
+        module._buffers[name] = tensor.to("meta")
 
 
 def planned_dtype(inv: Inventory, requested: str | None) -> torch.dtype:

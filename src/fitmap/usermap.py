@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
-from fitmap.devices import Machine
+from fitmap.devices import GpuSpec, Machine
 from fitmap.errors import BadInput
 from fitmap.plan import DeviceLedger, Plan
 from fitmap.skeleton import Skeleton
@@ -50,11 +50,12 @@ def device_of(value: object, key: str) -> int | str:
                    "'cpu' or 'disk'")
 
 
-def normalized(raw: Mapping[str, object], param_names: list[str]) -> dict[str, int | str]:
+def normalized(raw: Mapping[str, object], param_names: list[str],
+               module_names: Iterable[str] = ()) -> dict[str, int | str]:
     """The map with fitmap device names; every key a module or parameter of the model and every
     parameter placed (accelerate refuses a map that leaves one out)."""
     dm = {("" if k in ("", ".") else str(k)): device_of(v, str(k)) for k, v in raw.items()}
-    modules = {n.rpartition(".")[0] for n in param_names}
+    modules = {n.rpartition(".")[0] for n in param_names} | set(module_names)
     prefixes = {".".join(n.split(".")[:i]) for n in param_names for i in range(1, n.count(".") + 2)}
     unknown = [k for k in dm if k and k not in prefixes and k not in modules]
     if unknown:
@@ -108,3 +109,22 @@ def to_units(sk: Skeleton, dm: Mapping[str, int | str]) -> dict[str, int | str]:
         key = owner_key(u.name, dm)
         out[u.name] = max(votes, key=votes.get) if votes else (dm[key] if key is not None else "cpu")
     return out
+
+
+def fits_model(dm: Mapping[str, object], sk: Skeleton, module_names: Iterable[str] = ()) -> bool:
+    """Does ``dm`` name only modules (or parameters) of ``sk``'s model and place all its weights?"""
+    names = [p for u in sk.units for p in u.params]
+    try:
+        normalized(dm, names, module_names)
+    except BadInput:
+        return False
+    return True
+
+
+def machine_of(plan: Plan) -> Machine:
+    """The devices a plan's ledger describes."""
+    gpus = tuple(GpuSpec(int(d.device), d.capacity_bytes, d.reserve_bytes, "from the plan")
+                 for d in plan.devices if d.device.isdigit())
+    cpu = next((d.capacity_bytes for d in plan.devices if d.device == "cpu"), 0)
+    disk = next((d for d in plan.devices if d.device == "disk"), None)
+    return Machine(gpus, cpu, Path(".") if disk else None, disk.capacity_bytes if disk else None)

@@ -24,11 +24,13 @@ from typing import Callable
 
 import torch
 
+from fitmap import configs
 from fitmap.errors import BadInput
 from fitmap.profile import ImageShape, image_shape
 from fitmap.workload import Workload
 
 TEXT_TOKEN = 100      # an ordinary vocabulary id for text tokens (never a special token)
+IMAGE_CONTEXT = 101   # the image placeholder id for models whose tokenizer, not config, knows it
 _HEAD = 4             # text tokens before the first image (the chat template's role header)
 
 # Qwen2-VL's published preprocessor_config.json, as fitmap.profile uses it.
@@ -42,7 +44,7 @@ def vision_inputs(config, workload: Workload, device: torch.device, dtype: torch
 
     ``dtype`` is the model's floating dtype (default: the config's, else float32).
     """
-    build = _FAMILIES.get(config.model_type)
+    build = _FAMILIES.get(configs.model_type(config))
     if build is None:
         raise BadInput(f"fitmap cannot yet make image inputs for model type {config.model_type!r} "
                        f"(it knows {', '.join(sorted(_FAMILIES))}); check it without --image")
@@ -127,6 +129,25 @@ def _internvl(config, workload: Workload, device: torch.device, dtype: torch.dty
     return inputs, sum(s.tokens for s in shapes)
 
 
+def _internvl_chat(config, workload: Workload, device: torch.device, dtype: torch.dtype) -> Inputs:
+    """InternVL 1.5/2 remote code (``InternVLChatModel``): pixel_values (tiles, 3, S, S) as the
+    model card's ``dynamic_preprocess`` makes them, ``image_flags`` (tiles, 1), and per image
+    ``<img>`` + ``num_image_token`` ``<IMG_CONTEXT>`` per tile + ``</img>``. The context token's id
+    comes from the tokenizer in ``chat()``; here a fixed id the model is told (``_image_token_id``)."""
+    vc = configs.vision_config(config)
+    size = getattr(config, "force_image_size", None) or vc.image_size
+    shapes = _shapes(config, workload)
+    image = IMAGE_CONTEXT
+    runs = [[TEXT_TOKEN] + [image] * s.tokens + [TEXT_TOKEN] for s in shapes]
+    inputs = _text_inputs(_token_row(workload.prompt, runs, image), workload.batch, device)
+    tiles = workload.batch * sum(s.tiles for s in shapes)
+    inputs["pixel_values"] = torch.zeros(tiles, getattr(vc, "num_channels", 3), size, size, dtype=dtype,
+                                         device=device)
+    inputs["image_flags"] = torch.ones(tiles, 1, dtype=torch.long, device=device)
+    inputs["_image_token_id"] = image
+    return inputs, sum(s.tokens for s in shapes)
+
+
 def _llava(config, workload: Workload, device: torch.device, dtype: torch.dtype) -> Inputs:
     """pixel_values (images, 3, S, S); the ``<image>`` token expanded to one per patch feature."""
     vc = config.vision_config
@@ -141,4 +162,5 @@ def _llava(config, workload: Workload, device: torch.device, dtype: torch.dtype)
 
 _FAMILIES: dict[str, Callable[..., Inputs]] = {
     "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_vl, "internvl": _internvl, "llava": _llava,
+    "internvl_chat": _internvl_chat,
 }
