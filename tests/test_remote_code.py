@@ -204,3 +204,86 @@ def test_check_of_a_plan_whose_map_splits_a_block(glm, tmp_path):
     text = " ".join(r.stdout.split())
     assert "modeling_chatglm.py:" in text and "repair: align-outputs transformer.encoder.layers.1.mlp" in text
     assert "transformer.encoder.layers.1" in json.loads(out.read_text())["device_map"]
+
+
+# --------------------------------------------------------------------------- InternVL (both lines)
+def _unsplit(directory):
+    """The whole model on the CPU, its weights read with safetensors: the reference. (On
+    transformers 5 ``from_pretrained`` itself fails on this 4.x-style code: no ``post_init``.)"""
+    from safetensors.torch import load_file
+
+    config = transformers.AutoConfig.from_pretrained(directory, trust_remote_code=True)
+    model = transformers.AutoModel.from_config(config, trust_remote_code=True)
+    missing, unexpected = model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=False)
+    assert not unexpected and all("rotary" in k or "inv_freq" in k for k in missing), (missing, unexpected)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def internvl(tmp_path_factory):
+    return make_remote("internvl", tmp_path_factory.mktemp("remote_internvl"))
+
+
+def test_internvl_plan_with_an_image_is_simulated_with_the_vision_side_together(internvl):
+    """llm_config, InternViT's linspace().item() in __init__, forward(pixel_values, ..., image_flags) with
+    no **kwargs, its own generate() handing inputs_embeds to the language model."""
+    req = request(internvl, Workload(1, 64, 16, ((112, 56),)), gpus="2x1GiB")
+    prep = pipeline.prepare(req)
+    plan = pipeline.plan(req, prep)
+    assert plan.fits and plan.estimate == "simulate", plan.estimate
+    side = {plan.device_map[u] for u in ("vision_model", "mlp1", "language_model.model.embed_tokens")}
+    assert len(side) == 1
+    # 112x56 -> a 2x1 grid plus a thumbnail: 3 tiles of (56/14)^2 * 0.5^2 = 4 tokens
+    assert profile.estimate(prep.skeleton, req.workload).image_tokens == 12
+    kv = sum(d.kv_bytes for d in plan.devices)
+    per_token = 2 * 2 * 2 * 16 * 4            # layers x (K, V) x kv heads x head_dim x fp32
+    assert abs(kv - per_token * (64 + 12 + 16)) <= 2 * per_token, kv
+
+
+def test_internvl_check_and_the_check_of_a_naive_map(internvl, tmp_path):
+    out = tmp_path / "plan.json"
+    args = ("--gpus", "2x1GiB", "--prompt", "64", "--new", "16", "--image", "112x56", "--trust-remote-code")
+    assert fitmap("plan", str(internvl), *args, "--out", str(out)).returncode == 0
+    r = fitmap("check", str(internvl), "--plan", str(out), "--trust-remote-code")
+    assert r.returncode == 0 and "no device mismatch" in r.stdout, r.stdout + r.stderr
+    split = {"vision_model": 0, "mlp1": 0, "language_model.model.embed_tokens": 0,
+             "language_model.model.layers.0.input_layernorm": 0, "language_model.model.layers.0.self_attn": 0,
+             "language_model.model.layers.0.post_attention_layernorm": 1, "language_model.model.layers.0.mlp": 1,
+             "language_model.model.layers.1": 1, "language_model.model.norm": 1, "language_model.lm_head": "cuda:1"}
+    if not TF4:
+        split["language_model.model.rotary_emb"] = 0
+    (tmp_path / "map.json").write_text(json.dumps(split))
+    r = fitmap("check", str(internvl), "--plan", str(tmp_path / "map.json"), "--gpus", "2x1GiB",
+               "--trust-remote-code")
+    assert r.returncode == 0, r.stdout + r.stderr
+    text = " ".join(r.stdout.split())
+    assert "mismatch: aten.add in language_model.model.layers.0 got tensors on cuda:0 and cuda:1" in text, text
+    assert "no device mismatch after repairs" in text
+    assert "language_model.model.layers.0" in json.loads((tmp_path / "map.fitmap.json").read_text())["device_map"]
+
+
+def test_internvl_run_on_cpu_and_disk_with_an_image_answers_like_the_unsplit_model(internvl, tmp_path):
+    from PIL import Image
+
+    from fitmap.prompting import internvl_tiles
+    from fitmap.run import answer
+
+    image = Image.new("RGB", (112, 56))
+    image.putdata([((x * 7) % 256, (y * 11) % 256, ((x + y) * 5) % 256) for y in range(56) for x in range(112)])
+    image.save(tmp_path / "img.png")
+    tok = transformers.AutoTokenizer.from_pretrained(internvl, trust_remote_code=True)
+    ref = _unsplit(internvl)
+    pixels = internvl_tiles(ref.config, image)
+    assert pixels.shape == (3, 3, 56, 56)
+    expected = ref.chat(tok, pixels, "What is in the image?", dict(max_new_tokens=8, do_sample=False))
+    del ref
+    (tmp_path / "disk").mkdir()
+    machine = dict(cpu="1MiB", disk=str(tmp_path / "disk"))
+    req = request(internvl, Workload(1, 64, 8, ((112, 56),)), **machine)
+    req.pins.update({"language_model.model.layers.0": "disk", "language_model.model.layers.1": "disk"})
+    plan = pipeline.plan(req)
+    assert plan.fits and "disk" in {str(d) for d in plan.device_map.values()}, plan.advice
+    plan.save(tmp_path / "cd.json")
+    got = answer(str(internvl), "What is in the image?", [image], 8, make_machine(**machine),
+                 str(tmp_path / "cd.json"), True, out=None)
+    assert got.text == expected and expected

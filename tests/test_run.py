@@ -130,6 +130,7 @@ def test_an_image_for_a_text_model_is_one_line(vlm, checkpoints, tmp_path, capsy
     d = tmp_path / "llama"
     shutil.copytree(checkpoints("llama"), d)
     _tokenizer().save_pretrained(d)
+    capsys.readouterr()            # the fixtures' own output (a checkpoint written on first use)
     code = main(["run", str(d), "--prompt", "hello there", "--image", str(image), "--new", "2"])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "image" in err, err

@@ -403,6 +403,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        from fitmap.errors import ModelCodeError
+
+        if not ModelCodeError.raised_in_model_code(e):
+            raise
+        print(f"fitmap {args.command}: {ModelCodeError.from_exception(f'running {args.command}', e)}", file=sys.stderr)
+        return ModelCodeError.exit_code
 
 
 if __name__ == "__main__":

@@ -56,16 +56,26 @@ def collect(problems: list[str], exc: type[FitmapError] = BadInput) -> None:
 class ModelCodeError(FitmapError):
     """The model's own Python code (``trust_remote_code``) failed under this transformers/torch."""
 
+    @staticmethod
+    def raised_in_model_code(e: BaseException) -> bool:
+        """Did ``e`` come out of a model's own code (a ``transformers_modules`` file)?"""
+        import traceback
+
+        frames = traceback.extract_tb(e.__traceback__)
+        return bool(frames) and "transformers_modules" in frames[-1].filename
+
     @classmethod
     def from_exception(cls, doing: str, e: BaseException) -> "ModelCodeError":
         """One line: what failed, where in the model's code, and the versions to try."""
         import traceback
 
+        import torch
         import transformers
 
         frames = [f for f in traceback.extract_tb(e.__traceback__) if "transformers_modules" in f.filename]
         where = f" at {frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno} ({frames[-1].line})" if frames else ""
         message = " ".join(str(e).split())[:300]
         return cls(f"the model's own code failed while {doing}: {type(e).__name__}: {message}{where}. "
-                   f"It may have been written for another transformers than {transformers.__version__}: install "
-                   "the version its model card pins (fitmap runs on transformers 4.40 and later)")
+                   f"It may have been written for other versions than transformers {transformers.__version__} and "
+                   f"torch {torch.__version__.split('+')[0]}: install the versions its model card pins (fitmap runs "
+                   "on transformers 4.40 and later)")

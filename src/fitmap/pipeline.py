@@ -78,10 +78,15 @@ def _simulate_or_explain(prep: Prepared, req: PlanRequest):
     cached = costcache.load(k)
     if cached is not None and {u.name for u in prep.skeleton.units} <= set(cached.a.act):
         return cached
+    from fitmap.vision_inputs import UnsupportedInputs
+
     try:
         costs = simulated_costs(prep, req.workload, req.trust_remote_code)
         costcache.save(k, costs)
         return costs
+    except UnsupportedInputs as e:
+        prep.simulation_error = str(e).split(";")[0]
+        return None
     except FitmapError:
         raise
     except Exception as e:  # model code the fake devices cannot run: say so, plan analytically

@@ -18,7 +18,7 @@ import torch
 from fitmap.errors import BadInput, remote_code_flag
 
 
-OWN_IMAGE_PATHS = ("internvl_chat",)   # remote code whose chat() takes images (see fitmap.run.own_chat)
+OWN_IMAGE_PATHS = ("internvl_chat", "minicpmv")   # remote code whose chat() takes images (fitmap.run.own_chat)
 MAX_PIXELS = 100_000_000    # larger images are refused before decoding (PIL's own bomb check is at 179 MP)
 
 
@@ -101,9 +101,11 @@ class Prompter:
         images = [img for m in self.messages for img in m["images"]]
         chat = [{"role": m["role"], "content": m["content"]} for m in self.messages]
         text = self._template(chat)
-        if self.processor is not None:
+        if self.own_images:        # its chat() makes the image inputs; the text is what is counted here
+            enc = self.tokenizer([text], return_tensors="pt")
+        elif self.processor is not None:
             enc = self.processor(text=[text], images=images or None, return_tensors="pt")
-        elif images and not self.own_images:
+        elif images:
             enc = self._manual(text, images)
         else:
             enc = self.tokenizer([text], return_tensors="pt")

@@ -106,7 +106,7 @@ def generate(loaded: LoadedModel, prompter: Prompter, new: int, out: TextIO | No
     import time
 
     own = own_chat(loaded.model)
-    if own is not None and (own == "internvl" or not prompter.has_images()):
+    if own is not None and (own in ("internvl", "minicpmv") or not prompter.has_images()):
         return _own_chat(loaded, own, prompter, new, out)
     inputs = prompter.inputs(loaded.input_device)
     streamer = _Streamer(prompter.tokenizer, out) if out is not None else None
@@ -138,6 +138,8 @@ def own_chat(model) -> str | None:
         return "glm"
     if params[:4] == ["tokenizer", "pixel_values", "question", "generation_config"]:
         return "internvl"
+    if params[:3] == ["image", "msgs", "tokenizer"]:
+        return "minicpmv"
     return None
 
 
@@ -155,6 +157,10 @@ def _own_chat(loaded: LoadedModel, form: str, prompter: Prompter, new: int,
             if form == "glm":
                 reply, _ = model.chat(tokenizer, query, history=history, max_new_tokens=new, do_sample=False,
                                       num_beams=1)
+            elif form == "minicpmv":   # greedy: sampling=False alone is beam search with a repetition penalty
+                msgs = history + [{"role": "user", "content": list(prompter.messages[-1]["images"]) + [query]}]
+                reply = model.chat(image=None, msgs=msgs, tokenizer=tokenizer, processor=prompter.processor,
+                                   max_new_tokens=new, sampling=False, num_beams=1, repetition_penalty=1.0)
             else:
                 pairs = [(a["content"], b["content"]) for a, b in zip(history[0::2], history[1::2])]
                 pixels = prompter.internvl_pixels(loaded.input_device, _float_dtype(model))

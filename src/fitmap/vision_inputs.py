@@ -39,6 +39,10 @@ _QWEN_MIN_PIXELS, _QWEN_MAX_PIXELS = 56 * 56, 12845056
 Inputs = tuple[dict[str, torch.Tensor], int]
 
 
+class UnsupportedInputs(BadInput):
+    """No input builder for this model type: the planner falls back to the analytic estimate."""
+
+
 def vision_inputs(config, workload: Workload, device: torch.device, dtype: torch.dtype | None = None) -> Inputs:
     """(model kwargs, image tokens per sequence) for ``workload`` with its images.
 
@@ -46,7 +50,7 @@ def vision_inputs(config, workload: Workload, device: torch.device, dtype: torch
     """
     build = _FAMILIES.get(configs.model_type(config))
     if build is None:
-        raise BadInput(f"fitmap cannot yet make image inputs for model type {config.model_type!r} "
+        raise UnsupportedInputs(f"fitmap cannot yet make image inputs for model type {config.model_type!r} "
                        f"(it knows {', '.join(sorted(_FAMILIES))}); check it without --image")
     return build(config, workload, device, dtype or _config_dtype(config))
 

@@ -36,11 +36,45 @@ CHATGLM = {
     "torch_dtype": "float32", "transformers_version": "4.30.2", "tie_word_embeddings": False,
     "eos_token_id": 2, "pad_token_id": 0,
 }
+INTERNVL = {
+    "model_type": "internvl_chat", "architectures": ["InternVLChatModel"],
+    "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
+                 "AutoModel": "modeling_internvl_chat.InternVLChatModel",
+                 "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel"},
+    "downsample_ratio": 0.5, "dynamic_image_size": True, "force_image_size": 56, "max_dynamic_patch": 6,
+    "min_dynamic_patch": 1, "ps_version": "v2", "select_layer": -1, "template": "Hermes-2", "use_thumbnail": True,
+    "use_backbone_lora": 0, "use_llm_lora": 0, "torch_dtype": "float32", "transformers_version": "4.37.2",
+    "llm_config": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 64,
+                   "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+                   "num_hidden_layers": 2, "vocab_size": 320, "max_position_embeddings": 2048,
+                   "rope_theta": 1000000.0, "tie_word_embeddings": False, "bos_token_id": 257, "eos_token_id": 256,
+                   "torch_dtype": "float32"},
+    "vision_config": {"architectures": ["InternVisionModel"], "model_type": "intern_vit_6b", "hidden_size": 32,
+                      "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2, "image_size": 56,
+                      "patch_size": 14, "qkv_bias": True, "qk_normalization": False, "norm_type": "layer_norm",
+                      "drop_path_rate": 0.1, "layer_norm_eps": 1e-6, "initializer_factor": 1.0},
+}
+SPECIAL = ["<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<|endoftext|>"]   # ids from 256 on
 TOKENIZER_CONFIGS = {
     "chatglm": {"remove_space": False, "do_lower_case": False, "tokenizer_class": "ChatGLMTokenizer",
                 "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}},
 }
-CONFIGS = {"chatglm": CHATGLM}
+CONFIGS = {"chatglm": CHATGLM, "internvl": INTERNVL}
+
+
+def byte_tokenizer(directory: Path) -> None:
+    """A byte-level tokenizer (ids 0-255) with InternVL's chat and image tokens, saved as
+    ``PreTrainedTokenizerFast`` files (Qwen2's tokenizer is byte-level BPE too)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=SPECIAL)
+    fast.save_pretrained(directory)
 
 
 def make_remote(name: str, root: Path, seed: int = 0, std: float = 0.5, **config) -> Path:
@@ -61,6 +95,8 @@ def make_remote(name: str, root: Path, seed: int = 0, std: float = 0.5, **config
     (directory / "config.json").write_text(json.dumps(cfg, indent=2))
     if name in TOKENIZER_CONFIGS:
         (directory / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIGS[name], indent=2))
+    else:
+        byte_tokenizer(directory)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(
         transformers.AutoConfig.from_pretrained(directory, trust_remote_code=True), trust_remote_code=True)
