@@ -69,13 +69,14 @@ def test_torch_tensor_of_zero_dim_tensors(fake):
     assert t.tolist() == [[-3], [6]]
 
 
-def test_float_tensors_have_no_twin(fake):
+def test_weights_and_activations_have_no_twin(fake):
     _, twins = fake
     layer = nn.Linear(4, 4, dtype=torch.bfloat16, device="meta:0")
-    x = torch.zeros(2, 4, device="meta:0", dtype=torch.bfloat16)
+    x = torch.zeros(2, 4, device="meta:0", dtype=torch.bfloat16)   # a defined value: known
     y = layer(x)
     ids = y.argmax(-1)  # integers computed from activations are unknown too
-    assert all(twins.real(t) is None for t in (layer.weight, x, y, ids))
+    assert twins.real(x) is not None
+    assert all(twins.real(t) is None for t in (layer.weight, y, ids))
     with pytest.raises(DataDependentOutputException):
         ids[0].item()
 
@@ -94,6 +95,15 @@ def test_unknown_writes_make_twins_stale(fake):
     assert ids.tolist() == [[0, 0, 0], [0, 1, 0]] and row.tolist() == [0, 0, 0]
     ids.add_(torch.empty(2, 3, device="meta:0").long())  # unknown write
     assert twins.real(ids) is None and twins.real(row) is None
+
+
+def test_float_masks_are_known_and_their_values_can_be_read(fake):
+    """CogVLM picks its attention kernel with ``(mask == tril).all()`` on a float mask."""
+    mask = torch.full((4, 4), torch.finfo(torch.float32).min, device="meta:0")
+    cond = torch.arange(4, device="meta:0")
+    mask.masked_fill_(cond < (cond + 1).view(4, 1), 0)
+    is_low_triangle = ((mask == 0) == torch.ones_like(mask).tril()).all()
+    assert bool(is_low_triangle)
 
 
 def test_large_integer_tensors_have_no_twin():

@@ -287,3 +287,65 @@ def test_internvl_run_on_cpu_and_disk_with_an_image_answers_like_the_unsplit_mod
     got = answer(str(internvl), "What is in the image?", [image], 8, make_machine(**machine),
                  str(tmp_path / "cd.json"), True, out=None)
     assert got.text == expected and expected
+
+
+# --------------------------------------------------------------------------- CogVLM (both lines; run on 4.x)
+@pytest.fixture(scope="module")
+def cogvlm(tmp_path_factory):
+    return make_remote("cogvlm", tmp_path_factory.mktemp("remote_cogvlm"))
+
+
+def test_cogvlm_vision_registered_after_the_layers_is_on_the_input_side(cogvlm):
+    """No model_type in its config; model.vision after model.layers; token_type_ids required by
+    prepare_inputs_for_generation; experts picked per token by boolean masks; a float mask read
+    with .all(): planned and simulated with an image."""
+    req = request(cogvlm, Workload(1, 64, 16, ((80, 60),)), gpus="2x1GiB")
+    prep = pipeline.prepare(req)
+    groups = {g.name: set(g.units) for g in prep.skeleton.groups}
+    assert "model.vision.transformer.layers.0" in groups["input"] and "model.embed_tokens" in groups["input"]
+    assert groups["output"] == {"model.norm", "lm_head"}
+    assert [u.kind for u in prep.skeleton.units][:2] == ["vision", "vision"]
+    plan = pipeline.plan(req, prep)
+    assert plan.fits and plan.estimate == "simulate", plan.estimate
+    assert len({plan.device_map[u] for u in groups["input"]}) == 1
+    kv = sum(d.kv_bytes for d in plan.devices)
+    per_token = 2 * 2 * 2 * 16 * 4          # layers x (K, V) x num_multi_query_heads x head_dim x fp32
+    image = (56 // 14 // 2) ** 2 + 2
+    assert abs(kv - per_token * (64 + image + 16)) <= 2 * per_token, kv
+
+
+def test_cogvlm_naive_map_errors_are_found_and_repaired(cogvlm, tmp_path):
+    split = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1.input_layernorm": 0,
+             "model.layers.1.self_attn": 1, "model.layers.1.post_attention_layernorm": 1, "model.layers.1.mlp": 1,
+             "model.norm": 1, "model.vision": 1, "lm_head": 1}
+    (tmp_path / "map.json").write_text(json.dumps(split))
+    r = fitmap("check", str(cogvlm), "--plan", str(tmp_path / "map.json"), "--gpus", "2x1GiB", "--trust-remote-code")
+    assert r.returncode == 0, r.stdout + r.stderr
+    text = " ".join(r.stdout.split())
+    assert "mismatch: aten." in text and "modeling_cogvlm.py:" in text and "no device mismatch after repairs" in text
+
+
+@only_tf4
+def test_cogvlm_run_with_an_image_through_its_own_conversation_inputs(cogvlm, tmp_path):
+    from PIL import Image
+
+    from fitmap.run import answer
+
+    image = Image.new("RGB", (80, 60), (120, 30, 200))
+    tok = transformers.AutoTokenizer.from_pretrained(cogvlm, trust_remote_code=True)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(cogvlm, trust_remote_code=True).eval()
+    built = ref.build_conversation_input_ids(tok, query="what is it?", history=[], images=[image])
+    inputs = {k: built[k][None] for k in ("input_ids", "token_type_ids", "attention_mask")}
+    out = ref.generate(**inputs, images=[[built["images"][0]]], max_new_tokens=8, do_sample=False, pad_token_id=300)
+    expected = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    del ref
+    (tmp_path / "disk").mkdir()
+    machine = dict(cpu="1.5MiB", disk=str(tmp_path / "disk"))
+    req = request(cogvlm, Workload(1, 64, 8, ((80, 60),)), **machine)
+    req.pins.update({"model.layers.1": "disk"})
+    plan = pipeline.plan(req)
+    assert plan.fits and "disk" in {str(d) for d in plan.device_map.values()}, plan.advice
+    plan.save(tmp_path / "cd.json")
+    got = answer(str(cogvlm), "what is it?", [image], 8, make_machine(**machine), str(tmp_path / "cd.json"), True,
+                 out=None)
+    assert got.text == expected and expected

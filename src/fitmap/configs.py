@@ -98,4 +98,9 @@ def vision_config(config: Any) -> Any:
 
 
 def model_type(config: Any) -> str:
-    return str(_get(config, "model_type") or "")
+    """``model_type``, or for remote code whose config has none (CogVLM) its architecture's name."""
+    name = _get(config, "model_type")
+    if name:
+        return str(name)
+    arch = _get(config, "architectures")
+    return str(arch[0]) if isinstance(arch, (list, tuple)) and arch else ""

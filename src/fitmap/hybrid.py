@@ -18,11 +18,12 @@ op by op in a ``TorchDispatchMode`` that sits just above the ``FakeTensorMode``:
 * ``torch.tensor`` reads its data outside the dispatcher, so for the duration it
   is wrapped to read twins instead of fake tensors.
 
-Weights and activations never get twins: floating factory outputs (parameters,
-``pixel_values``) have none, so nothing computed from them has one either. A small
-float computed only from known integers (``arange(n) * 1.0`` before ``.long()``,
-rotary ``inv_freq``) does carry one, because model code routes positions
-through floats.
+Weights never get twins (the simulator makes them from ``meta``), so activations
+computed from them have none either. Small factory outputs do, floating ones too:
+masks built with ``torch.full(..., finfo.min)`` and read back (CogVLM picks its
+attention kernel with ``(mask == tril).all()``), ``pixel_values`` zeros; a small
+float computed only from known values (``arange(n) * 1.0``, rotary ``inv_freq``)
+carries one because model code routes positions through floats.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ _aten = torch.ops.aten
 _CPU = torch.device("cpu")
 _EXACT = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 _DATA_DEPENDENT = (DynamicOutputShapeException, DataDependentOutputException)
+_DEFINED_FACTORIES = frozenset({_aten.full, _aten.zeros, _aten.ones, _aten.arange, _aten.linspace, _aten.eye,
+                                _aten.scalar_tensor})
 _INDEX_OPS = (_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.default, _aten._index_put_impl_.default)
 
 
@@ -91,7 +94,7 @@ class RealTwins(TorchDispatchMode):
                 return self._from_real(func, args, kwargs)
             else:
                 raise
-        if known and self._wants_twin(out, factory=not tensors):
+        if known and self._wants_twin(out, factory=not tensors, func=func):
             real_out = self._run_real(func, args, kwargs)
             if real_out is not None:
                 self._pair(out, real_out)
@@ -100,11 +103,12 @@ class RealTwins(TorchDispatchMode):
             self._forget_written(func, args)
         return out
 
-    def _wants_twin(self, out: Any, factory: bool) -> bool:
-        """Outputs worth a real run: small, and not floating if nothing went in (weights)."""
+    def _wants_twin(self, out: Any, factory: bool, func: Any = None) -> bool:
+        """Outputs worth a real run: small ones; of factories, those whose values are defined
+        (``full``, ``zeros``, ``arange`` ... of any dtype; ``empty`` and ``rand`` only if exact)."""
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        return bool(outs) and all(t.numel() <= self.max_numel and (t.dtype in _EXACT or not factory)
-                                  for t in outs)
+        defined = not factory or getattr(func, "_overloadpacket", None) in _DEFINED_FACTORIES
+        return bool(outs) and all(t.numel() <= self.max_numel and (t.dtype in _EXACT or defined) for t in outs)
 
     def _run_real(self, func, args: tuple, kwargs: dict) -> Any:
         """``func`` on the twins, on the CPU, with no mode (fake or ours) in the way."""

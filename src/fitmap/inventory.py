@@ -121,9 +121,16 @@ def read_config(path: Path) -> dict:
         data = json.loads(cfg.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg} is not valid JSON ({e}); restore it from the model's repository") from None
-    if not isinstance(data, dict) or "model_type" not in data:
-        raise CheckpointError(f"{cfg} has no 'model_type'; it is not a transformers config")
+    if not isinstance(data, dict) or ("model_type" not in data and "AutoConfig" not in _auto_map(data)):
+        raise CheckpointError(f"{cfg} has no 'model_type' (and no auto_map config class); it is not a "
+                              "transformers config")
     return data
+
+
+def _auto_map(data: dict) -> dict:
+    """The config's ``auto_map`` (remote code: CogVLM's config has no ``model_type``, only this)."""
+    auto = data.get("auto_map")
+    return auto if isinstance(auto, dict) else {}
 
 
 def guess_task(config: Mapping) -> str:

@@ -100,6 +100,13 @@ def _closest_grid(w: int, h: int, size: int, max_tiles: int = 12) -> tuple[int, 
     return best
 
 
+def _cogvlm(cfg, w: int, h: int) -> ImageShape:
+    """CogVLM2: resized to the tower's square; a 2x2 conv halves the grid; boi and eoi around it."""
+    vc = configs.vision_config(cfg)
+    grid = vc.image_size // vc.patch_size
+    return ImageShape((grid // 2) ** 2 + 2, grid * grid + 1, 1)
+
+
 def _fixed_size(cfg, w: int, h: int) -> ImageShape:
     """LLaVA-style: the image is resized to the tower's square input."""
     vc = configs.vision_config(cfg)
@@ -109,7 +116,7 @@ def _fixed_size(cfg, w: int, h: int) -> ImageShape:
 
 IMAGE_SHAPES: dict[str, Callable] = {
     "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_vl, "internvl": _internvl,
-    "llava": _fixed_size, "internvl_chat": _internvl,
+    "llava": _fixed_size, "internvl_chat": _internvl, "CogVLMForCausalLM": _cogvlm,
 }
 
 

@@ -18,7 +18,7 @@ import torch
 from fitmap.errors import BadInput, remote_code_flag
 
 
-OWN_IMAGE_PATHS = ("internvl_chat", "minicpmv")   # remote code whose chat() takes images (fitmap.run.own_chat)
+OWN_IMAGE_PATHS = ("internvl_chat", "minicpmv", "CogVLMForCausalLM")   # remote code whose chat() takes images (fitmap.run.own_chat)
 MAX_PIXELS = 100_000_000    # larger images are refused before decoding (PIL's own bomb check is at 179 MP)
 
 
@@ -91,7 +91,9 @@ class Prompter:
     @property
     def own_images(self) -> bool:
         """Images go through the model's own ``chat()`` (InternVL's remote code has no processor)."""
-        return getattr(self.config, "model_type", "") in OWN_IMAGE_PATHS
+        from fitmap.configs import model_type
+
+        return model_type(self.config) in OWN_IMAGE_PATHS
 
     def add_assistant(self, text: str) -> None:
         self.messages.append({"role": "assistant", "content": [{"type": "text", "text": text}], "images": []})

@@ -106,7 +106,7 @@ def generate(loaded: LoadedModel, prompter: Prompter, new: int, out: TextIO | No
     import time
 
     own = own_chat(loaded.model)
-    if own is not None and (own in ("internvl", "minicpmv") or not prompter.has_images()):
+    if own is not None and (own in ("internvl", "minicpmv", "cogvlm") or not prompter.has_images()):
         return _own_chat(loaded, own, prompter, new, out)
     inputs = prompter.inputs(loaded.input_device)
     streamer = _Streamer(prompter.tokenizer, out) if out is not None else None
@@ -126,10 +126,15 @@ def generate(loaded: LoadedModel, prompter: Prompter, new: int, out: TextIO | No
 def own_chat(model) -> str | None:
     """Which form of its own ``chat()`` the model's code (remote code) defines, if any:
     ``"glm"`` — ChatGLM's ``chat(tokenizer, query, history)``; ``"internvl"`` — InternVL's
-    ``chat(tokenizer, pixel_values, question, generation_config, history)``. Prompt format,
+    ``chat(tokenizer, pixel_values, question, generation_config, history)``; ``"minicpmv"`` —
+    ``chat(image, msgs, tokenizer)``; ``"cogvlm"`` — no ``chat()``, but
+    ``build_conversation_input_ids`` to feed ``generate``. Prompt format,
     image tokens and stop tokens are then the model's."""
     import inspect
 
+    build = getattr(type(model), "build_conversation_input_ids", None)
+    if build is not None and getattr(build, "__module__", "").startswith("transformers_modules"):
+        return "cogvlm"
     fn = getattr(type(model), "chat", None)
     if fn is None or not getattr(fn, "__module__", "").startswith("transformers_modules"):
         return None
@@ -157,6 +162,17 @@ def _own_chat(loaded: LoadedModel, form: str, prompter: Prompter, new: int,
             if form == "glm":
                 reply, _ = model.chat(tokenizer, query, history=history, max_new_tokens=new, do_sample=False,
                                       num_beams=1)
+            elif form == "cogvlm":     # no chat(): its card builds the inputs with the model, then generate()
+                pairs = [(a["content"], b["content"]) for a, b in zip(history[0::2], history[1::2])]
+                images = list(prompter.messages[-1]["images"])
+                built = model.build_conversation_input_ids(tokenizer, query=query, history=pairs,
+                                                           images=images or None)
+                device, dtype = loaded.input_device, _float_dtype(model)
+                kwargs = {k: built[k][None].to(device) for k in ("input_ids", "token_type_ids", "attention_mask")}
+                kwargs["images"] = [[img.to(device, dtype) for img in built["images"]]] if built["images"] else None
+                generated = model.generate(**kwargs, max_new_tokens=new, do_sample=False,
+                                           pad_token_id=getattr(model.config, "pad_token_id", None))
+                reply = tokenizer.decode(generated[0, kwargs["input_ids"].shape[1]:], skip_special_tokens=True)
             elif form == "minicpmv":   # greedy: sampling=False alone is beam search with a repetition penalty
                 msgs = history + [{"role": "user", "content": list(prompter.messages[-1]["images"]) + [query]}]
                 reply = model.chat(image=None, msgs=msgs, tokenizer=tokenizer, processor=prompter.processor,

@@ -305,7 +305,8 @@ def retie(model: nn.Module, tied: tuple[tuple[str, ...], ...]) -> None:
 
 
 # --------------------------------------------------------------------------- inputs
-def make_inputs(config, workload: Workload, device: torch.device, task: str) -> tuple[dict, int]:
+def make_inputs(config, workload: Workload, device: torch.device, task: str,
+                trust_remote_code: bool = False) -> tuple[dict, int]:
     """Model inputs shaped as the processor makes them; (kwargs, image tokens per sequence)."""
     b = workload.batch
     if task != "image-text-to-text" or not workload.images:
@@ -313,7 +314,7 @@ def make_inputs(config, workload: Workload, device: torch.device, task: str) -> 
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, 0
     from fitmap.vision_inputs import vision_inputs
 
-    return vision_inputs(config, workload, device)
+    return vision_inputs(config, workload, device, trust_remote_code=trust_remote_code)
 
 
 # --------------------------------------------------------------------------- running
@@ -324,6 +325,7 @@ class _Run:
     input_device: torch.device
     unit_device: dict[str, torch.device]
     weights: Counter[str] = field(default_factory=Counter)
+    trust_remote_code: bool = False
 
 
 def simulate(config, task: str, sk: Skeleton, plan: Plan, workload: Workload | None = None,
@@ -347,7 +349,7 @@ def simulate(config, task: str, sk: Skeleton, plan: Plan, workload: Workload | N
         retie(model, sk.tied)
         _clear_hf_device_hints(model)
         input_device = _input_device(model)
-        run = _Run(model, tracker, input_device, unit_device)
+        run = _Run(model, tracker, input_device, unit_device, trust_remote_code=trust_remote_code)
         handles = _instrument(run, sk, fixes)
         handles += [_stream_weights(model, u, unit_device[u]) for u in offloaded]
         try:
@@ -469,21 +471,24 @@ def _simulate_steps(run: _Run, config, task: str, sk: Skeleton, workload: Worklo
     for p in list(run.model.parameters()) + list(run.model.buffers()):
         t.track(p)
     weights = Counter(t.current)
-    inputs, image_tokens = make_inputs(config, workload, run.input_device, task)
+    inputs, image_tokens = make_inputs(config, workload, run.input_device, task, run.trust_remote_code)
     stage = "prefill"
     model = run.model
     decoder = generation_owner(model)
     _set_image_token(model, inputs)
+    ids = inputs.pop("_input_ids", None)
+    text = {"input_ids": ids} if ids is not None else inputs
     try:
         with t:
-            first = model if decoder is model or "pixel_values" in inputs else decoder
+            images = ids is not None or "pixel_values" in inputs or "images" in inputs
+            first = model if decoder is model or images else decoder
             out = first(**prefill_inputs(first, inputs))
             cache = compat.cache_of(out)
             stage = "decode"
             full = workload.prompt + image_tokens + workload.new - 1
-            cache = grow_cache(cache, full, inputs["input_ids"].shape[1])
+            cache = grow_cache(cache, full, text["input_ids"].shape[1])
             del out
-            decoder(**decode_inputs(decoder, inputs, cache, full))
+            decoder(**decode_inputs(decoder, text, cache, full))
             stage = "done"
             kv = _cache_bytes(cache)
     except RuntimeError:
@@ -540,6 +545,18 @@ def _own_generation(model: nn.Module) -> bool:
     return fn is not None and getattr(fn, "__module__", "").startswith("transformers_modules")
 
 
+def _requires(model: nn.Module, name: str) -> bool:
+    """Does the model's forward or its own ``prepare_inputs_for_generation`` require ``name``?"""
+    for fn in (model.forward, getattr(model, "prepare_inputs_for_generation", None)):
+        try:
+            param = inspect.signature(fn).parameters.get(name) if fn is not None else None
+        except (TypeError, ValueError):
+            continue
+        if param is not None and param.default is inspect.Parameter.empty:
+            return True
+    return False
+
+
 def _last_logit_only(model: nn.Module) -> dict:
     params = inspect.signature(model.forward).parameters
     if "logits_to_keep" in params:
@@ -553,7 +570,9 @@ def prefill_inputs(model: nn.Module, inputs: dict) -> dict:
     """The prefill call as ``generate`` makes it: through the model's own
     ``prepare_inputs_for_generation`` when its code defines one; only arguments its forward takes."""
     kwargs = {**inputs, "use_cache": True, **_last_logit_only(model)}
-    if _own_generation(model):
+    if "input_ids" in inputs and "token_type_ids" not in inputs and _requires(model, "token_type_ids"):
+        kwargs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])    # CogVLM: all text tokens
+    if _own_generation(model) and "input_ids" in inputs:
         rest = {k: v for k, v in kwargs.items() if k != "input_ids"}
         prepared = model.prepare_inputs_for_generation(
             inputs["input_ids"], **_accepted(model.prepare_inputs_for_generation, rest))
@@ -573,6 +592,9 @@ def decode_inputs(model: nn.Module, inputs: dict, cache: Any, past: int) -> dict
         positions = torch.arange(past + 1, device=device).unsqueeze(0).expand(b, -1)
         given = {compat.cache_kwarg(model): cache, "attention_mask": mask, "use_cache": True,
                  "is_first_forward": False, "cache_position": torch.arange(past, past + 1, device=device)}
+        if "token_type_ids" in inputs or _requires(model, "token_type_ids"):   # CogVLM: new tokens are text
+            types = inputs.get("token_type_ids", torch.zeros_like(ids))
+            given["token_type_ids"] = torch.cat([types, torch.zeros_like(full_ids[:, types.shape[1]:])], dim=1)
         if "position_ids" in inspect.signature(model.prepare_inputs_for_generation).parameters:
             given["position_ids"] = positions   # ChatGLM's tokenizer makes them and generate extends them
         prepared = model.prepare_inputs_for_generation(

@@ -235,7 +235,7 @@ def skeleton(inv: Inventory, dtype: torch.dtype, trust_remote_code: bool = False
     units = _make_units(model, unit_paths, layers_path, inv, dtype)
     if inv.tensors:
         check_against_checkpoint(model, inv)
-    units = by_stage(classify(execution_order(units), _anchors(model, layers_path)))
+    units = by_stage(classify(execution_order(units), _anchors(model, layers_path), towers(model, layers_path)))
     groups = colocation_groups(units, tied)
     return Skeleton(type(model).__name__, str(dtype).removeprefix("torch."), units, groups,
                     tied, tuple(sorted(no_split)), layers_path, config)
@@ -450,7 +450,29 @@ def _anchors(model: nn.Module, layers_path: str) -> _Anchors:
     return _Anchors(embed, ".".join(common), paths.get(id(out)) if out is not None else None)
 
 
-def classify(units: list[Unit], a: _Anchors) -> list[Unit]:
+def towers(model: nn.Module, layers_path: str) -> tuple[str, ...]:
+    """Encoders beside the text model (vision, audio): the outermost modules that hold a list of
+    repeated blocks other than the text layers and do not hold the text layers. Wherever they
+    are registered (CogVLM registers ``model.vision`` after ``model.layers``), they feed the
+    input side."""
+    text = layers_path + "."
+    found: list[str] = []
+    for path, m in model.named_modules():
+        if not path or path == layers_path or path.startswith(text) or text.startswith(path + "."):
+            continue
+        if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(c) for c in m}) == 1:
+            parts = path.split(".")
+            # the outermost ancestor that does not contain the text layers
+            for i in range(1, len(parts) + 1):
+                top = ".".join(parts[:i])
+                if not text.startswith(top + "."):
+                    break
+            if not any(top == f or top.startswith(f + ".") for f in found):
+                found.append(top)
+    return tuple(found)
+
+
+def classify(units: list[Unit], a: _Anchors, encoders: tuple[str, ...] = ()) -> list[Unit]:
     """Set each unit's kind: block, vision, input, output or other."""
     blocks = [i for i, u in enumerate(units) if u.layer is not None]
     first, last = (blocks[0], blocks[-1]) if blocks else (len(units), -1)
@@ -461,7 +483,7 @@ def classify(units: list[Unit], a: _Anchors) -> list[Unit]:
             kind = "block"
         elif _under(u.name, a.head):
             kind = "output"
-        elif not inside_text:
+        elif not inside_text or any(_under(u.name, e) for e in encoders):
             kind = "vision"
         elif _under(u.name, a.embed) or u.numel == 0 or i < first:
             kind = "input"   # embeddings and parameterless helpers (rotary) feed the first block

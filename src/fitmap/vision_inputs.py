@@ -43,15 +43,20 @@ class UnsupportedInputs(BadInput):
     """No input builder for this model type: the planner falls back to the analytic estimate."""
 
 
-def vision_inputs(config, workload: Workload, device: torch.device, dtype: torch.dtype | None = None) -> Inputs:
+def vision_inputs(config, workload: Workload, device: torch.device, dtype: torch.dtype | None = None,
+                  trust_remote_code: bool = False) -> Inputs:
     """(model kwargs, image tokens per sequence) for ``workload`` with its images.
 
     ``dtype`` is the model's floating dtype (default: the config's, else float32).
     """
+    if configs.model_type(config) in _OWN_PROCESSOR:
+        return _OWN_PROCESSOR[configs.model_type(config)](config, workload, device, dtype or _config_dtype(config),
+                                                          trust_remote_code)
     build = _FAMILIES.get(configs.model_type(config))
     if build is None:
         raise UnsupportedInputs(f"fitmap cannot yet make image inputs for model type {config.model_type!r} "
-                       f"(it knows {', '.join(sorted(_FAMILIES))}); check it without --image")
+                                f"(it knows {', '.join(sorted(_FAMILIES) + sorted(_OWN_PROCESSOR))}); check it "
+                                "without --image")
     return build(config, workload, device, dtype or _config_dtype(config))
 
 
@@ -152,6 +157,21 @@ def _internvl_chat(config, workload: Workload, device: torch.device, dtype: torc
     return inputs, sum(s.tokens for s in shapes)
 
 
+def _cogvlm(config, workload: Workload, device: torch.device, dtype: torch.dtype) -> Inputs:
+    """CogVLM2 (``build_conversation_input_ids``): ``images`` one list per sequence of (3, S, S);
+    bos, then one pad slot per image feature (boi + grid + eoi) with ``token_type_ids`` 1, then text."""
+    vc = configs.vision_config(config)
+    shapes = _shapes(config, workload)
+    vision, pad = 1, int(getattr(config, "pad_token_id", None) or TEXT_TOKEN)
+    row = [TEXT_TOKEN] + [pad] * sum(s.tokens for s in shapes) + [TEXT_TOKEN] * max(workload.prompt - 1, 0)
+    types = [0] + [vision] * sum(s.tokens for s in shapes) + [0] * max(workload.prompt - 1, 0)
+    inputs = _text_inputs(row, workload.batch, device)
+    inputs["token_type_ids"] = torch.tensor([types] * workload.batch, dtype=torch.long, device=device)
+    inputs["images"] = [[torch.zeros(vc.in_channels, vc.image_size, vc.image_size, dtype=dtype, device=device)
+                         for _ in shapes] for _ in range(workload.batch)]
+    return inputs, sum(s.tokens for s in shapes)
+
+
 def _llava(config, workload: Workload, device: torch.device, dtype: torch.dtype) -> Inputs:
     """pixel_values (images, 3, S, S); the ``<image>`` token expanded to one per patch feature."""
     vc = config.vision_config
@@ -166,5 +186,44 @@ def _llava(config, workload: Workload, device: torch.device, dtype: torch.dtype)
 
 _FAMILIES: dict[str, Callable[..., Inputs]] = {
     "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_vl, "internvl": _internvl, "llava": _llava,
-    "internvl_chat": _internvl_chat,
+    "internvl_chat": _internvl_chat, "CogVLMForCausalLM": _cogvlm,
 }
+
+
+# --------------------------------------------------------------------------- the model's own processor
+def _minicpmv(config, workload: Workload, device: torch.device, dtype: torch.dtype, trust_remote_code: bool) -> Inputs:
+    """MiniCPM-V 2.x: its own processor (remote code) slices blank images of the workload's sizes
+    and makes ``data`` — input_ids, pixel_values (lists per sequence), tgt_sizes, image_bound,
+    position_ids — exactly as its ``chat()`` would; the text is then padded to the prompt length.
+    The tensors are real (made outside the fake mode): their values drive MiniCPM-V's slicing."""
+    from PIL import Image
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from transformers import AutoProcessor
+
+    source = getattr(config, "_name_or_path", "")
+    if not source:
+        raise UnsupportedInputs("MiniCPM-V's image inputs come from its own processor, and this config does not "
+                                "say where the model's files are")
+    with unset_fake_temporarily():
+        processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+        images = [Image.new("RGB", (w, h)) for w, h in workload.images]
+        content = "".join("(<image>./</image>)\n" for _ in images) + "x"
+        prompt = processor.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                         add_generation_prompt=True)
+        enc = processor([prompt], [images], return_tensors="pt")
+        ids = enc["input_ids"]
+        bounds = enc["image_bound"][0]
+        image_tokens = int(sum(int(e) - int(s) for s, e in bounds))
+        text = max(workload.prompt - (ids.shape[1] - image_tokens), 0)
+        ids = torch.cat([ids, torch.full((1, text), TEXT_TOKEN, dtype=ids.dtype)], dim=1).repeat(workload.batch, 1)
+        pixels, sizes = enc["pixel_values"][0], enc["tgt_sizes"][0]
+    # on the input device, as chat() moves them (.to(self.device)); fake from here, values kept as twins
+    ids, bounds, sizes = ids.to(device), bounds.to(device), sizes.to(device)
+    data = {"input_ids": ids, "pixel_values": [[p.to(device, dtype) for p in pixels] for _ in range(workload.batch)],
+            "tgt_sizes": [sizes] * workload.batch, "image_bound": [bounds] * workload.batch,
+            "position_ids": torch.arange(ids.shape[1], device=device).unsqueeze(0).repeat(workload.batch, 1)}
+    mask = torch.ones(ids.shape, dtype=torch.long, device=device)
+    return {"data": data, "attention_mask": mask, "_input_ids": ids}, image_tokens
+
+
+_OWN_PROCESSOR: dict[str, Callable[..., Inputs]] = {"minicpmv": _minicpmv}

@@ -54,12 +54,25 @@ INTERNVL = {
                       "patch_size": 14, "qkv_bias": True, "qk_normalization": False, "norm_type": "layer_norm",
                       "drop_path_rate": 0.1, "layer_norm_eps": 1e-6, "initializer_factor": 1.0},
 }
+COGVLM = {
+    "architectures": ["CogVLMForCausalLM"],
+    "auto_map": {"AutoConfig": "configuration_cogvlm.CogVLMConfig",
+                 "AutoModelForCausalLM": "modeling_cogvlm.CogVLMForCausalLM"},
+    "bos_token_id": 256, "eos_token_id": [257, 261], "pad_token_id": 300, "hidden_act": "silu", "hidden_size": 64,
+    "initializer_range": 0.02, "intermediate_size": 128, "max_position_embeddings": 8192, "num_attention_heads": 4,
+    "num_hidden_layers": 2, "num_multi_query_heads": 2, "rms_norm_eps": 1e-05, "template_version": "chat",
+    "tie_word_embeddings": False, "torch_dtype": "float32", "transformers_version": "4.41.2", "use_cache": True,
+    "vocab_size": 320,
+    "vision_config": {"dropout_prob": 0.0, "hidden_act": "gelu", "in_channels": 3, "num_hidden_layers": 2,
+                      "hidden_size": 32, "patch_size": 14, "num_heads": 2, "intermediate_size": 64,
+                      "layer_norm_eps": 1e-06, "num_positions": 17, "image_size": 56},
+}
 SPECIAL = ["<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<|endoftext|>"]   # ids from 256 on
 TOKENIZER_CONFIGS = {
     "chatglm": {"remove_space": False, "do_lower_case": False, "tokenizer_class": "ChatGLMTokenizer",
                 "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}},
 }
-CONFIGS = {"chatglm": CHATGLM, "internvl": INTERNVL}
+CONFIGS = {"chatglm": CHATGLM, "internvl": INTERNVL, "cogvlm": COGVLM}
 
 
 def byte_tokenizer(directory: Path) -> None:
@@ -72,8 +85,8 @@ def byte_tokenizer(directory: Path) -> None:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=SPECIAL)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", additional_special_tokens=SPECIAL)
     fast.save_pretrained(directory)
 
 
