@@ -365,10 +365,14 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 def quiet_third_parties() -> None:
     """A user sees fitmap's lines only: torch's and transformers' warnings, transformers' logs
-    below errors and hub progress bars are hidden (``fitmap --verbose`` shows them)."""
+    below errors, hub progress bars and what model code prints while it is built are hidden
+    (``fitmap --verbose`` shows them)."""
     import warnings
 
+    from fitmap import skeleton
+
     warnings.filterwarnings("ignore")
+    skeleton.MODEL_PRINTS = False       # remote code's print()s while it is built ("Flash attention is not ...")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if "transformers" in sys.modules:

@@ -124,7 +124,7 @@ def build_model(config, task: str, dtype: torch.dtype, trust_remote_code: bool =
     """
     remote_code_flag(trust_remote_code)
     errors = []
-    with default_dtype(dtype), _python_not_torchscript():
+    with default_dtype(dtype), _python_not_torchscript(), _model_prints():
         for auto in compat.auto_classes(task):
             try:
                 model = compat.from_config(auto, config, dtype, trust_remote_code)
@@ -138,6 +138,21 @@ def build_model(config, task: str, dtype: torch.dtype, trust_remote_code: bool =
             compat.ensure_generate(model)
             return model
     raise BadInput(f"transformers cannot build model type {config.model_type!r}: {errors[-1]}")
+
+
+MODEL_PRINTS = True   # the CLI turns this off unless --verbose
+
+
+@contextlib.contextmanager
+def _model_prints() -> Iterator[None]:
+    """What model code prints while it is built, unless the CLI was asked to be quiet."""
+    if MODEL_PRINTS:
+        yield
+        return
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
 
 
 @contextlib.contextmanager
