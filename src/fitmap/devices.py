@@ -136,7 +136,8 @@ def parse_gpus(text: str | None, reserve: int | None = None) -> tuple[GpuSpec, .
             if count < 1 or len(specs) + count > MAX_GPUS:
                 raise BadInput(f"--gpus {part!r}: the count must be between 1 and {MAX_GPUS} GPUs in all")
             for _ in range(count):
-                specs.append(GpuSpec(len(specs), size, _reserve(size, reserve), "hypothetical"))
+                specs.append(GpuSpec(len(specs), size, _reserve(size, reserve), "hypothetical",
+                                     reserve_source="--reserve" if reserve is not None else "default"))
             continue
         index_text, _, cap_text = part.partition(":")
         if not index_text.strip().isdigit():
@@ -145,14 +146,28 @@ def parse_gpus(text: str | None, reserve: int | None = None) -> tuple[GpuSpec, .
                 "budgets (0:10GiB,1:10GiB) or hypothetical GPUs (4x24GiB)"
             )
         index = int(index_text)
+        cap_bytes = _cap(part, cap_text) if cap_text else None
         hardware = detected_gpus() if hardware is None else hardware
         if index >= len(hardware):
             raise BadInput(_missing_gpu_message(index, hardware, cap_text))
         name, total = hardware[index]
-        cap = min(parse_size(cap_text), total) if cap_text else total
+        cap = min(cap_bytes, total) if cap_bytes is not None else total
         specs.append(_detected_spec(index, name, cap, reserve))
     _reject_duplicates(specs, text)
+    for g in specs:
+        if g.reserve >= g.capacity:
+            raise BadInput(f"--reserve {fmt_bytes(g.reserve)} leaves nothing of GPU {g.index}'s {fmt_bytes(g.capacity)}; "
+                           "the reserve is per GPU (CUDA context, workspaces): give a smaller --reserve, e.g. 1GiB")
     return tuple(specs)
+
+
+def _cap(part: str, cap_text: str) -> int:
+    """The budget of ``--gpus N:SIZE``, with the entry named when it is not a size."""
+    try:
+        return parse_size(cap_text)
+    except BadInput:
+        raise BadInput(f"--gpus {part!r}: {cap_text!r} is not a size; write a budget like {part.split(':')[0]}:10GiB") \
+            from None
 
 
 def _reserve(capacity: int, override: int | None) -> int:
@@ -178,6 +193,10 @@ def _missing_gpu_message(index: int, hardware: list[tuple[str, int]], cap_text: 
         f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
     )
     example = f"1x{cap_text}" if cap_text else "1x24GiB"
+    if not hardware:
+        return (f"GPU {index} does not exist: this machine has no GPU visible"
+                + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else "")
+                + f". Plan for hypothetical GPUs with --gpus {example}")
     return (
         f"GPU {index} does not exist: this machine has {seen}. Use an index below "
         f"{len(hardware)}, or plan for hypothetical GPUs with --gpus {example}"

@@ -76,6 +76,11 @@ class Inventory:
 def inventory(model: str | Path) -> Inventory:
     """Resolve MODEL (directory, cached HF id, catalog name) and read its headers."""
     text = str(model)
+    if not text.strip():
+        from fitmap.catalog_models import catalog_names
+
+        raise BadInput("the model is empty; give a model directory, a Hugging Face id in the local cache or a "
+                       f"catalog name ({', '.join(catalog_names()[:4])}, ...)")
     path = Path(text).expanduser()
     if path.is_dir():
         return from_directory(path, text, "directory")
@@ -200,7 +205,8 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER or 8 + n > size:
             raise CheckpointError(
-                f"{file} is corrupt or truncated: header claims {n} bytes, file has {size}; re-download it"
+                f"{file} is corrupt or truncated: its 8-byte length field says the header is {n} bytes, which "
+                f"with the length field needs {8 + n} bytes, and the file has {size}; re-download it"
             )
         raw = f.read(n)
     try:

@@ -169,6 +169,10 @@ def advice(prep: Prepared, req: PlanRequest, failed: Plan) -> str:
             ways.append(f"with --batch {batch}")
     head = (f"{req.model} at batch {w.batch} x ({w.prompt}+{w.new} tokens) needs "
             f"{fmt_bytes(failed.shortfall_bytes)} more than {m.describe()}")
+    big = [g for g in m.gpus if g.reserve_source == "--reserve" and 2 * g.reserve >= g.capacity]
+    if big:
+        head += (f" (--reserve {fmt_bytes(big[0].reserve)} keeps that much of each GPU free; the default is "
+                 "512 MiB + 2% of the card)")
     if not ways:
         return head + "; it does not fit even with a 1-token prompt: add GPUs (--gpus) or a disk tier (--disk DIR)"
     return head + ". Fits " + ", or ".join(ways)

@@ -75,9 +75,15 @@ class Prompter:
         try:
             tokenizer = (processor.tokenizer if processor is not None else
                          transformers.AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code))
-        except (OSError, ValueError) as e:
-            raise BadInput(f"{model_dir} has no tokenizer fitmap can load ({e}); fitmap run needs the "
-                           "tokenizer files that come with the model") from None
+        except (OSError, ValueError, ImportError):
+            if not trust_remote_code and _remote_tokenizer(Path(model_dir)):
+                raise BadInput(f"the tokenizer of {model_dir} is the repository's own code (auto_map in "
+                               "tokenizer_config.json); fitmap runs it only with --trust-remote-code, after you read "
+                               "it") from None
+            have = sorted(p.name for p in Path(model_dir).glob("*token*"))
+            raise BadInput(f"{model_dir} has no tokenizer fitmap can load (tokenizer files there: "
+                           f"{', '.join(have) or 'none'}); fitmap run needs the tokenizer files that come with the "
+                           "model (tokenizer.json, or tokenizer_config.json with its vocabulary files)") from None
         return cls(tokenizer, processor, image_processor, config)
 
     def add_user(self, text: str, images: list) -> None:
@@ -176,6 +182,16 @@ def image_token_counts(config: Any, pixels: Any) -> list[int]:
         vc = config.vision_config
         seq = (vc.image_size // vc.patch_size) ** 2
     return [int(seq)] * int(pixels["pixel_values"].shape[0])
+
+
+def _remote_tokenizer(model_dir: Path) -> bool:
+    import json
+
+    try:
+        data = json.loads((model_dir / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("auto_map"), (dict, list))
 
 
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
