@@ -88,3 +88,23 @@ def test_remote_code_needs_consent(tmp_path, checkpoints):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(BadInput, match="--trust-remote-code"):
         _sk(d)
+
+
+def test_a_skeleton_is_built_once_and_read_back_the_same(tmp_path, monkeypatch):
+    """Planning a model again reads its skeleton from fitmap's cache: no model class is built."""
+    from fitmap import skeleton as skeleton_module
+    from fitmap.inventory import inventory
+    from fitmap.skeleton import planned_dtype, skeleton
+
+    monkeypatch.setenv("FITMAP_CACHE", str(tmp_path))
+    inv = inventory("mixtral-8x7b")
+    built = skeleton(inv, planned_dtype(inv, None))
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the model was built again")
+
+    monkeypatch.setattr(skeleton_module, "build_model", no_build)
+    again = skeleton(inv, planned_dtype(inv, None))
+    assert (again.units, again.groups, again.tied, again.no_split, again.text_layers, again.model_class) == (
+        built.units, built.groups, built.tied, built.no_split, built.text_layers, built.model_class)
+    assert again.config.model_type == "mixtral"

@@ -1,4 +1,5 @@
-"""Simulated costs kept between runs: a model's simulation is done once per workload shape.
+"""Simulated costs (and skeletons) kept between runs: a model's simulation is done once per
+workload shape, its skeleton once.
 
 A plan's simulated costs depend on the model (its config and dtype), the workload
 (batch, prompt, new tokens, images) and the code that measured them (fitmap, torch,
@@ -20,7 +21,7 @@ from fitmap.cache import cache_dir
 FORMAT = 1
 # The modules whose code decides what a simulation measures: a change to any of them is a new key.
 MEASURING = ("simulate.py", "hybrid.py", "profile.py", "hooks.py", "repairs.py", "vision_inputs.py", "compat.py",
-             "skeleton.py", "costcache.py")
+             "skeleton.py", "costcache.py", "keys.py", "configs.py", "inventory.py")
 _code_hash: str | None = None
 
 
@@ -35,8 +36,8 @@ def code_fingerprint() -> str:
     return _code_hash
 
 
-def key(inventory, dtype: str, workload) -> str:
-    """What the simulated costs depend on, hashed."""
+def key(inventory, dtype: str, workload=None) -> str:
+    """What the simulated costs depend on, hashed (without ``workload``: what the skeleton does)."""
     import torch
     import transformers
 
@@ -47,33 +48,54 @@ def key(inventory, dtype: str, workload) -> str:
         "transformers": transformers.__version__, "source": inventory.source, "name": inventory.name,
         "config": inventory.config, "dtype": dtype, "task": inventory.task,
         "tensors": sorted((t.name, t.dtype, list(t.shape)) for t in inventory.tensors.values()),
-        "workload": workload.to_json(),
+        "workload": workload.to_json() if workload is not None else "skeleton",
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def _path(k: str) -> Path:
-    return cache_dir() / "costs" / f"{k}.json"
+def _path(k: str, kind: str = "costs") -> Path:
+    return cache_dir() / kind / f"{k}.json"
 
 
 def load(k: str):
     """The saved :class:`fitmap.simulate.SimulatedCosts` for ``k``, or None."""
     from fitmap.simulate import SimulatedCosts
 
+    data = _read(k, "costs")
     try:
-        return SimulatedCosts.from_json(json.loads(_path(k).read_text()))
-    except (OSError, ValueError, KeyError, TypeError):
+        return SimulatedCosts.from_json(data) if data is not None else None
+    except (ValueError, KeyError, TypeError):
         return None
 
 
 def save(k: str, costs) -> None:
+    _write(k, "costs", costs.to_json())
+
+
+def load_skeleton(k: str) -> dict | None:
+    """A skeleton's JSON (units, groups, ties) saved for ``k``, or None."""
+    return _read(k, "skeletons")
+
+
+def save_skeleton(k: str, data: dict) -> None:
+    _write(k, "skeletons", data)
+
+
+def _read(k: str, kind: str):
+    try:
+        return json.loads(_path(k, kind).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write(k: str, kind: str, data) -> None:
     """Write atomically; a cache that cannot be written is not an error (the plan stands)."""
-    path = _path(k)
+    path = _path(k, kind)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
         with os.fdopen(fd, "w") as f:
-            json.dump(costs.to_json(), f)
+            json.dump(data, f)
         os.replace(tmp, path)
     except OSError:
         pass

@@ -155,7 +155,7 @@ def parse_gpus(text: str | None, reserve: int | None = None) -> tuple[GpuSpec, .
         specs.append(_detected_spec(index, name, cap, reserve))
     _reject_duplicates(specs, text)
     for g in specs:
-        if g.reserve >= g.capacity:
+        if reserve is not None and g.reserve >= g.capacity:
             raise BadInput(f"--reserve {fmt_bytes(g.reserve)} leaves nothing of GPU {g.index}'s {fmt_bytes(g.capacity)}; "
                            "the reserve is per GPU (CUDA context, workspaces): give a smaller --reserve, e.g. 1GiB")
     return tuple(specs)

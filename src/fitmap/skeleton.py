@@ -239,6 +239,17 @@ def skeleton(inv: Inventory, dtype: torch.dtype, trust_remote_code: bool = False
              model: nn.Module | None = None) -> Skeleton:
     """Build ``inv``'s model on meta (unless given) and find units, order and groups."""
     config = load_config(inv, trust_remote_code)
+    cache_key = None
+    if model is None and not _remote(type(config)):
+        from fitmap import costcache
+
+        cache_key = costcache.key(inv, str(dtype).removeprefix("torch."))
+        saved = costcache.load_skeleton(cache_key)
+        if saved is not None:
+            try:
+                return _from_json(saved, config)
+            except (KeyError, TypeError, ValueError):
+                pass
     if model is None:
         with empty_weights():
             model = build_model(config, inv.task, dtype, trust_remote_code)
@@ -252,8 +263,45 @@ def skeleton(inv: Inventory, dtype: torch.dtype, trust_remote_code: bool = False
         check_against_checkpoint(model, inv)
     units = by_stage(classify(execution_order(units), _anchors(model, layers_path), towers(model, layers_path)))
     groups = colocation_groups(units, tied)
-    return Skeleton(type(model).__name__, str(dtype).removeprefix("torch."), units, groups,
-                    tied, tuple(sorted(no_split)), layers_path, config)
+    sk = Skeleton(type(model).__name__, str(dtype).removeprefix("torch."), tuple(units), groups,
+                  tied, tuple(sorted(no_split)), layers_path, config)
+    if cache_key is not None:
+        from fitmap import costcache
+
+        costcache.save_skeleton(cache_key, _to_json(sk))
+    return sk
+
+
+def _to_json(sk: Skeleton) -> dict:
+    """What planning reads of a skeleton (the model itself is not kept: it is built again to load or simulate),
+    and the attention implementation building the model set on its config (Gemma-2: eager)."""
+    return {"model_class": sk.model_class, "dtype": sk.dtype, "text_layers": sk.text_layers,
+            "attn_implementation": _attn_of(sk.config),
+            "units": [[u.name, u.kind, list(u.params), u.numel, u.weight_bytes, u.layer] for u in sk.units],
+            "groups": [[g.name, list(g.units)] for g in sk.groups], "tied": [list(t) for t in sk.tied],
+            "no_split": list(sk.no_split)}
+
+
+def _attn_of(config) -> str | None:
+    from fitmap.configs import text_config
+
+    try:
+        return getattr(text_config(config), "_attn_implementation", None)
+    except Exception:
+        return None
+
+
+def _from_json(d: dict, config) -> Skeleton:
+    attn = d.get("attn_implementation")
+    if attn is not None and _attn_of(config) != attn:
+        from fitmap.configs import text_config
+
+        for c in {id(config): config, id(tc := object.__getattribute__(text_config(config), "_config")): tc}.values():
+            c._attn_implementation = attn
+    units = tuple(Unit(n, k, tuple(p), int(e), int(b), None if layer is None else int(layer))
+                  for n, k, p, e, b, layer in d["units"])
+    return Skeleton(d["model_class"], d["dtype"], units, tuple(Group(n, tuple(u)) for n, u in d["groups"]),
+                    tuple(tuple(t) for t in d["tied"]), tuple(d["no_split"]), d["text_layers"], config)
 
 
 def _with_model_keys(inv: Inventory, model: nn.Module) -> Inventory:
