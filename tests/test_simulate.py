@@ -123,3 +123,31 @@ def test_simulation_runs_as_on_a_machine_with_cuda(checkpoints, monkeypatch, fam
     monkeypatch.setattr(FakeTensorMode, "avoid_device_init", property(lambda self: False))
     _, plan = _prepared(checkpoints(family), "2x80GiB", workload, estimate="simulate")
     assert plan.estimate == "simulate"
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "mixtral"])
+def test_one_block_of_each_kind_measures_what_the_whole_model_does(checkpoints, family, monkeypatch):
+    """The planner simulates one block per kind (same parameters, same entry in the config's
+    per-layer lists such as Gemma-2's layer_types) and gives its costs to the others."""
+    from fitmap import simulate as sim_module
+    from fitmap.simulate import fewer_layers, simulated_costs
+
+    req = pipeline.PlanRequest(str(checkpoints(family)), make_machine("1x1GiB", "1GiB"), Workload(1, 48, 16))
+    prep = pipeline.prepare(req)
+    small, rep = fewer_layers(prep.skeleton)
+    assert small is not None and len([u for u in small.units if u.layer is not None]) == 2
+    if family == "gemma2":   # sliding and full attention alternate: two kinds
+        assert set(rep.values()) == {0, 1}
+    reduced = simulated_costs(prep, req.workload).profile(prep.skeleton, req.workload)
+    monkeypatch.setattr(sim_module, "fewer_layers", lambda sk, trust=False: (None, {}))
+    whole = simulated_costs(prep, req.workload).profile(prep.skeleton, req.workload)
+    assert reduced.costs == whole.costs and reduced.image_tokens == whole.image_tokens
+
+
+def test_deepseek_v3_is_measured_on_four_blocks():
+    from fitmap.simulate import fewer_layers
+
+    prep = pipeline.prepare(pipeline.PlanRequest("deepseek-v3", make_machine("8x140GiB", "1GiB")))
+    small, rep = fewer_layers(prep.skeleton)
+    assert len([u for u in small.units if u.layer is not None]) == 4
+    assert {rep[i] for i in range(3)} == {0} and {rep[i] for i in range(3, 61)} == {3}   # 3 dense, 58 MoE

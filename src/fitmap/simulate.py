@@ -29,7 +29,7 @@ import linecache
 import traceback
 import weakref
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Mapping
 
 import torch
@@ -41,7 +41,7 @@ from torch.utils._pytree import tree_flatten
 from fitmap import compat, hooks, hybrid, repairs
 from fitmap.plan import Plan, Repair
 from fitmap.profile import Profile, UnitCost, text_config
-from fitmap.skeleton import Skeleton, build_model, empty_weights, share_parameter
+from fitmap.skeleton import Skeleton, Unit, build_model, empty_weights, share_parameter
 from fitmap.workload import Workload
 
 
@@ -679,20 +679,74 @@ def measure_units(prep, workload: Workload, trust_remote_code: bool = False) -> 
     from fitmap.profile import estimate
 
     sk = prep.skeleton
+    small, rep = fewer_layers(sk, trust_remote_code)
+    run = small or sk
     big = Machine((GpuSpec(0, 1 << 60, 0, "simulated"),), 0, None, None)
-    one = make_plan(prep.inventory.name, sk, estimate(sk, workload), big)
-    sim = simulate(sk.config, prep.inventory.task, sk, one, workload, trust_remote_code=trust_remote_code)
+    one = make_plan(prep.inventory.name, run, estimate(run, workload), big)
+    sim = simulate(run.config, prep.inventory.task, run, one, workload, trust_remote_code=trust_remote_code)
     if sim.mismatch is not None:  # on one device this is a bug in the model code or in fitmap
         raise RuntimeError(sim.mismatch.message())
     tc = text_config(sk.config)
     seq = workload.prompt + sim.image_tokens + workload.new
     carried = workload.batch * (workload.prompt + sim.image_tokens) * tc.hidden_size * getattr(torch, sk.dtype).itemsize
-    act = {u.name: sim.unit_activation.get(u.name, 0) + carried for u in sk.units}
     from fitmap.profile import cached_tokens
 
-    kv = {u.name: sim.unit_kv.get(u.name, 0) / max(1, workload.batch * cached_tokens(tc, u.layer, seq))
-          for u in sk.units if u.layer is not None}
+    def source(u: Unit) -> tuple[str, int | None]:
+        """The measured unit that stands for ``u``: itself, or the first block of its kind."""
+        if small is None or u.layer is None:
+            return u.name, u.layer
+        return f"{sk.text_layers}.{rep[u.layer]}", rep[u.layer]
+
+    act, kv = {}, {}
+    for u in sk.units:
+        name, layer = source(u)
+        act[u.name] = sim.unit_activation.get(name, 0) + carried
+        if u.layer is not None:
+            kv[u.name] = sim.unit_kv.get(name, 0) / max(1, workload.batch * cached_tokens(tc, layer, seq))
     return _Point(workload.batch * (workload.prompt + sim.image_tokens), act, kv), sim.image_tokens
+
+
+def fewer_layers(sk: Skeleton, trust_remote_code: bool = False) -> tuple[Skeleton | None, dict[int, int]]:
+    """The skeleton of the same model with only as many text blocks as it takes to hold one block
+    of each kind (same parameters and bytes, same entry in every per-layer list of the config:
+    ``layer_types``, ``mlp_only_layers`` ...), and each layer's representative. DeepSeek-V3's 61
+    layers are 3 dense and 58 MoE: 4 blocks are simulated. None when nothing would be saved, or
+    for remote code (its layers may differ by index in ways its config does not say)."""
+    import copy
+
+    from fitmap.configs import ALIASES
+
+    blocks = [u for u in sk.units if u.layer is not None]
+    if trust_remote_code or not blocks or any(u.name != f"{sk.text_layers}.{u.layer}" for u in blocks):
+        return None, {}
+    view = text_config(sk.config)
+    tc = object.__getattribute__(view, "_config")
+    count = len(blocks)
+    lists = {k: v for k, v in vars(tc).items() if isinstance(v, (list, tuple)) and len(v) == count
+             and not k.startswith("_")}
+    prefix = len(sk.text_layers) + 1
+
+    def kind(u: Unit) -> tuple:
+        shape = tuple(sorted(p[prefix:].partition(".")[2] for p in u.params))
+        return shape, u.weight_bytes, tuple(str(v[u.layer]) for v in lists.values())
+
+    first: dict[tuple, int] = {}
+    rep = {}
+    for u in sorted(blocks, key=lambda b: b.layer):
+        rep[u.layer] = first.setdefault(kind(u), u.layer)
+    n = max(max(first.values()) + 1, min(count, 2))
+    if n >= count:
+        return None, {}
+    config = copy.deepcopy(sk.config)
+    small_tc = object.__getattribute__(text_config(config), "_config")
+    for k, v in lists.items():
+        setattr(small_tc, k, type(v)(v[:n]))
+    name = next(a for a in ALIASES["num_hidden_layers"] if getattr(small_tc, a, None) == count)
+    setattr(small_tc, name, n)
+    keep = {u.name for u in sk.units if u.layer is None or u.layer < n}
+    small = replace(sk, config=config, units=tuple(u for u in sk.units if u.name in keep),
+                    groups=tuple(replace(g, units=tuple(x for x in g.units if x in keep)) for g in sk.groups))
+    return small, rep
 
 
 @dataclass(frozen=True)
