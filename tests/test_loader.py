@@ -44,7 +44,7 @@ def meta_tensors(model: torch.nn.Module) -> list[str]:
 IDS = torch.tensor([[1, 17, 33, 41, 99, 250, 7, 300], [1, 400, 5, 6, 8, 13, 21, 34]])
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "glm", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "glm", "qwen2_vl", "qwen3_moe", "mixtral"])
 def test_cpu_plan_gives_transformers_logits(checkpoints, family):
     d = checkpoints(family)
     with torch.no_grad():
@@ -111,13 +111,6 @@ def test_missing_tensor_is_named(checkpoints, tmp_path):
     save_file(tensors, shard, metadata={"format": "pt"})
     with pytest.raises(MissingWeights, match=r"1 weight\(s\).*model\.layers\.1\.mlp\.up_proj\.weight"):
         loader.load(d, plan_for(checkpoints("llama")), progress=False)
-
-
-def test_tensors_needing_conversion_fail_clearly(checkpoints):
-    """Mixtral checkpoints store experts one by one; transformers 5 fuses them (not done by fitmap)."""
-    d = checkpoints("mixtral")
-    with pytest.raises(MissingWeights, match="experts.*conversion"):
-        loader.load(d, plan_for(d), progress=False)
 
 
 def test_failed_load_releases_what_was_placed(checkpoints, monkeypatch):
@@ -207,3 +200,25 @@ def test_weights_the_config_does_not_describe_are_refused(checkpoints, tmp_path)
     (d / "config.json").write_text(json.dumps(cfg | {"num_hidden_layers": cfg["num_hidden_layers"] - 1}))
     with pytest.raises(CheckpointError, match=r"belong to no part of LlamaForCausalLM .*model\.layers\.3\."):
         loader.load(d, plan_for(d, {}), progress=False)
+
+
+def test_per_expert_checkpoints_are_fused_by_transformers_own_converter(checkpoints):
+    """transformers 5 saves Qwen3-MoE one tensor per expert and fuses them on load; so does fitmap."""
+    from safetensors import safe_open
+
+    d = checkpoints("qwen3_moe")
+    keys = [k for f in d.glob("*.safetensors") for k in safe_open(str(f), "pt").keys()]
+    assert any(".experts.0.gate_proj.weight" in k for k in keys)
+    with loader.load(d, plan_for(d), progress=False) as lm:
+        fused = lm.model.model.layers[1].mlp.experts.gate_up_proj
+        want = dict(reference(d).named_parameters())["model.layers.1.mlp.experts.gate_up_proj"]
+        assert torch.equal(fused, want)
+
+
+def test_per_expert_weights_on_the_disk_tier_are_refused_in_one_line(checkpoints, tmp_path):
+    from fitmap.errors import MissingWeights
+
+    d = checkpoints("qwen3_moe")
+    plan = plan_for(d, {"model.layers.1": "disk"})
+    with pytest.raises(MissingWeights, match="stored per expert .* not yet for offloaded unit model.layers.1"):
+        loader.load(d, plan, progress=False)

@@ -24,6 +24,9 @@ def config(family: str) -> transformers.PretrainedConfig:
         return transformers.MixtralConfig(**TEXT, num_local_experts=4, num_experts_per_tok=2)
     if family == "glm":     # GLM-4 as transformers ports it natively (THUDM's remote code is tests/remote)
         return transformers.GlmConfig(**TEXT, head_dim=16, partial_rotary_factor=0.5, tie_word_embeddings=False)
+    if family == "qwen3_moe":   # saved by transformers 5 with one tensor per expert, fused again on load
+        return transformers.Qwen3MoeConfig(**TEXT | {"intermediate_size": 128}, moe_intermediate_size=32,
+                                           num_experts=4, num_experts_per_tok=2, head_dim=16)
     if family == "gemma2":
         return transformers.Gemma2Config(**TEXT, head_dim=16, sliding_window=32, tie_word_embeddings=True)
     if family == "qwen2_vl":

@@ -10,7 +10,8 @@ tensor's destination.
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from torch import nn
 
@@ -41,3 +42,64 @@ def key_mapper(model: nn.Module) -> Callable[[str], tuple[str, bool]]:
         return target, via is not None
 
     return mapped
+
+
+@dataclass(frozen=True)
+class Merge:
+    """A model tensor transformers builds from several checkpoint tensors on load (Qwen3-MoE's
+    per-expert ``gate_proj``/``up_proj`` into one ``experts.gate_up_proj``): transformers' own
+    converter, and per source pattern the checkpoint keys in the order it stacks them."""
+
+    target: str
+    converter: Any
+    sources: tuple[tuple[str, tuple[str, ...]], ...]   # (source pattern, checkpoint keys in order)
+
+    def build(self, read: Callable[[str], Any]) -> Any:
+        """The target tensor from the checkpoint tensors ``read(key)`` gives, by the converter's operations."""
+        collected = {pattern: [read(k) for k in keys] for pattern, keys in self.sources}
+        patterns = list(self.converter.source_patterns)
+        for op in self.converter.operations:
+            collected = op.convert(collected, source_patterns=patterns,
+                                   target_patterns=list(self.converter.target_patterns), full_layer_name=self.target)
+        (tensor,) = collected.values()
+        return tensor
+
+
+def merges(model: nn.Module, ckpt_keys: list[str]) -> dict[str, Merge]:
+    """Model key -> :class:`Merge` for every tensor the checkpoint stores split (empty on
+    transformers versions without conversion mappings)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        transforms = get_model_conversion_mapping(model)
+    except (ImportError, AttributeError, TypeError):
+        return {}
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    state = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", None) or None
+    groups: dict[str, dict[str, list[str]]] = {}
+    owner: dict[str, Any] = {}
+    for key in ckpt_keys:
+        if key in state:
+            continue
+        target, pattern = rename_source_key(key, renamings, converters, prefix, state)
+        if pattern is None or target not in state:
+            continue
+        conv = next((c for c in converters if pattern in c.source_patterns), None)
+        if conv is None:
+            continue
+        owner[target] = conv
+        groups.setdefault(target, {}).setdefault(pattern, []).append(key)
+    out = {}
+    for target, by_pattern in groups.items():
+        conv = owner[target]
+        ordered = tuple((p, tuple(sorted(by_pattern[p], key=_natural))) for p in conv.source_patterns if p in by_pattern)
+        out[target] = Merge(target, conv, ordered)
+    return out
+
+
+def _natural(key: str) -> tuple:
+    """``experts.10`` after ``experts.9``."""
+    return tuple(int(part) if part.isdigit() else part for part in key.split("."))

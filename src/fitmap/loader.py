@@ -38,7 +38,7 @@ from torch import nn
 from fitmap import compat, diskread, hooks, offload, repairs
 from fitmap.errors import BadInput, CheckpointError, MissingWeights, remote_code_flag
 from fitmap.inventory import Inventory, TensorInfo, inventory
-from fitmap.keys import key_mapper
+from fitmap.keys import Merge, key_mapper, merges
 from fitmap.plan import Plan
 from fitmap.skeleton import build_model, empty_weights, load_config, share_parameter, tied_parameters
 from fitmap.sizes import GiB
@@ -233,18 +233,25 @@ class Checkpoint:
     converted: tuple[str, ...] = ()            # checkpoint keys that need a merge/split fitmap does not do
     infos: Mapping[str, TensorInfo] = field(default_factory=dict)   # model key -> checkpoint tensor
     unexpected: tuple[str, ...] = ()           # checkpoint keys that belong to no part of the model
+    merged: Mapping[str, Merge] = field(default_factory=dict)       # model key -> checkpoint tensors it is built from
+    files: Mapping[str, str] = field(default_factory=dict)          # checkpoint key -> file (for merged sources)
 
     @classmethod
     def index(cls, inv: Inventory, model: nn.Module) -> "Checkpoint":
         names, converted = checkpoint_names(model, list(inv.tensors))
         _check_shapes(model, inv, names)
         built = dict(_named_tensors(model))
+        merged = {k: m for k, m in merges(model, list(converted)).items() if k not in names} if converted else {}
+        from_merges = {c for m in merged.values() for _, keys in m.sources for c in keys}
         return cls(inv.path, inv.weight_format,
                    where={k: (inv.tensors[c].file, c) for k, c in names.items()},
-                   nbytes={k: inv.tensors[c].nbytes for k, c in names.items()},
-                   dtypes={k: built[k].dtype for k in names},
-                   converted=converted, infos={k: inv.tensors[c] for k, c in names.items()},
-                   unexpected=_unexpected(model, inv, names, converted))
+                   nbytes={k: inv.tensors[c].nbytes for k, c in names.items()}
+                   | {k: sum(inv.tensors[c].nbytes for _, keys in m.sources for c in keys) for k, m in merged.items()},
+                   dtypes={k: built[k].dtype for k in list(names) + list(merged)},
+                   converted=tuple(c for c in converted if c not in from_merges),
+                   infos={k: inv.tensors[c] for k, c in names.items()},
+                   unexpected=_unexpected(model, inv, names, converted), merged=merged,
+                   files={c: inv.tensors[c].file for c in from_merges})
 
     def check_complete(self, model: nn.Module) -> None:
         """Every parameter (and persistent buffer we cannot compute) must be in the checkpoint, and
@@ -255,7 +262,7 @@ class Checkpoint:
                 f"(e.g. {', '.join(self.unexpected[:3])}): config.json and the weights disagree. Check "
                 "num_hidden_layers and the other sizes in config.json against the checkpoint, or re-download it")
         params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-        missing = sorted(n for n in params if n not in self.where)
+        missing = sorted(n for n in params if n not in self.where and n not in self.merged)
         if not missing:
             return
         hint = ""
@@ -385,6 +392,11 @@ def load_targets(model: nn.Module, layout: Layout, ckpt: Checkpoint) -> dict[str
     out: dict[str, torch.device | None] = {}
     for key, _ in _named_tensors(model):
         p = layout.unit_of(key)
+        if key in ckpt.merged and p.unit in streamed:
+            raise MissingWeights(f"{key} is stored per expert in {ckpt.directory} and built on load; fitmap builds "
+                                 f"such tensors for units on a GPU or run on the CPU, not yet for offloaded unit "
+                                 f"{p.unit} ({p.tier} tier): plan it onto the GPUs (more --gpus memory), or run "
+                                 "without GPUs")
         if key in persistent and p.unit in streamed and (key in ckpt.where or p.stored_on is not None):
             out[key] = p.stored_on
         else:   # resident: non-persistent and computed buffers, units that offload cannot hook
@@ -415,8 +427,31 @@ def place(model: nn.Module, layout: Layout, ckpt: Checkpoint, targets: Mapping[s
             for f in futures:
                 f.cancel()
             futures.clear()
+    total += _place_merged(model, ckpt, targets)
     retie(model, layout.ties)
     return total
+
+
+def _place_merged(model: nn.Module, ckpt: Checkpoint, targets: Mapping[str, torch.device | None]) -> int:
+    """Tensors the checkpoint stores split (per expert): built by transformers' own converter from
+    their parts, cast to the built dtype, placed on their device."""
+    getters: dict[str, Callable[[str], torch.Tensor]] = {}
+
+    def read(key: str) -> torch.Tensor:
+        file = ckpt.files[key]
+        if file not in getters:
+            getters[file] = ckpt._opened(file)
+        return getters[file](key)
+
+    done = 0
+    for key, merge in ckpt.merged.items():
+        device = targets.get(key)
+        if device is None:
+            continue
+        t = merge.build(read)
+        set_tensor(model, key, t.to(device=device, dtype=ckpt.dtypes[key]).contiguous())
+        done += ckpt.nbytes[key]
+    return done
 
 
 def _assign(model: nn.Module, tensors: list[tuple[str, torch.Tensor]]) -> None:
