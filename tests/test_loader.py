@@ -215,10 +215,12 @@ def test_per_expert_checkpoints_are_fused_by_transformers_own_converter(checkpoi
         assert torch.equal(fused, want)
 
 
-def test_per_expert_weights_on_the_disk_tier_are_refused_in_one_line(checkpoints, tmp_path):
-    from fitmap.errors import MissingWeights
-
+def test_per_expert_weights_on_the_disk_tier_are_built_per_forward(checkpoints):
+    """A disk-tier MoE block is read from its per-expert parts and fused at each forward."""
     d = checkpoints("qwen3_moe")
-    plan = plan_for(d, {"model.layers.1": "disk"})
-    with pytest.raises(MissingWeights, match="stored per expert .* not yet for offloaded unit model.layers.1"):
-        loader.load(d, plan, progress=False)
+    with torch.no_grad():
+        want = reference(d)(input_ids=IDS).logits
+        with loader.load(d, plan_for(d, {"model.layers.1": "disk"}), progress=False) as lm:
+            assert lm.model.model.layers[1].mlp.experts.gate_up_proj.is_meta      # not resident
+            got = lm.model(input_ids=IDS).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

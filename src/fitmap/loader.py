@@ -282,6 +282,9 @@ class Checkpoint:
         """
         by_file: dict[str, list[str]] = {}
         for k in keys:
+            if k in self.merged:     # built from its parts (per expert), by transformers' converter
+                yield k, self.merged[k].build(self._part_reader()).to(self.dtypes[k]).contiguous()
+                continue
             by_file.setdefault(self.where[k][0], []).append(k)
         for file, ks in by_file.items():
             get, copied = self._opened(file), 0
@@ -294,6 +297,17 @@ class Checkpoint:
                 yield k, t.to(self.dtypes[k]) if t.is_floating_point() else t.clone()
                 if copied >= CAST_WINDOW:
                     get, copied = self._opened(file), 0
+
+    def _part_reader(self) -> Callable[[str], torch.Tensor]:
+        """Checkpoint key -> tensor, for the parts of merged tensors (files opened once per call site)."""
+        getters: dict[str, Callable[[str], torch.Tensor]] = {}
+
+        def read(key: str) -> torch.Tensor:
+            file = self.files[key]
+            if file not in getters:
+                getters[file] = self._opened(file)
+            return getters[file](key)
+        return read
 
     def reader(self, keys: Mapping[str, str]) -> Callable[[], offload.Weights]:
         """A disk unit's reader: {relative key: tensor} from {relative key: model key}."""
@@ -392,12 +406,8 @@ def load_targets(model: nn.Module, layout: Layout, ckpt: Checkpoint) -> dict[str
     out: dict[str, torch.device | None] = {}
     for key, _ in _named_tensors(model):
         p = layout.unit_of(key)
-        if key in ckpt.merged and p.unit in streamed:
-            raise MissingWeights(f"{key} is stored per expert in {ckpt.directory} and built on load; fitmap builds "
-                                 f"such tensors for units on a GPU or run on the CPU, not yet for offloaded unit "
-                                 f"{p.unit} ({p.tier} tier): plan it onto the GPUs (more --gpus memory), or run "
-                                 "without GPUs")
-        if key in persistent and p.unit in streamed and (key in ckpt.where or p.stored_on is not None):
+        stored = key in ckpt.where or key in ckpt.merged
+        if key in persistent and p.unit in streamed and (stored or p.stored_on is not None):
             out[key] = p.stored_on
         else:   # resident: non-persistent and computed buffers, units that offload cannot hook
             out[key] = p.runs_on
@@ -434,15 +444,9 @@ def place(model: nn.Module, layout: Layout, ckpt: Checkpoint, targets: Mapping[s
 
 def _place_merged(model: nn.Module, ckpt: Checkpoint, targets: Mapping[str, torch.device | None]) -> int:
     """Tensors the checkpoint stores split (per expert): built by transformers' own converter from
-    their parts, cast to the built dtype, placed on their device."""
-    getters: dict[str, Callable[[str], torch.Tensor]] = {}
-
-    def read(key: str) -> torch.Tensor:
-        file = ckpt.files[key]
-        if file not in getters:
-            getters[file] = ckpt._opened(file)
-        return getters[file](key)
-
+    their parts, cast to the built dtype, placed on their device (disk-tier ones are built per
+    forward by the unit's reader, :meth:`Checkpoint.read`)."""
+    read = ckpt._part_reader()
     done = 0
     for key, merge in ckpt.merged.items():
         device = targets.get(key)
