@@ -260,16 +260,19 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _module_names(prep, trust_remote_code: bool) -> list[str]:
-    """Every module path of the model (a map may name parameterless ones, e.g. a rotary embedding)."""
+def _module_names(prep, trust_remote_code: bool, containers: bool = False) -> list[str]:
+    """Every module path of the model (a map may name parameterless ones, e.g. a rotary embedding);
+    with ``containers``, only the ModuleLists and ModuleDicts."""
     import torch
+    from torch import nn
 
     from fitmap.skeleton import build_model, empty_weights
 
     sk = prep.skeleton
     with empty_weights():
         model = build_model(sk.config, prep.inventory.task, getattr(torch, sk.dtype), trust_remote_code)
-    return [name for name, _ in model.named_modules()]
+    return [name for name, m in model.named_modules()
+            if not containers or isinstance(m, (nn.ModuleList, nn.ModuleDict))]
 
 
 def _check_user_map(args: argparse.Namespace, prep, raw: dict, given=None):
@@ -284,7 +287,9 @@ def _check_user_map(args: argparse.Namespace, prep, raw: dict, given=None):
     from fitmap.workload import Workload
 
     sk = prep.skeleton
-    dm = usermap.normalized(raw, [p for u in sk.units for p in u.params], _module_names(prep, args.trust_remote_code))
+    names = _module_names(prep, args.trust_remote_code)
+    dm = usermap.normalized(raw, [p for u in sk.units for p in u.params], names)
+    dm = usermap.expanded(dm, _module_names(prep, args.trust_remote_code, containers=True), names)
     if given is not None and args.gpus is None:
         machine = usermap.machine_of(given)
     else:
@@ -292,7 +297,7 @@ def _check_user_map(args: argparse.Namespace, prep, raw: dict, given=None):
     user = usermap.as_plan(prep.inventory.name, sk, dm, machine, given.workload if given else Workload())
     found = _check(prep, user, args.trust_remote_code)
     if not args.json:
-        report.console.print(f"your map ({len(dm)} entries) on fake devices:")
+        report.console.print(f"your map ({len(raw)} entries) on fake devices:")
         report.print_check(found)
     units = usermap.to_units(sk, found.plan.device_map)
     out = args.out or str(Path(args.plan).with_suffix("")) + ".fitmap.json"

@@ -117,7 +117,11 @@ class Plan:
     def load(cls, path: str | Path) -> "Plan":
         p = Path(path)
         try:
-            return cls.from_json(json.loads(p.read_text()))
+            data = json.loads(p.read_text())
+            if not isinstance(data, dict):
+                raise BadInput(f"plan file {p} holds a JSON {type(data).__name__}, not an object: give a fitmap "
+                               "plan (fitmap plan --out) or a device map {module: device}")
+            return cls.from_json(data)
         except FileNotFoundError:
             raise BadInput(f"plan file {p} does not exist; write one with fitmap plan ... --out {p}") from None
         except (json.JSONDecodeError, UnicodeDecodeError):

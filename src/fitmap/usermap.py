@@ -68,6 +68,18 @@ def normalized(raw: Mapping[str, object], param_names: list[str],
     return dm
 
 
+def expanded(dm: dict[str, int | str], containers: Iterable[str], module_names: Iterable[str]) -> dict[str, int | str]:
+    """Keys that name a ModuleList or ModuleDict (``"model.layers": 0``) given to their children, as
+    accelerate hooks each child: a container has no forward of its own to hook."""
+    names = list(module_names)
+    out = dict(dm)
+    for key in sorted(set(containers) & set(out), key=len):
+        device = out.pop(key)
+        for child in (n for n in names if n.startswith(key + ".") and "." not in n[len(key) + 1:]):
+            out.setdefault(child, device)
+    return out
+
+
 def owner_key(name: str, dm: Mapping[str, object]) -> str | None:
     """The longest map key that is ``name`` or a module above it."""
     parts = name.split(".")
