@@ -241,11 +241,13 @@ def cmd_check(args: argparse.Namespace) -> int:
                                trust_remote_code=args.trust_remote_code)
     prep = pipeline.prepare(req)
     out = args.out or args.plan
-    if bare is None and set(plan.device_map) != {u.name for u in prep.skeleton.units} and usermap.fits_model(
-            plan.device_map, prep.skeleton, _module_names(prep, args.trust_remote_code)):
-        bare = dict(plan.device_map)            # a plan whose map names other modules (a split block)
+    modules = None
+    if bare is None and set(plan.device_map) != {u.name for u in prep.skeleton.units}:
+        modules = _modules(prep, args.trust_remote_code)
+        if usermap.fits_model(plan.device_map, prep.skeleton, modules[0]):
+            bare = dict(plan.device_map)        # a plan whose map names other modules (a split block)
     if bare is not None:
-        plan, out = _check_user_map(args, prep, bare, plan)
+        plan, out = _check_user_map(args, prep, bare, modules or _modules(prep, args.trust_remote_code), plan)
     pipeline.require_matching(plan, prep)
     checked = _check(prep, plan, args.trust_remote_code)
     checked.plan.save(out)
@@ -260,9 +262,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _module_names(prep, trust_remote_code: bool, containers: bool = False) -> list[str]:
-    """Every module path of the model (a map may name parameterless ones, e.g. a rotary embedding);
-    with ``containers``, only the ModuleLists and ModuleDicts."""
+def _modules(prep, trust_remote_code: bool) -> tuple[list[str], list[str]]:
+    """Every module path of the model (a map may name parameterless ones, e.g. a rotary embedding),
+    and those of its ModuleLists and ModuleDicts; the model is built once, on meta."""
     import torch
     from torch import nn
 
@@ -271,11 +273,11 @@ def _module_names(prep, trust_remote_code: bool, containers: bool = False) -> li
     sk = prep.skeleton
     with empty_weights():
         model = build_model(sk.config, prep.inventory.task, getattr(torch, sk.dtype), trust_remote_code)
-    return [name for name, m in model.named_modules()
-            if not containers or isinstance(m, (nn.ModuleList, nn.ModuleDict))]
+    named = list(model.named_modules())
+    return [n for n, _ in named], [n for n, m in named if isinstance(m, (nn.ModuleList, nn.ModuleDict))]
 
 
-def _check_user_map(args: argparse.Namespace, prep, raw: dict, given=None):
+def _check_user_map(args: argparse.Namespace, prep, raw: dict, modules: tuple[list[str], list[str]], given=None):
     """The user's own map replayed as given (its errors and the repairs that fix it in place),
     then the whole-unit fitmap plan made from it, to be checked and written. The GPUs are
     ``--gpus``, else those of the plan the map came in (``given``), else detected."""
@@ -287,9 +289,9 @@ def _check_user_map(args: argparse.Namespace, prep, raw: dict, given=None):
     from fitmap.workload import Workload
 
     sk = prep.skeleton
-    names = _module_names(prep, args.trust_remote_code)
+    names, containers = modules
     dm = usermap.normalized(raw, [p for u in sk.units for p in u.params], names)
-    dm = usermap.expanded(dm, _module_names(prep, args.trust_remote_code, containers=True), names)
+    dm = usermap.expanded(dm, containers, names)
     if given is not None and args.gpus is None:
         machine = usermap.machine_of(given)
     else:

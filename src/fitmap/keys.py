@@ -16,6 +16,22 @@ from typing import Any, Callable
 from torch import nn
 
 
+def _conversions(model: nn.Module):
+    """transformers' renamings and converters for ``model``, its state dict and base prefix, and
+    its ``rename_source_key``; None on an older transformers (names are stored as is)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        transforms = get_model_conversion_mapping(model)
+    except (ImportError, AttributeError, TypeError):
+        return None
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    prefix = getattr(model, "base_model_prefix", None) or None
+    return renamings, converters, model.state_dict(), prefix, rename_source_key
+
+
 def key_mapper(model: nn.Module) -> Callable[[str], tuple[str, bool]]:
     """A function ``checkpoint key -> (model key, converted)``.
 
@@ -23,22 +39,15 @@ def key_mapper(model: nn.Module) -> Callable[[str], tuple[str, bool]]:
     the key: its bytes belong to the target parameter, but it cannot be copied
     into it as is.
     """
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-
-        transforms = get_model_conversion_mapping(model)
-    except (ImportError, AttributeError, TypeError):  # an older transformers: names are stored as is
+    found = _conversions(model)
+    if found is None:
         return lambda key: (key, False)
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    state = model.state_dict()
-    prefix = getattr(model, "base_model_prefix", None) or None
+    renamings, converters, state, prefix, rename = found
 
     def mapped(key: str) -> tuple[str, bool]:
         if key in state:
             return key, False
-        target, via = rename_source_key(key, renamings, converters, prefix, state)
+        target, via = rename(key, renamings, converters, prefix, state)
         return target, via is not None
 
     return mapped
@@ -68,17 +77,10 @@ class Merge:
 def merges(model: nn.Module, ckpt_keys: list[str]) -> dict[str, Merge]:
     """Model key -> :class:`Merge` for every tensor the checkpoint stores split (empty on
     transformers versions without conversion mappings)."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-
-        transforms = get_model_conversion_mapping(model)
-    except (ImportError, AttributeError, TypeError):
+    found = _conversions(model)
+    if found is None:
         return {}
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    state = model.state_dict()
-    prefix = getattr(model, "base_model_prefix", None) or None
+    renamings, converters, state, prefix, rename_source_key = found
     groups: dict[str, dict[str, list[str]]] = {}
     owner: dict[str, Any] = {}
     for key in ckpt_keys:
