@@ -325,6 +325,7 @@ def sec_fidelity(b: Bench) -> dict:
     cases = {"long prompt": Workload(1, b.scale(16384, 512), b.scale(64, 8)),
              "large batch": Workload(b.scale(32, 4), b.scale(1024, 64), b.scale(64, 8))}
     plans = {name: make_plan(llama, b.gpus, w) for name, w in cases.items()}
+    analytic = {name: make_plan(llama, b.gpus, w, estimate="analytic") for name, w in cases.items()}
     maps = {json.dumps(p.device_map, sort_keys=True) for p in plans.values()}
     assert len(maps) == 1, "the two workloads were planned with different maps"
     first = next(iter(plans.values()))
@@ -334,28 +335,37 @@ def sec_fidelity(b: Bench) -> dict:
         for name, w in cases.items():
             ids = random_ids(w.batch, w.prompt, vocab).to(loaded.input_device)
             out[name] = _measure(b, handle, plans[name], loaded.model, dict(input_ids=ids,
-                                 attention_mask=torch.ones_like(ids)), w.new, name, "Llama-3.1-8B shape")
+                                 attention_mask=torch.ones_like(ids)), w.new, name, "Llama-3.1-8B shape",
+                                 analytic[name])
     free_all()
     vlm = write_qwen2_vl(b)
     w = Workload(1, b.scale(256, 32), b.scale(16, 4), ((1344, 1344),) if not b.dry else ((224, 224),))
     plan = make_plan(vlm, b.gpus, w)
+    vlm_analytic = make_plan(vlm, b.gpus, w, estimate="analytic")
     loaded, sampler = start(vlm, plan, False)
     with loaded:
         sampler.__exit__(None, None, None)
         config = loaded.model.config
         inputs, image_tokens = vision_inputs(config, w, loaded.input_device, torch.bfloat16)
         out["vlm + image"] = _measure(b, handle, plan, loaded.model, inputs, w.new,
-                                      f"image {w.images[0][0]}x{w.images[0][1]}", "Qwen2-VL-2B shape")
+                                      f"image {w.images[0][0]}x{w.images[0][1]}", "Qwen2-VL-2B shape",
+                                      vlm_analytic)
         out["vlm + image"]["image_tokens"] = image_tokens
     free_all()
     return out
 
 
-def _measure(b: Bench, handle, plan, model, inputs: dict, new: int, case: str, what: str) -> dict:
+def _measure(b: Bench, handle, plan, model, inputs: dict, new: int, case: str, what: str, analytic=None) -> dict:
+    """Run ``generate`` once; compare torch's and the driver's peaks with ``plan``'s (and, if given, with
+    the same workload's analytic plan, which must share the map)."""
     import torch
 
     led = gpu_ledger(plan, b.dry)
     predicted = led.weights_bytes + led.kv_bytes + led.activation_bytes + led.stream_bytes
+    other = None
+    if analytic is not None and analytic.device_map == plan.device_map:
+        a = gpu_ledger(analytic, b.dry)
+        other = a.weights_bytes + a.kv_bytes + a.activation_bytes + a.stream_bytes
     reset_peak(b)
     t = time.perf_counter()
     with UsedPeak(handle, b.device.type == "cuda") as used, torch.inference_mode():
@@ -371,9 +381,13 @@ def _measure(b: Bench, handle, plan, model, inputs: dict, new: int, case: str, w
     if b.device.type == "cuda":
         r["allocated_over_predicted"] = peak / predicted
         r["driver_over_total"] = used.peak / led.total_bytes
+        also = ""
+        if other is not None:
+            r["predicted_analytic"] = other
+            also = f"; analytic plan {other / GiB:.2f} GiB ({peak / other - 1:+.1%})"
         b.row("fidelity", f"{what}, {case} (batch {plan.workload.batch}, prompt {plan.workload.prompt})",
-              f"max_allocated {peak / GiB:.2f} GiB vs plan {predicted / GiB:.2f} GiB "
-              f"({peak / predicted - 1:+.1%}); driver {used.peak / GiB:.2f} GiB vs plan+reserve "
+              f"max_allocated {peak / GiB:.2f} GiB vs {plan.estimate} plan {predicted / GiB:.2f} GiB "
+              f"({peak / predicted - 1:+.1%}){also}; driver {used.peak / GiB:.2f} GiB vs plan+reserve "
               f"{led.total_bytes / GiB:.2f} GiB ({used.peak / led.total_bytes - 1:+.1%})",
               "ok" if abs(peak / predicted - 1) <= 0.05 else "OFF by more than 5%")
     else:
@@ -777,8 +791,16 @@ def sec_hooks(b: Bench) -> dict:
         dispatch_model(model, device_map={u: (0 if dev.type == "cuda" else "cpu") for u in units}, force_hooks=True)
         return lambda: remove_hook_from_submodules(model)
 
+    def fitmap_pre_only():
+        mover = hooks.Mover()
+        hs = [model.get_submodule(u).register_forward_pre_hook(hooks.inputs_to(dev, mover), with_kwargs=True)
+              for u in units]
+        hs.append(model.register_forward_hook(lambda m, a, o: mover.reset(), always_call=True))
+        return lambda: [h.remove() for h in hs]
+
     variants = {"no hooks": lambda: (lambda: None), "fitmap boundary hooks, every unit": fitmap_attach,
                 "(floor) no-op torch pre-hook, same units": noop_attach,
+                "fitmap pre-hooks only (OutputsTo replaced by a reset)": fitmap_pre_only,
                 "accelerate dispatch_model (force_hooks)": accelerate_attach}
     times: dict[str, list[float]] = {k: [] for k in variants}
     items = list(variants.items())
@@ -799,8 +821,9 @@ def sec_hooks(b: Bench) -> dict:
                         times[name].append(time.perf_counter() - t0)
                     cache.crop(-1)   # back to the prompt: every step sees the same cache
                 detach()
+        diagnosis = _hook_diagnosis(b, model, units, token, cache)
     base = statistics.median(times["no hooks"])
-    res = {}
+    res = {"diagnosis": diagnosis}
     for name in variants:
         t = statistics.median(times[name])
         res[name] = dict(step_seconds=t, overhead=(t - base) / base, steps=len(times[name]))
@@ -810,6 +833,57 @@ def sec_hooks(b: Bench) -> dict:
     b.row("hooks", "fitmap minus floor", f"{(fit - floor) * 100:+.1f} points",
           "within 1 point" if fit - floor <= 0.01 else "MORE than 1 point over the floor")
     return res
+
+
+def _hook_diagnosis(b: Bench, model, units: list[str], token, cache, steps: int = 50) -> dict:
+    """Where fitmap's hook time goes, per decode step: calls that leave the fast path for
+    ``InputsTo``, tensors copied, and host time inside the pre-hooks and inside ``OutputsTo``."""
+    from fitmap import hooks
+
+    dev = b.device
+    spent = {"pre": 0.0, "post": 0.0}
+    slow_calls = [0]
+    slow_kinds: dict[str, int] = {}
+    real_call = hooks.InputsTo.__call__
+
+    def counting(self, module, args, kwargs):
+        slow_calls[0] += 1
+        for k, v in kwargs.items():
+            if not (id(v) in self.in_place or type(v) in hooks._NOTHING_TO_MOVE):
+                slow_kinds[f"{k}:{type(v).__name__}"] = slow_kinds.get(f"{k}:{type(v).__name__}", 0) + 1
+        return real_call(self, module, args, kwargs)
+
+    def timed(fn, key):
+        def wrapper(*a):
+            t = time.perf_counter()
+            try:
+                return fn(*a)
+            finally:
+                spent[key] += time.perf_counter() - t
+        return wrapper
+
+    mover = hooks.Mover()
+    hs = [model.get_submodule(u).register_forward_pre_hook(timed(hooks.inputs_to(dev, mover), "pre"),
+                                                           with_kwargs=True) for u in units]
+    hs.append(model.register_forward_hook(timed(hooks.OutputsTo(dev, mover), "post"), always_call=True))
+    hooks.InputsTo.__call__ = counting
+    try:
+        for _ in range(steps):
+            model(input_ids=token, **{cache_kwarg(model): cache}, use_cache=True)
+            cache.crop(-1)
+        sync(b)
+    finally:
+        hooks.InputsTo.__call__ = real_call
+        for h in hs:
+            h.remove()
+    d = dict(slow_calls_per_step=slow_calls[0] / steps, copies_per_step=mover.copies / steps,
+             pre_hooks_us_per_step=spent["pre"] / steps * 1e6, outputs_to_us_per_step=spent["post"] / steps * 1e6,
+             slow_path_keys=slow_kinds)
+    b.row("hooks", "where fitmap's time goes (per step)",
+          f"pre-hooks {d['pre_hooks_us_per_step']:.0f} us, OutputsTo {d['outputs_to_us_per_step']:.0f} us, "
+          f"{d['slow_calls_per_step']:.1f} slow-path calls ({', '.join(sorted(slow_kinds)) or 'none'}), "
+          f"{d['copies_per_step']:.1f} copies", "")
+    return d
 
 
 # --------------------------------------------------------------------------- main

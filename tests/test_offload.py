@@ -135,6 +135,25 @@ def test_cpu_tier_streams_to_gpu(checkpoints):
     assert torch.equal(got.cpu(), tokens)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_per_expert_moe_on_gpu_cpu_and_disk_tiers(checkpoints):
+    """A checkpoint with one tensor per expert: fused by transformers' converter straight onto the GPU,
+    into pinned host memory for the cpu tier, and at each forward for the disk tier; same tokens."""
+    d = checkpoints("qwen3_moe")
+    plan = plan_for(d, {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0,
+                        "model.layers.1": "cpu", "model.layers.2": "disk", "model.layers.3": 0,
+                        "model.norm": 0, "lm_head": 0}, execution_device="0")
+    tokens = reference(d).generate(input_ids=TEXT_IDS, max_new_tokens=8, do_sample=False)
+    with loader.load(d, plan, progress=False) as lm:
+        layers = lm.model.model.layers
+        assert layers[0].mlp.experts.gate_up_proj.device.type == "cuda"
+        assert layers[1].mlp.experts.gate_up_proj.is_pinned()
+        assert layers[2].mlp.experts.gate_up_proj.is_meta
+        got = lm.model.generate(input_ids=TEXT_IDS.to(lm.input_device), max_new_tokens=8, do_sample=False)
+    assert torch.equal(got.cpu(), tokens)
+
+
 def test_planned_by_fitmap_then_loaded(checkpoints, references, tmp_path):
     """The whole path: fitmap.plan with a small RAM budget spills blocks to disk; the load runs them."""
     import fitmap
