@@ -224,3 +224,22 @@ def test_per_expert_weights_on_the_disk_tier_are_built_per_forward(checkpoints):
             assert lm.model.model.layers[1].mlp.experts.gate_up_proj.is_meta      # not resident
             got = lm.model(input_ids=IDS).logits
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v3"])
+def test_per_expert_checkpoints_split_across_cpu_and_disk(checkpoints, family):
+    """Checkpoints with one tensor per expert, as on the Hub (transformers 5 writes them so): every
+    tensor equals from_pretrained's, buffers included, and a cpu + disk split gives its greedy tokens."""
+    d = checkpoints(family)
+    want = reference(d)
+    with loader.load(d, plan_for(d), progress=False) as lm:
+        got, ref = lm.model.state_dict(), want.state_dict()
+        assert sorted(got) == sorted(ref)
+        assert [k for k in ref if not torch.equal(got[k], ref[k])] == []
+        assert [n for n, b in want.named_buffers() if not torch.equal(lm.model.get_buffer(n), b)] == []
+    layers = sorted(u for u in plan_for(d).device_map if u.startswith("model.layers."))
+    plan = plan_for(d, {u: "disk" for u in layers[len(layers) // 2:]})
+    tokens = want.generate(input_ids=IDS, max_new_tokens=8, do_sample=False)
+    with loader.load(d, plan, progress=False) as lm:
+        assert getattr(lm.model.get_submodule(layers[-1]).mlp.experts, "gate_up_proj").is_meta
+        assert torch.equal(lm.model.generate(input_ids=IDS, max_new_tokens=8, do_sample=False), tokens)

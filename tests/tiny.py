@@ -27,6 +27,12 @@ def config(family: str) -> transformers.PretrainedConfig:
     if family == "qwen3_moe":   # saved by transformers 5 with one tensor per expert, fused again on load
         return transformers.Qwen3MoeConfig(**TEXT | {"intermediate_size": 128}, moe_intermediate_size=32,
                                            num_experts=4, num_experts_per_tok=2, head_dim=16)
+    if family == "deepseek_v3":   # MLA attention, one dense layer then MoE with a shared expert, per-expert keys
+        return transformers.DeepseekV3Config(**TEXT | {"intermediate_size": 128}, moe_intermediate_size=32,
+                                             n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+                                             first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16,
+                                             qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=2,
+                                             topk_group=1, routed_scaling_factor=1.0, tie_word_embeddings=False)
     if family == "gemma2":
         return transformers.Gemma2Config(**TEXT, head_dim=16, sliding_window=32, tie_word_embeddings=True)
     if family == "qwen2_vl":

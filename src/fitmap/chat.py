@@ -21,7 +21,8 @@ CHAT_CONTEXT = 4096   # prompt tokens the plan makes room for
 
 
 def chat(model: str, image_paths: list[str], new: int, machine: Machine, plan_file: str | None,
-         trust_remote_code: bool, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> int:
+         trust_remote_code: bool, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout,
+         quantize: str | None = None) -> int:
     from fitmap import report
 
     prep = pipeline.prepare(pipeline.PlanRequest(model, machine, trust_remote_code=trust_remote_code,
@@ -29,7 +30,7 @@ def chat(model: str, image_paths: list[str], new: int, machine: Machine, plan_fi
     model_dir = local_model_dir(prep)
     prompter = Prompter.for_model(model_dir, prep.skeleton.config, trust_remote_code)
     pending = [open_image(p) for p in image_paths]
-    plan, _ = plan_for_run(model, CHAT_CONTEXT, pending, new, plan_file, machine, trust_remote_code)
+    plan, _ = plan_for_run(model, CHAT_CONTEXT, pending, new, plan_file, machine, trust_remote_code, quantize)
     loaded, sampler = start(model_dir, plan, trust_remote_code)
     with loaded:
         out.write("fitmap chat: /image PATH attaches an image, /exit quits\n")

@@ -51,6 +51,15 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
                    help="keep MODULE on DEVICE (a GPU index, cpu or disk); repeatable")
     p.add_argument("--estimate", choices=["simulate", "analytic"], default="simulate",
                    help="activation/KV costs from a fake-device simulation (default) or from config formulas")
+    _quantize_arg(p)
+
+
+def _quantize_arg(p: argparse.ArgumentParser) -> None:
+    from fitmap.quant import METHODS
+
+    p.add_argument("--quantize", choices=list(METHODS), default=None,
+                   help="quantize the Linear weights while loading: " + "; ".join(f"{k}: {v}" for k, v in METHODS.items())
+                   + " (needs bitsandbytes)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--new", type=int, default=128, help="largest number of new tokens (default 128)")
         p.add_argument("--plan", metavar="PLAN.json", help="run this plan (made by fitmap plan --out)")
         _machine_args(p)
+        _quantize_arg(p)
     sub.add_parser("demo", help="plan + check a full-size VLM, then run a small random one with disk offload")
     p = sub.add_parser("calibrate", help="measure this machine once (GPU fixed cost, copy and disk rates) for plan")
     p.add_argument("--disk", metavar="DIR", help="directory on the disk to measure (default: fitmap's cache)")
@@ -120,7 +130,7 @@ def request_from(args: argparse.Namespace):
     workload = Workload(args.batch, args.prompt, args.new, tuple(parse_image(i) for i in args.image))
     machine = make_machine(args.gpus, args.cpu, args.disk, args.reserve)
     return PlanRequest(args.model, machine, workload, Dtype(args.dtype), Policy(args.policy),
-                       parse_pins(args.pin), args.trust_remote_code, args.estimate)
+                       parse_pins(args.pin), args.trust_remote_code, args.estimate, args.quantize)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -318,7 +328,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise BadInput(f"--new must be at least 1 (got {args.new})")
     images = [open_image(p) for p in args.image]
     machine = make_machine(args.gpus, args.cpu, args.disk, args.reserve)
-    result = answer(args.model, args.prompt, images, args.new, machine, args.plan, args.trust_remote_code)
+    result = answer(args.model, args.prompt, images, args.new, machine, args.plan, args.trust_remote_code,
+                    quantize=args.quantize)
     report.print_plan(result.plan)
     report.console.print(f"({result.new_tokens} tokens in {result.seconds:.2f} s; load {result.load_seconds:.2f} s)")
     report.print_memory(result.memory)
@@ -330,7 +341,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from fitmap.devices import make_machine
 
     machine = make_machine(args.gpus, args.cpu, args.disk, args.reserve)
-    return chat(args.model, args.image, args.new, machine, args.plan, args.trust_remote_code)
+    return chat(args.model, args.image, args.new, machine, args.plan, args.trust_remote_code, quantize=args.quantize)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -374,11 +385,13 @@ def quiet_third_parties() -> None:
     """A user sees fitmap's lines only: torch's and transformers' warnings, transformers' logs
     below errors, hub progress bars and what model code prints while it is built are hidden
     (``fitmap --verbose`` shows them)."""
+    import logging
     import warnings
 
     from fitmap import skeleton
 
     warnings.filterwarnings("ignore")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)   # "pip install kernels" notes at import
     skeleton.MODEL_PRINTS = False       # remote code's print()s while it is built ("Flash attention is not ...")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -23,7 +23,9 @@ def _conversions(model: nn.Module):
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
-        transforms = get_model_conversion_mapping(model)
+        from fitmap.quant import of
+
+        transforms = get_model_conversion_mapping(model, None, of(model))
     except (ImportError, AttributeError, TypeError):
         return None
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
@@ -43,14 +45,24 @@ def key_mapper(model: nn.Module) -> Callable[[str], tuple[str, bool]]:
     if found is None:
         return lambda key: (key, False)
     renamings, converters, state, prefix, rename = found
+    quantized = quantized_keys(model)
 
     def mapped(key: str) -> tuple[str, bool]:
-        if key in state:
+        if key in state and key not in quantized:
             return key, False
         target, via = rename(key, renamings, converters, prefix, state)
         return target, via is not None
 
     return mapped
+
+
+def quantized_keys(model: nn.Module) -> frozenset[str]:
+    """Parameters a quantizer replaced (their checkpoint tensor is one part of several)."""
+    from fitmap.quant import is_quantized_tensor, of
+
+    if of(model) is None:
+        return frozenset()
+    return frozenset(n for n, t in model.named_parameters(remove_duplicate=False) if is_quantized_tensor(t))
 
 
 @dataclass(frozen=True)
@@ -63,15 +75,16 @@ class Merge:
     converter: Any
     sources: tuple[tuple[str, tuple[str, ...]], ...]   # (source pattern, checkpoint keys in order)
 
-    def build(self, read: Callable[[str], Any]) -> Any:
-        """The target tensor from the checkpoint tensors ``read(key)`` gives, by the converter's operations."""
+    def build(self, read: Callable[[str], Any], model: nn.Module | None = None) -> Any:
+        """The target tensor from the checkpoint tensors ``read(key)`` gives, by the converter's
+        operations (a quantizer's deserialization needs the ``model`` whose module it fills)."""
         collected = {pattern: [read(k) for k in keys] for pattern, keys in self.sources}
         patterns = list(self.converter.source_patterns)
         for op in self.converter.operations:
-            collected = op.convert(collected, source_patterns=patterns,
+            collected = op.convert(collected, source_patterns=patterns, model=model,
                                    target_patterns=list(self.converter.target_patterns), full_layer_name=self.target)
         (tensor,) = collected.values()
-        return tensor
+        return tensor[0] if isinstance(tensor, list) else tensor
 
 
 def merges(model: nn.Module, ckpt_keys: list[str]) -> dict[str, Merge]:
@@ -84,8 +97,6 @@ def merges(model: nn.Module, ckpt_keys: list[str]) -> dict[str, Merge]:
     groups: dict[str, dict[str, list[str]]] = {}
     owner: dict[str, Any] = {}
     for key in ckpt_keys:
-        if key in state:
-            continue
         target, pattern = rename_source_key(key, renamings, converters, prefix, state)
         if pattern is None or target not in state:
             continue
@@ -96,6 +107,8 @@ def merges(model: nn.Module, ckpt_keys: list[str]) -> dict[str, Merge]:
         groups.setdefault(target, {}).setdefault(pattern, []).append(key)
     out = {}
     for target, by_pattern in groups.items():
+        if [k for keys in by_pattern.values() for k in keys] == [target]:
+            continue    # a quantizer's converter met a tensor stored as is (a norm, a skipped module)
         conv = owner[target]
         ordered = tuple((p, tuple(sorted(by_pattern[p], key=_natural))) for p in conv.source_patterns if p in by_pattern)
         out[target] = Merge(target, conv, ordered)

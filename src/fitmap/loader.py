@@ -35,10 +35,10 @@ from typing import Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from fitmap import compat, diskread, hooks, offload, repairs
+from fitmap import compat, diskread, hooks, offload, quant, repairs
 from fitmap.errors import BadInput, CheckpointError, MissingWeights, remote_code_flag
 from fitmap.inventory import Inventory, TensorInfo, inventory
-from fitmap.keys import Merge, key_mapper, merges
+from fitmap.keys import Merge, key_mapper, merges, quantized_keys
 from fitmap.plan import Plan
 from fitmap.skeleton import build_model, empty_weights, load_config, share_parameter, tied_parameters
 from fitmap.sizes import GiB
@@ -98,15 +98,18 @@ def load(model_dir: Path | str, plan: Plan, *, trust_remote_code: bool = False, 
     if inv.path is None or inv.weight_format == "none":
         raise BadInput(f"{model_dir} has no weights to load; fitmap load needs a model directory with a checkpoint")
     dtype = _dtype(plan.dtype)
-    model = _skeleton_model(inv, dtype, trust_remote_code)
+    model = _skeleton_model(inv, dtype, trust_remote_code, plan.quantize)
     layout = Layout.of(model, plan)
-    ckpt = Checkpoint.index(inv, model)
+    ckpt = Checkpoint.index(inv, model, dtype)
     ckpt.check_complete(model)
     targets = load_targets(model, layout, ckpt)
+    _check_quantized_resident(model, layout)
     try:
         loaded = place(model, layout, ckpt, targets, progress)
         compute_buffers(model, ckpt, targets)
         check_materialized(model, targets)
+        if quant.of(model) is not None:
+            quant.of(model).postprocess_model(model)
         result = _runtime(model, layout, ckpt, targets, plan, readahead)
     except BaseException:
         release(model)
@@ -115,12 +118,30 @@ def load(model_dir: Path | str, plan: Plan, *, trust_remote_code: bool = False, 
     return result
 
 
-def _skeleton_model(inv: Inventory, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
-    """The model on meta at ``dtype``; floating checkpoint tensors are cast to what it holds."""
+def _skeleton_model(inv: Inventory, dtype: torch.dtype, trust_remote_code: bool,
+                    quantize: str | None = None) -> nn.Module:
+    """The model on meta at ``dtype``; floating checkpoint tensors are cast to what it holds.
+    A quantized model (saved so, or ``quantize``) gets transformers' quantized modules."""
     config = load_config(inv, trust_remote_code)
     config.dtype = dtype    # transformers 5 builds at config.dtype, whatever the default dtype says
+    q = quant.quantizer(config, quantize, dtype)
     with empty_weights(keep_buffers=True):
-        return build_model(config, inv.task, dtype, trust_remote_code).eval()
+        model = build_model(config, inv.task, dtype, trust_remote_code).eval()
+    return model if q is None else quant.prepare(model, q, dtype)
+
+
+def _check_quantized_resident(model: nn.Module, layout: "Layout") -> None:
+    """Quantized weights are placed whole on their device (their state lives beside the data):
+    a unit the plan streams per forward (disk, or cpu with a GPU executing) cannot hold them."""
+    qkeys = quantized_keys(model)
+    if not qkeys:
+        return
+    streamed = sorted(u for u in streamed_units(model, layout) if any(k.startswith(u + ".") for k in qkeys))
+    if streamed:
+        raise BadInput(f"{len(streamed)} unit(s) with quantized weights are planned to be streamed per forward "
+                       f"({', '.join(streamed[:3])}: {layout.units[streamed[0]].tier} tier); fitmap keeps quantized "
+                       "weights resident. Re-plan with fitmap plan (it keeps them on GPUs), or give the GPUs more "
+                       "memory")
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -237,17 +258,20 @@ class Checkpoint:
     files: Mapping[str, str] = field(default_factory=dict)          # checkpoint key -> file (for merged sources)
 
     @classmethod
-    def index(cls, inv: Inventory, model: nn.Module) -> "Checkpoint":
+    def index(cls, inv: Inventory, model: nn.Module, dtype: torch.dtype | None = None) -> "Checkpoint":
+        """``dtype``: what weights quantized while loading are read at (the plan's)."""
         names, converted = checkpoint_names(model, list(inv.tensors))
         _check_shapes(model, inv, names)
-        built = dict(_named_tensors(model))
+        built = {k: t.dtype for k, t in _named_tensors(model)}
+        if dtype is not None:
+            built |= {k: dtype for k in names if quant.quantizes(model, k)}
         merged = {k: m for k, m in merges(model, list(converted)).items() if k not in names} if converted else {}
         from_merges = {c for m in merged.values() for _, keys in m.sources for c in keys}
         return cls(inv.path, inv.weight_format,
                    where={k: (inv.tensors[c].file, c) for k, c in names.items()},
                    nbytes={k: inv.tensors[c].nbytes for k, c in names.items()}
                    | {k: sum(inv.tensors[c].nbytes for _, keys in m.sources for c in keys) for k, m in merged.items()},
-                   dtypes={k: built[k].dtype for k in list(names) + list(merged)},
+                   dtypes={k: built[k] for k in list(names) + list(merged)},
                    converted=tuple(c for c in converted if c not in from_merges),
                    infos={k: inv.tensors[c] for k, c in names.items()},
                    unexpected=_unexpected(model, inv, names, converted), merged=merged,
@@ -362,10 +386,11 @@ def checkpoint_names(model: nn.Module, ckpt_keys: list[str]) -> tuple[dict[str, 
     """
     expected = {n for n, _ in _named_tensors(model)}
     mapped = key_mapper(model)
+    quantized = quantized_keys(model)
     out: dict[str, str] = {}
     converted = []
     for c in ckpt_keys:
-        k, conversion = (c, False) if c in expected else mapped(c)
+        k, conversion = (c, False) if c in expected and c not in quantized else mapped(c)
         if conversion:
             converted.append(c)
         elif k in expected:
@@ -429,7 +454,7 @@ def place(model: nn.Module, layout: Layout, ckpt: Checkpoint, targets: Mapping[s
     jobs = _jobs(model, ckpt, targets)
     total = sum(ckpt.nbytes[k] for ks in jobs.values() for k, _ in ks)
     with _progress(total, progress) as advance, ThreadPoolExecutor(min(MAX_READERS, max(1, len(jobs)))) as pool:
-        futures = [pool.submit(_read_file, ckpt, ks, advance) for ks in jobs.values()]
+        futures = [pool.submit(_read_file, model, ckpt, ks, advance) for ks in jobs.values()]
         try:
             while futures:
                 _assign(model, futures.pop(0).result())
@@ -442,18 +467,30 @@ def place(model: nn.Module, layout: Layout, ckpt: Checkpoint, targets: Mapping[s
     return total
 
 
+def _on_device(model: nn.Module, key: str, t: torch.Tensor, device: torch.device) -> list[tuple[str, torch.Tensor]]:
+    """``t`` on ``device``; a weight quantized while loading is quantized there, one tensor at a time."""
+    t = t.to(device)   # no-op for cpu targets
+    if not quant.quantizes(model, key):
+        return [(key, t)]
+    return list(quant.quantize(model, key, t).items())
+
+
 def _place_merged(model: nn.Module, ckpt: Checkpoint, targets: Mapping[str, torch.device | None]) -> int:
     """Tensors the checkpoint stores split (per expert): built by transformers' own converter from
     their parts, cast to the built dtype, placed on their device (disk-tier ones are built per
     forward by the unit's reader, :meth:`Checkpoint.read`)."""
     read = ckpt._part_reader()
+    quantized = quantized_keys(model)
     done = 0
     for key, merge in ckpt.merged.items():
         device = targets.get(key)
         if device is None:
             continue
-        t = merge.build(read)
-        set_tensor(model, key, t.to(device=device, dtype=ckpt.dtypes[key]).contiguous())
+        t = merge.build(read, model)
+        if key in quantized:     # the quantizer's parameter, with its state: moved, never cast
+            set_tensor(model, key, t.to(device))
+        else:
+            set_tensor(model, key, t.to(device=device, dtype=ckpt.dtypes[key]).contiguous())
         done += ckpt.nbytes[key]
     return done
 
@@ -477,12 +514,12 @@ def _jobs(model: nn.Module, ckpt: Checkpoint, targets: Mapping[str, torch.device
     return jobs
 
 
-def _read_file(ckpt: Checkpoint, items: list[tuple[str, torch.device]],
+def _read_file(model: nn.Module, ckpt: Checkpoint, items: list[tuple[str, torch.device]],
                advance: Callable[[int], None]) -> list[tuple[str, torch.Tensor]]:
     devices = dict(items)
     out = []
     for key, t in ckpt.read(list(devices)):
-        out.append((key, t.to(devices[key])))   # no-op for cpu targets
+        out.extend(_on_device(model, key, t, devices[key]))
         advance(ckpt.nbytes[key])
     return out
 

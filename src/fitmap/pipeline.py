@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from fitmap.errors import BadInput, FitmapError, remote_code_flag
 from fitmap.inventory import Inventory, inventory
 from fitmap.plan import UNLIMITED, Plan, make_plan
 from fitmap.profile import Profile, estimate
+from fitmap.quant import METHODS
 from fitmap.sizes import GiB, MiB, fmt_bytes, parse_size
 from fitmap.skeleton import Skeleton, planned_dtype, skeleton
 from fitmap.solver import Policy
@@ -34,9 +37,12 @@ class PlanRequest:
     pins: dict[str, str] = field(default_factory=dict)
     trust_remote_code: bool = False
     estimate: str = "simulate"        # "simulate" | "analytic"
+    quantize: str | None = None       # quantize while loading: a key of fitmap.quant.METHODS
 
     def __post_init__(self) -> None:
         remote_code_flag(self.trust_remote_code)
+        if self.quantize is not None and self.quantize not in METHODS:
+            raise BadInput(f"quantize must be one of {', '.join(METHODS)}, not {self.quantize!r}")
         if self.estimate not in ("simulate", "analytic"):
             raise BadInput(f"estimate must be 'simulate' or 'analytic', not {self.estimate!r}")
 
@@ -54,7 +60,7 @@ class Prepared:
 def prepare(req: PlanRequest) -> Prepared:
     inv = inventory(req.model)
     dtype = planned_dtype(inv, req.dtype.torch_name)
-    return Prepared(inv, skeleton(inv, dtype, req.trust_remote_code))
+    return Prepared(inv, skeleton(inv, dtype, req.trust_remote_code, quantize=req.quantize))
 
 
 def profile_for(prep: Prepared, req: PlanRequest, workload: Workload) -> Profile:
@@ -167,6 +173,9 @@ def advice(prep: Prepared, req: PlanRequest, failed: Plan) -> str:
         batch = _largest(lambda b: replace(w, batch=b), prep, req, w.batch - 1, low=1)
         if batch is not None:
             ways.append(f"with --batch {batch}")
+    quantized = _quantization_that_fits(prep, req)
+    if quantized is not None:
+        ways.append(quantized)
     head = (f"{req.model} at batch {w.batch} x ({w.prompt}+{w.new} tokens) needs "
             f"{fmt_bytes(failed.shortfall_bytes)} more than {m.describe()}")
     big = [g for g in m.gpus if g.reserve_source == "--reserve" and 2 * g.reserve >= g.capacity]
@@ -197,6 +206,23 @@ def _offload_needed(prep: Prepared, req: PlanRequest) -> str | None:
         where = "--disk DIR" if m.disk is None else f"more free space in {m.disk}"
         ways.append(f"with {where} ({fmt_bytes(on_disk)} of weights streamed from disk)")
     return ", or ".join(ways) or None
+
+
+def _quantization_that_fits(prep: Prepared, req: PlanRequest) -> str | None:
+    """``with --quantize M`` for the first of int8, nf4 (less loss first) whose plan fits; the
+    workload's activation and KV costs are the full-precision model's."""
+    if prep.skeleton.resident_only or req.quantize is not None:
+        return None
+    dtype = getattr(torch, prep.skeleton.dtype)
+    for method in ("int8", "nf4"):
+        sk = skeleton(prep.inventory, dtype, req.trust_remote_code, quantize=method)
+        qprep = replace(prep, skeleton=sk)
+        result = _plan_at(qprep, replace(req, quantize=method), req.workload)
+        if result.fits:
+            weights = sum(d.weights_bytes for d in result.devices)
+            return f"with --quantize {method} ({METHODS[method].split(':')[0].split(',')[0]}: {fmt_bytes(weights)} " \
+                   "of weights)"
+    return None
 
 
 def _ram_needed(prep: Prepared, req: PlanRequest) -> str | None:

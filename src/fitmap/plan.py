@@ -64,6 +64,7 @@ class Plan:
     groups: dict[str, list[str]] = field(default_factory=dict)
     repairs: tuple[Repair, ...] = ()
     execution_device: str = "cpu"           # where offloaded units run
+    quantize: str | None = None             # quantized while loading (``--quantize``), e.g. "nf4"
 
     def to_json(self) -> dict:
         return {
@@ -81,7 +82,7 @@ class Plan:
             "groups": self.groups,
             "repairs": [asdict(r) for r in self.repairs],
             "execution_device": self.execution_device,
-        }
+        } | ({"quantize": self.quantize} if self.quantize else {})
 
     @classmethod
     def from_json(cls, d: dict) -> "Plan":
@@ -93,7 +94,7 @@ class Plan:
                 devices=tuple(DeviceLedger(**(x | {"units": tuple(x.get("units", ()))})) for x in d["devices"]),
                 shortfall_bytes=d.get("shortfall_bytes", 0), advice=d.get("advice", ""),
                 groups=d.get("groups", {}), repairs=tuple(Repair(**r) for r in d.get("repairs", [])),
-                execution_device=d.get("execution_device", "cpu"),
+                execution_device=d.get("execution_device", "cpu"), quantize=d.get("quantize"),
             ).validated()
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise BadInput(f"not a fitmap plan (missing or wrong field {e}); make one with fitmap plan --out") from None
@@ -211,7 +212,7 @@ def items(sk: Skeleton, profile: Profile, comps: list[_Component]) -> list[Item]
             weight_bytes=sum(x.weight_bytes for x in cs),
             kv_bytes=sum(x.kv_bytes for x in cs),
             act_bytes=max(x.act_bytes for x in cs),
-            pin=c.pin, offloadable=c.offloadable,
+            pin=c.pin, offloadable=c.offloadable and not sk.resident_only,   # quantized weights stay resident
         ))
     return out
 
@@ -247,5 +248,5 @@ def _to_plan(model: str, sk: Skeleton, profile: Profile, machine: Machine, polic
         workload=profile.workload, device_map=device_map, devices=ledgers,
         shortfall_bytes=result.shortfall,
         groups={g.name: list(g.units) for g in sk.groups},
-        execution_device=str(machine.gpus[0].index) if machine.gpus else "cpu",
+        execution_device=str(machine.gpus[0].index) if machine.gpus else "cpu", quantize=sk.quantize,
     )

@@ -42,17 +42,21 @@ class Answer:
 
 
 def plan_for_run(model: str, prompter_tokens: int, images: list, new: int, args_plan: str | None,
-                 machine: devices.Machine, trust_remote_code: bool) -> tuple[Plan, pipeline.Prepared]:
+                 machine: devices.Machine, trust_remote_code: bool,
+                 quantize: str | None = None) -> tuple[Plan, pipeline.Prepared]:
     """The plan to run: from ``--plan`` (checked against the model), or made now for this prompt."""
     sizes = tuple(img.size for img in images)
     req = pipeline.PlanRequest(model, machine, Workload(1, max(1, prompter_tokens), new, sizes),
-                               trust_remote_code=trust_remote_code)
+                               trust_remote_code=trust_remote_code, quantize=quantize)
     if args_plan:
         plan = Plan.load(args_plan)
         if not plan.fits:
             raise DoesNotFit(f"plan {args_plan} does not fit its machine ({plan.advice or 'fits: false'}); "
                              "re-plan until fitmap plan says it fits")
-        req = replace(req, dtype=_dtype_of(plan))
+        if quantize is not None and quantize != plan.quantize:
+            raise BadInput(f"--quantize {quantize} differs from the plan's ({plan.quantize or 'none'}); the plan "
+                           "was sized for its own: drop --quantize, or re-plan with it")
+        req = replace(req, dtype=_dtype_of(plan), quantize=plan.quantize)
         prep = pipeline.prepare(req)
         pipeline.require_matching(plan, prep)
         return plan, prep
@@ -258,7 +262,7 @@ def text_tokens(prompter: Prompter, config) -> int:
 
 
 def answer(model: str, text: str, images: list, new: int, machine: devices.Machine, plan_file: str | None = None,
-           trust_remote_code: bool = False, out: TextIO | None = sys.stdout) -> Answer:
+           trust_remote_code: bool = False, out: TextIO | None = sys.stdout, quantize: str | None = None) -> Answer:
     """Plan (or read the plan), load, answer ``text`` about ``images``, measure."""
     prep_inv = pipeline.prepare(pipeline.PlanRequest(model, machine, trust_remote_code=trust_remote_code,
                                                      estimate="analytic"))
@@ -266,7 +270,7 @@ def answer(model: str, text: str, images: list, new: int, machine: devices.Machi
     prompter = Prompter.for_model(model_dir, prep_inv.skeleton.config, trust_remote_code)
     prompter.add_user(text, images)
     tokens = text_tokens(prompter, prep_inv.skeleton.config)
-    plan, _ = plan_for_run(model, tokens, images, new, plan_file, machine, trust_remote_code)
+    plan, _ = plan_for_run(model, tokens, images, new, plan_file, machine, trust_remote_code, quantize)
     loaded, sampler = start(model_dir, plan, trust_remote_code)
     with loaded:
         reply, n, seconds = generate(loaded, prompter, new, out)

@@ -27,10 +27,10 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from fitmap import compat
+from fitmap import compat, quant
 from fitmap.errors import BadInput, CheckpointError, ModelCodeError, remote_code_flag
 from fitmap.inventory import DTYPE_BYTES, Inventory, TensorInfo
-from fitmap.keys import key_mapper
+from fitmap.keys import key_mapper, quantized_keys
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,8 @@ class Skeleton:
     no_split: tuple[str, ...]         # class names treated as no-split
     text_layers: str                  # path of the text decoder's ModuleList
     config: object = field(repr=False, compare=False, default=None)  # the PretrainedConfig
+    quantize: str | None = None       # quantized while loading (--quantize), sized so
+    resident_only: bool = False       # quantized weights: never streamed per forward (no offload tiers)
 
     def unit(self, name: str) -> Unit:
         return next(u for u in self.units if u.name == name)
@@ -236,11 +238,17 @@ def planned_dtype(inv: Inventory, requested: str | None) -> torch.dtype:
 
 # --------------------------------------------------------------------------- units
 def skeleton(inv: Inventory, dtype: torch.dtype, trust_remote_code: bool = False,
-             model: nn.Module | None = None) -> Skeleton:
-    """Build ``inv``'s model on meta (unless given) and find units, order and groups."""
+             model: nn.Module | None = None, quantize: str | None = None) -> Skeleton:
+    """Build ``inv``'s model on meta (unless given) and find units, order and groups.
+
+    Quantized models (a checkpoint saved quantized, or ``quantize``) are built with
+    transformers' quantizer applied, so units are sized as they will be loaded; where the
+    quantizer's library is missing, a saved-quantized checkpoint is sized from its headers.
+    """
     config = load_config(inv, trust_remote_code)
     cache_key = None
-    if model is None and not _remote(type(config)):
+    quantized = quantize is not None or quant.declared(config) is not None
+    if model is None and not _remote(type(config)) and not quantized:
         from fitmap import costcache
 
         cache_key = costcache.key(inv, str(dtype).removeprefix("torch."))
@@ -253,23 +261,38 @@ def skeleton(inv: Inventory, dtype: torch.dtype, trust_remote_code: bool = False
     if model is None:
         with empty_weights():
             model = build_model(config, inv.task, dtype, trust_remote_code)
+        if quant.declared(config) is not None:
+            _quantized(model, config, dtype)
     no_split = no_split_classes(model)
     unit_paths = find_units(model, no_split)
     layers_path = text_layers_path(model)
     tied = tied_parameters(model)
     inv = _with_model_keys(inv, model)
-    units = _make_units(model, unit_paths, layers_path, inv, dtype)
-    if inv.tensors:
-        check_against_checkpoint(model, inv)
+    qbytes = quant.planned_bytes(model, quantize, dtype) if quantize else {
+        k: inv.tensors[k].nbytes for k in quantized_keys(model) if k in inv.tensors}   # saved quantized: all parts
+    units = _make_units(model, unit_paths, layers_path, inv, dtype, qbytes)
+    if inv.tensors and (quant.of(model) is not None or quant.declared(config) is None):
+        check_against_checkpoint(model, inv)   # a packed layout fitmap could not build is sized as stored
     units = by_stage(classify(execution_order(units), _anchors(model, layers_path), towers(model, layers_path)))
     groups = colocation_groups(units, tied)
     sk = Skeleton(type(model).__name__, str(dtype).removeprefix("torch."), tuple(units), groups,
-                  tied, tuple(sorted(no_split)), layers_path, config)
+                  tied, tuple(sorted(no_split)), layers_path, config, quantize, quantized)
     if cache_key is not None:
         from fitmap import costcache
 
         costcache.save_skeleton(cache_key, _to_json(sk))
     return sk
+
+
+def _quantized(model: nn.Module, config, dtype: torch.dtype) -> None:
+    """A checkpoint saved quantized: its quantizer applied, so tensors match the headers; where
+    the quantizer's library is missing here, it is planned from its header bytes instead (loading
+    it will say what to install)."""
+    try:
+        q = quant.quantizer(config, None, dtype, "plan")
+    except BadInput:
+        return
+    quant.prepare(model, q, dtype)
 
 
 def _to_json(sk: Skeleton) -> dict:
@@ -401,7 +424,9 @@ def share_parameter(model: nn.Module, names: tuple[str, ...], param: nn.Paramete
 
 
 def _make_units(model: nn.Module, paths: list[str], layers_path: str, inv: Inventory,
-                dtype: torch.dtype) -> list[Unit]:
+                dtype: torch.dtype, quantized: dict[str, int]) -> list[Unit]:
+    """Units with their bytes: header bytes where exact, ``quantized`` bytes for weights
+    quantized while loading, else elements at ``dtype``."""
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
     persistent = set(model.state_dict().keys())
@@ -418,7 +443,7 @@ def _make_units(model: nn.Module, paths: list[str], layers_path: str, inv: Inven
             if id(t) in seen or (n in buffers and n not in persistent):
                 continue  # a tied parameter counts once; non-persistent buffers are tiny
             seen.add(id(t))
-            nbytes += _tensor_bytes(n, t, inv, dtype)
+            nbytes += quantized[n] if n in quantized else _tensor_bytes(n, t, inv, dtype)
         layer = None
         if path.startswith(layer_prefix) and path[len(layer_prefix):].split(".")[0].isdigit():
             layer = int(path[len(layer_prefix):].split(".")[0])
