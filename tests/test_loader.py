@@ -243,3 +243,51 @@ def test_per_expert_checkpoints_split_across_cpu_and_disk(checkpoints, family):
     with loader.load(d, plan, progress=False) as lm:
         assert getattr(lm.model.get_submodule(layers[-1]).mlp.experts, "gate_up_proj").is_meta
         assert torch.equal(lm.model.generate(input_ids=IDS, max_new_tokens=8, do_sample=False), tokens)
+
+
+def _gpt_oss_mxfp4(directory: Path) -> Path:
+    """A tiny gpt-oss in the released layout: expert weights as MXFP4 (``*_blocks``: two 4-bit values
+    a byte, 32 per block; ``*_scales``: one uint8 exponent a block), the rest bf16."""
+    cfg = transformers.GptOssConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                    vocab_size=512, max_position_embeddings=2048, sliding_window=16,
+                                    layer_types=["sliding_attention", "full_attention"])
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(directory)
+    tensors = load_file(directory / "model.safetensors")
+    g = torch.Generator().manual_seed(1)
+    for key in [k for k in tensors if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        experts, n_in, n_out = tensors.pop(key).shape
+        tensors[f"{key}_blocks"] = torch.randint(0, 256, (experts, n_out, n_in // 32, 16), dtype=torch.uint8, generator=g)
+        tensors[f"{key}_scales"] = torch.randint(122, 130, (experts, n_out, n_in // 32), dtype=torch.uint8, generator=g)
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_gpt_oss_mxfp4_loads_as_from_pretrained_and_is_planned_at_what_it_holds(tmp_path, monkeypatch):
+    """Without Triton and its kernels (this machine) transformers unpacks MXFP4 to bf16 while loading:
+    fitmap does the same through the quantizer's own operation, and plans the bf16 bytes; where
+    transformers keeps MXFP4 (a GPU with its kernels) the plan takes the checkpoint's packed bytes."""
+    import fitmap
+    from fitmap import quant
+
+    d = _gpt_oss_mxfp4(tmp_path / "gpt-oss")
+    want = reference(d, torch.bfloat16)
+    plan = fitmap.plan(str(d), cpu="1GiB", prompt=16, new=4, estimate="analytic")
+    with loader.load(d, plan, progress=False) as lm:
+        got, ref = lm.model.state_dict(), want.state_dict()
+        assert sorted(got) == sorted(ref) and [k for k in ref if not torch.equal(got[k], ref[k])] == []
+        placed = sum(t.nbytes for k, t in got.items() if not k.endswith("inv_freq"))
+        ids = IDS[:1]
+        assert torch.equal(lm.model.generate(input_ids=ids, max_new_tokens=6, do_sample=False),
+                           want.generate(input_ids=ids, max_new_tokens=6, do_sample=False))
+    assert next(x.weights_bytes for x in plan.devices if x.device == "cpu") == placed
+    monkeypatch.setattr(quant, "dequantizes", lambda model: False)
+    packed = fitmap.plan(str(d), cpu="1GiB", prompt=16, new=4, estimate="analytic")
+    expert_bf16 = sum(t.nbytes for k, t in ref.items() if k.endswith(("experts.gate_up_proj", "experts.down_proj")))
+    assert sum(x.weights_bytes for x in plan.devices) - sum(x.weights_bytes for x in packed.devices) == \
+        expert_bf16 - expert_bf16 * 17 // 64      # 4.25 bits a value instead of 16

@@ -119,6 +119,13 @@ def of(model: nn.Module):
     return model.__dict__.get("_fitmap_quantizer")
 
 
+def dequantizes(model: nn.Module) -> bool:
+    """True when the checkpoint's quantizer unpacks its weights to the model's dtype while loading
+    (transformers' choice on this machine: gpt-oss's MXFP4 without Triton and its kernels)."""
+    q = of(model)
+    return q is not None and q.pre_quantized and bool(getattr(q.quantization_config, "dequantize", False))
+
+
 def quantizes(model: nn.Module, key: str) -> bool:
     """True when ``key`` is read at full precision and quantized while loading (``--quantize``)."""
     q = of(model)

@@ -247,7 +247,10 @@ def skeleton(inv: Inventory, dtype: torch.dtype, trust_remote_code: bool = False
     """
     config = load_config(inv, trust_remote_code)
     cache_key = None
-    quantized = quantize is not None or quant.declared(config) is not None
+    saved = quant.declared(config)
+    if quantize is not None and saved is not None:
+        raise BadInput(f"{inv.name} is already quantized ({saved.get('quant_method')}); drop --quantize {quantize}")
+    quantized = quantize is not None or saved is not None
     if model is None and not _remote(type(config)) and not quantized:
         from fitmap import costcache
 
@@ -270,6 +273,10 @@ def skeleton(inv: Inventory, dtype: torch.dtype, trust_remote_code: bool = False
     inv = _with_model_keys(inv, model)
     qbytes = quant.planned_bytes(model, quantize, dtype) if quantize else {
         k: inv.tensors[k].nbytes for k in quantized_keys(model) if k in inv.tensors}   # saved quantized: all parts
+    if quant.dequantizes(model):   # the quantizer unpacks on this machine (gpt-oss MXFP4 without its kernels)
+        params = dict(model.named_parameters())
+        qbytes |= {k: params[k].numel() * dtype.itemsize for k, t in inv.tensors.items()
+                   if k in params and t.shape == () and t.dtype not in ("F32", "F16", "BF16", "F64")}
     units = _make_units(model, unit_paths, layers_path, inv, dtype, qbytes)
     if inv.tensors and (quant.of(model) is not None or quant.declared(config) is None):
         check_against_checkpoint(model, inv)   # a packed layout fitmap could not build is sized as stored
