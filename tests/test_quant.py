@@ -186,3 +186,15 @@ def test_quantized_on_a_gpu_as_from_pretrained(tiny, method, saved):
         ids = IDS.to(lm.input_device)
         got = lm.model.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
     assert torch.equal(got, want.generate(input_ids=ids, max_new_tokens=6, do_sample=False))
+
+
+def test_check_of_a_quantized_plan_counts_its_quantized_weights(tiny, tmp_path, capsys):
+    """The simulation runs the full-precision model; the check's weights are the plan's (quantized)."""
+    plan_file = tmp_path / "p.json"
+    assert main(["plan", str(tiny["base"]), "--gpus", "1x1GiB", "--quantize", "nf4", "--estimate", "analytic",
+                 "--out", str(plan_file)]) == 0
+    planned = json.loads(plan_file.read_text())["devices"][0]["weights_bytes"]
+    capsys.readouterr()
+    assert main(["check", str(tiny["base"]), "--plan", str(plan_file)]) == 0
+    assert "no device mismatch" in capsys.readouterr().out
+    assert json.loads(plan_file.read_text())["devices"][0]["weights_bytes"] == planned

@@ -248,8 +248,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     dtype = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(plan.dtype if plan else "", "auto")
     workload = plan.workload if plan else Workload()
     req = pipeline.PlanRequest(args.model, make_machine(None, 1), workload, Dtype(dtype),
-                               trust_remote_code=args.trust_remote_code)
-    prep = pipeline.prepare(req)
+                               trust_remote_code=args.trust_remote_code, quantize=plan.quantize if plan else None)
+    prep = pipeline.prepare(req)     # weights sized as the plan's (quantized ones too); the simulation runs bf16
     out = args.out or args.plan
     modules = None
     if bare is None and set(plan.device_map) != {u.name for u in prep.skeleton.units}:
