@@ -198,3 +198,19 @@ def test_check_of_a_quantized_plan_counts_its_quantized_weights(tiny, tmp_path, 
     assert main(["check", str(tiny["base"]), "--plan", str(plan_file)]) == 0
     assert "no device mismatch" in capsys.readouterr().out
     assert json.loads(plan_file.read_text())["devices"][0]["weights_bytes"] == planned
+
+
+def test_chat_quantized_on_a_model_with_a_short_window(tiny, monkeypatch, capsys):
+    """chat makes room for min(4096, window - new) tokens: this model reads 2048 (was refused with
+    advice naming --prompt, which chat does not take)."""
+    import io
+
+    from fitmap.chat import chat
+    from fitmap.devices import make_machine
+
+    out = io.StringIO()
+    assert chat(str(tiny["base"]), [], 3, make_machine(None, "4GiB"), None, False, io.StringIO("hello there\n/exit\n"),
+                out, quantize="nf4") == 0
+    assert out.getvalue().count("assistant: ") == 1
+    assert main(["chat", str(tiny["base"]), "--new", "5000"]) == 2
+    assert "reads at most 2048 tokens" in capsys.readouterr().err

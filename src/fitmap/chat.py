@@ -30,7 +30,12 @@ def chat(model: str, image_paths: list[str], new: int, machine: Machine, plan_fi
     model_dir = local_model_dir(prep)
     prompter = Prompter.for_model(model_dir, prep.skeleton.config, trust_remote_code)
     pending = [open_image(p) for p in image_paths]
-    plan, _ = plan_for_run(model, CHAT_CONTEXT, pending, new, plan_file, machine, trust_remote_code, quantize)
+    window = pipeline.context_window(prep)
+    if new >= window:
+        raise BadInput(f"--new {new} leaves no room for a prompt: {prep.inventory.name} reads at most {window} "
+                       f"tokens; give --new below {window}")
+    context = min(CHAT_CONTEXT, window - new)   # the conversation the plan makes room for
+    plan, _ = plan_for_run(model, context, pending, new, plan_file, machine, trust_remote_code, quantize)
     loaded, sampler = start(model_dir, plan, trust_remote_code)
     with loaded:
         out.write("fitmap chat: /image PATH attaches an image, /exit quits\n")

@@ -134,7 +134,7 @@ def _plan_at(prep: Prepared, req: PlanRequest, workload: Workload, machine: Mach
 
 def require_window(prep: Prepared, workload: Workload) -> None:
     """Prompt + new tokens must fit the model's context window (``max_position_embeddings``)."""
-    window = _context_ceiling(prep)
+    window = context_window(prep)
     tokens = workload.prompt + workload.new
     if tokens > window:
         raise BadInput(f"{prep.inventory.name} reads at most {window} tokens (its max_position_embeddings); "
@@ -311,7 +311,7 @@ def limits(req: PlanRequest, prep: Prepared | None = None, batch_too: bool = Fal
         new = w.new * ctx // total
         return replace(w, prompt=ctx - new, new=new)
 
-    window = _context_ceiling(prep) - estimate(prep.skeleton, w).image_tokens  # images take window too
+    window = context_window(prep) - estimate(prep.skeleton, w).image_tokens  # images take window too
     context = _largest(at, prep, req, window, low=1) or 0
     batch = None
     if batch_too:
@@ -320,7 +320,8 @@ def limits(req: PlanRequest, prep: Prepared | None = None, batch_too: bool = Fal
     return Limits(context, best.prompt if context else 0, best.new if context else 0, batch, window)
 
 
-def _context_ceiling(prep: Prepared) -> int:
+def context_window(prep: Prepared) -> int:
+    """Tokens the model reads at most (its max_position_embeddings; unbounded when it says none)."""
     from fitmap.profile import text_config
 
     tc = text_config(prep.skeleton.config)
