@@ -60,7 +60,7 @@ def _plan(
     **options,
 ) -> Plan:
     """Plan ``model`` on the given devices for a workload; see :class:`fitmap.pipeline.PlanRequest`
-    for ``options`` (dtype, policy, pins, trust_remote_code, estimate, reserve)."""
+    for ``options`` (dtype, policy, pins, trust_remote_code, estimate, quantize, reserve)."""
     from fitmap import pipeline
     from fitmap.devices import make_machine
     from fitmap.solver import Policy
