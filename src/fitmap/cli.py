@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -34,6 +35,16 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image", action="append", default=[], metavar="WxH",
                    help="an image per sequence, e.g. 1344x1344 (repeatable)")
     g.add_argument("--dtype", choices=[d.value for d in Dtype], default="auto")
+
+
+def _serve_args(p: argparse.ArgumentParser, flag: bool) -> None:
+    g = p.add_argument_group("serving")
+    if flag:
+        g.add_argument("--serve", action="store_true",
+                       help="plan for serving: one split copy or k replicas on disjoint GPU groups")
+    g.add_argument("--concurrency", type=int, default=None,
+                   help="requests served at once (default: the number of GPUs, at least 1)")
+    g.add_argument("--replicas", type=int, default=None, help="this many replicas instead of fitmap's choice")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -80,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-context", action="store_true",
                    help="report the largest prompt + new tokens that fit (prompt:new ratio kept)")
     p.add_argument("--max-batch", action="store_true", help="with --max-context: also the largest batch")
+    _serve_args(p, flag=True)
     p = sub.add_parser("check", help="replay a plan on fake devices: peaks per device, mismatches, repairs")
     _model_args(p)
     p.add_argument("--plan", required=True, metavar="PLAN.json",
@@ -103,6 +115,26 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--plan", metavar="PLAN.json", help="run this plan (made by fitmap plan --out)")
         _machine_args(p)
         _quantize_arg(p)
+    p = sub.add_parser("serve", help="an OpenAI-compatible server: one split copy or several replicas, each "
+                                     "loaded once")
+    p.add_argument("model", help="model directory or cached Hugging Face id")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the model's own Python code (only if you trust it)")
+    p.add_argument("--plan", metavar="SERVE.json", help="a serve plan (fitmap plan --serve --out)")
+    _machine_args(p)
+    g = p.add_argument_group("what each request may use (the plan's workload)")
+    g.add_argument("--prompt", type=int, default=2048, help="prompt tokens per request (default 2048, at most the "
+                                                            "model's window less --new)")
+    g.add_argument("--new", type=int, default=256, help="largest max_tokens a request may ask (default 256)")
+    g.add_argument("--image", action="append", default=[], metavar="WxH",
+                   help="room for an image of this size per request (repeatable)")
+    _serve_args(p, flag=False)
+    _quantize_arg(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health")
+    g.add_argument("--max-queue", type=int, default=64, help="requests waiting or running before 429 (default 64)")
     sub.add_parser("demo", help="plan + check a full-size VLM, then run a small random one with disk offload")
     p = sub.add_parser("calibrate", help="measure this machine once (GPU fixed cost, copy and disk rates) for plan")
     p.add_argument("--disk", metavar="DIR", help="directory on the disk to measure (default: fitmap's cache)")
@@ -152,6 +184,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     req = request_from(args)
     prep = pipeline.prepare(req)
+    if args.serve or args.replicas or args.concurrency:
+        return _print_serve_plan(req, prep, args)
     if args.max_context or args.max_batch:
         return _print_limits(req, prep, args)
     result = planned = pipeline.plan(req, prep)
@@ -171,6 +205,87 @@ def cmd_plan(args: argparse.Namespace) -> int:
             report.print_check(checked)
     if not result.fits:
         raise DoesNotFit(result.advice or _check_failure(checked))
+    return 0
+
+
+def _print_serve_plan(req, prep, args) -> int:
+    from fitmap import report
+    from fitmap.serve.placement import serve_plan
+
+    sp = serve_plan(req, _concurrency(args, req.machine), args.replicas, prep)
+    if args.out:
+        Path(args.out).write_text(json.dumps(sp.to_json(), indent=2) + "\n")
+    if args.json:
+        print(json.dumps(sp.to_json(), indent=2))
+        return 0
+    report.console.print(f"[bold]serve:[/] {sp.choice}")
+    for line in sp.reasons:
+        report.console.print(f"  {line}")
+    for i, r in enumerate(sp.replicas):
+        report.console.print(f"[bold]replica {i}[/] (GPUs {', '.join(map(str, r.gpus)) or 'none: CPU'})")
+        report.print_plan(r.plan)
+    return 0
+
+
+def _concurrency(args, machine) -> int:
+    c = args.concurrency if args.concurrency is not None else max(1, len(machine.gpus))
+    if c < 1:
+        raise BadInput(f"--concurrency must be at least 1 (got {c})")
+    return c
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from fitmap import pipeline
+    from fitmap.devices import make_machine
+    from fitmap.run import local_model_dir
+    from fitmap.serve.placement import ServePlan, serve_plan
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise BadInput("fitmap serve needs FastAPI and uvicorn: pip install -e '.[serve]' (or pip install fastapi "
+                       "uvicorn)") from None
+    for name in ("prompt", "new", "port", "max_queue"):
+        if getattr(args, name) < 1:
+            raise BadInput(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    machine = make_machine(args.gpus, args.cpu, args.disk, args.reserve)
+    req = pipeline.PlanRequest(args.model, machine, Workload(1, args.prompt, args.new,
+                                                             tuple(parse_image(i) for i in args.image)),
+                               trust_remote_code=args.trust_remote_code, estimate="analytic", quantize=args.quantize)
+    prep = pipeline.prepare(req)
+    window = pipeline.context_window(prep)
+    if args.new >= window:
+        raise BadInput(f"--new {args.new} leaves no room for a prompt: the model reads at most {window} tokens")
+    req = replace(req, workload=replace(req.workload, prompt=min(args.prompt, window - args.new)))
+    model_dir = local_model_dir(prep)
+    if args.plan:
+        try:
+            sp = ServePlan.from_json(json.loads(Path(args.plan).read_text()))
+        except (OSError, ValueError) as e:
+            raise BadInput(f"cannot read the serve plan {args.plan}: {e}; write one with fitmap plan --serve --out")\
+                from None
+    else:
+        sp = serve_plan(req, _concurrency(args, machine), args.replicas, prep)
+    return _serve(model_dir, sp, args)
+
+
+def _serve(model_dir, sp, args) -> int:
+    import uvicorn
+
+    from fitmap.serve.app import Limits, create_app
+    from fitmap.serve.engine import Engine
+
+    engine = Engine(model_dir, sp, args.trust_remote_code, args.max_queue)
+    engine.start()
+    name = args.model
+    print(f"fitmap serve: {name} on http://{args.host}:{args.port}/v1 — {sp.choice}; {len(sp.replicas)} "
+          f"replica(s) loaded", flush=True)
+    app = create_app(engine, name, args.api_key, Limits(queue=args.max_queue))
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.stop()
     return 0
 
 
@@ -377,7 +492,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "inspect": cmd_inspect, "plan": cmd_plan, "check": cmd_check, "run": cmd_run, "chat": cmd_chat,
-    "demo": cmd_demo, "calibrate": cmd_calibrate,
+    "demo": cmd_demo, "calibrate": cmd_calibrate, "serve": cmd_serve,
 }
 
 

@@ -1,0 +1,210 @@
+"""fitmap serve: the real server process on loopback, the official ``openai`` client, the demo's
+tiny VLM on the CPU in two replicas; and the serving placement on full-size catalog models."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+
+KEY = "test-key"
+NEW = 12
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, key: str | None = KEY) -> tuple[int, str]:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from fitmap.demo import demo_checkpoint
+
+    model = demo_checkpoint(tmp_path_factory.mktemp("serve"))
+    port = _free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "fitmap.cli", "serve", str(model), "--cpu", "4GiB",
+                             "--replicas", "2", "--new", str(NEW), "--prompt", "256", "--port", str(port),
+                             "--api-key", KEY, "--max-queue", "40"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"fitmap serve exited: {proc.stdout.read()[-2000:]}")
+        try:
+            if _get(base + "/health", None)[0] == 200:
+                break
+        except OSError:
+            pass
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("fitmap serve did not come up in 180 s")
+    client = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    yield base, client, str(model)
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def _data_url(size=(64, 48)) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 10, 10)).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _metric(base: str, name: str) -> dict[str, float]:
+    _, text = _get(base + "/metrics")
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(name):
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
+    return out
+
+
+def test_text_streaming_and_an_image_through_the_openai_client(server):
+    base, client, model = server
+    assert [m.id for m in client.models.list().data] == [model]
+    msgs = [{"role": "user", "content": "what is in this image ?"}]
+    r = client.chat.completions.create(model=model, messages=msgs, max_tokens=6)
+    text = r.choices[0].message.content
+    assert r.usage.completion_tokens == 6 and r.usage.prompt_tokens > 0 and r.choices[0].finish_reason == "length"
+    streamed = client.chat.completions.create(model=model, messages=msgs, max_tokens=6, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == text      # greedy: the same text
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url()}},
+                                          {"type": "text", "text": "what is in this image ?"}]}]
+    r = client.chat.completions.create(model=model, messages=image, max_tokens=4)
+    assert r.usage.prompt_tokens > 6 and r.choices[0].message.content is not None
+    c = client.completions.create(model=model, prompt="hello there", max_tokens=3)
+    assert c.choices[0].text is not None and c.usage.completion_tokens <= 3
+
+
+def test_bad_requests_are_openai_errors_and_the_server_keeps_serving(server):
+    base, client, model = server
+    msgs = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model, messages=msgs, max_tokens=NEW + 1)
+    assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError, match="data URLs"):
+        client.chat.completions.create(model=model, max_tokens=2, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://example.com/cat.png"}},
+            {"type": "text", "text": "hi"}]}])
+    with pytest.raises(openai.BadRequestError, match="not a readable image"):
+        client.chat.completions.create(model=model, max_tokens=2, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}},
+            {"type": "text", "text": "hi"}]}])
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model=model, messages=msgs, max_tokens=2, temperature=7)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=msgs, max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="prompt has about"):
+        client.chat.completions.create(model=model, max_tokens=2,
+                                       messages=[{"role": "user", "content": "hello " * 400}])
+    req = urllib.request.Request(base + "/v1/chat/completions", data=b"{not json", method="POST",
+                                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as http:
+        urllib.request.urlopen(req, timeout=10)
+    assert http.value.code == 400 and json.loads(http.value.read())["error"]["type"] == "invalid_request_error"
+    assert client.chat.completions.create(model=model, messages=msgs, max_tokens=2).choices[0].message is not None
+
+
+def test_api_key_guards_every_endpoint_but_health(server):
+    base, _, model = server
+    assert _get(base + "/health", None)[0] == 200
+    assert _get(base + "/v1/models", None)[0] == 401
+    assert _get(base + "/metrics", "wrong")[0] == 401
+    bad = openai.OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+
+
+def test_two_replicas_loaded_once_share_concurrent_requests_with_identical_greedy_text(server):
+    """A bounded load test: 16 clients x 2 identical requests, all answered, the same text, both replicas used,
+    each loaded exactly once."""
+    base, client, model = server
+    before = _metric(base, "fitmap_replica_requests_total")
+    msgs = [{"role": "user", "content": "what is in this image ?"}]
+    texts, errors = [], []
+
+    def one_client():
+        try:
+            for _ in range(2):
+                r = client.chat.completions.create(model=model, messages=msgs, max_tokens=4)
+                texts.append(r.choices[0].message.content)
+        except Exception as e:   # noqa: BLE001  (collected and asserted below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=one_client) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert errors == [] and len(texts) == 32 and len(set(texts)) == 1
+    after = _metric(base, "fitmap_replica_requests_total")
+    served = {k: after[k] - before.get(k, 0) for k in after}
+    assert len(served) == 2 and all(v > 0 for v in served.values()) and sum(served.values()) == 32
+    assert set(_metric(base, "fitmap_replica_loads_total").values()) == {1.0}
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_replica(server):
+    import http.client
+
+    base, client, model = server
+    port = int(base.rsplit(":", 1)[1])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": NEW,
+                       "stream": True})
+    conn.request("POST", "/v1/chat/completions", body, {"Authorization": f"Bearer {KEY}",
+                                                        "Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.readline().startswith(b"data: ")
+    conn.close()                                  # gone after the first event
+    deadline = time.time() + 30
+    while time.time() < deadline and sum(_metric(base, "fitmap_replica_pending").values()) > 0:
+        time.sleep(0.2)
+    assert sum(_metric(base, "fitmap_replica_pending").values()) == 0
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert r.choices[0].message is not None
+
+
+@pytest.mark.parametrize("model,gpus,replicas", [("llama-3.1-8b", "4x24GiB", 4), ("llama-3.1-70b", "4x40GiB", 1)])
+def test_serving_placement_replicas_or_one_split_copy(model, gpus, replicas, capsys):
+    from fitmap.cli import main
+
+    assert main(["plan", model, "--gpus", gpus, "--serve", "--json", "--estimate", "analytic"]) == 0
+    sp = json.loads(capsys.readouterr().out)
+    assert len(sp["replicas"]) == replicas and sp["reasons"] and sp["choice"]
+    groups = [tuple(r["gpus"]) for r in sp["replicas"]]
+    assert sorted(g for grp in groups for g in grp) == [0, 1, 2, 3]            # disjoint, all GPUs used
+    for r in sp["replicas"]:
+        assert {str(d) for d in r["device_map"].values()} <= {str(g) for g in r["gpus"]}
+    assert main(["plan", model, "--gpus", gpus, "--serve", "--replicas", "3", "--estimate", "analytic"]) == 2
+    assert "does not divide" in capsys.readouterr().err
