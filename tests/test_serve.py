@@ -208,3 +208,57 @@ def test_serving_placement_replicas_or_one_split_copy(model, gpus, replicas, cap
         assert {str(d) for d in r["device_map"].values()} <= {str(g) for g in r["gpus"]}
     assert main(["plan", model, "--gpus", gpus, "--serve", "--replicas", "3", "--estimate", "analytic"]) == 2
     assert "does not divide" in capsys.readouterr().err
+
+
+def test_a_request_that_fails_in_its_replica_is_a_500_and_nothing_leaks(tmp_path, monkeypatch):
+    """In process (FastAPI's TestClient): a replica whose generate raises answers that request with a
+    server_error and serves the next; twenty requests leave no tensor behind."""
+    import gc
+
+    import torch
+    from fastapi.testclient import TestClient
+
+    from fitmap import pipeline
+    from fitmap.demo import demo_checkpoint
+    from fitmap.devices import make_machine
+    from fitmap.serve import engine as eng
+    from fitmap.serve.app import create_app
+    from fitmap.serve.placement import serve_plan
+    from fitmap.workload import Workload
+
+    model = demo_checkpoint(tmp_path)
+    req = pipeline.PlanRequest(str(model), make_machine(None, "4GiB"), Workload(1, 128, 4), estimate="analytic")
+    engine = eng.Engine(model, serve_plan(req), max_queue=4)
+    engine.start()
+    real = eng.Worker._answer
+
+    def sometimes(self, job):
+        if job.messages and "boom" in job.messages[-1]["text"]:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(self, job)
+
+    monkeypatch.setattr(eng.Worker, "_answer", sometimes)
+    try:
+        client = TestClient(create_app(engine, "m"))
+        ask = {"model": "m", "max_tokens": 3, "messages": [{"role": "user", "content": "boom"}]}
+        r = client.post("/v1/chat/completions", json=ask)
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        assert "out of memory" in r.json()["error"]["message"]
+        ask["messages"][0]["content"] = "what is in this image ?"
+
+        def tensors() -> int:
+            import warnings
+
+            gc.collect()
+            with warnings.catch_warnings():      # isinstance on torch.distributed's deprecated reduce_op warns
+                warnings.simplefilter("ignore")
+                return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+        assert client.post("/v1/chat/completions", json=ask).status_code == 200
+        before = tensors()
+        for _ in range(20):
+            assert client.post("/v1/chat/completions", json=ask).status_code == 200
+        assert tensors() <= before
+        assert engine.queued == 0
+    finally:
+        engine.stop()

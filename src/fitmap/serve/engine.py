@@ -22,6 +22,7 @@ from fitmap.prompting import Prompter
 from fitmap.serve.placement import ServePlan
 
 END = object()      # the last item of a request's stream
+_LOADING = threading.Lock()   # one replica loads at a time: building on meta patches torch process-wide
 
 
 class QueueFull(FitmapError):
@@ -91,7 +92,10 @@ class Worker(threading.Thread):
 
     def __init__(self, index: int, model_dir: Path, plan, base: Prompter, trust_remote_code: bool) -> None:
         super().__init__(name=f"fitmap-replica-{index}", daemon=True)
-        self.index, self.model_dir, self.plan, self.base = index, model_dir, plan, base
+        import copy
+
+        # its own tokenizer/processor: a fast tokenizer is not safe to call from two threads at once
+        self.index, self.model_dir, self.plan, self.base = index, model_dir, plan, copy.deepcopy(base)
         self.trust_remote_code = trust_remote_code
         self.jobs: queue.Queue[Request | None] = queue.Queue()
         self.pending = 0                  # waiting + running (the router's load)
@@ -107,7 +111,8 @@ class Worker(threading.Thread):
         from fitmap.run import start
 
         try:
-            self.loaded, sampler = start(self.model_dir, self.plan, self.trust_remote_code)
+            with _LOADING:
+                self.loaded, sampler = start(self.model_dir, self.plan, self.trust_remote_code)
             sampler.__exit__(None, None, None)
             self.loads += 1
         except BaseException as e:        # reported by Engine.wait_ready
