@@ -1,5 +1,5 @@
-"""Serving throughput: fitmap serve with one replica and with two, against the server a user
-writes by hand (transformers ``generate`` behind a FastAPI handler, one request at a time).
+"""Serving throughput: fitmap serve with one replica (requests one at a time, and batched) and
+with two, against the server a user writes by hand (transformers ``generate`` behind a FastAPI handler, one request at a time).
 
 Same model (the demo's tiny Qwen2-VL, random weights, on the CPU), same requests, one run:
 ``--clients`` threads each send ``--requests`` chat completions (text, greedy,
@@ -128,6 +128,9 @@ def main() -> int:
     variants = {
         "naive: from_pretrained + generate behind FastAPI, one at a time": lambda p: [
             sys.executable, __file__, "--naive", model, str(p)],
+        "fitmap serve, 1 replica, --max-batch 1 (one request at a time)": lambda p: [
+            sys.executable, "-m", "fitmap.cli", "serve", model, "--cpu", "4GiB", "--replicas", "1", "--new", "16",
+            "--max-batch", "1", "--port", str(p)],
         "fitmap serve, 1 replica": lambda p: [sys.executable, "-m", "fitmap.cli", "serve", model, "--cpu", "4GiB",
                                               "--replicas", "1", "--new", "16", "--port", str(p)],
         "fitmap serve, 2 replicas": lambda p: [sys.executable, "-m", "fitmap.cli", "serve", model, "--cpu", "4GiB",

@@ -262,3 +262,56 @@ def test_a_request_that_fails_in_its_replica_is_a_500_and_nothing_leaks(tmp_path
         assert engine.queued == 0
     finally:
         engine.stop()
+
+
+def test_requests_decoded_together_answer_as_they_would_alone(tmp_path):
+    """Greedy text requests queued at one replica share one generate (prompts of different lengths,
+    left-padded; max_tokens 3-5 each): every request gets the text, token count and finish reason
+    it gets alone."""
+    import asyncio
+
+    from fitmap import pipeline
+    from fitmap.demo import demo_checkpoint
+    from fitmap.devices import make_machine
+    from fitmap.serve import engine as eng
+    from fitmap.serve.placement import serve_plan
+    from fitmap.workload import Workload
+
+    model = demo_checkpoint(tmp_path)
+    req = pipeline.PlanRequest(str(model), make_machine(None, "4GiB"), Workload(1, 128, 8), estimate="analytic")
+    prompts = ["what is in this image ?", "hello there", "what is in this image ? and the colour ?", "a b c d"]
+
+    def answers(max_batch: int) -> tuple[list, int]:
+        engine = eng.Engine(model, serve_plan(req), max_queue=40, max_batch=max_batch)
+        engine.start()
+        loop = asyncio.new_event_loop()
+
+        async def go():
+            jobs = []
+            for i in range(8):
+                j = eng.Request([{"role": "user", "text": prompts[i % 4], "images": []}], None, 3 + i % 3)
+                j.loop, j.chunks = loop, asyncio.Queue()
+                jobs.append(j)
+            for j in jobs:
+                engine.submit(j)
+            out = []
+            for j in jobs:
+                parts = []
+                while (item := await j.chunks.get()) is not eng.END:
+                    parts.append(item)
+                out.append(("".join(parts), j.completion_tokens, j.finish_reason))
+            return out
+
+        try:
+            got = loop.run_until_complete(go())
+            deadline = time.time() + 10
+            while engine.queued and time.time() < deadline:
+                time.sleep(0.05)
+            return got, engine.workers[0].batches
+        finally:
+            engine.stop()
+            loop.close()
+
+    alone, calls_alone = answers(1)
+    together, calls_together = answers(8)
+    assert together == alone and calls_alone == 8 and calls_together < 8

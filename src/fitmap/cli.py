@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--port", type=int, default=8000)
     g.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health")
     g.add_argument("--max-queue", type=int, default=64, help="requests waiting or running before 429 (default 64)")
+    g.add_argument("--max-batch", type=int, default=8,
+                   help="greedy text requests a replica decodes together (default 8; 1: one at a time)")
     sub.add_parser("demo", help="plan + check a full-size VLM, then run a small random one with disk offload")
     p = sub.add_parser("calibrate", help="measure this machine once (GPU fixed cost, copy and disk rates) for plan")
     p.add_argument("--disk", metavar="DIR", help="directory on the disk to measure (default: fitmap's cache)")
@@ -246,7 +248,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError:
         raise BadInput("fitmap serve needs FastAPI and uvicorn: pip install -e '.[serve]' (or pip install fastapi "
                        "uvicorn)") from None
-    for name in ("prompt", "new", "port", "max_queue"):
+    for name in ("prompt", "new", "port", "max_queue", "max_batch"):
         if getattr(args, name) < 1:
             raise BadInput(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
     machine = make_machine(args.gpus, args.cpu, args.disk, args.reserve)
@@ -276,7 +278,7 @@ def _serve(model_dir, sp, args) -> int:
     from fitmap.serve.app import Limits, create_app
     from fitmap.serve.engine import Engine
 
-    engine = Engine(model_dir, sp, args.trust_remote_code, args.max_queue)
+    engine = Engine(model_dir, sp, args.trust_remote_code, args.max_queue, args.max_batch)
     engine.start()
     name = args.model
     print(f"fitmap serve: {name} on http://{args.host}:{args.port}/v1 — {sp.choice}; {len(sp.replicas)} "

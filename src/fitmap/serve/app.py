@@ -310,6 +310,8 @@ def _prometheus(engine: Engine, counters: dict) -> str:
         "# TYPE fitmap_rejected_total counter", f"fitmap_rejected_total {engine.rejected}",
         "# TYPE fitmap_replica_requests_total counter",
         *(f'fitmap_replica_requests_total{{replica="{w.index}"}} {w.served}' for w in engine.workers),
+        "# TYPE fitmap_replica_batches_total counter",
+        *(f'fitmap_replica_batches_total{{replica="{w.index}"}} {w.batches}' for w in engine.workers),
         "# TYPE fitmap_replica_loads_total counter",
         *(f'fitmap_replica_loads_total{{replica="{w.index}"}} {w.loads}' for w in engine.workers),
         "# TYPE fitmap_replica_pending gauge",

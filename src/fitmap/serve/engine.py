@@ -48,6 +48,7 @@ class Request:
     completion_tokens: int = 0
     finish_reason: str = "stop"
     replica: int = -1
+    closed: bool = False          # END sent (a batch row finished before its batch)
 
     def emit(self, item: Any) -> None:
         self.loop.call_soon_threadsafe(self.chunks.put_nowait, item)
@@ -76,6 +77,70 @@ class _Push:
         self.inner.end()
 
 
+class _PushRows:
+    """A batch's streamer: row i's new tokens decoded and pushed to request i until its own
+    max_tokens or an end-of-sequence token; then its request is finished (END) at once."""
+
+    def __init__(self, tokenizer, jobs: list[Request], eos: set[int]) -> None:
+        self.tok, self.jobs, self.eos = tokenizer, jobs, eos
+        self.ids: list[list[int]] = [[] for _ in jobs]
+        self.sent = [""] * len(jobs)
+        self.done = [False] * len(jobs)
+        self.first = True
+
+    def put(self, value) -> None:
+        if self.first:            # the prompts
+            self.first = False
+            return
+        for i, token in enumerate(value.reshape(len(self.jobs), -1)[:, -1].tolist()):
+            if self.done[i]:
+                continue
+            job = self.jobs[i]
+            if token in self.eos:
+                self._close(i, "stop")
+                continue
+            self.ids[i].append(token)
+            job.completion_tokens = len(self.ids[i])
+            text = self.tok.decode(self.ids[i], skip_special_tokens=True)
+            if not text.endswith("\ufffd") and len(text) > len(self.sent[i]):
+                job.emit(text[len(self.sent[i]):])
+                self.sent[i] = text
+            if len(self.ids[i]) >= job.max_tokens:
+                self._close(i, "length")
+
+    def _close(self, i: int, reason: str) -> None:
+        text = self.tok.decode(self.ids[i], skip_special_tokens=True)
+        if len(text) > len(self.sent[i]):
+            self.jobs[i].emit(text[len(self.sent[i]):])
+        self.jobs[i].finish_reason = reason
+        self.jobs[i].completion_tokens = len(self.ids[i])
+        self.done[i] = True
+        self.jobs[i].closed = True
+        self.jobs[i].emit(END)          # this request is answered; the batch goes on for the others
+
+    @property
+    def all_done(self) -> bool:
+        return all(d or j.cancelled.is_set() for d, j in zip(self.done, self.jobs))
+
+    def end(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        for i in range(len(self.jobs)):
+            if not self.done[i]:
+                self._close(i, "length" if len(self.ids[i]) >= self.jobs[i].max_tokens else "stop")
+
+
+class _AllDone:
+    """Stops a batch once every row is finished or its client gone (a StoppingCriteria)."""
+
+    def __init__(self, push: _PushRows) -> None:
+        self.push = push
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.push.all_done, dtype=torch.bool, device=input_ids.device)
+
+
 class _Cancelled:
     """Stops generation once the client has gone (a StoppingCriteria)."""
 
@@ -90,13 +155,15 @@ class _Cancelled:
 class Worker(threading.Thread):
     """One replica: loads once, then answers its queue in order."""
 
-    def __init__(self, index: int, model_dir: Path, plan, base: Prompter, trust_remote_code: bool) -> None:
+    def __init__(self, index: int, model_dir: Path, plan, base: Prompter, trust_remote_code: bool,
+                 max_batch: int = 8) -> None:
         super().__init__(name=f"fitmap-replica-{index}", daemon=True)
         import copy
 
         # its own tokenizer/processor: a fast tokenizer is not safe to call from two threads at once
         self.index, self.model_dir, self.plan, self.base = index, model_dir, plan, copy.deepcopy(base)
         self.trust_remote_code = trust_remote_code
+        self.max_batch = max_batch
         self.jobs: queue.Queue[Request | None] = queue.Queue()
         self.pending = 0                  # waiting + running (the router's load)
         self.lock = threading.Lock()
@@ -106,6 +173,8 @@ class Worker(threading.Thread):
         self.ready = threading.Event()
         self.error: BaseException | None = None
         self.loaded = None
+        self.own = None                   # the model's own chat() form, if any (set once loaded)
+        self.batches = 0                  # generate calls (a batch of requests counts once)
 
     def run(self) -> None:
         from fitmap.run import start
@@ -115,42 +184,117 @@ class Worker(threading.Thread):
                 self.loaded, sampler = start(self.model_dir, self.plan, self.trust_remote_code)
             sampler.__exit__(None, None, None)
             self.loads += 1
+            from fitmap.run import own_chat
+
+            self.own = own_chat(self.loaded.model)
         except BaseException as e:        # reported by Engine.wait_ready
             self.error = e
             self.ready.set()
             return
         self.ready.set()
+        later: list[Request] = []          # taken from the queue, not batchable with the batch before them
         while True:
-            job = self.jobs.get()
+            job = later.pop(0) if later else self.jobs.get()
             if job is None:
                 break
-            try:
-                if not job.cancelled.is_set():
-                    self._answer(job)
-                job.emit(END)
-            except BaseException as e:     # this request fails (5xx); the replica keeps serving
-                job.emit(e)
-            finally:
-                with self.lock:
-                    self.pending -= 1
-                self.served += 1
-                self.tokens += job.completion_tokens
+            batch = [job]
+            if self.max_batch > 1 and self._batchable(job):
+                while len(batch) < self.max_batch and not later:
+                    try:
+                        nxt = self.jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is not None and self._batchable(nxt):
+                        batch.append(nxt)
+                    else:
+                        later.append(nxt)
+            self._run(batch)
+            if None in later:
+                break
         self.loaded.close()
+
+    def _run(self, batch: list[Request]) -> None:
+        """Answer ``batch`` (one request, or greedy text requests decoded together); each request
+        that fails gets its exception (a 5xx), the replica goes on."""
+        live = [j for j in batch if not j.cancelled.is_set()]
+        try:
+            if len(live) == 1:
+                self._answer(live[0])
+            elif live:
+                self._answer_together(live)
+            for j in batch:
+                if not j.closed:
+                    j.emit(END)
+        except BaseException as e:     # these requests fail (5xx); the replica keeps serving
+            for j in batch:
+                if not j.closed:
+                    j.emit(e)
+        finally:
+            with self.lock:
+                self.pending -= len(batch)
+            self.served += len(batch)
+            self.tokens += sum(j.completion_tokens for j in batch)
+            self.batches += 1
+
+    def _batchable(self, job: Request) -> bool:
+        """Greedy text requests without stop strings share one generate (images and a model's own
+        chat() go alone)."""
+        if job.temperature > 0 or job.stop or job.cancelled.is_set():
+            return False
+        if job.messages is not None and (any(m["images"] for m in job.messages) or self.own is not None):
+            return False
+        return True
+
+    def _inputs(self, job: Request) -> dict:
+        """The request's model inputs on the replica's input device (the conversation through the
+        model's template, or the raw prompt)."""
+        if job.messages is None:
+            return {k: v.to(self.loaded.input_device)
+                    for k, v in self.base.tokenizer([job.prompt], return_tensors="pt").items()}
+        return self._prompter(job).inputs(self.loaded.input_device)
+
+    def _prompter(self, job: Request) -> Prompter:
+        prompter = replace(self.base, messages=[])
+        for m in job.messages:
+            if m["role"] == "assistant":
+                prompter.add_assistant(m["text"])
+            elif m["role"] == "system":
+                prompter.messages.append({"role": "system", "content": [{"type": "text", "text": m["text"]}],
+                                          "images": []})
+            else:
+                prompter.add_user(m["text"], m["images"])
+        return prompter
+
+    def _answer_together(self, jobs: list[Request]) -> None:
+        """Greedy decoding of several requests in one ``generate``: prompts left-padded, each row's
+        text streamed to its request, a row done at its own max_tokens or end-of-sequence token."""
+        from transformers import StoppingCriteriaList
+
+        tok = self.base.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        rows = [self._inputs(j)["input_ids"][0] for j in jobs]
+        width = max(r.numel() for r in rows)
+        device = self.loaded.input_device
+        ids = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
+        mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+        for i, r in enumerate(rows):
+            ids[i, width - r.numel():] = r
+            mask[i, width - r.numel():] = 1
+        for j, r in zip(jobs, rows):
+            j.prompt_tokens = int(r.numel())
+        push = _PushRows(tok, jobs, _eos_ids(self.loaded.model, tok))
+        with torch.inference_mode():
+            self.loaded.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(j.max_tokens for j in jobs),
+                                       do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad,
+                                       streamer=push, stopping_criteria=StoppingCriteriaList([_AllDone(push)]))
+        push.finish()
 
     def _answer(self, job: Request) -> None:
         from fitmap.run import _own_chat, own_chat
 
-        prompter = replace(self.base, messages=[])
         model = self.loaded.model
         if job.messages is not None:
-            for m in job.messages:
-                if m["role"] == "assistant":
-                    prompter.add_assistant(m["text"])
-                elif m["role"] == "system":
-                    prompter.messages.append({"role": "system", "content": [{"type": "text", "text": m["text"]}],
-                                              "images": []})
-                else:
-                    prompter.add_user(m["text"], m["images"])
+            prompter = self._prompter(job)
             form = own_chat(model)
             if form is not None and (form in ("internvl", "minicpmv", "cogvlm") or not prompter.has_images()):
                 text, n, _ = _own_chat(self.loaded, form, prompter, job.max_tokens, None)
@@ -159,8 +303,7 @@ class Worker(threading.Thread):
                 return
             inputs = prompter.inputs(self.loaded.input_device)
         else:
-            inputs = {k: v.to(self.loaded.input_device)
-                      for k, v in self.base.tokenizer([job.prompt], return_tensors="pt").items()}
+            inputs = self._inputs(job)
         job.prompt_tokens = int(inputs["input_ids"].shape[1])
         tok = self.base.tokenizer
         sample = job.temperature > 0
@@ -194,7 +337,7 @@ class Engine:
     """The replicas of one model and the router in front of them."""
 
     def __init__(self, model_dir: Path, plan: ServePlan, trust_remote_code: bool = False,
-                 max_queue: int = 64) -> None:
+                 max_queue: int = 64, max_batch: int = 8) -> None:
         self.model_dir, self.plan, self.max_queue = model_dir, plan, max_queue
         from fitmap.inventory import inventory
         from fitmap.skeleton import load_config
@@ -202,7 +345,7 @@ class Engine:
         config = load_config(inventory(model_dir), trust_remote_code)
         self.base = Prompter.for_model(model_dir, config, trust_remote_code)
         self.config = config
-        self.workers = [Worker(i, model_dir, r.plan, self.base, trust_remote_code)
+        self.workers = [Worker(i, model_dir, r.plan, self.base, trust_remote_code, max_batch)
                         for i, r in enumerate(plan.replicas)]
         self.started = time.time()
         self.rejected = 0
