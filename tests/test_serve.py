@@ -315,3 +315,21 @@ def test_requests_decoded_together_answer_as_they_would_alone(tmp_path):
     alone, calls_alone = answers(1)
     together, calls_together = answers(8)
     assert together == alone and calls_alone == 8 and calls_together < 8
+
+
+def test_a_serve_plan_written_by_plan_is_read_back(tmp_path, capsys):
+    from fitmap.cli import main
+    from fitmap.serve.placement import ServePlan
+
+    out = tmp_path / "serve.json"
+    assert main(["plan", "llama-3.1-8b", "--gpus", "2x24GiB", "--serve", "--concurrency", "2", "--estimate",
+                 "analytic", "--out", str(out)]) == 0
+    sp = ServePlan.from_json(json.loads(out.read_text()))
+    assert len(sp.replicas) == 2 and sp.concurrency == 2 and sp.replicas[1].gpus == (1,)
+    assert ServePlan.from_json(sp.to_json()) == sp
+    plain = tmp_path / "plain.json"
+    assert main(["plan", "llama-3.1-8b", "--gpus", "1x24GiB", "--estimate", "analytic", "--out", str(plain)]) == 0
+    capsys.readouterr()
+    assert main(["serve", "llama-3.1-8b", "--plan", str(plain)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
