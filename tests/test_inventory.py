@@ -94,13 +94,32 @@ def test_config_that_does_not_match_tensors(tmp_path, checkpoints):
         skeleton(inv, planned_dtype(inv, None))
 
 
-def test_no_weights_and_bad_config(tmp_path):
+def test_bad_config(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         inventory(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(CheckpointError, match="has no weights"):
-        inventory(tmp_path)
+
+
+def test_a_config_alone_is_planned_from_its_shapes_like_the_catalog(checkpoints, tmp_path, capsys):
+    """What a user has before downloading: config.json alone plans with the weights' exact bytes
+    (same units and bytes as the checkpoint's own headers give); run says the weights are missing."""
+    import shutil
+
+    from fitmap.cli import main
+
+    full = checkpoints("llama")
+    d = tmp_path / "config-only"
+    d.mkdir()
+    shutil.copy(full / "config.json", d / "config.json")
+    inv = inventory(d)
+    assert inv.source == "config" and not inv.tensors
+    dtype = planned_dtype(inventory(full), None)
+    assert [(u.name, u.weight_bytes) for u in skeleton(inv, dtype).units] == \
+        [(u.name, u.weight_bytes) for u in skeleton(inventory(full), dtype).units]
+    assert main(["plan", str(d), "--gpus", "2x1GiB", "--dtype", "fp32"]) == 0
+    assert "shapes at float32, as for a catalog model" in capsys.readouterr().out.replace("\n", " ")
+    assert main(["run", str(d), "--prompt", "hi"]) == 2
+    assert "no weights" in capsys.readouterr().err
 
 
 def test_unknown_name_suggests_catalog():

@@ -202,6 +202,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_json() | (_check_json(checked) if checked else {}) | speed, indent=2))
     else:
         report.print_plan(planned)
+        if prep.inventory.source == "config":
+            report.console.print(f"no weights in {prep.inventory.path}: planned from config.json's shapes at "
+                                 f"{planned.dtype}, as for a catalog model")
         report.print_machine_notes(req.machine, result, speed)
         if checked:
             report.print_check(checked)

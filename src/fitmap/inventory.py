@@ -44,7 +44,7 @@ class Inventory:
     """Everything known about a model before building it."""
 
     name: str                                   # what the user typed
-    source: str                                 # "directory" | "hf-cache" | "catalog"
+    source: str                                 # "directory" | "hf-cache" | "catalog" | "config" (no weights)
     config: Mapping                             # config.json as a dict
     path: Path | None = None                    # model directory (None for catalog)
     weight_format: str = "none"                 # "safetensors" | "bin" | "none"
@@ -110,12 +110,22 @@ def _hf_cache_dir(repo_id: str) -> Path | None:
 
 
 def from_directory(path: Path, name: str, source: str) -> Inventory:
+    """A model directory; one with config.json and no weights at all (what a user has before
+    downloading) is planned from the config's shapes, as a catalog entry is (``source`` "config")."""
     config = read_config(path)
+    if not has_weights(path):
+        return Inventory(name=name, source="config", config=config, path=path, task=guess_task(config))
     fmt, files, tensors = read_weights(path)
     return Inventory(
         name=name, source=source, config=config, path=path, weight_format=fmt,
         tensors=tensors, files=files, task=guess_task(config),
     )
+
+
+def has_weights(path: Path) -> bool:
+    """Any weight file (or index) at all in ``path``."""
+    return any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists() \
+        or bool(_bin_files(path))
 
 
 def read_config(path: Path) -> dict:

@@ -77,6 +77,9 @@ def local_model_dir(prep: pipeline.Prepared) -> Path:
     if prep.inventory.path is None:
         raise BadInput(f"{prep.inventory.name} is a catalog architecture with no weights: fitmap run needs a model "
                        "directory or a Hugging Face id in the local cache; use fitmap plan/check for catalog names")
+    if prep.inventory.source == "config":
+        raise BadInput(f"{prep.inventory.path} holds config.json but no weights (*.safetensors or pytorch_model.bin); "
+                       "download them to run the model (fitmap plan and check work from the config alone)")
     return prep.inventory.path
 
 
