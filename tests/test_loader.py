@@ -32,7 +32,8 @@ def plan_for(model_dir: Path, devices: dict[str, int | str] | None = None, dtype
 
 
 def reference(model_dir: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    auto = transformers.AutoModelForImageTextToText if "qwen2_vl" in str(model_dir) else transformers.AutoModelForCausalLM
+    vision = any(f in str(model_dir) for f in ("qwen2_vl", "gemma3"))
+    auto = transformers.AutoModelForImageTextToText if vision else transformers.AutoModelForCausalLM
     return auto.from_pretrained(model_dir, dtype=dtype).eval()
 
 
@@ -291,3 +292,18 @@ def test_gpt_oss_mxfp4_loads_as_from_pretrained_and_is_planned_at_what_it_holds(
     expert_bf16 = sum(t.nbytes for k, t in ref.items() if k.endswith(("experts.gate_up_proj", "experts.down_proj")))
     assert sum(x.weights_bytes for x in plan.devices) - sum(x.weights_bytes for x in packed.devices) == \
         expert_bf16 - expert_bf16 * 17 // 64      # 4.25 bits a value instead of 16
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "glm", "qwen2_vl", "gemma3", "qwen3_moe", "mixtral",
+                                    "deepseek_v3"])
+def test_every_tensor_equals_from_pretrained(checkpoints, family):
+    """Whole state dicts and every buffer (persistent or not) equal to from_pretrained's on the same files:
+    no loaded parameter re-initialised while buffers the checkpoint lacks are computed (SigLIP's position
+    embedding in Gemma 3, rotary inv_freq)."""
+    d = checkpoints(family)
+    want = reference(d)
+    with loader.load(d, plan_for(d), progress=False) as lm:
+        got, ref = lm.model.state_dict(), want.state_dict()
+        assert sorted(got) == sorted(ref)
+        assert [k for k in ref if got[k].dtype != ref[k].dtype or not torch.equal(got[k], ref[k])] == []
+        assert [n for n, b in want.named_buffers() if not torch.equal(lm.model.get_buffer(n), b)] == []

@@ -44,7 +44,17 @@ def config(family: str) -> transformers.PretrainedConfig:
             image_token_id=500, video_token_id=501, vision_start_token_id=502, vision_end_token_id=503,
             bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
         )
+    if family == "gemma3":     # SigLIP vision tower: its position embedding must load as stored
+        return transformers.Gemma3Config(
+            text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=16, vocab_size=512, sliding_window=16),
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                               image_size=28, patch_size=7),
+            mm_tokens_per_image=4, image_token_index=500, boi_token_index=501, eoi_token_index=502)
     raise ValueError(f"unknown tiny family {family!r}")
+
+
+VISION = ("qwen2_vl", "gemma3")
 
 
 def make_checkpoint(family: str, directory: Path, shard_kb: int = 200, seed: int = 0,
@@ -52,7 +62,7 @@ def make_checkpoint(family: str, directory: Path, shard_kb: int = 200, seed: int
     """Write a random-weight checkpoint of ``family`` into ``directory`` (sharded)."""
     torch.manual_seed(seed)
     cfg = config(family)
-    auto = transformers.AutoModelForImageTextToText if family == "qwen2_vl" else transformers.AutoModelForCausalLM
+    auto = transformers.AutoModelForImageTextToText if family in VISION else transformers.AutoModelForCausalLM
     model = auto.from_config(cfg).to(dtype).eval()
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, max_shard_size=f"{shard_kb}KB")
