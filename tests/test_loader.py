@@ -287,11 +287,26 @@ def test_gpt_oss_mxfp4_loads_as_from_pretrained_and_is_planned_at_what_it_holds(
         assert torch.equal(lm.model.generate(input_ids=ids, max_new_tokens=6, do_sample=False),
                            want.generate(input_ids=ids, max_new_tokens=6, do_sample=False))
     assert next(x.weights_bytes for x in plan.devices if x.device == "cpu") == placed
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    shutil.copy(d / "config.json", config_only / "config.json")
+    released = fitmap.plan(str(config_only), cpu="1GiB", prompt=16, new=4, estimate="analytic")
     monkeypatch.setattr(quant, "dequantizes", lambda model: False)
     packed = fitmap.plan(str(d), cpu="1GiB", prompt=16, new=4, estimate="analytic")
     expert_bf16 = sum(t.nbytes for k, t in ref.items() if k.endswith(("experts.gate_up_proj", "experts.down_proj")))
     assert sum(x.weights_bytes for x in plan.devices) - sum(x.weights_bytes for x in packed.devices) == \
         expert_bf16 - expert_bf16 * 17 // 64      # 4.25 bits a value instead of 16
+    # a config alone (and the catalog) is sized in the released layout: the checkpoint's own header bytes
+    assert [x.weights_bytes for x in released.devices] == [x.weights_bytes for x in packed.devices]
+
+
+def test_gpt_oss_120b_from_the_catalog_is_planned_at_its_released_size():
+    """The issue's case: 60.8 GiB as released (MXFP4 experts), not 217.6 GiB as if bf16; fits 2 x 80 GiB."""
+    import fitmap
+
+    plan = fitmap.plan("gpt-oss-120b", gpus="2x80GiB", estimate="analytic")
+    weights = sum(d.weights_bytes for d in plan.devices) / (1 << 30)
+    assert plan.fits and 60.0 < weights < 61.5
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "glm", "qwen2_vl", "gemma3", "qwen3_moe", "mixtral",

@@ -102,14 +102,62 @@ def _has_conversion_api() -> bool:
     return hasattr(HfQuantizer, "update_weight_conversions")
 
 
-def prepare(model: nn.Module, q, dtype: torch.dtype) -> nn.Module:
+def released(config):
+    """The quantizer for a checkpoint's released layout, not validated against this machine: how a
+    catalog entry or a config alone is sized (what transformers keeps where the format's kernels
+    are installed: gpt-oss's MXFP4 on a GPU with Triton). None when transformers cannot build it."""
+    saved = declared(config)
+    if saved is None or not _has_conversion_api():
+        return None
+    try:
+        from transformers.quantizers import AutoHfQuantizer
+
+        return AutoHfQuantizer.from_config(saved, pre_quantized=True)
+    except (ImportError, ValueError, KeyError, TypeError):
+        return None
+
+
+MXFP4_BLOCK = 32          # values per block: 4 bits each, plus one uint8 exponent per block
+
+
+def released_bytes(model: nn.Module, config) -> dict[str, int]:
+    """Parameter name -> bytes in the checkpoint's released quantized layout, for formats whose
+    layout follows from the parameter's size alone (MXFP4: 4.25 bits a value), where building
+    the quantized modules needs kernels this machine lacks. Which parameters: the quantizer's
+    ``serialized_names`` (``gate_up_proj``, ``down_proj``) in modules transformers would convert
+    (``modules_to_not_convert`` through its own ``should_convert_module``)."""
+    saved = declared(config)
+    q = released(config)
+    if q is None or saved.get("quant_method") != "mxfp4":
+        return {}
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    skip = list(saved.get("modules_to_not_convert") or [])
+    out = {}
+    for name, p in model.named_parameters():
+        path, _, attr = name.rpartition(".")
+        if attr in q.serialized_names and should_convert_module(path, skip):
+            out[name] = p.numel() // 2 + -(-p.numel() // MXFP4_BLOCK)
+    return out
+
+
+def prepare(model: nn.Module, q, dtype: torch.dtype, keep_format: bool = False) -> nn.Module:
     """Replace ``model``'s quantizable modules (on meta) as ``from_pretrained`` does, and remember
-    the quantizer on the model (:mod:`fitmap.keys` and the loader read it from there)."""
+    the quantizer on the model (:mod:`fitmap.keys` and the loader read it from there).
+    ``keep_format``: as on a machine with the format's kernels (transformers' ``use_kernels``), so
+    MXFP4 stays packed instead of being unpacked for the CPU."""
+    import logging
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        q.preprocess_model(model=model, dtype=dtype, device_map=None, checkpoint_files=None, use_kernels=False)
+        quiet = logging.getLogger("transformers").level
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        try:
+            q.preprocess_model(model=model, dtype=dtype, device_map=None, checkpoint_files=None,
+                               use_kernels=keep_format)
+        finally:
+            logging.getLogger("transformers").setLevel(quiet)
     model.__dict__["_fitmap_quantizer"] = q
     return model
 

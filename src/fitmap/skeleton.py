@@ -265,7 +265,7 @@ def skeleton(inv: Inventory, dtype: torch.dtype, trust_remote_code: bool = False
         with empty_weights():
             model = build_model(config, inv.task, dtype, trust_remote_code)
         if quant.declared(config) is not None:
-            _quantized(model, config, dtype)
+            _quantized(model, config, dtype, released=not inv.tensors)
     no_split = no_split_classes(model)
     unit_paths = find_units(model, no_split)
     layers_path = text_layers_path(model)
@@ -273,6 +273,8 @@ def skeleton(inv: Inventory, dtype: torch.dtype, trust_remote_code: bool = False
     inv = _with_model_keys(inv, model)
     qbytes = quant.planned_bytes(model, quantize, dtype) if quantize else {
         k: inv.tensors[k].nbytes for k in quantized_keys(model) if k in inv.tensors}   # saved quantized: all parts
+    if not inv.tensors and quant.declared(config) is not None and quant.of(model) is None:
+        qbytes |= quant.released_bytes(model, config)   # a catalog entry / config alone: as released
     if quant.dequantizes(model):   # the quantizer unpacks on this machine (gpt-oss MXFP4 without its kernels)
         params = dict(model.named_parameters())
         qbytes |= {k: params[k].numel() * dtype.itemsize for k, t in inv.tensors.items()
@@ -291,10 +293,19 @@ def skeleton(inv: Inventory, dtype: torch.dtype, trust_remote_code: bool = False
     return sk
 
 
-def _quantized(model: nn.Module, config, dtype: torch.dtype) -> None:
+def _quantized(model: nn.Module, config, dtype: torch.dtype, released: bool = False) -> None:
     """A checkpoint saved quantized: its quantizer applied, so tensors match the headers; where
     the quantizer's library is missing here, it is planned from its header bytes instead (loading
-    it will say what to install)."""
+    it will say what to install). ``released``: no headers (a catalog entry, a config alone): sized
+    in the released layout, whatever this machine would do with it."""
+    if released:
+        q = quant.released(config)
+        if q is not None:
+            try:
+                quant.prepare(model, q, dtype, keep_format=True)
+            except (ImportError, ValueError, RuntimeError):
+                pass
+        return
     try:
         q = quant.quantizer(config, None, dtype, "plan")
     except BadInput:
