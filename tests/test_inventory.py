@@ -144,3 +144,58 @@ def test_hf_cache_resolution(tmp_path, monkeypatch, checkpoints):
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(hub))
     inv = inventory("acme/tiny-llama")
     assert inv.source == "hf-cache" and inv.path == snap and inv.tensors
+
+
+def _awq_layout(checkpoints, directory):
+    """A tiny Llama stored as AutoAWQ's GEMM layout stores each quantized Linear (the values are not a
+    real quantization: only the layout and bytes matter to the plan)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(checkpoints("llama"), directory)
+    tensors = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(f))
+        f.unlink()
+    (directory / "model.safetensors.index.json").unlink(missing_ok=True)
+    group = 32
+    for key in [k for k in tensors if k.endswith("proj.weight")]:
+        w = tensors.pop(key)
+        n_out, n_in = w.shape
+        path = key.removesuffix(".weight")
+        tensors[f"{path}.qweight"] = torch.zeros(n_in, n_out // 8, dtype=torch.int32)
+        tensors[f"{path}.qzeros"] = torch.zeros(n_in // group, n_out // 8, dtype=torch.int32)
+        tensors[f"{path}.scales"] = torch.ones(n_in // group, n_out, dtype=torch.float16)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, directory / "model.safetensors")
+    cfg = json.loads((directory / "config.json").read_text())
+    cfg["quantization_config"] = {"bits": 4, "group_size": group, "quant_method": "awq", "version": "gemm",
+                                  "zero_point": True}
+    (directory / "config.json").write_text(json.dumps(cfg))
+    return directory
+
+
+def test_awq_checkpoint_and_its_config_alone_are_planned_at_the_stored_bytes(checkpoints, tmp_path):
+    """AWQ cannot be loaded here (no AutoAWQ kernels), but it is planned exactly: a checkpoint by its headers
+    (each Linear's qweight + qzeros + scales counted to it), its config alone by the layout's rule."""
+    import shutil
+
+    import fitmap
+
+    d = _awq_layout(checkpoints, tmp_path / "awq")
+    stored = inventory(d).total_bytes
+    plan = fitmap.plan(str(d), cpu="1GiB", prompt=16, new=4, estimate="analytic", dtype="fp32")
+    assert sum(x.weights_bytes for x in plan.devices) == stored
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(d / "config.json", alone / "config.json")
+    plan = fitmap.plan(str(alone), cpu="1GiB", prompt=16, new=4, estimate="analytic", dtype="fp32")
+    assert sum(x.weights_bytes for x in plan.devices) == stored
+
+
+def test_awq_70b_from_the_catalog_fits_two_24gib_cards():
+    import fitmap
+
+    plan = fitmap.plan("llama-3.1-70b-awq", gpus="2x24GiB", prompt=4096, new=512, estimate="analytic")
+    assert plan.fits and 39.5e9 < sum(d.weights_bytes for d in plan.devices) < 40.0e9   # 39.8 GB as published

@@ -127,8 +127,11 @@ def released_bytes(model: nn.Module, config) -> dict[str, int]:
     ``serialized_names`` (``gate_up_proj``, ``down_proj``) in modules transformers would convert
     (``modules_to_not_convert`` through its own ``should_convert_module``)."""
     saved = declared(config)
+    method = saved.get("quant_method") if saved else None
+    if method in ("gptq", "awq"):
+        return _int_packed_bytes(model, saved)
     q = released(config)
-    if q is None or saved.get("quant_method") != "mxfp4":
+    if q is None or method != "mxfp4":
         return {}
     from transformers.quantizers.quantizers_utils import should_convert_module
 
@@ -138,6 +141,29 @@ def released_bytes(model: nn.Module, config) -> dict[str, int]:
         path, _, attr = name.rpartition(".")
         if attr in q.serialized_names and should_convert_module(path, skip):
             out[name] = p.numel() // 2 + -(-p.numel() // MXFP4_BLOCK)
+    return out
+
+
+def _int_packed_bytes(model: nn.Module, saved: dict) -> dict[str, int]:
+    """GPTQ and AWQ as their checkpoints store each quantized Linear: ``qweight`` (``bits`` a value,
+    packed in int32), ``qzeros`` (``bits`` a zero point per group and output, packed in int32),
+    ``scales`` (float16 per group and output) and, for GPTQ, ``g_idx`` (int32 per input). Every
+    Linear but the output head and ``modules_to_not_convert`` is quantized."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    bits = int(saved.get("bits") or saved.get("w_bit") or 4)
+    group = int(saved.get("group_size") or saved.get("q_group_size") or 128)
+    skip = list(saved.get("modules_to_not_convert") or []) + ["lm_head"]
+    out = {}
+    for path, module in model.named_modules():
+        if type(module) is not nn.Linear or not should_convert_module(path, skip):
+            continue
+        n_in, n_out = module.in_features, module.out_features
+        groups = -(-n_in // group) if group > 0 else 1
+        nbytes = n_in * n_out * bits // 8 + groups * n_out * bits // 8 + groups * n_out * 2
+        if saved.get("quant_method") == "gptq":
+            nbytes += 4 * n_in
+        out[f"{path}.weight"] = nbytes        # a bias is its own parameter, counted as such
     return out
 
 

@@ -273,8 +273,10 @@ def skeleton(inv: Inventory, dtype: torch.dtype, trust_remote_code: bool = False
     inv = _with_model_keys(inv, model)
     qbytes = quant.planned_bytes(model, quantize, dtype) if quantize else {
         k: inv.tensors[k].nbytes for k in quantized_keys(model) if k in inv.tensors}   # saved quantized: all parts
-    if not inv.tensors and quant.declared(config) is not None and quant.of(model) is None:
-        qbytes |= quant.released_bytes(model, config)   # a catalog entry / config alone: as released
+    if quant.declared(config) is not None and quant.of(model) is None:
+        # no quantizer here: a catalog entry / config alone is sized as released; a checkpoint by its headers,
+        # each packed weight's parts (qweight, qzeros, scales, ...) counted to the module's weight
+        qbytes |= quant.released_bytes(model, config) if not inv.tensors else _packed_parts(model, inv)
     if quant.dequantizes(model):   # the quantizer unpacks on this machine (gpt-oss MXFP4 without its kernels)
         params = dict(model.named_parameters())
         qbytes |= {k: params[k].numel() * dtype.itemsize for k, t in inv.tensors.items()
@@ -311,6 +313,21 @@ def _quantized(model: nn.Module, config, dtype: torch.dtype, released: bool = Fa
     except BadInput:
         return
     quant.prepare(model, q, dtype)
+
+
+def _packed_parts(model: nn.Module, inv: Inventory) -> dict[str, int]:
+    """``X.weight`` -> bytes of the checkpoint tensors under ``X.`` that are no parameter of the model
+    (a quantized Linear stored as ``X.qweight``, ``X.scales``, ...), for weights the checkpoint lacks."""
+    params = dict(model.named_parameters())
+    state = set(model.state_dict())
+    parts: dict[str, int] = {}
+    for key, info in inv.tensors.items():
+        if key in state:
+            continue
+        owner = key.rpartition(".")[0] + ".weight"
+        if owner in params and owner not in inv.tensors:
+            parts[owner] = parts.get(owner, 0) + info.nbytes
+    return parts
 
 
 def _to_json(sk: Skeleton) -> dict:
