@@ -282,7 +282,7 @@ def test_requests_decoded_together_answer_as_they_would_alone(tmp_path):
     prompts = ["what is in this image ?", "hello there", "what is in this image ? and the colour ?", "a b c d"]
 
     def answers(max_batch: int) -> tuple[list, int]:
-        engine = eng.Engine(model, serve_plan(req), max_queue=40, max_batch=max_batch)
+        engine = eng.Engine(model, serve_plan(req, concurrency=8), max_queue=40, max_batch=max_batch)
         engine.start()
         loop = asyncio.new_event_loop()
 

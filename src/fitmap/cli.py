@@ -43,7 +43,8 @@ def _serve_args(p: argparse.ArgumentParser, flag: bool) -> None:
         g.add_argument("--serve", action="store_true",
                        help="plan for serving: one split copy or k replicas on disjoint GPU groups")
     g.add_argument("--concurrency", type=int, default=None,
-                   help="requests served at once (default: the number of GPUs, at least 1)")
+                   help="requests served at once, all replicas together (default 8, or the number of GPUs if "
+                        "more); each replica's plan holds its share of them, decoded together")
     g.add_argument("--replicas", type=int, default=None, help="this many replicas instead of fitmap's choice")
 
 
@@ -136,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health")
     g.add_argument("--max-queue", type=int, default=64, help="requests waiting or running before 429 (default 64)")
     g.add_argument("--max-batch", type=int, default=8,
-                   help="greedy text requests a replica decodes together (default 8; 1: one at a time)")
+                   help="greedy text requests a replica decodes together (default 8, at most its plan's share of "
+                        "--concurrency; 1: one at a time)")
     sub.add_parser("demo", help="plan + check a full-size VLM, then run a small random one with disk offload")
     p = sub.add_parser("calibrate", help="measure this machine once (GPU fixed cost, copy and disk rates) for plan")
     p.add_argument("--disk", metavar="DIR", help="directory on the disk to measure (default: fitmap's cache)")
@@ -233,7 +235,7 @@ def _print_serve_plan(req, prep, args) -> int:
 
 
 def _concurrency(args, machine) -> int:
-    c = args.concurrency if args.concurrency is not None else max(1, len(machine.gpus))
+    c = args.concurrency if args.concurrency is not None else max(8, len(machine.gpus))
     if c < 1:
         raise BadInput(f"--concurrency must be at least 1 (got {c})")
     return c

@@ -345,7 +345,9 @@ class Engine:
         config = load_config(inventory(model_dir), trust_remote_code)
         self.base = Prompter.for_model(model_dir, config, trust_remote_code)
         self.config = config
-        self.workers = [Worker(i, model_dir, r.plan, self.base, trust_remote_code, max_batch)
+        # a replica decodes together at most the requests its plan holds KV and activations for
+        self.workers = [Worker(i, model_dir, r.plan, self.base, trust_remote_code,
+                               max(1, min(max_batch, r.plan.workload.batch)))
                         for i, r in enumerate(plan.replicas)]
         self.started = time.time()
         self.rejected = 0
