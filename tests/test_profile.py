@@ -58,3 +58,15 @@ def test_eager_attention_counts_the_score_matrix():
     short = estimate(prep.skeleton, Workload(1, 1024, 0)).cost("model.layers.0").act_bytes
     long = estimate(prep.skeleton, Workload(1, 4096, 0)).cost("model.layers.0").act_bytes
     assert long > 8 * short  # quadratic, not linear
+
+
+def test_a_declared_image_token_count_is_used():
+    """Gemma 3 pools its 64 x 64 SigLIP patches to mm_tokens_per_image = 256 (the grid would say 4096)."""
+    import transformers
+
+    from fitmap.profile import image_shape
+
+    cfg = transformers.Gemma3Config(vision_config=dict(image_size=896, patch_size=14))
+    assert image_shape(cfg, 896, 896).tokens == 256
+    assert image_shape(cfg, 1344, 448).tokens == 256          # resized to the tower's square, whatever it is
+    assert image_shape(transformers.LlavaConfig(), 336, 336).tokens == 576

@@ -107,11 +107,18 @@ def _cogvlm(cfg, w: int, h: int) -> ImageShape:
     return ImageShape((grid // 2) ** 2 + 2, grid * grid + 1, 1)
 
 
+# tokens per image where a config declares them (the projector pools the tower's grid to this many)
+DECLARED_IMAGE_TOKENS = ("mm_tokens_per_image", "image_seq_length", "num_image_tokens")
+
+
 def _fixed_size(cfg, w: int, h: int) -> ImageShape:
-    """LLaVA-style: the image is resized to the tower's square input."""
+    """LLaVA-style: the image is resized to the tower's square input; it adds the tower's grid of
+    tokens, or the count the config declares (Gemma 3's ``mm_tokens_per_image``: 256 pooled from
+    64 x 64 patches)."""
     vc = configs.vision_config(cfg)
     grid = (vc.image_size // vc.patch_size) ** 2
-    return ImageShape(grid, grid + 1, 1)
+    declared = next((getattr(cfg, k) for k in DECLARED_IMAGE_TOKENS if isinstance(getattr(cfg, k, None), int)), None)
+    return ImageShape(declared or grid, grid + 1, 1)
 
 
 IMAGE_SHAPES: dict[str, Callable] = {
