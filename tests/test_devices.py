@@ -90,3 +90,21 @@ def test_nvml_detection_honours_cuda_visible_devices(monkeypatch):
     assert devices._nvml_gpus() == [cards[2], cards[0]]
     gpus = parse_gpus("0,1")
     assert [(g.name, g.capacity) for g in gpus] == [cards[2], cards[0]]
+
+
+def test_mapped_bytes_counts_the_pages_of_files_under_a_directory(tmp_path):
+    """The checkpoint's resident pages, not RssFile's growth (which counts library code pages too)."""
+    import mmap
+    import os
+
+    from fitmap.devices import mapped_bytes
+
+    if not os.path.exists("/proc/self/smaps"):
+        pytest.skip("no /proc/self/smaps")
+    f = tmp_path / "weights.bin"
+    f.write_bytes(os.urandom(8 << 20))
+    assert mapped_bytes(tmp_path) == 0
+    with open(f, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        total = sum(m[i] for i in range(0, len(m), 4096))      # touch every page
+        assert total >= 0 and 8 << 20 <= mapped_bytes(tmp_path) <= (8 << 20) + (1 << 20)
+        assert mapped_bytes(tmp_path / "elsewhere") == 0

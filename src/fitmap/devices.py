@@ -314,6 +314,25 @@ class RssSampler:
         self.file_peak = max(self.file_peak, file)
 
 
+def mapped_bytes(directory: Path) -> int | None:
+    """Resident bytes of this process's mappings of files under ``directory`` (the checkpoint's
+    mmap'd pages), from /proc/self/smaps; None where that file does not exist. RssFile alone
+    also counts the code pages of libraries first used after the load."""
+    prefix = str(Path(directory).resolve()) + "/"
+    total, inside = 0, False
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split(None, 6)
+                if len(head) >= 5 and "-" in head[0] and ":" in head[3]:      # a mapping's first line
+                    inside = len(head) == 6 and head[5].rstrip("\n").startswith(prefix)
+                elif inside and line.startswith("Rss:"):
+                    total += int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return total
+
+
 def rss_parts() -> tuple[int, int]:
     """(anonymous, file-backed) resident bytes of this process."""
     anon = file = 0

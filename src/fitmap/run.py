@@ -239,10 +239,12 @@ class _Streamer:
         self.inner.end()
 
 
-def measured(plan: Plan, sampler: devices.RssSampler) -> tuple[DeviceUse, ...]:
+def measured(plan: Plan, sampler: devices.RssSampler, model_dir: Path | None = None) -> tuple[DeviceUse, ...]:
     """Per device: GPUs from torch's allocator; the CPU from sampled resident memory above
-    what the process held before loading (private memory, plus mmap'd checkpoint pages)."""
+    what the process held before loading (private memory), plus the checkpoint's pages mapped
+    (``model_dir``'s mappings in /proc/self/smaps; else all file-backed growth)."""
     sampler.__exit__(None, None, None)
+    mapped = devices.mapped_bytes(model_dir) if model_dir is not None else None
     out = []
     for d in plan.devices:
         if d.device.isdigit():
@@ -250,10 +252,12 @@ def measured(plan: Plan, sampler: devices.RssSampler) -> tuple[DeviceUse, ...]:
             out.append(DeviceUse(d.device, d.total_bytes, peak, "torch.cuda.max_memory_allocated"))
         elif d.device == "cpu":
             anon = max(0, sampler.anon_peak - sampler.anon_start)
-            file = max(0, sampler.file_peak - sampler.file_start)
+            if mapped is not None:
+                file, what = mapped, "checkpoint pages mapped (smaps)"
+            else:
+                file, what = max(0, sampler.file_peak - sampler.file_start), "file-backed pages (RssFile)"
             out.append(DeviceUse("cpu", d.total_bytes, anon + file,
-                                 f"RSS peak above pre-load: {fmt_bytes(anon)} private + {fmt_bytes(file)} "
-                                 "mmap'd checkpoint pages"))
+                                 f"RSS peak above pre-load: {fmt_bytes(anon)} private + {fmt_bytes(file)} {what}"))
     return tuple(out)
 
 
@@ -277,4 +281,4 @@ def answer(model: str, text: str, images: list, new: int, machine: devices.Machi
     loaded, sampler = start(model_dir, plan, trust_remote_code)
     with loaded:
         reply, n, seconds = generate(loaded, prompter, new, out)
-        return Answer(reply, n, seconds, loaded.seconds, measured(plan, sampler), plan)
+        return Answer(reply, n, seconds, loaded.seconds, measured(plan, sampler, model_dir), plan)
