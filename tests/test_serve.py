@@ -333,3 +333,15 @@ def test_a_serve_plan_written_by_plan_is_read_back(tmp_path, capsys):
     assert main(["serve", "llama-3.1-8b", "--plan", str(plain)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
+
+
+def test_a_port_in_use_is_one_line_before_anything_loads(tmp_path, capsys):
+    from fitmap.cli import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["serve", "llama-3.1-8b", "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "choose another --port" in err[0]

@@ -256,6 +256,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for name in ("prompt", "new", "port", "max_queue", "max_batch"):
         if getattr(args, name) < 1:
             raise BadInput(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    _port_free(args.host, args.port)
     machine = make_machine(args.gpus, args.cpu, args.disk, args.reserve)
     req = pipeline.PlanRequest(args.model, machine, Workload(1, args.prompt, args.new,
                                                              tuple(parse_image(i) for i in args.image)),
@@ -275,6 +276,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         sp = serve_plan(req, _concurrency(args, machine), args.replicas, prep)
     return _serve(model_dir, sp, args)
+
+
+def _port_free(host: str, port: int) -> None:
+    """Before anything is loaded: the address can be bound (else one line, not uvicorn's log)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise BadInput(f"--host {host!r} is not an address this machine resolves ({e}); use 127.0.0.1 or 0.0.0.0") \
+            from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise BadInput(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --port (or --host)") \
+                from None
 
 
 def _serve(model_dir, sp, args) -> int:
