@@ -51,10 +51,20 @@ def config(family: str) -> transformers.PretrainedConfig:
             vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                image_size=28, patch_size=7),
             mm_tokens_per_image=4, image_token_index=500, boi_token_index=501, eoi_token_index=502)
+    if family == "llama4":     # complex rotary buffer, MoE text model, pixel-shuffle vision tower
+        return transformers.Llama4Config(
+            text_config=dict(hidden_size=64, intermediate_size=128, intermediate_size_mlp=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512,
+                             num_local_experts=2, num_experts_per_tok=1, interleave_moe_layer_step=1,
+                             max_position_embeddings=512, no_rope_layers=[1, 1], attention_chunk_size=64),
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                               image_size=28, patch_size=14, vision_output_dim=64, projector_input_dim=64,
+                               projector_output_dim=64, pixel_shuffle_ratio=0.5),
+            image_token_index=500, boi_token_index=501, eoi_token_index=502)
     raise ValueError(f"unknown tiny family {family!r}")
 
 
-VISION = ("qwen2_vl", "gemma3")
+VISION = ("qwen2_vl", "gemma3", "llama4")
 
 
 def make_checkpoint(family: str, directory: Path, shard_kb: int = 200, seed: int = 0,
@@ -63,7 +73,9 @@ def make_checkpoint(family: str, directory: Path, shard_kb: int = 200, seed: int
     torch.manual_seed(seed)
     cfg = config(family)
     auto = transformers.AutoModelForImageTextToText if family in VISION else transformers.AutoModelForCausalLM
-    model = auto.from_config(cfg).to(dtype).eval()
+    model = auto.from_config(cfg).eval()
+    if dtype != torch.float32:     # already float32; .to() would also cast Llama 4's complex buffer to real
+        model = model.to(dtype)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, max_shard_size=f"{shard_kb}KB")
     return directory
