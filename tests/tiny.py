@@ -79,3 +79,34 @@ def make_checkpoint(family: str, directory: Path, shard_kb: int = 200, seed: int
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, max_shard_size=f"{shard_kb}KB")
     return directory
+
+
+def gemma3_with_processor(directory: Path) -> Path:
+    """A tiny Gemma 3 with the files a user has: a Gemma3Processor (its PIL image processor at the tower's
+    28 px, a word-level tokenizer holding Gemma 3's image tokens, a chat template) beside the weights."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    make_checkpoint("gemma3", directory)
+    specials = ["<pad>", "<eos>", "<bos>", "<start_of_image>", "<end_of_image>", "<image_soft_token>",
+                "<start_of_turn>", "<end_of_turn>"]
+    words = ["user", "model", "describe", "this", "image", "."] + [chr(c) for c in range(97, 123)]
+    vocab = {w: i for i, w in enumerate(specials + words + ["[UNK]"])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="[UNK]",
+        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                              "image_token": "<image_soft_token>"})
+    chat = ("{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{% for c in m['content'] %}"
+            "{% if c['type'] == 'image' %}<start_of_image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+            "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+    image_processor = transformers.Gemma3ImageProcessor(size={"height": 28, "width": 28})
+    transformers.Gemma3Processor(image_processor=image_processor, tokenizer=tok, chat_template=chat,
+                                 image_seq_length=4).save_pretrained(directory)
+    cfg = json.loads((directory / "config.json").read_text())
+    cfg.update(image_token_index=vocab["<image_soft_token>"], boi_token_index=vocab["<start_of_image>"],
+               eoi_token_index=vocab["<end_of_image>"], bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    (directory / "config.json").write_text(json.dumps(cfg))
+    return directory

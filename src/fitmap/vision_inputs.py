@@ -52,6 +52,9 @@ def vision_inputs(config, workload: Workload, device: torch.device, dtype: torch
     if configs.model_type(config) in _OWN_PROCESSOR:
         return _OWN_PROCESSOR[configs.model_type(config)](config, workload, device, dtype or _config_dtype(config),
                                                           trust_remote_code)
+    made = _from_processor(config, workload, device, dtype or _config_dtype(config), trust_remote_code)
+    if made is not None:
+        return made
     build = _FAMILIES.get(configs.model_type(config))
     if build is None:
         raise UnsupportedInputs(f"fitmap cannot yet make image inputs for model type {config.model_type!r} "
@@ -227,3 +230,58 @@ def _minicpmv(config, workload: Workload, device: torch.device, dtype: torch.dty
 
 
 _OWN_PROCESSOR: dict[str, Callable[..., Inputs]] = {"minicpmv": _minicpmv}
+
+
+def _from_processor(config, workload: Workload, device: torch.device, dtype: torch.dtype,
+                    trust_remote_code: bool) -> Inputs | None:
+    """The inputs a user's call makes: the model's own processor (from its directory) and chat
+    template, on blank images of the workload's sizes, for the whole batch; the text then padded
+    with ordinary tokens to the prompt length. Image tokens are counted as the processor placed
+    them. None when the model's directory has no processor fitmap can load offline (the family
+    builders below then apply). Tensors are made for real, then moved onto the (fake) device:
+    integer inputs keep their values."""
+    import os
+    from pathlib import Path
+
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    source = getattr(config, "_name_or_path", "")
+    image_id = getattr(config, "image_token_id", None) or getattr(config, "image_token_index", None)
+    if not source or not Path(source).is_dir() or image_id is None or os.environ.get("FITMAP_NO_PROCESSOR"):
+        return None
+    with unset_fake_temporarily():
+        enc = _processed(source, workload, trust_remote_code)
+        if enc is None:
+            return None
+        ids = enc["input_ids"]
+        image_tokens = int((ids[0] == int(image_id)).sum())
+        if image_tokens == 0:
+            return None
+        pad = max(workload.prompt - (ids.shape[1] - image_tokens), 0)
+        per_token = {k for k, v in enc.items() if isinstance(v, torch.Tensor) and v.shape[:2] == ids.shape}
+        for k in per_token:        # the text made longer: ordinary tokens, attended, of no special type
+            fill = TEXT_TOKEN if k == "input_ids" else (1 if k == "attention_mask" else 0)
+            enc[k] = torch.cat([enc[k], torch.full((ids.shape[0], pad), fill, dtype=enc[k].dtype)], dim=1)
+    out = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if isinstance(v, torch.Tensor) else v
+           for k, v in enc.items()}
+    return out, image_tokens
+
+
+def _processed(source: str, workload: Workload, trust_remote_code: bool) -> dict | None:
+    """The processor's output for the workload (batch x the images, one short user turn), or None."""
+    import transformers
+    from PIL import Image
+
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception:   # no processor files, a library it needs (torchvision), remote code not allowed
+        return None
+    if not isinstance(processor, transformers.ProcessorMixin) or not getattr(processor, "chat_template", None):
+        return None
+    images = [Image.new("RGB", (w, h)) for w, h in workload.images]
+    turn = [{"role": "user", "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": "x"}]}]
+    try:
+        text = processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+        return dict(processor(text=[text] * workload.batch, images=[images] * workload.batch, return_tensors="pt"))
+    except Exception:
+        return None
