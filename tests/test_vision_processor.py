@@ -62,3 +62,21 @@ def test_cpu_and_disk_split_answers_about_an_image_as_from_pretrained(gemma3):
     with loader.load(gemma3, plan_for(gemma3, {layers[-1]: "disk"}), progress=False) as lm:
         got = lm.model.generate(**inputs, max_new_tokens=6, do_sample=False)
     assert torch.equal(got, tokens)
+
+
+def test_without_a_processor_gemma3_is_shaped_from_its_config(checkpoints):
+    """A checkpoint without processor files (and a catalog entry): the LLaVA-style builder with the count the
+    config declares (mm_tokens_per_image); simulated, vision side together, check clean."""
+    import fitmap
+    from fitmap.check import check
+    from fitmap.devices import make_machine
+    from fitmap.pipeline import PlanRequest, prepare
+
+    d = checkpoints("gemma3")
+    config = transformers.AutoConfig.from_pretrained(d)
+    _, tokens = vision_inputs(config, Workload(1, 16, 4, ((56, 56),)), torch.device("cpu"))
+    assert tokens == config.mm_tokens_per_image
+    plan = fitmap.plan(str(d), gpus="2x1GiB", prompt=64, new=8, images=((56, 56),))
+    assert plan.fits and plan.estimate == "simulate"
+    prep = prepare(PlanRequest(str(d), make_machine("2x1GiB", None, None)))
+    assert check(prep.skeleton.config, prep.inventory.task, prep.skeleton, plan).clean

@@ -176,11 +176,14 @@ def _cogvlm(config, workload: Workload, device: torch.device, dtype: torch.dtype
 
 
 def _llava(config, workload: Workload, device: torch.device, dtype: torch.dtype) -> Inputs:
-    """pixel_values (images, 3, S, S); the ``<image>`` token expanded to one per patch feature."""
+    """pixel_values (images, 3, S, S); the ``<image>`` token expanded to one per image feature (the
+    tower's grid, or the count the config declares: Gemma 3's 256 pooled tokens). Used where no
+    processor is at hand (a catalog entry)."""
     vc = config.vision_config
     shapes = _shapes(config, workload)
-    runs = [[config.image_token_id] * s.tokens for s in shapes]
-    inputs = _text_inputs(_token_row(workload.prompt, runs, config.image_token_id), workload.batch, device)
+    image_id = getattr(config, "image_token_id", None) or config.image_token_index
+    runs = [[image_id] * s.tokens for s in shapes]
+    inputs = _text_inputs(_token_row(workload.prompt, runs, image_id), workload.batch, device)
     images = workload.batch * len(shapes)
     inputs["pixel_values"] = torch.zeros(images, vc.num_channels, vc.image_size, vc.image_size,
                                          dtype=dtype, device=device)
@@ -188,7 +191,7 @@ def _llava(config, workload: Workload, device: torch.device, dtype: torch.dtype)
 
 
 _FAMILIES: dict[str, Callable[..., Inputs]] = {
-    "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_vl, "internvl": _internvl, "llava": _llava,
+    "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_vl, "internvl": _internvl, "llava": _llava, "gemma3": _llava,
     "internvl_chat": _internvl_chat, "CogVLMForCausalLM": _cogvlm,
 }
 
@@ -240,14 +243,13 @@ def _from_processor(config, workload: Workload, device: torch.device, dtype: tor
     them. None when the model's directory has no processor fitmap can load offline (the family
     builders below then apply). Tensors are made for real, then moved onto the (fake) device:
     integer inputs keep their values."""
-    import os
     from pathlib import Path
 
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     source = getattr(config, "_name_or_path", "")
     image_id = getattr(config, "image_token_id", None) or getattr(config, "image_token_index", None)
-    if not source or not Path(source).is_dir() or image_id is None or os.environ.get("FITMAP_NO_PROCESSOR"):
+    if not source or not Path(source).is_dir() or image_id is None:
         return None
     with unset_fake_temporarily():
         enc = _processed(source, workload, trust_remote_code)
