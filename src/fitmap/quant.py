@@ -15,9 +15,9 @@ checkpoint's tensors into the quantized parameters while fitmap streams them:
   planned dtype, moved to its device and quantized there one tensor at a time by the
   quantizer's ``quantize`` operation (no full-precision copy of the model anywhere).
 
-The plan sizes quantized units from the quantized model's parameters plus what each
-quantized weight carries beside it (:func:`extra_bytes`); a pre-quantized checkpoint's
-header bytes are exact already. Quantized weights stay resident: transformers does not
+The plan sizes weights quantized while loading by :func:`planned_bytes` (packed data and
+scales); a pre-quantized checkpoint's header bytes are exact already, and with no headers (a
+catalog entry, a config alone) :func:`released_bytes` gives the released layout's. Quantized weights stay resident: transformers does not
 offload them either (bitsandbytes' ``llm_int8_enable_fp32_cpu_offload`` keeps offloaded
 modules unquantized), so a plan that streams a quantized unit is refused at load.
 Needs transformers 5 (its conversion API) and the quantizer's library.
