@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -6,6 +8,7 @@ import torch
 
 # Tests never read or write the user's fitmap cache (calibration, simulated costs, the demo model).
 os.environ["FITMAP_CACHE"] = tempfile.mkdtemp(prefix="fitmap-test-cache-")
+atexit.register(shutil.rmtree, os.environ["FITMAP_CACHE"], ignore_errors=True)
 
 from tests.tiny import make_checkpoint
 

@@ -20,6 +20,7 @@ from fitmap.inventory import inventory
 from fitmap.plan import Plan, Repair
 from fitmap.skeleton import skeleton
 from fitmap.workload import Workload
+from tests.tiny import VISION
 
 
 def plan_for(model_dir: Path, devices: dict[str, int | str] | None = None, dtype: str = "float32",
@@ -32,7 +33,7 @@ def plan_for(model_dir: Path, devices: dict[str, int | str] | None = None, dtype
 
 
 def reference(model_dir: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    vision = any(f in str(model_dir) for f in ("qwen2_vl", "gemma3", "llama4"))
+    vision = any(f in str(model_dir) for f in VISION)
     auto = transformers.AutoModelForImageTextToText if vision else transformers.AutoModelForCausalLM
     return auto.from_pretrained(model_dir, dtype=dtype).eval()
 
@@ -309,8 +310,8 @@ def test_gpt_oss_120b_from_the_catalog_is_planned_at_its_released_size():
     assert plan.fits and 60.0 < weights < 61.5
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "glm", "qwen2_vl", "gemma3", "llama4", "qwen3_moe",
-                                    "mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "glm", "qwen2_vl", "gemma3", "llama4", "qwen3_vl",
+                                    "qwen3_vl_moe", "qwen3_moe", "mixtral", "deepseek_v3"])
 def test_every_tensor_equals_from_pretrained(checkpoints, family):
     """Whole state dicts and every buffer (persistent or not) equal to from_pretrained's on the same files:
     no loaded parameter re-initialised while buffers the checkpoint lacks are computed (SigLIP's position

@@ -3,6 +3,7 @@
 from dataclasses import replace
 
 import pytest
+import torch
 
 from fitmap import pipeline
 from fitmap.check import check
@@ -151,3 +152,54 @@ def test_deepseek_v3_is_measured_on_four_blocks():
     small, rep = fewer_layers(prep.skeleton)
     assert len([u for u in small.units if u.layer is not None]) == 4
     assert {rep[i] for i in range(3)} == {0} and {rep[i] for i in range(3, 61)} == {3}   # 3 dense, 58 MoE
+
+
+class _KernelInterface:
+    """Triton's launch protocol (``triton.runtime.jit.KernelInterface``): ``kernel[grid](*args)``
+    calls ``kernel.run(*args, grid=grid, warmup=False)``, which reads each tensor's raw pointer."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.run(*args, grid=grid, warmup=False, **kwargs)
+
+
+class _RotaryKernel(_KernelInterface):
+    __name__ = "rotary_kernel"
+
+    def __init__(self):
+        self.launches = 0
+
+    def run(self, *args, grid, warmup, **kwargs):
+        [a.data_ptr() for a in args if isinstance(a, torch.Tensor)]     # fails on fake tensors, as in Triton
+        self.launches += 1
+
+
+def test_triton_kernels_in_model_code_launch_on_fake_devices(monkeypatch):
+    """CogVLM2's rotary is a Triton kernel writing into ``empty_like(x)``: on fake devices the
+    launch checks its operands' devices and leaves the output; on real tensors it runs."""
+    import sys
+    import types
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fitmap.simulate import MemoryTracker, fake_device, gpu_attention_kernels
+
+    jit = types.ModuleType("triton.runtime.jit")
+    jit.KernelInterface = _KernelInterface
+    monkeypatch.setitem(sys.modules, "triton.runtime.jit", jit)
+    kernel = _RotaryKernel()
+    with gpu_attention_kernels():
+        x = torch.ones(2, 4)
+        kernel[(1,)](torch.empty_like(x), x, 4)
+        assert kernel.launches == 1
+        tracker = MemoryTracker()
+        with FakeTensorMode(allow_non_fake_inputs=True), tracker:
+            x = torch.ones(2, 4, device=fake_device(0))
+            out = torch.empty_like(x)
+            kernel[(1,)](out, x, 4)                                   # same device: no launch, no error
+            cos = torch.ones(2, 4, device=fake_device(1))
+            with pytest.raises(RuntimeError, match="same device"):
+                kernel[(1,)](out, x, cos)
+        assert kernel.launches == 1
+        assert tracker.mismatch is not None and tracker.mismatch.op == "Triton kernel rotary_kernel"
+        assert set(tracker.mismatch.devices) == {"0", "1"}
+    assert jit.KernelInterface.__getitem__ is _KernelInterface.__getitem__        # restored

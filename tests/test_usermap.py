@@ -59,3 +59,27 @@ def test_a_key_naming_a_module_list_places_each_block(tmp_path, capsys):
     assert code == 0, out
     assert out.count("mismatch: ") == 1 and "mismatch: aten.add in model.layers.21 " in out
     assert "no device mismatch after repairs" in out
+
+
+def test_a_bare_map_is_checked_with_the_workload_given(checkpoints, tmp_path, capsys):
+    """A VLM's vision tower only runs with an image: ``--image`` (and the token counts) reach the
+    replay of a bare map; a fitmap plan keeps its own workload and says so in one line."""
+    import json
+
+    from fitmap.cli import main
+
+    model = str(checkpoints("qwen2_vl"))
+    (tmp_path / "map.json").write_text(json.dumps({"": 0, "model.visual.merger": 1}))
+    peaks = {}
+    for image in ([], ["--image", "224x224"]):
+        args = ["check", model, "--plan", str(tmp_path / "map.json"), "--gpus", "2x1GiB", "--prompt", "16",
+                "--new", "4", "--json"]
+        assert main(args + image) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["workload"]["prompt"] == 16 and out["workload"]["images"] == image[1:]
+        peaks[bool(image)] = {d["device"]: d["peak_bytes"] for d in out["check"]["devices"]}
+    assert peaks[True]["1"] > peaks[False]["1"]         # the merger ran on GPU 1 with the image only
+    code = main(["check", model, "--plan", str(tmp_path / "map.fitmap.json"), "--image", "224x224"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--image describes the workload of a bare device map" in err
+    assert len(err.strip().splitlines()) == 1

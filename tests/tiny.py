@@ -44,6 +44,15 @@ def config(family: str) -> transformers.PretrainedConfig:
             image_token_id=500, video_token_id=501, vision_start_token_id=502, vision_end_token_id=503,
             bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
         )
+    if family == "qwen2_5_vl":   # windowed attention in the vision tower, full attention in its last block
+        return transformers.Qwen2_5_VLConfig(
+            text_config=dict(TEXT, model_type="qwen2_5_vl_text", rope_parameters={
+                "rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}),
+            vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                               patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                               fullatt_block_indexes=[1]),
+            image_token_id=500, video_token_id=501, vision_start_token_id=502, vision_end_token_id=503,
+            tie_word_embeddings=False)
     if family == "gemma3":     # SigLIP vision tower: its position embedding must load as stored
         return transformers.Gemma3Config(
             text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -61,10 +70,23 @@ def config(family: str) -> transformers.PretrainedConfig:
                                image_size=28, patch_size=14, vision_output_dim=64, projector_input_dim=64,
                                projector_output_dim=64, pixel_shuffle_ratio=0.5),
             image_token_index=500, boi_token_index=501, eoi_token_index=502)
+    if family in ("qwen3_vl", "qwen3_vl_moe"):   # 16-px patches, learned position grid, DeepStack features
+        moe = family == "qwen3_vl_moe"
+        text = dict(TEXT, head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                        "mrope_section": [2, 3, 3], "mrope_interleaved": True})
+        if moe:
+            text.update(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1)
+        cls = transformers.Qwen3VLMoeConfig if moe else transformers.Qwen3VLConfig
+        return cls(text_config=text,
+                   vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
+                                      spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
+                                      num_position_embeddings=16, deepstack_visual_indexes=[0, 1]),
+                   image_token_id=500, video_token_id=501, vision_start_token_id=502, vision_end_token_id=503,
+                   tie_word_embeddings=False)
     raise ValueError(f"unknown tiny family {family!r}")
 
 
-VISION = ("qwen2_vl", "gemma3", "llama4")
+VISION = ("qwen2_vl", "qwen2_5_vl", "gemma3", "llama4", "qwen3_vl", "qwen3_vl_moe")
 
 
 def make_checkpoint(family: str, directory: Path, shard_kb: int = 200, seed: int = 0,

@@ -21,6 +21,7 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
+from fitmap.configs import IMAGE_PROCESSOR_ATTR
 from fitmap.errors import BadInput
 
 _FOLDER = "catalog"
@@ -46,6 +47,7 @@ class CatalogEntry:
     fp8_linear: bool
     config: dict[str, Any]
     notes: str = ""
+    image_processor: dict[str, Any] | None = None     # its preprocessor_config.json values that size images
 
 
 @cache
@@ -84,6 +86,7 @@ def catalog_entry(name: str) -> CatalogEntry:
         fp8_linear=bool(meta["fp8_linear"]),
         config=copy.deepcopy(_read_json(f"{name}.json")),
         notes=meta.get("notes", ""),
+        image_processor=copy.deepcopy(meta.get("image_processor")),
     )
 
 
@@ -94,7 +97,10 @@ def build_config(entry: CatalogEntry) -> PretrainedConfig:
     """
     # Config classes may rewrite nested dicts in place (rope_scaling, vision_config).
     values = copy.deepcopy(entry.config)
-    return AutoConfig.for_model(**values)
+    config = AutoConfig.for_model(**values)
+    if entry.image_processor:
+        setattr(config, IMAGE_PROCESSOR_ATTR, copy.deepcopy(entry.image_processor))
+    return config
 
 
 def _unknown_name_message(name: str) -> str:

@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu", help="for a bare device map: CPU RAM for offloaded weights")
     p.add_argument("--disk", help="for a bare device map: disk-tier directory")
     p.add_argument("--reserve", help="for a bare device map: per-GPU reserve")
+    g = p.add_argument_group("for a bare device map: the workload to replay (a fitmap plan holds its own)")
+    g.add_argument("--batch", type=int, default=None, help="sequences per batch (default 1)")
+    g.add_argument("--prompt", type=int, default=None, help="prompt text tokens per sequence (default 512)")
+    g.add_argument("--new", type=int, default=None, help="new tokens per sequence (default 256)")
+    g.add_argument("--image", action="append", default=[], metavar="WxH",
+                   help="an image per sequence, e.g. 1344x1344 (repeatable)")
     for name, text in (("run", "load the model once and answer one prompt"),
                        ("chat", "a multi-turn conversation (type /image PATH to attach an image, /exit to quit)")):
         p = sub.add_parser(name, help=text)
@@ -383,12 +389,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     from fitmap import pipeline, report, usermap
     from fitmap.devices import make_machine
     from fitmap.plan import Plan
-    from fitmap.workload import Dtype, Workload
+    from fitmap.workload import Dtype
 
     bare = usermap.read(args.plan)
     plan = Plan.load(args.plan) if bare is None else None
+    if plan is not None:
+        _refuse_workload_for_a_plan(args)
     dtype = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(plan.dtype if plan else "", "auto")
-    workload = plan.workload if plan else Workload()
+    workload = plan.workload if plan else _map_workload(args)
     req = pipeline.PlanRequest(args.model, make_machine(None, 1), workload, Dtype(dtype),
                                trust_remote_code=args.trust_remote_code, quantize=plan.quantize if plan else None)
     prep = pipeline.prepare(req)     # weights sized as the plan's (quantized ones too); the simulation runs bf16
@@ -412,6 +420,21 @@ def cmd_check(args: argparse.Namespace) -> int:
     if not checked.fits:
         raise DoesNotFit(_check_failure(checked))
     return 0
+
+
+def _map_workload(args: argparse.Namespace):
+    """The workload a bare device map is replayed with: the options given, else fitmap plan's defaults."""
+    given = {k: v for k, v in (("batch", args.batch), ("prompt", args.prompt), ("new", args.new)) if v is not None}
+    return Workload(images=tuple(parse_image(i) for i in args.image), **given)
+
+
+def _refuse_workload_for_a_plan(args: argparse.Namespace) -> None:
+    used = [f"--{k}" for k in ("batch", "prompt", "new", "image") if getattr(args, k) not in (None, [])]
+    if used:
+        verb = "describe" if len(used) > 1 else "describes"
+        raise BadInput(f"{', '.join(used)} {verb} the workload of a bare device map; {args.plan} is a fitmap plan "
+                       f"and replays its own workload (make a new one: fitmap plan {args.model} ... "
+                       f"{' '.join(used)} ...)")
 
 
 def _modules(prep, trust_remote_code: bool) -> tuple[list[str], list[str]]:
@@ -438,7 +461,6 @@ def _check_user_map(args: argparse.Namespace, prep, raw: dict, modules: tuple[li
 
     from fitmap import report, usermap
     from fitmap.devices import make_machine
-    from fitmap.workload import Workload
 
     sk = prep.skeleton
     names, containers = modules
@@ -448,7 +470,7 @@ def _check_user_map(args: argparse.Namespace, prep, raw: dict, modules: tuple[li
         machine = usermap.machine_of(given)
     else:
         machine = make_machine(args.gpus, args.cpu, args.disk, args.reserve)
-    user = usermap.as_plan(prep.inventory.name, sk, dm, machine, given.workload if given else Workload())
+    user = usermap.as_plan(prep.inventory.name, sk, dm, machine, given.workload if given else _map_workload(args))
     found = _check(prep, user, args.trust_remote_code)
     if not args.json:
         report.console.print(f"your map ({len(raw)} entries) on fake devices:")
@@ -534,6 +556,8 @@ def quiet_third_parties() -> None:
 
     warnings.filterwarnings("ignore")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)   # "pip install kernels" notes at import
+    logging.getLogger("torch._subclasses.fake_tensor").setLevel(logging.CRITICAL)  # a fake op's own traceback:
+    # the simulation says in one line which op and source line stopped it
     skeleton.MODEL_PRINTS = False       # remote code's print()s while it is built ("Flash attention is not ...")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

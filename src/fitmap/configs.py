@@ -104,3 +104,31 @@ def model_type(config: Any) -> str:
         return str(name)
     arch = _get(config, "architectures")
     return str(arch[0]) if isinstance(arch, (list, tuple)) and arch else ""
+
+
+# The attribute a catalog entry's config carries its stored image-processor settings under.
+IMAGE_PROCESSOR_ATTR = "fitmap_image_processor"
+
+
+def image_processor_config(config: Any) -> dict | None:
+    """The image processor's settings: what the catalog keeps with an entry, else the model
+    directory's ``preprocessor_config.json`` (or ``processor_config.json``'s ``image_processor``),
+    else None."""
+    import json
+    from pathlib import Path
+
+    kept = _get(config, IMAGE_PROCESSOR_ATTR)
+    if isinstance(kept, dict):
+        return kept
+    source = _get(config, "_name_or_path") or ""
+    if not source or not Path(source).is_dir():
+        return None
+    for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+        try:
+            data = json.loads((Path(source) / name).read_text())
+        except (OSError, ValueError):
+            continue
+        data = data.get(key) if key and isinstance(data, dict) else data
+        if isinstance(data, dict):
+            return data
+    return None

@@ -18,6 +18,7 @@ from fitmap.errors import BadInput, FitmapError, remote_code_flag
 from fitmap.inventory import Inventory, inventory
 from fitmap.plan import UNLIMITED, Plan, make_plan
 from fitmap.profile import Profile, estimate
+from fitmap import quant
 from fitmap.quant import METHODS
 from fitmap.sizes import GiB, MiB, fmt_bytes, parse_size
 from fitmap.skeleton import Skeleton, planned_dtype, skeleton
@@ -211,7 +212,7 @@ def _offload_needed(prep: Prepared, req: PlanRequest) -> str | None:
 def _quantization_that_fits(prep: Prepared, req: PlanRequest) -> str | None:
     """``with --quantize M`` for the first of int8, nf4 (less loss first) whose plan fits; the
     workload's activation and KV costs are the full-precision model's."""
-    if prep.skeleton.resident_only or req.quantize is not None:
+    if prep.skeleton.resident_only or req.quantize is not None or not quant.supported_here():
         return None
     dtype = getattr(torch, prep.skeleton.dtype)
     for method in ("int8", "nf4"):

@@ -58,11 +58,28 @@ class ImageShape:
     tiles: int         # separate vision passes (batch of the tower)
 
 
+# Pixel limits of the Qwen-VL families' published preprocessor_config.json (size.shortest_edge and
+# size.longest_edge, in pixels), for a config that comes without its processor's files.
+QWEN_PIXELS = {"qwen2_vl": (56 * 56, 12845056), "qwen2_5_vl": (56 * 56, 12845056),
+               "qwen3_vl": (65536, 16777216), "qwen3_vl_moe": (65536, 16777216)}
+
+
+def qwen_pixel_limits(cfg) -> tuple[int, int]:
+    """(min, max) pixels an image is resized between: the model's image processor settings when
+    known (its files, or the catalog's copy), else its family's published ones."""
+    lo, hi = QWEN_PIXELS.get(configs.model_type(cfg), QWEN_PIXELS["qwen2_vl"])
+    proc = configs.image_processor_config(cfg) or {}
+    size = proc.get("size") if isinstance(proc.get("size"), dict) else {}
+    lo = size.get("shortest_edge") or proc.get("min_pixels") or lo
+    hi = size.get("longest_edge") or proc.get("max_pixels") or hi
+    return int(lo), int(hi)
+
+
 def _qwen2_vl(cfg, w: int, h: int) -> ImageShape:
     vc = configs.vision_config(cfg)
     patch, merge = vc.patch_size, vc.spatial_merge_size
     factor = patch * merge
-    min_px, max_px = 56 * 56, 12845056  # Qwen2-VL's published preprocessor_config.json
+    min_px, max_px = qwen_pixel_limits(cfg)
     hb, wb = max(factor, round(h / factor) * factor), max(factor, round(w / factor) * factor)
     if hb * wb > max_px:
         beta = math.sqrt(h * w / max_px)
@@ -122,7 +139,8 @@ def _fixed_size(cfg, w: int, h: int) -> ImageShape:
 
 
 IMAGE_SHAPES: dict[str, Callable] = {
-    "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_vl, "internvl": _internvl,
+    "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_vl, "qwen3_vl": _qwen2_vl, "qwen3_vl_moe": _qwen2_vl,
+    "internvl": _internvl,
     "llava": _fixed_size, "internvl_chat": _internvl, "CogVLMForCausalLM": _cogvlm,
 }
 

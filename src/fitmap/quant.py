@@ -76,7 +76,7 @@ def quantizer(config, requested: str | None, dtype: torch.dtype, purpose: str = 
     except ImportError:
         raise BadInput("quantized weights need transformers 5 (its quantizers); pip install -U 'transformers>=5'") \
             from None
-    if not _has_conversion_api():
+    if not supported_here():
         raise BadInput("quantized weights need transformers 5.x's weight conversions; pip install -U "
                        "'transformers>=5,<6'")
     qconfig = saved if saved is not None else method_config(requested, dtype)
@@ -93,7 +93,7 @@ def quantizer(config, requested: str | None, dtype: torch.dtype, purpose: str = 
     return q
 
 
-def _has_conversion_api() -> bool:
+def supported_here() -> bool:
     try:
         from transformers.core_model_loading import WeightConverter  # noqa: F401
         from transformers.quantizers.base import HfQuantizer
@@ -107,7 +107,7 @@ def released(config):
     catalog entry or a config alone is sized (what transformers keeps where the format's kernels
     are installed: gpt-oss's MXFP4 on a GPU with Triton). None when transformers cannot build it."""
     saved = declared(config)
-    if saved is None or not _has_conversion_api():
+    if saved is None or not supported_here():
         return None
     try:
         from transformers.quantizers import AutoHfQuantizer
@@ -220,6 +220,8 @@ def planned_bytes(model: nn.Module, name: str, dtype: torch.dtype) -> dict[str, 
     bitsandbytes 4-bit keeps two values a byte, a float32 scale per 64 values and a 16-entry
     float32 code map; LLM.int8() one byte a value and a float32 scale per output row.
     """
+    if not supported_here():
+        raise BadInput(f"--quantize {name} needs transformers 5.x's quantizers; pip install -U 'transformers>=5,<6'")
     from transformers.pytorch_utils import Conv1D
     from transformers.quantizers import AutoHfQuantizer
     from transformers.quantizers.quantizers_utils import should_convert_module

@@ -163,6 +163,7 @@ def _own_chat(loaded: LoadedModel, form: str, prompter: Prompter, new: int,
     turns = prompter.text_turns()
     query, history = turns[-1]["content"], turns[:-1]
     model, tokenizer = loaded.model, prompter.tokenizer
+    count = None        # the reply's tokens: counted from the ids where the model's path returns them
     t = time.perf_counter()
     try:
         with torch.inference_mode():
@@ -179,7 +180,8 @@ def _own_chat(loaded: LoadedModel, form: str, prompter: Prompter, new: int,
                 kwargs["images"] = [[img.to(device, dtype) for img in built["images"]]] if built["images"] else None
                 generated = model.generate(**kwargs, max_new_tokens=new, do_sample=False,
                                            pad_token_id=getattr(model.config, "pad_token_id", None))
-                reply = tokenizer.decode(generated[0, kwargs["input_ids"].shape[1]:], skip_special_tokens=True)
+                new_ids = generated[0, kwargs["input_ids"].shape[1]:]
+                reply, count = tokenizer.decode(new_ids, skip_special_tokens=True), int(new_ids.numel())
             elif form == "minicpmv":   # greedy: sampling=False alone is beam search with a repetition penalty
                 msgs = history + [{"role": "user", "content": list(prompter.messages[-1]["images"]) + [query]}]
                 reply = model.chat(image=None, msgs=msgs, tokenizer=tokenizer, processor=prompter.processor,
@@ -196,7 +198,7 @@ def _own_chat(loaded: LoadedModel, form: str, prompter: Prompter, new: int,
     if out is not None:
         out.write(text + "\n")
         out.flush()
-    return text, len(tokenizer.encode(text, add_special_tokens=False)), seconds
+    return text, count if count is not None else len(tokenizer.encode(text, add_special_tokens=False)), seconds
 
 
 def _float_dtype(model) -> torch.dtype:

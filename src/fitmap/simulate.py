@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import linecache
+import sys
 import traceback
 import weakref
 from collections import Counter
@@ -34,7 +35,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -188,7 +189,8 @@ class MemoryTracker(TorchDispatchMode):
             producer = prod[1] if prod is not None and prod[0]() is t else None
             owners = self.param_owner.get(t.untyped_storage()._cdata, [])
             operands.append((dev, producer, any(_under(module, o) for o in owners)))
-        return Mismatch(str(func.overloadpacket).replace("aten::", "aten."),
+        op = f"Triton kernel {_KERNEL[-1]}" if _KERNEL else str(func.overloadpacket).replace("aten::", "aten.")
+        return Mismatch(op,
                         (devices[0], devices[1] if len(devices) > 1 else devices[0]),
                         module, _unit_of(module, self.unit_of), _model_code_line(), tuple(operands))
 
@@ -254,13 +256,53 @@ def _device_kernel_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_cau
 
 @contextlib.contextmanager
 def gpu_attention_kernels() -> Iterator[None]:
-    """For the simulation only: SDPA allocates what the fused GPU kernels allocate."""
+    """For the simulation only: SDPA allocates what the fused GPU kernels allocate, and
+    Triton kernels in model code are launched as fake devices can run them."""
     original = torch.nn.functional.scaled_dot_product_attention
     torch.nn.functional.scaled_dot_product_attention = _device_kernel_sdpa
     try:
-        yield
+        with _triton_launches_on_fakes():
+            yield
     finally:
         torch.nn.functional.scaled_dot_product_attention = original
+
+
+_KERNEL: list[str] = []      # the Triton kernel whose launch is being checked (names the mismatch)
+
+
+@contextlib.contextmanager
+def _triton_launches_on_fakes() -> Iterator[None]:
+    """A Triton kernel (CogVLM2's rotary, ``kernel[grid](out, x, ...)``) reads raw pointers,
+    which fake tensors do not have. On fakes its launch checks what the real launch needs
+    (every tensor argument on one device) and leaves the outputs the caller allocated, as
+    the kernel writes into them without allocating. Launches on real tensors run as written."""
+    jit = sys.modules.get("triton.runtime.jit")
+    interface = getattr(jit, "KernelInterface", None)
+    if interface is None:               # no model code imported Triton
+        yield
+        return
+    original = interface.__getitem__
+
+    def launcher(kernel, grid):
+        launch = original(kernel, grid)
+
+        def run(*args, **kwargs):
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            if not any(isinstance(t, FakeTensor) for t in tensors):
+                return launch(*args, **kwargs)
+            _KERNEL.append(getattr(kernel, "__name__", None) or type(kernel).__name__)
+            try:
+                torch.stack([t.new_empty(1, dtype=tensors[0].dtype) for t in tensors])
+            finally:
+                _KERNEL.pop()
+            return None
+        return run
+
+    interface.__getitem__ = launcher
+    try:
+        yield
+    finally:
+        interface.__getitem__ = original
 
 
 # --------------------------------------------------------------------------- building

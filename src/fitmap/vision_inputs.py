@@ -26,15 +26,12 @@ import torch
 
 from fitmap import configs
 from fitmap.errors import BadInput
-from fitmap.profile import ImageShape, image_shape
+from fitmap.profile import ImageShape, image_shape, qwen_pixel_limits
 from fitmap.workload import Workload
 
 TEXT_TOKEN = 100      # an ordinary vocabulary id for text tokens (never a special token)
 IMAGE_CONTEXT = 101   # the image placeholder id for models whose tokenizer, not config, knows it
 _HEAD = 4             # text tokens before the first image (the chat template's role header)
-
-# Qwen2-VL's published preprocessor_config.json, as fitmap.profile uses it.
-_QWEN_MIN_PIXELS, _QWEN_MAX_PIXELS = 56 * 56, 12845056
 
 Inputs = tuple[dict[str, torch.Tensor], int]
 
@@ -116,7 +113,8 @@ def _qwen2_vl_grid(config, w: int, h: int) -> tuple[int, int, int]:
 
     vc = config.vision_config
     factor = vc.patch_size * vc.spatial_merge_size
-    hb, wb = smart_resize(h, w, factor=factor, min_pixels=_QWEN_MIN_PIXELS, max_pixels=_QWEN_MAX_PIXELS)
+    lo, hi = qwen_pixel_limits(config)
+    hb, wb = smart_resize(h, w, factor=factor, min_pixels=lo, max_pixels=hi)
     grid = (1, hb // vc.patch_size, wb // vc.patch_size)  # an image is one temporal patch
     expected = image_shape(config, w, h).patches
     if grid[1] * grid[2] != expected:
@@ -191,7 +189,8 @@ def _llava(config, workload: Workload, device: torch.device, dtype: torch.dtype)
 
 
 _FAMILIES: dict[str, Callable[..., Inputs]] = {
-    "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_vl, "internvl": _internvl, "llava": _llava, "gemma3": _llava,
+    "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_vl, "qwen3_vl": _qwen2_vl, "qwen3_vl_moe": _qwen2_vl,
+    "internvl": _internvl, "llava": _llava, "gemma3": _llava,
     "internvl_chat": _internvl_chat, "CogVLMForCausalLM": _cogvlm,
 }
 

@@ -1,0 +1,71 @@
+"""Vision-language families planned, checked and run with an image, each on a tiny random-weight
+model of the real transformers class: the vision tower, its projector and the text embeddings stay on
+one GPU, the check on fake devices is clean, a cpu + disk split generates from_pretrained's greedy
+tokens for a prompt with an image, and the image-token count is the image processor's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+import fitmap
+from fitmap import loader
+from fitmap.check import check
+from fitmap.devices import make_machine
+from fitmap.pipeline import PlanRequest, prepare
+from fitmap.profile import QWEN_PIXELS, image_shape
+from fitmap.vision_inputs import vision_inputs
+from fitmap.workload import Workload
+from tests.test_loader import plan_for
+
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
+IMAGE = (100, 80)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_plan_with_an_image_keeps_the_vision_side_together_and_checks_clean(checkpoints, family):
+    d = checkpoints(family)
+    plan = fitmap.plan(str(d), gpus="2x1GiB", prompt=32, new=8, images=(IMAGE,))
+    assert plan.fits and plan.estimate == "simulate"
+    input_side = plan.groups["input"]
+    assert any(".visual." in u for u in input_side) and any("merger" in u for u in input_side)
+    assert any("embed_tokens" in u for u in input_side)
+    assert len({plan.device_map[u] for u in input_side}) == 1
+    prep = prepare(PlanRequest(str(d), make_machine("2x1GiB", None, None)))
+    assert check(prep.skeleton.config, prep.inventory.task, prep.skeleton, plan).clean
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cpu_and_disk_split_generates_from_pretraineds_tokens_with_an_image(checkpoints, family):
+    d = checkpoints(family)
+    config = transformers.AutoConfig.from_pretrained(d)
+    inputs, tokens = vision_inputs(config, Workload(1, 12, 6, (IMAGE,)), torch.device("cpu"))
+    assert tokens == image_shape(config, *IMAGE).tokens > 0
+    inputs["pixel_values"] = torch.randn(inputs["pixel_values"].shape, generator=torch.Generator().manual_seed(0))
+    want = transformers.AutoModelForImageTextToText.from_pretrained(d).eval()
+    expected = want.generate(**inputs, max_new_tokens=6, do_sample=False)
+    layers = [u for u in plan_for(d).device_map if ".language_model.layers." in u]
+    with loader.load(d, plan_for(d, {layers[-1]: "disk", layers[0]: "disk"}), progress=False) as lm:
+        got = lm.model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, expected)
+
+
+SIZES = [(100, 80), (640, 480), (1344, 1344), (3000, 200), (200, 3000), (4100, 4100)]
+
+
+@pytest.mark.parametrize("model_type", sorted(QWEN_PIXELS))
+def test_qwen_image_tokens_are_the_image_processors(model_type):
+    """Each family's published processor settings (patch 14 or 16, 2x2 merge, its pixel limits): the
+    tokens fitmap predicts are the grid the real image processor makes, merged."""
+    from PIL import Image
+
+    patch = 16 if model_type.startswith("qwen3") else 14
+    lo, hi = QWEN_PIXELS[model_type]
+    processor = transformers.Qwen2VLImageProcessor(size={"shortest_edge": lo, "longest_edge": hi},
+                                                   patch_size=patch, merge_size=2)
+    config = transformers.AutoConfig.for_model(model_type, vision_config={"patch_size": patch,
+                                                                          "spatial_merge_size": 2})
+    for w, h in SIZES:
+        grid = processor(images=[Image.new("RGB", (w, h))], return_tensors="pt")["image_grid_thw"][0]
+        assert image_shape(config, w, h).tokens == int(grid.prod()) // 4, (model_type, w, h)
