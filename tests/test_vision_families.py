@@ -19,7 +19,7 @@ from fitmap.vision_inputs import vision_inputs
 from fitmap.workload import Workload
 from tests.test_loader import plan_for
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "mistral3", "glm4v", "llava", "internvl"]
 IMAGE = (100, 80)
 
 
@@ -29,7 +29,8 @@ def test_plan_with_an_image_keeps_the_vision_side_together_and_checks_clean(chec
     plan = fitmap.plan(str(d), gpus="2x1GiB", prompt=32, new=8, images=(IMAGE,))
     assert plan.fits and plan.estimate == "simulate"
     input_side = plan.groups["input"]
-    assert any(".visual." in u for u in input_side) and any("merger" in u for u in input_side)
+    assert any(t in u for u in input_side for t in ("visual.", "vision_tower", "vision_model"))
+    assert any(t in u for u in input_side for t in ("merger", "projector", "connector"))
     assert any("embed_tokens" in u for u in input_side)
     assert len({plan.device_map[u] for u in input_side}) == 1
     prep = prepare(PlanRequest(str(d), make_machine("2x1GiB", None, None)))
@@ -69,3 +70,25 @@ def test_qwen_image_tokens_are_the_image_processors(model_type):
     for w, h in SIZES:
         grid = processor(images=[Image.new("RGB", (w, h))], return_tensors="pt")["image_grid_thw"][0]
         assert image_shape(config, w, h).tokens == int(grid.prod()) // 4, (model_type, w, h)
+
+
+def test_mistral3_image_tokens_are_its_image_processors():
+    """Mistral Small 3.1's published settings (longest edge 1540, 14-px patches, 2x2 merge): the tokens
+    fitmap predicts are the merged patches of the size its image processor resizes to."""
+    from PIL import Image
+
+    config = transformers.AutoConfig.for_model("mistral3")
+    processor = transformers.PixtralImageProcessorPil(size={"longest_edge": 1540}, patch_size=14)
+    for w, h in SIZES:
+        rh, rw = processor(images=[Image.new("RGB", (w, h))], return_tensors="pt")["image_sizes"][0].tolist()
+        assert image_shape(config, w, h).tokens == (rh // 28) * (rw // 28), (w, h)
+
+
+def test_glm4v_image_tokens_are_its_image_processors():
+    from PIL import Image
+
+    config = transformers.AutoConfig.for_model("glm4v")
+    processor = transformers.Glm4vImageProcessorPil()
+    for w, h in [s for s in SIZES if max(s) / min(s) < 200]:
+        grid = processor(images=[Image.new("RGB", (w, h))], return_tensors="pt")["image_grid_thw"][0]
+        assert image_shape(config, w, h).tokens == int(grid.prod()) // 4, (w, h)

@@ -53,6 +53,34 @@ def config(family: str) -> transformers.PretrainedConfig:
                                fullatt_block_indexes=[1]),
             image_token_id=500, video_token_id=501, vision_start_token_id=502, vision_end_token_id=503,
             tie_word_embeddings=False)
+    if family == "mistral3":   # Pixtral tower: images at their own size (within the longest edge), 2x2 merged
+        return transformers.Mistral3Config(
+            text_config=dict(TEXT, model_type="mistral", head_dim=16, sliding_window=None),
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                               head_dim=16, image_size=224, patch_size=14),
+            spatial_merge_size=2, image_token_index=500, tie_word_embeddings=False)
+    if family == "glm4v":      # GLM-4.1V: Qwen-style grid of patches, its own image processor and markers
+        return transformers.Glm4vConfig(
+            text_config=dict(TEXT, head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                               "mrope_section": [1, 1, 2],
+                                                               "partial_rotary_factor": 0.5}),
+            vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                               image_size=28, patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+            image_token_id=500, video_token_id=501, image_start_token_id=502, image_end_token_id=503,
+            video_start_token_id=504, video_end_token_id=505, tie_word_embeddings=False)
+    if family == "llava":      # CLIP tower at a fixed square, one token per patch ("default": CLS dropped)
+        return transformers.LlavaConfig(
+            text_config=dict(TEXT, model_type="llama"),
+            vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14,
+                               projection_dim=32),
+            image_token_index=500, tie_word_embeddings=False)
+    if family == "internvl":   # InternVL 3 as transformers ports it: 448 tiles, pixel shuffle to a quarter
+        return transformers.InternVLConfig(
+            text_config=dict(TEXT, model_type="qwen2"),
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                               image_size=[28, 28], patch_size=[14, 14]),
+            image_token_id=500, image_seq_length=1, downsample_ratio=0.5, tie_word_embeddings=False)
     if family == "gemma3":     # SigLIP vision tower: its position embedding must load as stored
         return transformers.Gemma3Config(
             text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -86,7 +114,7 @@ def config(family: str) -> transformers.PretrainedConfig:
     raise ValueError(f"unknown tiny family {family!r}")
 
 
-VISION = ("qwen2_vl", "qwen2_5_vl", "gemma3", "llama4", "qwen3_vl", "qwen3_vl_moe")
+VISION = ("qwen2_vl", "qwen2_5_vl", "mistral3", "glm4v", "llava", "internvl", "gemma3", "llama4", "qwen3_vl", "qwen3_vl_moe")
 
 
 def make_checkpoint(family: str, directory: Path, shard_kb: int = 200, seed: int = 0,

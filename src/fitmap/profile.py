@@ -91,6 +91,47 @@ def _qwen2_vl(cfg, w: int, h: int) -> ImageShape:
     return ImageShape(patches // (merge * merge), patches, 1)
 
 
+# Longest edge Mistral 3 (Pixtral) images are scaled within: Mistral-Small-3.1's published
+# preprocessor_config.json, for a config without its processor's files.
+PIXTRAL_LONGEST_EDGE = 1540
+
+
+def _pixtral(cfg, w: int, h: int) -> ImageShape:
+    """Mistral 3: scaled (floor) to fit the longest edge, padded up to whole patches; one token per
+    2x2 merged patches, a break token ending each row (text, counted in the prompt)."""
+    vc = configs.vision_config(cfg)
+    proc = configs.image_processor_config(cfg) or {}
+    longest = (proc.get("size") or {}).get("longest_edge") or PIXTRAL_LONGEST_EDGE
+    step = proc.get("patch_size") or vc.patch_size
+    step = step["height"] if isinstance(step, dict) else step
+    ratio = max(h / longest, w / longest)
+    if ratio > 1:
+        h, w = int(math.floor(h / ratio)), int(math.floor(w / ratio))
+    hb, wb = -(-h // step) * step, -(-w // step) * step
+    merged = vc.patch_size * getattr(cfg, "spatial_merge_size", 1)
+    return ImageShape((hb // merged) * (wb // merged), (hb // vc.patch_size) * (wb // vc.patch_size), 1)
+
+
+def _glm4v(cfg, w: int, h: int) -> ImageShape:
+    """GLM-4.1V: its image processor's own resize rule (transformers' ``smart_resize`` for GLM-4V, an
+    image being two identical frames) and pixel limits; one token per 2x2 merged patches."""
+    from transformers.models.glm4v.image_processing_pil_glm4v import smart_resize
+
+    vc = configs.vision_config(cfg)
+    proc = configs.image_processor_config(cfg) or {}
+    size = proc.get("size") if isinstance(proc.get("size"), dict) else {}
+    patch, merge, frames = vc.patch_size, vc.spatial_merge_size, vc.temporal_patch_size
+    hb, wb = smart_resize(frames, h, w, temporal_factor=frames, factor=patch * merge,
+                          min_pixels=size.get("shortest_edge", GLM4V_PIXELS[0]),
+                          max_pixels=size.get("longest_edge", GLM4V_PIXELS[1]))
+    patches = (hb // patch) * (wb // patch)
+    return ImageShape(patches // (merge * merge), patches, 1)
+
+
+# GLM-4.1V's image processor defaults (size.shortest_edge, size.longest_edge), for a config without files.
+GLM4V_PIXELS = (112 * 112, 28 * 28 * 15000)
+
+
 def _internvl(cfg, w: int, h: int) -> ImageShape:
     """Dynamic tiling: the grid (i x j <= 12 tiles) closest to the aspect ratio, plus a thumbnail."""
     vc = configs.vision_config(cfg)
@@ -138,10 +179,19 @@ def _fixed_size(cfg, w: int, h: int) -> ImageShape:
     return ImageShape(declared or grid, grid + 1, 1)
 
 
+def _llava_shape(cfg, w: int, h: int) -> ImageShape:
+    """LLaVA: the projector keeps every patch of the tower's square (and the CLS position with the
+    "full" feature strategy). Its ``image_seq_length`` is a class default, not always the tower's."""
+    vc = configs.vision_config(cfg)
+    grid = (vc.image_size // vc.patch_size) ** 2
+    full = getattr(cfg, "vision_feature_select_strategy", "default") == "full"
+    return ImageShape(grid + (1 if full else 0), grid + 1, 1)
+
+
 IMAGE_SHAPES: dict[str, Callable] = {
     "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_vl, "qwen3_vl": _qwen2_vl, "qwen3_vl_moe": _qwen2_vl,
-    "internvl": _internvl,
-    "llava": _fixed_size, "internvl_chat": _internvl, "CogVLMForCausalLM": _cogvlm,
+    "internvl": _internvl, "mistral3": _pixtral, "glm4v": _glm4v,
+    "llava": _llava_shape, "internvl_chat": _internvl, "CogVLMForCausalLM": _cogvlm,
 }
 
 

@@ -26,7 +26,7 @@ import torch
 
 from fitmap import configs
 from fitmap.errors import BadInput
-from fitmap.profile import ImageShape, image_shape, qwen_pixel_limits
+from fitmap.profile import PIXTRAL_LONGEST_EDGE, ImageShape, image_shape, qwen_pixel_limits
 from fitmap.workload import Workload
 
 TEXT_TOKEN = 100      # an ordinary vocabulary id for text tokens (never a special token)
@@ -92,19 +92,34 @@ def _shapes(config, workload: Workload) -> list[ImageShape]:
 # --------------------------------------------------------------------------- families
 def _qwen2_vl(config, workload: Workload, device: torch.device, dtype: torch.dtype) -> Inputs:
     """pixel_values (patches, C*T*P*P), image_grid_thw (images, 3), mm_token_type_ids (1 on image tokens)."""
+    grids = [_qwen2_vl_grid(config, w, h) for w, h in workload.images]
+    return _grid_inputs(config, workload, device, dtype, grids, config.vision_start_token_id,
+                        config.vision_end_token_id)
+
+
+def _glm4v(config, workload: Workload, device: torch.device, dtype: torch.dtype) -> Inputs:
+    """GLM-4.1V: the patch grid its own image processor makes (its resize rule differs from Qwen's);
+    ``<|begin_of_image|>`` + image tokens + ``<|end_of_image|>`` per image."""
+    enc = _processed_images(_image_processor(config, "Glm4vImageProcessor", {}), workload)
+    grids = [tuple(g) for g in enc["image_grid_thw"].tolist()]
+    return _grid_inputs(config, workload, device, dtype, grids, config.image_start_token_id,
+                        config.image_end_token_id)
+
+
+def _grid_inputs(config, workload: Workload, device: torch.device, dtype: torch.dtype,
+                 grids: list[tuple[int, int, int]], start: int, end: int) -> Inputs:
+    """Qwen-VL-style inputs for images of these (t, h, w) patch grids: one token per merged patches."""
     vc = config.vision_config
     channels = getattr(vc, "in_channels", None) or getattr(vc, "in_chans", 3)
-    grids = [_qwen2_vl_grid(config, w, h) for w, h in workload.images]
-    shapes = _shapes(config, workload)
-    start, image, end = config.vision_start_token_id, config.image_token_id, config.vision_end_token_id
-    runs = [[start] + [image] * s.tokens + [end] for s in shapes]
+    image, merge = config.image_token_id, vc.spatial_merge_size
+    runs = [[start] + [image] * (t * h * w // (merge * merge)) + [end] for t, h, w in grids]
     inputs = _text_inputs(_token_row(workload.prompt, runs, image), workload.batch, device)
     inputs["mm_token_type_ids"] = (inputs["input_ids"] == image).long()  # the processor marks image tokens only
     patches = workload.batch * sum(t * h * w for t, h, w in grids)
     inputs["pixel_values"] = torch.zeros(patches, channels * vc.temporal_patch_size * vc.patch_size ** 2,
                                          dtype=dtype, device=device)
     inputs["image_grid_thw"] = torch.tensor(grids * workload.batch, dtype=torch.long, device=device)
-    return inputs, sum(s.tokens for s in shapes)
+    return inputs, sum(run.count(image) for run in runs)
 
 
 def _qwen2_vl_grid(config, w: int, h: int) -> tuple[int, int, int]:
@@ -188,9 +203,51 @@ def _llava(config, workload: Workload, device: torch.device, dtype: torch.dtype)
     return inputs, sum(s.tokens for s in shapes)
 
 
+def _mistral3(config, workload: Workload, device: torch.device, dtype: torch.dtype) -> Inputs:
+    """Mistral 3 (Pixtral tower): pixel_values (images, 3, H, W) padded to the largest, image_sizes
+    (images, 2), both from its own image processor; per image, rows of merged-patch tokens, each row
+    ended by ``[IMG_BREAK]`` (the last by ``[IMG_END]``), as PixtralProcessor lays them out."""
+    processor = _image_processor(config, "PixtralImageProcessor",
+                                 {"size": {"longest_edge": PIXTRAL_LONGEST_EDGE},
+                                  "patch_size": config.vision_config.patch_size})
+    enc = _processed_images(processor, workload)
+    step = config.vision_config.patch_size * config.spatial_merge_size
+    image_id = config.image_token_index
+    runs = [[t for _ in range(h // step) for t in [image_id] * (w // step) + [TEXT_TOKEN]]
+            for h, w in enc["image_sizes"].tolist()]
+    inputs = _text_inputs(_token_row(workload.prompt, runs, image_id), workload.batch, device)
+    inputs["pixel_values"] = enc["pixel_values"].repeat(workload.batch, 1, 1, 1).to(device, dtype)
+    inputs["image_sizes"] = enc["image_sizes"].repeat(workload.batch, 1).to(device)
+    return inputs, sum(run.count(image_id) for run in runs)
+
+
+def _image_processor(config, name: str, defaults: dict):
+    """The model's own image processor class, with its settings (its files, the catalog's copy) or
+    the family's published ones; the PIL implementation where torchvision is missing."""
+    import importlib.util
+
+    import transformers
+
+    settings = {k: v for k, v in (configs.image_processor_config(config) or defaults).items()
+                if k not in ("image_processor_type", "processor_class")}
+    pil = getattr(transformers, f"{name}Pil", None)
+    cls = pil if pil is not None and importlib.util.find_spec("torchvision") is None else getattr(transformers, name)
+    return cls(**settings)
+
+
+def _processed_images(processor, workload: Workload) -> dict:
+    """The image processor's output for one sequence's images (blank, of the workload's sizes), made
+    for real (outside any fake mode): sizes and grids drive the model's own arithmetic."""
+    from PIL import Image
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        return dict(processor(images=[Image.new("RGB", (w, h)) for w, h in workload.images], return_tensors="pt"))
+
+
 _FAMILIES: dict[str, Callable[..., Inputs]] = {
     "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_vl, "qwen3_vl": _qwen2_vl, "qwen3_vl_moe": _qwen2_vl,
-    "internvl": _internvl, "llava": _llava, "gemma3": _llava,
+    "internvl": _internvl, "llava": _llava, "gemma3": _llava, "mistral3": _mistral3, "glm4v": _glm4v,
     "internvl_chat": _internvl_chat, "CogVLMForCausalLM": _cogvlm,
 }
 
