@@ -19,7 +19,7 @@ from fitmap.vision_inputs import vision_inputs
 from fitmap.workload import Workload
 from tests.test_loader import plan_for
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "mistral3", "glm4v", "llava", "internvl"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "mistral3", "glm4v", "llava", "internvl", "idefics3", "smolvlm"]
 IMAGE = (100, 80)
 
 
@@ -46,7 +46,8 @@ def test_cpu_and_disk_split_generates_from_pretraineds_tokens_with_an_image(chec
     inputs["pixel_values"] = torch.randn(inputs["pixel_values"].shape, generator=torch.Generator().manual_seed(0))
     want = transformers.AutoModelForImageTextToText.from_pretrained(d).eval()
     expected = want.generate(**inputs, max_new_tokens=6, do_sample=False)
-    layers = [u for u in plan_for(d).device_map if ".language_model.layers." in u]
+    layers = [u for u in plan_for(d).device_map if ".layers." in u and not any(
+        t in u for t in ("visual", "vision", "encoder"))]
     with loader.load(d, plan_for(d, {layers[-1]: "disk", layers[0]: "disk"}), progress=False) as lm:
         got = lm.model.generate(**inputs, max_new_tokens=6, do_sample=False)
     assert torch.equal(got, expected)
@@ -92,3 +93,39 @@ def test_glm4v_image_tokens_are_its_image_processors():
     for w, h in [s for s in SIZES if max(s) / min(s) < 200]:
         grid = processor(images=[Image.new("RGB", (w, h))], return_tensors="pt")["image_grid_thw"][0]
         assert image_shape(config, w, h).tokens == int(grid.prod()) // 4, (w, h)
+
+
+def _idefics3_config_dir(tmp_path, **vision):
+    config = transformers.Idefics3Config(vision_config=vision) if vision else transformers.Idefics3Config()
+    config.save_pretrained(tmp_path)
+    return str(tmp_path)
+
+
+@pytest.mark.slow
+def test_idefics3_at_full_size_checks_with_its_tiles(tmp_path, capsys):
+    """Idefics3-8B's tower (364 px tiles, 14 px patches) with a 1344x1344 image: 16 tiles + the whole image,
+    6.8 M input values, which the model scans for padding tiles (``(pixel_values == 0).sum``): simulated and
+    checked clean, from the config alone."""
+    from fitmap.cli import main
+
+    d = _idefics3_config_dir(tmp_path, image_size=364, patch_size=14, hidden_size=1152, intermediate_size=4304,
+                             num_hidden_layers=27, num_attention_heads=16)
+    config = transformers.AutoConfig.from_pretrained(d)
+    assert image_shape(config, 1344, 1344).tokens == 17 * 169
+    code = main(["plan", d, "--gpus", "2x24GiB", "--image", "1344x1344", "--prompt", "512", "--new", "64", "--check"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 0 and "simulate costs" in out and "no device mismatch" in out
+
+
+def test_a_model_the_fake_devices_cannot_run_gets_one_line_from_check(tmp_path, capsys):
+    """transformers' default Idefics3 config (224 px, 32 px patches: a 7 x 7 grid its pixel shuffle cannot
+    halve) fails in the model's own code: the plan falls back to the analytic estimate and says why; the
+    check says where, in one line."""
+    from fitmap.cli import main
+
+    d = _idefics3_config_dir(tmp_path)
+    code = main(["plan", d, "--gpus", "2x24GiB", "--image", "448x448", "--prompt", "64", "--new", "8", "--check"])
+    captured = capsys.readouterr()
+    assert "analytic (simulation failed: RuntimeError" in " ".join(captured.out.split())
+    assert code == 1 and len(captured.err.strip().splitlines()) == 1
+    assert "cannot replay this model on fake devices" in captured.err and "modeling_idefics3.py:" in captured.err

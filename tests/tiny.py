@@ -81,6 +81,12 @@ def config(family: str) -> transformers.PretrainedConfig:
             vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                image_size=[28, 28], patch_size=[14, 14]),
             image_token_id=500, image_seq_length=1, downsample_ratio=0.5, tie_word_embeddings=False)
+    if family in ("idefics3", "smolvlm"):   # tiles of the tower's square plus the whole image, pixel-shuffled
+        cls = transformers.Idefics3Config if family == "idefics3" else transformers.SmolVLMConfig
+        return cls(text_config=dict(TEXT, model_type="llama"),
+                   vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, image_size=28, patch_size=14),
+                   scale_factor=2, image_token_id=500, tie_word_embeddings=False)
     if family == "gemma3":     # SigLIP vision tower: its position embedding must load as stored
         return transformers.Gemma3Config(
             text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -114,7 +120,7 @@ def config(family: str) -> transformers.PretrainedConfig:
     raise ValueError(f"unknown tiny family {family!r}")
 
 
-VISION = ("qwen2_vl", "qwen2_5_vl", "mistral3", "glm4v", "llava", "internvl", "gemma3", "llama4", "qwen3_vl", "qwen3_vl_moe")
+VISION = ("qwen2_vl", "qwen2_5_vl", "mistral3", "glm4v", "llava", "internvl", "idefics3", "smolvlm", "gemma3", "llama4", "qwen3_vl", "qwen3_vl_moe")
 
 
 def make_checkpoint(family: str, directory: Path, shard_kb: int = 200, seed: int = 0,

@@ -84,7 +84,7 @@ def catalog_entry(name: str) -> CatalogEntry:
         params_billion=float(meta["params_billion"]),
         weight_dtype=meta["weight_dtype"],
         fp8_linear=bool(meta["fp8_linear"]),
-        config=copy.deepcopy(_read_json(f"{name}.json")),
+        config=copy.deepcopy(_read_json(f"{meta.get('config_from', name)}.json")),   # a release of the same shapes
         notes=meta.get("notes", ""),
         image_processor=copy.deepcopy(meta.get("image_processor")),
     )

@@ -41,7 +41,7 @@ from typing import Callable, Iterator, Mapping
 
 import torch
 
-from fitmap.errors import DeviceMismatch
+from fitmap.errors import DeviceMismatch, FitmapError, SimulationFailed
 from fitmap.plan import DeviceLedger, Plan, Repair
 from fitmap.repairs import colocated
 from fitmap.simulate import DevicePeak, Mismatch, Simulation, device_label, execution_placement, simulate
@@ -67,8 +67,18 @@ class CheckReport:
 def check(config, task: str, sk: Skeleton, plan: Plan, trust_remote_code: bool = False,
           max_rounds: int = MAX_ROUNDS) -> CheckReport:
     def run(fixes: list[Repair]) -> Simulation:
-        return simulate(config, task, sk, plan, device_map=colocated(plan.device_map, fixes),
-                        plan_repairs=tuple(fixes), trust_remote_code=trust_remote_code)
+        try:
+            return simulate(config, task, sk, plan, device_map=colocated(plan.device_map, fixes),
+                            plan_repairs=tuple(fixes), trust_remote_code=trust_remote_code)
+        except FitmapError:
+            raise
+        except Exception as e:      # an op the fake devices cannot run: one line, where it stopped
+            from fitmap.pipeline import where_in_model_code
+
+            text = " ".join(str(e).split())[:200]
+            raise SimulationFailed(f"fitmap cannot replay this model on fake devices: {type(e).__name__}: {text}"
+                                   f"{where_in_model_code(e)}; no device mismatch or memory peak was checked (the plan's "
+                                   "numbers stand as estimated)") from None
 
     exists = _ModulePaths(config, task, getattr(torch, sk.dtype), trust_remote_code)
     sim, log = _repair(run, plan, max_rounds, exists)

@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from fitmap.errors import BadInput, DoesNotFit, FitmapError
+from fitmap.errors import BadInput, DoesNotFit, FitmapError, SimulationFailed
 from fitmap.workload import Dtype, Workload, parse_image
 
 
@@ -199,11 +199,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.max_context or args.max_batch:
         return _print_limits(req, prep, args)
     result = planned = pipeline.plan(req, prep)
-    checked = None
+    checked = unchecked = None
     if args.check and result.fits:
-        checked = _check(prep, result, args.trust_remote_code)
-        result = checked.plan
-    if args.out and result.fits:      # a plan that does not fit is not written: nothing half-done
+        try:
+            checked = _check(prep, result, args.trust_remote_code)
+            result = checked.plan
+        except SimulationFailed as e:     # the plan is shown; the check's one line ends the command
+            unchecked = e
+    if args.out and result.fits and unchecked is None:   # not written when it does not fit: nothing half-done
         result.save(args.out)
     speed = report.offload_speed(result) if result.fits else {}
     if args.json:
@@ -216,6 +219,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         report.print_machine_notes(req.machine, result, speed)
         if checked:
             report.print_check(checked)
+    if unchecked is not None:
+        raise unchecked
     if not result.fits:
         raise DoesNotFit(result.advice or _check_failure(checked))
     return 0

@@ -34,6 +34,12 @@ class DeviceMismatch(FitmapError):
     """The model code mixed tensors from two devices (found in simulation or at run time)."""
 
 
+class SimulationFailed(FitmapError):
+    """The fake-device replay of a model stopped in an op it cannot run there (not a device mismatch)."""
+
+    exit_code = 1
+
+
 class MissingWeights(FitmapError):
     """After loading, parameters or buffers were still without storage."""
 

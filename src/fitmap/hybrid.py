@@ -84,6 +84,11 @@ class RealTwins(TorchDispatchMode):
         tensors = _tensors_in(args, kwargs)
         has_twin = [self.real(t) is not None for t in tensors]
         known = all(has_twin)
+        if tensors and not any(isinstance(t, FakeTensor) for t in tensors):
+            # model inputs made for real and placed on fake devices (pixel_values of a tiled image:
+            # millions of values): known whatever their size, and so is what the model computes
+            # from them alone (Idefics3 finds padding tiles with ``(pixel_values == 0).sum(...)``)
+            self.max_numel = max(self.max_numel, max(t.numel() for t in tensors))
         try:
             out = func(*args, **kwargs)
         except _DATA_DEPENDENT:

@@ -97,11 +97,12 @@ def _simulate_or_explain(prep: Prepared, req: PlanRequest):
     except FitmapError:
         raise
     except Exception as e:  # model code the fake devices cannot run: say so, plan analytically
-        prep.simulation_error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}{_where(e)}"
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        prep.simulation_error = f"{type(e).__name__}: {first}{where_in_model_code(e)}"
         return None
 
 
-def _where(e: BaseException) -> str:
+def where_in_model_code(e: BaseException) -> str:
     """`` at FILE:LINE (code)`` of the innermost frame in the model's code, if any."""
     import traceback
 

@@ -188,9 +188,16 @@ def _llava_shape(cfg, w: int, h: int) -> ImageShape:
     return ImageShape(grid + (1 if full else 0), grid + 1, 1)
 
 
+def _idefics3(cfg, w: int, h: int) -> ImageShape:
+    """Idefics3 / SmolVLM: the tiles its own image processor cuts (``fitmap.vision_inputs``)."""
+    from fitmap.vision_inputs import idefics3_shape
+
+    return idefics3_shape(cfg, w, h)
+
+
 IMAGE_SHAPES: dict[str, Callable] = {
     "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_vl, "qwen3_vl": _qwen2_vl, "qwen3_vl_moe": _qwen2_vl,
-    "internvl": _internvl, "mistral3": _pixtral, "glm4v": _glm4v,
+    "internvl": _internvl, "mistral3": _pixtral, "glm4v": _glm4v, "idefics3": _idefics3, "smolvlm": _idefics3,
     "llava": _llava_shape, "internvl_chat": _internvl, "CogVLMForCausalLM": _cogvlm,
 }
 

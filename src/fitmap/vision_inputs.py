@@ -221,6 +221,43 @@ def _mistral3(config, workload: Workload, device: torch.device, dtype: torch.dty
     return inputs, sum(run.count(image_id) for run in runs)
 
 
+def _idefics3(config, workload: Workload, device: torch.device, dtype: torch.dtype) -> Inputs:
+    """Idefics3 / SmolVLM: its own image processor splits each image into tiles of the tower's square
+    (plus the whole image, downscaled); pixel_values (batch, tiles, 3, S, S) with pixel_attention_mask.
+    Each tile adds ``(S / patch)^2 / scale_factor^2`` image tokens, between the processor's text markers."""
+    enc = _processed_images(_idefics3_processor(config), workload, nested=True)
+    image_id = config.image_token_id
+    runs = [[TEXT_TOKEN] + [image_id] * (n * _idefics3_per_tile(config)) + [TEXT_TOKEN]
+            for n in _idefics3_tiles(enc)]
+    inputs = _text_inputs(_token_row(workload.prompt, runs, image_id), workload.batch, device)
+    inputs["pixel_values"] = enc["pixel_values"].repeat(workload.batch, 1, 1, 1, 1).to(device, dtype)
+    inputs["pixel_attention_mask"] = enc["pixel_attention_mask"].repeat(workload.batch, 1, 1, 1).to(device)
+    return inputs, sum(run.count(image_id) for run in runs)
+
+
+def idefics3_shape(config, w: int, h: int) -> ImageShape:
+    """Tokens, patches and tiles of one image, as Idefics3's / SmolVLM's image processor splits it."""
+    tiles = _idefics3_tiles(_processed_images(_idefics3_processor(config), Workload(images=((w, h),)), nested=True))[0]
+    vc = config.vision_config
+    return ImageShape(tiles * _idefics3_per_tile(config), tiles * (vc.image_size // vc.patch_size) ** 2, tiles)
+
+
+def _idefics3_processor(config):
+    side = config.vision_config.image_size      # published: the tower's side, and 4 of them for the longest edge
+    name = "SmolVLMImageProcessor" if configs.model_type(config) == "smolvlm" else "Idefics3ImageProcessor"
+    return _image_processor(config, name, {"size": {"longest_edge": 4 * side}, "max_image_size": {"longest_edge": side}})
+
+
+def _idefics3_per_tile(config) -> int:
+    vc = config.vision_config
+    return (vc.image_size // vc.patch_size) ** 2 // config.scale_factor ** 2
+
+
+def _idefics3_tiles(enc: dict) -> list[int]:
+    """Tiles per image: rows x cols when split, plus the global image; 1 when not split."""
+    return [r * c + 1 if r * c else 1 for r, c in zip(enc["rows"][0], enc["cols"][0])]
+
+
 def _image_processor(config, name: str, defaults: dict):
     """The model's own image processor class, with its settings (its files, the catalog's copy) or
     the family's published ones; the PIL implementation where torchvision is missing."""
@@ -232,22 +269,27 @@ def _image_processor(config, name: str, defaults: dict):
                 if k not in ("image_processor_type", "processor_class")}
     pil = getattr(transformers, f"{name}Pil", None)
     cls = pil if pil is not None and importlib.util.find_spec("torchvision") is None else getattr(transformers, name)
-    return cls(**settings)
+    return cls.from_dict(settings)
 
 
-def _processed_images(processor, workload: Workload) -> dict:
+def _processed_images(processor, workload: Workload, nested: bool = False) -> dict:
     """The image processor's output for one sequence's images (blank, of the workload's sizes), made
-    for real (outside any fake mode): sizes and grids drive the model's own arithmetic."""
+    for real (outside any fake mode): sizes and grids drive the model's own arithmetic. ``nested``:
+    the processor takes a list of images per sequence (and says how it split them)."""
     from PIL import Image
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+    images = [Image.new("RGB", (w, h)) for w, h in workload.images]
     with unset_fake_temporarily():
-        return dict(processor(images=[Image.new("RGB", (w, h)) for w, h in workload.images], return_tensors="pt"))
+        if nested:
+            return dict(processor(images=[images], return_tensors="pt", return_row_col_info=True))
+        return dict(processor(images=images, return_tensors="pt"))
 
 
 _FAMILIES: dict[str, Callable[..., Inputs]] = {
     "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_vl, "qwen3_vl": _qwen2_vl, "qwen3_vl_moe": _qwen2_vl,
     "internvl": _internvl, "llava": _llava, "gemma3": _llava, "mistral3": _mistral3, "glm4v": _glm4v,
+    "idefics3": _idefics3, "smolvlm": _idefics3,
     "internvl_chat": _internvl_chat, "CogVLMForCausalLM": _cogvlm,
 }
 
