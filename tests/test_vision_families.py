@@ -19,7 +19,7 @@ from fitmap.vision_inputs import vision_inputs
 from fitmap.workload import Workload
 from tests.test_loader import plan_for
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "mistral3", "glm4v", "llava", "internvl", "idefics3", "smolvlm"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "mistral3", "glm4v", "llava", "internvl", "idefics3", "smolvlm", "llava_onevision"]
 IMAGE = (100, 80)
 
 
@@ -129,3 +129,18 @@ def test_a_model_the_fake_devices_cannot_run_gets_one_line_from_check(tmp_path, 
     assert "analytic (simulation failed: RuntimeError" in " ".join(captured.out.split())
     assert code == 1 and len(captured.err.strip().splitlines()) == 1
     assert "cannot replay this model on fake devices" in captured.err and "modeling_idefics3.py:" in captured.err
+
+
+@pytest.mark.parametrize("family", ["mistral3", "glm4v", "idefics3", "smolvlm", "llava_onevision", "qwen3_vl"])
+def test_the_model_takes_the_image_tokens_predicted_at_several_sizes(checkpoints, family):
+    """The model's own check (image features == image tokens, in its forward) passes for the counts
+    fitmap predicts, at sizes that tile, pad and resize differently; and two images in one prompt."""
+    d = checkpoints(family)
+    config = transformers.AutoConfig.from_pretrained(d)
+    model = transformers.AutoModelForImageTextToText.from_pretrained(d).eval()
+    for images in [((100, 80),), ((30, 200),), ((300, 120),), ((64, 64), (120, 40))]:
+        inputs, tokens = vision_inputs(config, Workload(1, 8, 1, images), torch.device("cpu"))
+        assert tokens == sum(image_shape(config, w, h).tokens for w, h in images) or len(images) > 1
+        with torch.no_grad():
+            out = model(**inputs)
+        assert out.logits.shape[1] == inputs["input_ids"].shape[1]

@@ -87,6 +87,14 @@ def config(family: str) -> transformers.PretrainedConfig:
                    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=2, image_size=28, patch_size=14),
                    scale_factor=2, image_token_id=500, tie_word_embeddings=False)
+    if family == "llava_onevision":   # SigLIP tower, "anyres" tiles chosen among grid pinpoints, unpadded
+        return transformers.LlavaOnevisionConfig(
+            text_config=dict(TEXT, model_type="qwen2"),
+            vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14),
+            image_grid_pinpoints=[[28, 28], [28, 56], [56, 28], [56, 56], [56, 84], [84, 56]],
+            vision_aspect_ratio="anyres_max_9", vision_feature_select_strategy="full", vision_feature_layer=-1,
+            image_token_index=500, video_token_index=501, tie_word_embeddings=False)
     if family == "gemma3":     # SigLIP vision tower: its position embedding must load as stored
         return transformers.Gemma3Config(
             text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -120,7 +128,7 @@ def config(family: str) -> transformers.PretrainedConfig:
     raise ValueError(f"unknown tiny family {family!r}")
 
 
-VISION = ("qwen2_vl", "qwen2_5_vl", "mistral3", "glm4v", "llava", "internvl", "idefics3", "smolvlm", "gemma3", "llama4", "qwen3_vl", "qwen3_vl_moe")
+VISION = ("qwen2_vl", "qwen2_5_vl", "mistral3", "glm4v", "llava", "internvl", "idefics3", "smolvlm", "llava_onevision", "gemma3", "llama4", "qwen3_vl", "qwen3_vl_moe")
 
 
 def make_checkpoint(family: str, directory: Path, shard_kb: int = 200, seed: int = 0,

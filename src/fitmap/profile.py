@@ -195,9 +195,17 @@ def _idefics3(cfg, w: int, h: int) -> ImageShape:
     return idefics3_shape(cfg, w, h)
 
 
+def _onevision(cfg, w: int, h: int) -> ImageShape:
+    """LLaVA-OneVision: the tiles and token count of its own processor (``fitmap.vision_inputs``)."""
+    from fitmap.vision_inputs import onevision_shape
+
+    return onevision_shape(cfg, w, h)
+
+
 IMAGE_SHAPES: dict[str, Callable] = {
     "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_vl, "qwen3_vl": _qwen2_vl, "qwen3_vl_moe": _qwen2_vl,
     "internvl": _internvl, "mistral3": _pixtral, "glm4v": _glm4v, "idefics3": _idefics3, "smolvlm": _idefics3,
+    "llava_onevision": _onevision,
     "llava": _llava_shape, "internvl_chat": _internvl, "CogVLMForCausalLM": _cogvlm,
 }
 

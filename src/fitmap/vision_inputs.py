@@ -258,6 +258,54 @@ def _idefics3_tiles(enc: dict) -> list[int]:
     return [r * c + 1 if r * c else 1 for r, c in zip(enc["rows"][0], enc["cols"][0])]
 
 
+def _llava_onevision(config, workload: Workload, device: torch.device, dtype: torch.dtype) -> Inputs:
+    """LLaVA-OneVision: its own image processor picks each image's tiles among the grid pinpoints
+    ("anyres") plus the whole image; pixel_values (images, tiles, 3, S, S), image_sizes; the image
+    tokens its processor's own counting gives (unpadded features and row newlines, capped)."""
+    enc = _processed_images(_onevision_processor(config), workload)
+    image_id = config.image_token_index
+    runs = [[image_id] * _onevision_tokens(config, enc, i) for i in range(len(workload.images))]
+    inputs = _text_inputs(_token_row(workload.prompt, runs, image_id), workload.batch, device)
+    inputs["pixel_values"] = enc["pixel_values"].repeat(workload.batch, 1, 1, 1, 1).to(device, dtype)
+    inputs["image_sizes"] = enc["image_sizes"].repeat(workload.batch, 1).to(device)
+    inputs["batch_num_images"] = torch.full((workload.batch,), len(workload.images), dtype=torch.long, device=device)
+    return inputs, sum(len(run) for run in runs)
+
+
+def onevision_shape(config, w: int, h: int) -> ImageShape:
+    """Tokens, patches and tiles of one image, as LLaVA-OneVision's processor makes and counts them."""
+    enc = _processed_images(_onevision_processor(config), Workload(images=((w, h),)))
+    vc = config.vision_config
+    tiles = int(enc["pixel_values"].shape[1])
+    return ImageShape(_onevision_tokens(config, enc, 0), tiles * (vc.image_size // vc.patch_size) ** 2, tiles)
+
+
+def _onevision_processor(config):
+    side = config.vision_config.image_size
+    return _image_processor(config, "LlavaOnevisionImageProcessor",
+                            {"size": {"height": side, "width": side}, "image_grid_pinpoints": config.image_grid_pinpoints})
+
+
+def _onevision_tokens(config, enc: dict, index: int) -> int:
+    """Image tokens of image ``index``, by LlavaOnevisionProcessor's own counting methods (called on a
+    stand-in holding what they read: the image processor's pinpoints, the tower's tokens, the cap)."""
+    from types import SimpleNamespace
+
+    from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor as P
+
+    vc = config.vision_config
+    counter = SimpleNamespace(image_processor=SimpleNamespace(image_grid_pinpoints=config.image_grid_pinpoints),
+                              num_image_tokens=(vc.image_size // vc.patch_size) ** 2,
+                              vision_aspect_ratio=config.vision_aspect_ratio)
+    counter._get_unpadded_features = lambda *a: P._get_unpadded_features(counter, *a)
+    if len(enc["image_sizes"]) > 1:        # several images: each is its base tile and a newline
+        tokens = counter.num_image_tokens + 1
+    else:
+        height, width = enc["image_sizes"][index].tolist()
+        tokens = P._get_number_of_features(counter, height, width, vc.image_size, vc.image_size)
+    return tokens - (1 if config.vision_feature_select_strategy == "default" else 0)
+
+
 def _image_processor(config, name: str, defaults: dict):
     """The model's own image processor class, with its settings (its files, the catalog's copy) or
     the family's published ones; the PIL implementation where torchvision is missing."""
@@ -289,7 +337,7 @@ def _processed_images(processor, workload: Workload, nested: bool = False) -> di
 _FAMILIES: dict[str, Callable[..., Inputs]] = {
     "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_vl, "qwen3_vl": _qwen2_vl, "qwen3_vl_moe": _qwen2_vl,
     "internvl": _internvl, "llava": _llava, "gemma3": _llava, "mistral3": _mistral3, "glm4v": _glm4v,
-    "idefics3": _idefics3, "smolvlm": _idefics3,
+    "idefics3": _idefics3, "smolvlm": _idefics3, "llava_onevision": _llava_onevision,
     "internvl_chat": _internvl_chat, "CogVLMForCausalLM": _cogvlm,
 }
 
