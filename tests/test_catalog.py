@@ -33,6 +33,7 @@ def test_catalog_lists_the_expected_models() -> None:
         "qwen2.5-72b", "gemma-2-27b", "deepseek-v3", "qwen2-vl-7b",
         "qwen2-vl-72b", "internvl-78b", "llava-1.5-13b", "glm-4-9b", "gpt-oss-120b", "llama-3.1-70b-awq", "qwen3-235b-a22b", "gemma-3-27b",
         "qwen2.5-vl-72b", "qwen3-vl-235b-a22b", "mistral-small-3.1-24b", "glm-4.1v-9b", "deepseek-v3.1",
+        "llama-4-scout",
     }
 
 

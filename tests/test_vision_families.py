@@ -144,3 +144,19 @@ def test_the_model_takes_the_image_tokens_predicted_at_several_sizes(checkpoints
         with torch.no_grad():
             out = model(**inputs)
         assert out.logits.shape[1] == inputs["input_ids"].shape[1]
+
+
+def test_llama4_tiles_as_its_image_processor_cuts_them(checkpoints):
+    """Llama 4 (336 px tiles, 14 px patches, pixel shuffle to a quarter: 144 tokens a tile): the best-fit
+    canvas of at most 16 tiles, plus a global tile when there are several. Its image processor needs
+    torchvision, so the rule is fitmap's; transformers 5.24's own forward with an image fails
+    (``image_outputs``), so the plan says so and falls back to the analytic estimate, vision side together."""
+    config = transformers.AutoConfig.for_model("llama4", vision_config={"image_size": 336, "patch_size": 14})
+    for (w, h), tiles in [((336, 336), 1), ((672, 336), 3), ((336, 1000), 4), ((1000, 1000), 10), ((5000, 5000), 17)]:
+        shape = image_shape(config, w, h)
+        assert (shape.tiles, shape.tokens) == (tiles, 144 * tiles), (w, h)
+    d = checkpoints("llama4")
+    plan = fitmap.plan(str(d), gpus="2x1GiB", prompt=32, new=8, images=(IMAGE,))
+    assert plan.fits and "image_outputs" in plan.estimate and "modeling_llama4.py" in plan.estimate
+    assert len({plan.device_map[u] for u in plan.groups["input"]}) == 1
+    assert any("vision_model" in u for u in plan.groups["input"])

@@ -108,7 +108,7 @@ def config(family: str) -> transformers.PretrainedConfig:
                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512,
                              num_local_experts=2, num_experts_per_tok=1, interleave_moe_layer_step=1,
                              max_position_embeddings=512, no_rope_layers=[1, 1], attention_chunk_size=64),
-            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            vision_config=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                                image_size=28, patch_size=14, vision_output_dim=64, projector_input_dim=64,
                                projector_output_dim=64, pixel_shuffle_ratio=0.5),
             image_token_index=500, boi_token_index=501, eoi_token_index=502)

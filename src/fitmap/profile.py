@@ -202,10 +202,34 @@ def _onevision(cfg, w: int, h: int) -> ImageShape:
     return onevision_shape(cfg, w, h)
 
 
+def _llama4(cfg, w: int, h: int) -> ImageShape:
+    """Llama 4: tiles of the tower's square on the canvas its image processor picks (the grid of at most
+    ``max_patches`` tiles needing the least upscaling, else the least downscaling; the smallest on a
+    tie), plus a global tile when there are several; each tile pixel-shuffled to a quarter."""
+    vc = configs.vision_config(cfg)
+    side = vc.image_size
+    proc = configs.image_processor_config(cfg) or {}
+    max_tiles = int(proc.get("max_patches") or LLAMA4_MAX_TILES)
+    canvases = sorted({(a * side, n // a * side) for n in range(1, max_tiles + 1) for a in range(1, n + 1)
+                       if n % a == 0})
+    scales = [min(ch / h, cw / w) for ch, cw in canvases]
+    up = [s for s in scales if s >= 1]
+    chosen = min(up) if up else max(scales)
+    _, ch, cw = min((ch * cw, ch, cw) for (ch, cw), s in zip(canvases, scales) if s == chosen)
+    grid = (ch // side) * (cw // side)
+    tiles = grid + (1 if grid > 1 else 0)
+    per_tile = (side // vc.patch_size) ** 2
+    ratio = getattr(vc, "pixel_shuffle_ratio", 0.5)
+    return ImageShape(tiles * int(per_tile * ratio * ratio), tiles * per_tile, tiles)
+
+
+LLAMA4_MAX_TILES = 16    # Llama 4's published preprocessor_config.json (max_patches)
+
+
 IMAGE_SHAPES: dict[str, Callable] = {
     "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_vl, "qwen3_vl": _qwen2_vl, "qwen3_vl_moe": _qwen2_vl,
     "internvl": _internvl, "mistral3": _pixtral, "glm4v": _glm4v, "idefics3": _idefics3, "smolvlm": _idefics3,
-    "llava_onevision": _onevision,
+    "llava_onevision": _onevision, "llama4": _llama4,
     "llava": _llava_shape, "internvl_chat": _internvl, "CogVLMForCausalLM": _cogvlm,
 }
 

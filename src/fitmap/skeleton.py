@@ -20,6 +20,7 @@ parameter held directly by a module that contains units.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Iterator
@@ -209,7 +210,8 @@ def empty_weights(keep_buffers: bool = False, real_buffers: bool = False) -> Ite
 
     nn.Module.register_parameter, nn.Module.register_buffer = to_meta_parameter, note_buffer
     try:
-        yield
+        with contextlib.nullcontext() if keep_buffers else _large_factories_on_meta():
+            yield
     finally:
         nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
     if real_buffers:
@@ -221,6 +223,40 @@ def empty_weights(keep_buffers: bool = False, real_buffers: bool = False) -> Ite
         if keep_buffers:
             module.__dict__.setdefault("_fitmap_init_buffers", {})[name] = tensor
         module._buffers[name] = tensor.to("meta")
+
+
+LARGE_FACTORY_NUMEL = 1 << 24
+"""A tensor factory call in ``__init__`` this large (16 M values) makes a weight, never a value the
+code reads back: it is made on ``meta`` (Llama 4's experts are ``nn.Parameter(torch.zeros(16, 5120,
+16384))``, 1.3 GB a layer that accelerate's way of building would allocate, then drop)."""
+
+_FACTORIES = ("empty", "zeros", "ones", "full", "rand", "randn")
+
+
+@contextlib.contextmanager
+def _large_factories_on_meta() -> Iterator[None]:
+    originals = {name: getattr(torch, name) for name in _FACTORIES}
+
+    def on_meta(factory):
+        def make(*args, **kwargs):
+            if factory is originals["full"] or (len(args) == 1 and isinstance(args[0], (tuple, list))):
+                size = args[0] if args else kwargs.get("size", ())
+            else:
+                size = args or kwargs.get("size", ())
+            dims = [d for d in size if isinstance(d, int)] if isinstance(size, (tuple, list)) else []
+            if (len(dims) == len(size) and math.prod(dims) >= LARGE_FACTORY_NUMEL
+                    and kwargs.get("device") in (None, "cpu", torch.device("cpu"))):
+                kwargs["device"] = "meta"
+            return factory(*args, **kwargs)
+        return make
+
+    for name, factory in originals.items():
+        setattr(torch, name, on_meta(factory))
+    try:
+        yield
+    finally:
+        for name, factory in originals.items():
+            setattr(torch, name, factory)
 
 
 def planned_dtype(inv: Inventory, requested: str | None) -> torch.dtype:

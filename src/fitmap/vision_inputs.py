@@ -258,6 +258,22 @@ def _idefics3_tiles(enc: dict) -> list[int]:
     return [r * c + 1 if r * c else 1 for r, c in zip(enc["rows"][0], enc["cols"][0])]
 
 
+def _llama4(config, workload: Workload, device: torch.device, dtype: torch.dtype) -> Inputs:
+    """Llama 4: pixel_values (tiles, 3, S, S) for every sequence's images, the tiles its image processor
+    cuts (``fitmap.profile``: the best-fit canvas, plus a global tile); per tile its patch tokens between
+    the processor's tile separators (text)."""
+    vc = config.vision_config
+    shapes = _shapes(config, workload)
+    image_id = config.image_token_index
+    runs = [[TEXT_TOKEN] + [t for _ in range(s.tiles) for t in [image_id] * (s.tokens // s.tiles) + [TEXT_TOKEN]]
+            for s in shapes]
+    inputs = _text_inputs(_token_row(workload.prompt, runs, image_id), workload.batch, device)
+    tiles = workload.batch * sum(s.tiles for s in shapes)
+    inputs["pixel_values"] = torch.zeros(tiles, vc.num_channels, vc.image_size, vc.image_size, dtype=dtype,
+                                         device=device)
+    return inputs, sum(s.tokens for s in shapes)
+
+
 def _llava_onevision(config, workload: Workload, device: torch.device, dtype: torch.dtype) -> Inputs:
     """LLaVA-OneVision: its own image processor picks each image's tiles among the grid pinpoints
     ("anyres") plus the whole image; pixel_values (images, tiles, 3, S, S), image_sizes; the image
@@ -337,7 +353,7 @@ def _processed_images(processor, workload: Workload, nested: bool = False) -> di
 _FAMILIES: dict[str, Callable[..., Inputs]] = {
     "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_vl, "qwen3_vl": _qwen2_vl, "qwen3_vl_moe": _qwen2_vl,
     "internvl": _internvl, "llava": _llava, "gemma3": _llava, "mistral3": _mistral3, "glm4v": _glm4v,
-    "idefics3": _idefics3, "smolvlm": _idefics3, "llava_onevision": _llava_onevision,
+    "idefics3": _idefics3, "smolvlm": _idefics3, "llava_onevision": _llava_onevision, "llama4": _llama4,
     "internvl_chat": _internvl_chat, "CogVLMForCausalLM": _cogvlm,
 }
 
