@@ -112,6 +112,32 @@ def test_sliding_window_layers_keep_their_window(checkpoints):
     assert sorted(kv) == sorted([full, full, kv[0], kv[0]]) and min(kv) < full / 4
 
 
+@pytest.mark.parametrize("estimate", ["analytic", "simulate"])
+def test_sliding_window_layers_hold_the_whole_prompt_until_the_first_decode_step(checkpoints, estimate):
+    """transformers keeps a sliding layer's window as a view of the prefill's keys and values, so the
+    prompt's worth stays allocated until decode: the plan counts the prompt for those layers."""
+    from fitmap.profile import peak_cached_tokens
+
+    prep, plan = _prepared(checkpoints("gemma2"), "1x1GiB", Workload(1, 200, 100), estimate=estimate)
+    tc = prep.skeleton.config
+    assert peak_cached_tokens(tc, 0, 300, 200) == 200 and peak_cached_tokens(tc, 1, 300, 200) == 300
+    per_token = 2 * tc.num_key_value_heads * tc.head_dim * 4
+    planned_kv = next(d for d in plan.devices if d.device == "0").kv_bytes
+    assert planned_kv == pytest.approx(2 * 200 * per_token + 2 * 300 * per_token, rel=0.02)  # 2 sliding, 2 full
+
+
+@pytest.mark.slow
+def test_gemma3_27b_with_an_image_checks_within_its_plan():
+    """Gemma 3 27B on 2 x 24 GiB with an 896 px image and a 2048-token prompt: 5 of 6 layers slide over
+    1024 tokens but hold the 2304-token prefill until decode; planned totals are the check's."""
+    prep, plan = _prepared("gemma-3-27b", "2x24GiB", Workload(1, 2048, 512, ((896, 896),)), estimate="simulate")
+    report = check(prep.skeleton.config, prep.inventory.task, prep.skeleton, plan)
+    assert plan.fits and report.clean and report.fits
+    for d in report.plan.devices:
+        planned = next(p for p in plan.devices if p.device == d.device)
+        assert abs(d.total_bytes - planned.total_bytes) < 64 * 2**20, d.device
+
+
 @pytest.mark.parametrize("family,workload", [("llama", Workload(1, 32, 8)),
                                              ("qwen2_vl", Workload(1, 32, 4, ((112, 112),)))])
 def test_simulation_runs_as_on_a_machine_with_cuda(checkpoints, monkeypatch, family, workload):

@@ -258,11 +258,20 @@ def kv_bytes_per_token(tc, layer: int, dtype_bytes: int) -> int:
 
 
 def cached_tokens(tc, layer: int, seq: int) -> int:
+    """Tokens layer ``layer`` keeps in its cache after a decode step at context ``seq``."""
     types = getattr(tc, "layer_types", None)
     window = getattr(tc, "sliding_window", None)
     if types and layer < len(types) and types[layer] == "sliding_attention" and window:
         return min(seq, window)
     return seq
+
+
+def peak_cached_tokens(tc, layer: int, seq: int, prompt: int) -> int:
+    """The most tokens layer ``layer``'s cache holds at once: a sliding-window layer keeps the last
+    window as a *view* of the prefill's keys and values, so the whole ``prompt`` (text and image
+    tokens) stays allocated until the first decode step replaces it (transformers'
+    ``DynamicSlidingWindowLayer``; Gemma 3 at a 2304-token prompt: 245 MiB more on a 24 GiB card)."""
+    return min(seq, max(cached_tokens(tc, layer, seq), prompt))
 
 
 def _block_act(tc, tokens: int, ctx_tokens: int, batch: int, b: int) -> int:
@@ -319,7 +328,8 @@ def estimate(sk: Skeleton, workload: Workload) -> Profile:
     for u in sk.units:
         kv = act = 0
         if u.kind == "block":
-            kv = workload.batch * cached_tokens(tc, u.layer, seq) * kv_bytes_per_token(tc, u.layer, b)
+            kv = workload.batch * peak_cached_tokens(tc, u.layer, seq, seq - workload.new) \
+                * kv_bytes_per_token(tc, u.layer, b)
             act = max(_block_act(tc, prefill, prefill, workload.batch, b),
                       _block_act(tc, workload.batch, workload.batch * seq, workload.batch, b))
         elif u.kind == "vision" and images and u.numel > 0:

@@ -810,7 +810,7 @@ class SimulatedCosts:
         return cls(point(d["a"]), point(d["b"]), int(d["image_tokens"]))
 
     def profile(self, sk: Skeleton, workload: Workload) -> Profile:
-        from fitmap.profile import cached_tokens
+        from fitmap.profile import peak_cached_tokens
 
         tc = text_config(sk.config)
         seq = workload.prompt + self.image_tokens + workload.new
@@ -820,7 +820,8 @@ class SimulatedCosts:
             act = _linear(self.a.tokens, self.a.act[u.name], self.b.tokens, self.b.act[u.name], tokens)
             kv = 0
             if u.layer is not None:
-                kv = int(self.a.kv_per_token[u.name] * workload.batch * cached_tokens(tc, u.layer, seq))
+                kv = int(self.a.kv_per_token[u.name] * workload.batch
+                         * peak_cached_tokens(tc, u.layer, seq, seq - workload.new))
             costs.append(UnitCost(u.name, u.weight_bytes, kv, max(0, int(act))))
         boundary = tokens * tc.hidden_size * getattr(torch, sk.dtype).itemsize
         return Profile("simulate", workload, tuple(costs), self.image_tokens, seq, boundary)
