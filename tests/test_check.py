@@ -139,3 +139,29 @@ def test_run_there_and_answer_the_caller_on_fake_devices():
         assert m(torch.ones(2, 4, device="meta:0")).device == torch.device("meta:0")
         for h in handles:
             h.remove()
+
+
+def test_plan_check_replans_with_the_headroom_its_replay_needed(checkpoints):
+    """When the full replay peaks above the plan's estimate on a GPU, `plan --check` plans again with that
+    GPU's reserve raised by the difference, and checks the new plan."""
+    from dataclasses import replace as dc_replace
+    from types import SimpleNamespace
+
+    from fitmap import pipeline
+    from fitmap.cli import _replan_with_headroom
+    from fitmap.devices import make_machine
+    from fitmap.workload import Workload
+
+    req = pipeline.PlanRequest(str(checkpoints("llama")), make_machine("2x1GiB", None), Workload(1, 64, 8))
+    prep = pipeline.prepare(req)
+    planned = pipeline.plan(req, prep)
+    over = 64 * 2**20
+    replay = SimpleNamespace(predicted=[dc_replace(d, total_bytes=d.total_bytes + (over if d.device == "1" else 0))
+                                        for d in planned.devices])
+    again, rechecked, extra = _replan_with_headroom(req, prep, planned, replay,
+                                                    SimpleNamespace(trust_remote_code=False))
+    assert extra == {"1": over} and rechecked.fits and rechecked.clean
+    before = {d.device: d.reserve_bytes for d in planned.devices}
+    for d in again.devices:      # a GPU the new plan leaves empty keeps nothing back
+        if d.units:
+            assert d.reserve_bytes == before[d.device] + (over if d.device == "1" else 0), d.device

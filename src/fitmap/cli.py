@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from fitmap.errors import BadInput, DoesNotFit, FitmapError, SimulationFailed
+from fitmap.sizes import fmt_bytes
 from fitmap.workload import Dtype, Workload, parse_image
 
 
@@ -200,9 +201,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return _print_limits(req, prep, args)
     result = planned = pipeline.plan(req, prep)
     checked = unchecked = None
+    headroom: dict[str, int] = {}
     if args.check and result.fits:
         try:
             checked = _check(prep, result, args.trust_remote_code)
+            if checked.clean and not checked.fits:     # the full replay peaked above the plan's estimate
+                planned, checked, headroom = _replan_with_headroom(req, prep, planned, checked, args)
             result = checked.plan
         except SimulationFailed as e:     # the plan is shown; the check's one line ends the command
             unchecked = e
@@ -217,6 +221,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
             report.console.print(f"no weights in {prep.inventory.path}: planned from config.json's shapes at "
                                  f"{planned.dtype}, as for a catalog model")
         report.print_machine_notes(req.machine, result, speed)
+        if headroom:
+            report.console.print("re-planned after the check: its full replay peaked above the estimate, so "
+                                 + ", ".join(f"GPU {d} keeps {fmt_bytes(b)} more free" for d, b in headroom.items())
+                                 + " (in the reserve column)")
         if checked:
             report.print_check(checked)
     if unchecked is not None:
@@ -325,6 +333,25 @@ def _serve(model_dir, sp, args) -> int:
     finally:
         engine.stop()
     return 0
+
+
+def _replan_with_headroom(req, prep, planned, checked, args):
+    """Plan again with each GPU's reserve raised by what the check's full replay held above the plan's
+    estimate there (activations live across units: image features, a sliding cache's prefill), then
+    check that plan. Returns (plan, its check, GPU -> bytes added); the first ones if it no longer fits."""
+    from fitmap import pipeline
+
+    est = {d.device: d.total_bytes for d in planned.devices}
+    extra = {d.device: d.total_bytes - est.get(d.device, d.total_bytes) for d in checked.predicted
+             if d.device.isdigit() and d.total_bytes > est.get(d.device, d.total_bytes)}
+    if not extra:
+        return planned, checked, {}
+    gpus = tuple(replace(g, reserve=g.reserve + extra.get(str(g.index), 0)) for g in req.machine.gpus)
+    again = pipeline.plan(replace(req, machine=replace(req.machine, gpus=gpus)), prep)
+    if not again.fits:
+        return planned, checked, {}
+    rechecked = _check(prep, again, args.trust_remote_code)
+    return (again, rechecked, extra) if rechecked.fits else (planned, checked, {})
 
 
 def _check(prep, plan, trust_remote_code: bool):

@@ -86,6 +86,8 @@ class Simulation:
     mismatch: Mismatch | None = None
     image_tokens: int = 0
     stage: str = ""                      # where it stopped or "done"
+    unit_entry: Mapping[str, int] = field(default_factory=dict)  # activation bytes live on its device
+    # when a unit first ran (inputs, image features, masks made above the units, earlier layers' KV)
 
 
 def device_label(device: str) -> str:
@@ -126,6 +128,8 @@ class MemoryTracker(TorchDispatchMode):
         self.mismatch: Mismatch | None = None
         self.param_owner: dict[int, list[str]] = {}       # weight storage key -> module paths (tied: several)
         self.unit_of: Mapping[str, str] = {}
+        self.weights: Counter[str] = Counter()            # weight and buffer bytes per device
+        self.entry: dict[str, int] = {}                   # unit -> bytes above the weights at its first entry
 
     def track(self, t: torch.Tensor) -> None:
         st = t.untyped_storage()
@@ -498,6 +502,7 @@ def _leave(t: MemoryTracker, path: str):
 def _unit_enter(t: MemoryTracker, unit: str, device: str):
     def hook(module, args):
         t.unit_stack.append((unit, device, t.current[device]))
+        t.entry.setdefault(unit, t.current[device] - t.weights[device])
     return hook
 
 
@@ -513,6 +518,7 @@ def _simulate_steps(run: _Run, config, task: str, sk: Skeleton, workload: Worklo
     for p in list(run.model.parameters()) + list(run.model.buffers()):
         t.track(p)
     weights = Counter(t.current)
+    t.weights = weights
     inputs, image_tokens = make_inputs(config, workload, run.input_device, task, run.trust_remote_code)
     stage = "prefill"
     model = run.model
@@ -541,7 +547,7 @@ def _simulate_steps(run: _Run, config, task: str, sk: Skeleton, workload: Worklo
                   for d in sorted(set(t.peak) | set(weights), key=_order))
     unit_kv = {u.name: kv.get((plan_device(run.unit_device[u.name]), u.layer), 0)
                for u in sk.units if u.layer is not None and u.name in run.unit_device}
-    return Simulation(peaks, dict(t.unit_peak), unit_kv, None, image_tokens, stage)
+    return Simulation(peaks, dict(t.unit_peak), unit_kv, None, image_tokens, stage, dict(t.entry))
 
 
 def _order(device: str) -> tuple[int, int]:
@@ -740,9 +746,17 @@ def measure_units(prep, workload: Workload, trust_remote_code: bool = False) -> 
         return f"{sk.text_layers}.{rep[u.layer]}", rep[u.layer]
 
     act, kv = {}, {}
-    for u in sk.units:
+    first_block = next((i for i, u in enumerate(sk.units) if u.layer is not None), len(sk.units))
+    at_blocks = max(carried, sim.unit_entry.get(source(sk.units[first_block])[0], 0)) \
+        if first_block < len(sk.units) else carried
+    for i, u in enumerate(sk.units):
         name, layer = source(u)
-        act[u.name] = sim.unit_activation.get(name, 0) + carried
+        # What is live when a unit starts, besides weights: before the first block (vision tower,
+        # projector, embeddings) all of it is activation (the tower's attention mask, image features);
+        # from the first block on, what was live there (the hidden state, masks and position tables made
+        # above the blocks, Qwen3-VL's DeepStack features) while the KV cache grows beside it
+        held = sim.unit_entry.get(name, 0) if i < first_block else at_blocks
+        act[u.name] = sim.unit_activation.get(name, 0) + held
         if u.layer is not None:
             kv[u.name] = sim.unit_kv.get(name, 0) / max(1, workload.batch * cached_tokens(tc, layer, seq))
     return _Point(workload.batch * (workload.prompt + sim.image_tokens), act, kv), sim.image_tokens
