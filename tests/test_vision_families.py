@@ -160,3 +160,18 @@ def test_llama4_tiles_as_its_image_processor_cuts_them(checkpoints):
     assert plan.fits and "image_outputs" in plan.estimate and "modeling_llama4.py" in plan.estimate
     assert len({plan.device_map[u] for u in plan.groups["input"]}) == 1
     assert any("vision_model" in u for u in plan.groups["input"])
+
+
+def test_run_with_an_image_on_a_vlm_without_processor_files_says_what_to_copy(checkpoints, tmp_path, capsys):
+    from PIL import Image
+
+    from fitmap.cli import main
+
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(tmp_path / "a.png")
+    model = str(checkpoints("qwen3_vl"))
+    capsys.readouterr()
+    code = main(["run", model, "--prompt", "what is this", "--image", str(tmp_path / "a.png"),
+                 "--new", "2", "--cpu", "1GiB"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "no image processor" in err and "copy the processor files" in err

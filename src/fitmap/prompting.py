@@ -9,6 +9,7 @@ image processor's grid gives, as the full processor would.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ class Prompter:
     image_processor: Any = None      # otherwise the image processor alone
     config: Any = None
     messages: list[dict] = field(default_factory=list)
+    no_processor: str = ""           # why no processor loaded, for the --image error
 
     @classmethod
     def for_model(cls, model_dir: str | Path, config: Any, trust_remote_code: bool = False) -> "Prompter":
@@ -62,9 +64,14 @@ class Prompter:
         remote_code_flag(trust_remote_code)
 
         processor = image_processor = None
+        why = ""
         try:
             processor = transformers.AutoProcessor.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError, ImportError, AttributeError, TypeError):
+        except ImportError as e:        # a library the processor class needs (torchvision for most VLMs)
+            missing = re.search(r"requires the (\w+) librar", str(e))
+            why = f"its processor needs {missing.group(1) if missing else 'a library this Python lacks'}" + (
+                f" (pip install {missing.group(1).lower()})" if missing else f": {str(e).strip().splitlines()[0]}")
+        except (OSError, ValueError, AttributeError, TypeError):
             processor = None
         if isinstance(processor, transformers.PreTrainedTokenizerBase):
             processor = None                               # a text model: AutoProcessor gave its tokenizer
@@ -84,13 +91,20 @@ class Prompter:
             raise BadInput(f"{model_dir} has no tokenizer fitmap can load (tokenizer files there: "
                            f"{', '.join(have) or 'none'}); fitmap run needs the tokenizer files that come with the "
                            "model (tokenizer.json, or tokenizer_config.json with its vocabulary files)") from None
-        return cls(tokenizer, processor, image_processor, config)
+        return cls(tokenizer, processor, image_processor, config, no_processor=why)
 
     def add_user(self, text: str, images: list) -> None:
         if not text.strip():
             raise BadInput("the prompt is empty; give --prompt TEXT")
         if images and self.processor is None and self.image_processor is None and not self.own_images:
-            raise BadInput("this model has no image processor; it cannot take --image")
+            from fitmap.configs import vision_config
+
+            if vision_config(self.config) is None:
+                raise BadInput("this is a text model (its config has no vision_config); it takes no --image")
+            raise BadInput("this vision-language model's directory has no image processor fitmap can load"
+                           + (f": {self.no_processor}" if self.no_processor else
+                              " (no preprocessor_config.json or processor_config.json); copy the processor files "
+                              "from the model's repository beside its weights"))
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
         self.messages.append({"role": "user", "content": content, "images": images})
 
