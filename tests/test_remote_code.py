@@ -349,3 +349,20 @@ def test_cogvlm_run_with_an_image_through_its_own_conversation_inputs(cogvlm, tm
     got = answer(str(cogvlm), "what is it?", [image], 8, make_machine(**machine), str(tmp_path / "cd.json"), True,
                  out=None)
     assert got.text == expected and expected
+
+
+def test_a_users_internvl_map_is_checked_as_accelerate_dispatches_it(internvl, tmp_path):
+    """The map a user writes for InternVL2 — the vision tower on GPU 0, the language model and the
+    projector on GPU 1 — replayed as accelerate runs it (inputs on ``model.device``, every module under a
+    key moving its inputs, so the embedding the model calls directly gets its ids): the two errors a
+    user meets in the model's own forward, then repaired by moving the image features and the
+    embeddings to where the inputs are."""
+    user_map = tmp_path / "map.json"
+    user_map.write_text(json.dumps({"vision_model": "cuda:0", "language_model": "cuda:1", "mlp1": "cuda:1"}))
+    r = fitmap("check", str(internvl), "--plan", str(user_map), "--gpus", "2x1GiB", "--image", "112x56",
+               "--prompt", "64", "--new", "16", "--trust-remote-code")
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())
+    assert text.count("mismatch: aten.index in the top-level model") == 2 and "modeling_internvl_chat.py:" in text
+    assert "vit_embeds[image_flags == 1]" in text               # the model's own line, printed as written
+    assert "repair: align-outputs mlp1 -> cuda:0" in text and "no device mismatch after repairs" in text

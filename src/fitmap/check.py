@@ -200,9 +200,18 @@ def _remedies(m: Mismatch, fixes: list[Repair], placement: Mapping[str, str],
 
 
 def _local(m: Mismatch, placement: Mapping[str, str]) -> str:
-    """Where M's own code runs: its unit's device when that is one of the two, else the first operand's."""
+    """Where M's own code runs: its unit's device when that is one of the two; in the top-level
+    model's own code, where its inputs are (an operand no unit produced: InternVL's ``image_flags``
+    beside ``mlp1``'s image features), so the unit that produced the other one is aligned;
+    else the first operand's."""
     home = placement.get(m.unit) if m.unit else None
-    return home if home in m.devices else m.operands[0][0]
+    if home in m.devices:
+        return home
+    if not m.module and any(p is not None for _, p, _ in m.operands):
+        given = next((d for d, p, is_param in m.operands if p is None and not is_param), None)
+        if given is not None:
+            return given
+    return m.operands[0][0]
 
 
 def _last_unit_on(device: str, placement: Mapping[str, str]) -> str | None:

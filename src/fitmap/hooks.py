@@ -43,15 +43,19 @@ class Hooks:
 
 
 def attach(model: nn.Module, placement: Placement, input_device: torch.device,
-           align: Iterable[tuple[str, torch.device]] = ()) -> Hooks:
+           align: Iterable[tuple[str, torch.device]] = (), every_unit: bool = False) -> Hooks:
     """Hook ``model`` so each unit in ``placement`` gets its inputs on its device.
 
     ``align`` adds (module path, device) input-alignment repairs for modules
     that are not units (e.g. one that concatenates tensors from two devices).
-    The model's outputs come back on ``input_device``.
+    The model's outputs come back on ``input_device``. Units before the first
+    device change need no hook (their inputs are already there), unless
+    ``every_unit`` (accelerate's way: every key of a device map is hooked).
     """
     mover = Mover()
-    targets = [(p, torch.device(d)) for p, d in boundary_units(placement, torch.device(input_device))]
+    units = _every_module_with_state(model, placement) if every_unit else \
+        boundary_units(placement, torch.device(input_device))
+    targets = [(p, torch.device(d)) for p, d in units]
     targets += [(p, torch.device(d)) for p, d in align]
     handles = []
     hooked = []
@@ -64,6 +68,22 @@ def attach(model: nn.Module, placement: Placement, input_device: torch.device,
     if hooked:   # outputs may come from another device; the memo of copies is dropped at the end of each forward
         handles.append(model.register_forward_hook(OutputsTo(torch.device(input_device), mover), always_call=True))
     return Hooks(handles, tuple(hooked), mover)
+
+
+def _every_module_with_state(model: nn.Module, placement: Placement) -> list[tuple[str, torch.device]]:
+    """accelerate's dispatch: each key of the map and every module under it that holds weights or
+    buffers moves its inputs to its key's device (a finer key wins), so an embedding the model calls
+    directly (``language_model.get_input_embeddings()(ids)``) still gets its ids moved."""
+    device: dict[str, torch.device] = {}
+    for key, dev in placement.items():            # coarse to fine: finer keys override
+        module = module_or_none(model, key)
+        if module is None:
+            continue
+        device[key] = torch.device(dev)
+        for sub, m in module.named_modules(prefix=key):
+            if sub != key and next(iter(m.state_dict()), None) is not None:
+                device[sub] = torch.device(dev)
+    return list(device.items())
 
 
 def boundary_units(placement: Placement, input_device: torch.device) -> list[tuple[str, torch.device]]:

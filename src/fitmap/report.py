@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fitmap.inventory import Inventory
@@ -41,7 +42,7 @@ def inspect_json(inv: Inventory, sk: Skeleton) -> dict:
 
 def print_inspect(inv: Inventory, sk: Skeleton) -> None:
     params = sum(u.numel for u in sk.units)
-    console.print(f"[bold]{inv.name}[/] — {sk.model_class} ({inv.config.get('model_type')}), {inv.source}")
+    console.print(f"[bold]{escape(inv.name)}[/] — {sk.model_class} ({inv.config.get('model_type')}), {inv.source}")
     console.print(f"parameters: {params / 1e9:.2f} B; weights at {sk.dtype}: {fmt_bytes(sk.weight_bytes)}")
     if inv.tensors:
         dtypes = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in sorted(inv.bytes_by_dtype().items()))
@@ -65,7 +66,7 @@ def print_inspect(inv: Inventory, sk: Skeleton) -> None:
 def print_plan(plan: Plan) -> None:
     w = plan.workload
     images = f", images {', '.join(f'{a}x{b}' for a, b in w.images)}" if w.images else ""
-    console.print(f"[bold]{plan.model}[/] at batch {w.batch} x ({w.prompt} prompt + {w.new} new tokens{images}), "
+    console.print(f"[bold]{escape(plan.model)}[/] at batch {w.batch} x ({w.prompt} prompt + {w.new} new tokens{images}), "
                   f"{plan.dtype}{f', Linear weights quantized to {plan.quantize} on load' if plan.quantize else ''}, "
                   f"policy {plan.policy}, {plan.estimate} costs")
     unit, scale = _unit(plan.devices)
@@ -81,7 +82,7 @@ def print_plan(plan: Plan) -> None:
                   style=style)
     console.print(t)
     for r in plan.repairs:
-        console.print(f"repair: {r.kind} {r.module} -> {r.device} ({r.reason})")
+        console.print(escape(f"repair: {r.kind} {r.module} -> {r.device} ({r.reason})"))
     console.print("[green]fits[/]" if plan.fits else f"[red]does not fit[/]: short by {fmt_bytes(plan.shortfall_bytes)}")
 
 
@@ -150,9 +151,9 @@ def print_check(report) -> None:
             f"{100 * d.utilization:.0f}%", style=style)
     console.print(t)
     for m in report.mismatches:
-        console.print(f"[yellow]mismatch[/]: {m.message()}")
+        console.print(f"[yellow]mismatch[/]: {escape(m.message())}")
     for r in report.repairs:
-        console.print(f"[green]repair[/]: {r.kind} {r.module} -> {_device_label(r.device)} ({r.reason})")
+        console.print(f"[green]repair[/]: " + escape(f"{r.kind} {r.module} -> {_device_label(r.device)} ({r.reason})"))
     if report.clean:
         console.print("no device mismatch" + (" after repairs" if report.repairs else ""))
     else:

@@ -394,9 +394,13 @@ def simulate(config, task: str, sk: Skeleton, plan: Plan, workload: Workload | N
         _buffers_where_they_run(model, offloaded, unit_device)
         retie(model, sk.tied)
         _clear_hf_device_hints(model)
-        input_device = _input_device(model)
+        # A user's own map replays as accelerate dispatches it: the inputs on ``model.device`` (its first
+        # parameter's, where users move them), every key of the map hooked. A fitmap plan replays as
+        # fitmap's runtime runs it: inputs where the embeddings are, units hooked from the first device change.
+        accelerate_like = plan.policy == "user map"
+        input_device = next(model.parameters()).device if accelerate_like else _input_device(model)
         run = _Run(model, tracker, input_device, unit_device, trust_remote_code=trust_remote_code)
-        handles = _instrument(run, sk, fixes)
+        handles = _instrument(run, sk, fixes, every_key=accelerate_like)
         handles += [_stream_weights(model, u, unit_device[u]) for u in offloaded]
         try:
             return _simulate_steps(run, config, task, sk, workload)
@@ -421,7 +425,7 @@ def _input_device(model: nn.Module) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
-def _instrument(run: _Run, sk: Skeleton, fixes: tuple[Repair, ...]) -> list:
+def _instrument(run: _Run, sk: Skeleton, fixes: tuple[Repair, ...], every_key: bool = False) -> list:
     t = run.tracker
     t.unit_of = {u.name: u.name for u in sk.units}
     paths = {id(m): p for p, m in run.model.named_modules()}
@@ -438,7 +442,7 @@ def _instrument(run: _Run, sk: Skeleton, fixes: tuple[Repair, ...]) -> list:
             handles.append(m.register_forward_pre_hook(_unit_enter(t, u.name, plan_device(run.unit_device[u.name]))))
             handles.append(m.register_forward_hook(_unit_leave(t)))
     placement = {u: d for u, d in run.unit_device.items()}
-    h = hooks.attach(run.model, placement, run.input_device)
+    h = hooks.attach(run.model, placement, run.input_device, every_unit=every_key)
     handles.append(h)
     handles.extend(repairs.apply(run.model, fixes, fake_device))
     return handles
