@@ -153,7 +153,7 @@ def print_check(report) -> None:
     for m in report.mismatches:
         console.print(f"[yellow]mismatch[/]: {escape(m.message())}")
     for r in report.repairs:
-        console.print(f"[green]repair[/]: " + escape(f"{r.kind} {r.module} -> {_device_label(r.device)} ({r.reason})"))
+        console.print("[green]repair[/]: " + escape(f"{r.kind} {r.module} -> {_device_label(r.device)} ({r.reason})"))
     if report.clean:
         console.print("no device mismatch" + (" after repairs" if report.repairs else ""))
     else:
