@@ -7,6 +7,7 @@ keeps a multi-turn conversation. Both stream tokens to the terminal.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -164,9 +165,10 @@ def _own_chat(loaded: LoadedModel, form: str, prompter: Prompter, new: int,
     query, history = turns[-1]["content"], turns[:-1]
     model, tokenizer = loaded.model, prompter.tokenizer
     count = None        # the reply's tokens: counted from the ids where the model's path returns them
+    generated: list[int] = []
     t = time.perf_counter()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), _counting_generate(generated):
             if form == "glm":
                 reply, _ = model.chat(tokenizer, query, history=history, max_new_tokens=new, do_sample=False,
                                       num_beams=1)
@@ -198,7 +200,32 @@ def _own_chat(loaded: LoadedModel, form: str, prompter: Prompter, new: int,
     if out is not None:
         out.write(text + "\n")
         out.flush()
+    if count is None and generated:
+        count = generated[-1]
     return text, count if count is not None else len(tokenizer.encode(text, add_special_tokens=False)), seconds
+
+
+@contextlib.contextmanager
+def _counting_generate(counts: list[int]):
+    """While a model's own ``chat()`` runs: the new tokens each ``generate`` call made (its output less
+    the ``input_ids`` it was given; all of it when it was given ``inputs_embeds`` alone)."""
+    from transformers.generation.utils import GenerationMixin
+
+    original = GenerationMixin.generate
+
+    def generate(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        ids = out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None)
+        given = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+            counts.append(int(ids.shape[1]) - (int(given.shape[1]) if isinstance(given, torch.Tensor) else 0))
+        return out
+
+    GenerationMixin.generate = generate
+    try:
+        yield
+    finally:
+        GenerationMixin.generate = original
 
 
 def _float_dtype(model) -> torch.dtype:
