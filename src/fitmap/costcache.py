@@ -72,6 +72,17 @@ def save(k: str, costs) -> None:
     _write(k, "costs", costs.to_json())
 
 
+def load_failure(k: str) -> str | None:
+    """Why simulating ``k`` failed before (the same model code, fitmap, torch and transformers would
+    fail the same way: the plan goes analytic at once), or None."""
+    data = _read(k, "failures")
+    return data.get("error") if isinstance(data, dict) and isinstance(data.get("error"), str) else None
+
+
+def save_failure(k: str, error: str) -> None:
+    _write(k, "failures", {"error": error})
+
+
 def load_skeleton(k: str) -> dict | None:
     """A skeleton's JSON (units, groups, ties) saved for ``k``, or None."""
     return _read(k, "skeletons")

@@ -82,6 +82,10 @@ def _simulate_or_explain(prep: Prepared, req: PlanRequest):
     from fitmap.simulate import simulated_costs
 
     k = costcache.key(prep.inventory, prep.skeleton.dtype, req.workload)
+    failed = costcache.load_failure(k)
+    if failed is not None:           # this fitmap, torch and transformers cannot simulate it: known already
+        prep.simulation_error = failed
+        return None
     cached = costcache.load(k)
     if cached is not None and {u.name for u in prep.skeleton.units} <= set(cached.a.act):
         return cached
@@ -99,6 +103,7 @@ def _simulate_or_explain(prep: Prepared, req: PlanRequest):
     except Exception as e:  # model code the fake devices cannot run: say so, plan analytically
         first = str(e).splitlines()[0][:200] if str(e) else ""
         prep.simulation_error = f"{type(e).__name__}: {first}{where_in_model_code(e)}"
+        costcache.save_failure(k, prep.simulation_error)
         return None
 
 
