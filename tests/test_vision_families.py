@@ -158,6 +158,8 @@ def test_llama4_tiles_as_its_image_processor_cuts_them(checkpoints):
     d = checkpoints("llama4")
     plan = fitmap.plan(str(d), gpus="2x1GiB", prompt=32, new=8, images=(IMAGE,))
     assert plan.fits and "image_outputs" in plan.estimate and "modeling_llama4.py" in plan.estimate
+    again = fitmap.plan(str(d), gpus="2x1GiB", prompt=32, new=8, images=(IMAGE,))   # the failure is remembered
+    assert again.estimate == plan.estimate and again.device_map == plan.device_map
     assert len({plan.device_map[u] for u in plan.groups["input"]}) == 1
     assert any("vision_model" in u for u in plan.groups["input"])
 
