@@ -146,7 +146,7 @@ def test_the_model_takes_the_image_tokens_predicted_at_several_sizes(checkpoints
         assert out.logits.shape[1] == inputs["input_ids"].shape[1]
 
 
-def test_llama4_tiles_as_its_image_processor_cuts_them(checkpoints):
+def test_llama4_tiles_as_its_image_processor_cuts_them(checkpoints, monkeypatch):
     """Llama 4 (336 px tiles, 14 px patches, pixel shuffle to a quarter: 144 tokens a tile): the best-fit
     canvas of at most 16 tiles, plus a global tile when there are several. Its image processor needs
     torchvision, so the rule is fitmap's; transformers 5.24's own forward with an image fails
@@ -158,6 +158,12 @@ def test_llama4_tiles_as_its_image_processor_cuts_them(checkpoints):
     d = checkpoints("llama4")
     plan = fitmap.plan(str(d), gpus="2x1GiB", prompt=32, new=8, images=(IMAGE,))
     assert plan.fits and "image_outputs" in plan.estimate and "modeling_llama4.py" in plan.estimate
+    import fitmap.simulate
+
+    def not_again(*args, **kwargs):
+        raise AssertionError("simulated again")
+
+    monkeypatch.setattr(fitmap.simulate, "simulated_costs", not_again)
     again = fitmap.plan(str(d), gpus="2x1GiB", prompt=32, new=8, images=(IMAGE,))   # the failure is remembered
     assert again.estimate == plan.estimate and again.device_map == plan.device_map
     assert len({plan.device_map[u] for u in plan.groups["input"]}) == 1
