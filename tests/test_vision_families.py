@@ -158,12 +158,12 @@ def test_llama4_tiles_as_its_image_processor_cuts_them(checkpoints, monkeypatch)
     d = checkpoints("llama4")
     plan = fitmap.plan(str(d), gpus="2x1GiB", prompt=32, new=8, images=(IMAGE,))
     assert plan.fits and "image_outputs" in plan.estimate and "modeling_llama4.py" in plan.estimate
-    import fitmap.simulate
+    from fitmap import simulate as simulate_module
 
     def not_again(*args, **kwargs):
         raise AssertionError("simulated again")
 
-    monkeypatch.setattr(fitmap.simulate, "simulated_costs", not_again)
+    monkeypatch.setattr(simulate_module, "simulated_costs", not_again)
     again = fitmap.plan(str(d), gpus="2x1GiB", prompt=32, new=8, images=(IMAGE,))   # the failure is remembered
     assert again.estimate == plan.estimate and again.device_map == plan.device_map
     assert len({plan.device_map[u] for u in plan.groups["input"]}) == 1
