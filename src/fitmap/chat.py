@@ -21,8 +21,9 @@ CHAT_CONTEXT = 4096   # prompt tokens the plan makes room for
 
 
 def chat(model: str, image_paths: list[str], new: int, machine: Machine, plan_file: str | None,
-         trust_remote_code: bool, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout,
+         trust_remote_code: bool, stdin: TextIO | None = None, out: TextIO | None = None,
          quantize: str | None = None) -> int:
+    stdin, out = stdin or sys.stdin, out or sys.stdout      # the streams of the call, not of the import
     from fitmap import report
 
     prep = pipeline.prepare(pipeline.PlanRequest(model, machine, trust_remote_code=trust_remote_code,

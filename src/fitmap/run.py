@@ -298,8 +298,10 @@ def text_tokens(prompter: Prompter, config) -> int:
 
 
 def answer(model: str, text: str, images: list, new: int, machine: devices.Machine, plan_file: str | None = None,
-           trust_remote_code: bool = False, out: TextIO | None = sys.stdout, quantize: str | None = None) -> Answer:
-    """Plan (or read the plan), load, answer ``text`` about ``images``, measure."""
+           trust_remote_code: bool = False, out: TextIO | None | str = "stdout", quantize: str | None = None) -> Answer:
+    """Plan (or read the plan), load, answer ``text`` about ``images``, measure. The reply streams to
+    ``out`` (the current ``sys.stdout`` by default; None: not at all)."""
+    out = sys.stdout if out == "stdout" else out
     prep_inv = pipeline.prepare(pipeline.PlanRequest(model, machine, trust_remote_code=trust_remote_code,
                                                      estimate="analytic"))
     model_dir = local_model_dir(prep_inv)

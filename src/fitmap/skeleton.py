@@ -511,9 +511,16 @@ def _make_units(model: nn.Module, paths: list[str], layers_path: str, inv: Inven
         numel = sum(params[n].numel() for n in names if n in params)
         nbytes = 0
         for n, t in zip(names, tensors):
-            if id(t) in seen or (n in buffers and n not in persistent):
-                continue  # a tied parameter counts once; non-persistent buffers are tiny
+            if id(t) in seen:
+                continue  # a tied parameter counts once
             seen.add(id(t))
+            if n in buffers and n not in persistent:
+                # computed, not loaded: rotary inv_freq is noise, but remote code keeps tables per layer
+                # (InternLM2's cos/sin caches: 2 x 32768 x 128 values in every layer; MiniCPM-V's
+                # resampler position table), resident on the unit's device
+                size = t.numel() * t.element_size()
+                nbytes += size if size >= LARGE_COMPUTED_BUFFER else 0
+                continue
             nbytes += quantized[n] if n in quantized else _tensor_bytes(n, t, inv, dtype)
         layer = None
         if path.startswith(layer_prefix) and path[len(layer_prefix):].split(".")[0].isdigit():
@@ -521,6 +528,10 @@ def _make_units(model: nn.Module, paths: list[str], layers_path: str, inv: Inven
         kind = "block" if layer is not None else "other"
         units.append(Unit(path, kind, owned, numel, nbytes, layer))
     return units
+
+
+LARGE_COMPUTED_BUFFER = 1 << 20
+"""A non-persistent buffer this large (1 MiB) counts in its unit's bytes; smaller ones do not."""
 
 
 def _tensor_bytes(name: str, t: torch.Tensor, inv: Inventory, dtype: torch.dtype) -> int:
