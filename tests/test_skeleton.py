@@ -108,3 +108,28 @@ def test_a_skeleton_is_built_once_and_read_back_the_same(tmp_path, monkeypatch):
     assert (again.units, again.groups, again.tied, again.no_split, again.text_layers, again.model_class) == (
         built.units, built.groups, built.tied, built.no_split, built.text_layers, built.model_class)
     assert again.config.model_type == "mixtral"
+
+
+def test_large_computed_buffers_count_in_their_units_bytes():
+    """A per-layer rotary cache (non-persistent, computed in __init__) is resident memory on the layer's
+    device: counted from 1 MiB up; an inv_freq-sized one is not."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch import nn
+
+    from fitmap.skeleton import LARGE_COMPUTED_BUFFER, _make_units
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8, bias=False)
+            self.register_buffer("inv_freq", torch.ones(4), persistent=False)
+            self.register_buffer("cos_cached", torch.ones(LARGE_COMPUTED_BUFFER // 4), persistent=False)
+
+    model = nn.Module()
+    model.layers = nn.ModuleList([Layer(), Layer()])
+    inv = SimpleNamespace(tensors={}, fp8_linear=False)
+    units = _make_units(model, ["layers.0", "layers.1"], "layers", inv, torch.float32, {})
+    assert [u.weight_bytes for u in units] == [8 * 8 * 4 + LARGE_COMPUTED_BUFFER] * 2
+    assert all(u.layer == i for i, u in enumerate(units))
