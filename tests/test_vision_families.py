@@ -19,7 +19,8 @@ from fitmap.vision_inputs import vision_inputs
 from fitmap.workload import Workload
 from tests.test_loader import plan_for
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "mistral3", "glm4v", "llava", "internvl", "idefics3", "smolvlm", "llava_onevision"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "mistral3", "glm4v", "llava", "internvl", "idefics3",
+            "smolvlm", "llava_onevision"]
 IMAGE = (100, 80)
 
 

@@ -128,7 +128,8 @@ def config(family: str) -> transformers.PretrainedConfig:
     raise ValueError(f"unknown tiny family {family!r}")
 
 
-VISION = ("qwen2_vl", "qwen2_5_vl", "mistral3", "glm4v", "llava", "internvl", "idefics3", "smolvlm", "llava_onevision", "gemma3", "llama4", "qwen3_vl", "qwen3_vl_moe")
+VISION = ("qwen2_vl", "qwen2_5_vl", "mistral3", "glm4v", "llava", "internvl", "idefics3", "smolvlm", "llava_onevision",
+          "gemma3", "llama4", "qwen3_vl", "qwen3_vl_moe")
 
 
 def make_checkpoint(family: str, directory: Path, shard_kb: int = 200, seed: int = 0,

@@ -77,8 +77,8 @@ def check(config, task: str, sk: Skeleton, plan: Plan, trust_remote_code: bool =
 
             text = " ".join(str(e).split())[:200]
             raise SimulationFailed(f"fitmap cannot replay this model on fake devices: {type(e).__name__}: {text}"
-                                   f"{where_in_model_code(e)}; no device mismatch or memory peak was checked (the plan's "
-                                   "numbers stand as estimated)") from None
+                                   f"{where_in_model_code(e)}; no device mismatch or memory peak was checked "
+                                   "(the plan's numbers stand as estimated)") from None
 
     exists = _ModulePaths(config, task, getattr(torch, sk.dtype), trust_remote_code)
     sim, log = _repair(run, plan, max_rounds, exists)

@@ -66,9 +66,10 @@ def print_inspect(inv: Inventory, sk: Skeleton) -> None:
 def print_plan(plan: Plan) -> None:
     w = plan.workload
     images = f", images {', '.join(f'{a}x{b}' for a, b in w.images)}" if w.images else ""
-    console.print(f"[bold]{escape(plan.model)}[/] at batch {w.batch} x ({w.prompt} prompt + {w.new} new tokens{images}), "
+    console.print(f"[bold]{escape(plan.model)}[/] at batch {w.batch} x "
+                  f"({w.prompt} prompt + {w.new} new tokens{images}), "
                   f"{plan.dtype}{f', Linear weights quantized to {plan.quantize} on load' if plan.quantize else ''}, "
-                  f"policy {plan.policy}, {plan.estimate} costs")
+                  f"policy {plan.policy}, {escape(plan.estimate)} costs")
     unit, scale = _unit(plan.devices)
     t = Table(caption=f"sizes in {unit}; use = total / capacity", caption_justify="left")
     for col in ("device", "capacity", "weights", "KV", "activ.", "reserve", "stream", "total", "use", "units"):

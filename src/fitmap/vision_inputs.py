@@ -245,7 +245,8 @@ def idefics3_shape(config, w: int, h: int) -> ImageShape:
 def _idefics3_processor(config):
     side = config.vision_config.image_size      # published: the tower's side, and 4 of them for the longest edge
     name = "SmolVLMImageProcessor" if configs.model_type(config) == "smolvlm" else "Idefics3ImageProcessor"
-    return _image_processor(config, name, {"size": {"longest_edge": 4 * side}, "max_image_size": {"longest_edge": side}})
+    return _image_processor(config, name, {"size": {"longest_edge": 4 * side},
+                                           "max_image_size": {"longest_edge": side}})
 
 
 def _idefics3_per_tile(config) -> int:
@@ -299,7 +300,8 @@ def onevision_shape(config, w: int, h: int) -> ImageShape:
 def _onevision_processor(config):
     side = config.vision_config.image_size
     return _image_processor(config, "LlavaOnevisionImageProcessor",
-                            {"size": {"height": side, "width": side}, "image_grid_pinpoints": config.image_grid_pinpoints})
+                            {"size": {"height": side, "width": side},
+                             "image_grid_pinpoints": config.image_grid_pinpoints})
 
 
 def _onevision_tokens(config, enc: dict, index: int) -> int:
