@@ -301,6 +301,7 @@ def _advice(m: Mismatch, plan: Plan) -> str:
     producers = [_unit_of(p, placement) for _, p, _ in m.operands if p is not None]
     units = [u for u in dict.fromkeys([m.unit, *producers]) if u]
     if not units:
-        return "keep the units involved on one device with --pin MODULE=DEVICE"
+        return "keep the units involved on one device: plan again with fitmap plan ... --pin MODULE=DEVICE"
     dev = m.devices[0]
-    return "keep the units involved on one device: " + " ".join(f"--pin {u}={dev}" for u in units)
+    return "keep the units involved on one device: plan again with fitmap plan ... " + " ".join(
+        f"--pin {u}={dev}" for u in units)

@@ -376,8 +376,8 @@ def _check_failure(report) -> str:
         return "the plan does not fit"
     if not report.clean:
         m = report.mismatches[-1]
-        return (f"{m.message()}; fitmap could not repair it. Keep the units involved on one device "
-                "with --pin MODULE=DEVICE")
+        return (f"{m.message()}; fitmap could not repair it. Keep the units involved on one device: plan "
+                "again with fitmap plan ... --pin MODULE=DEVICE")
     over = [d for d in report.predicted if d.total_bytes > d.capacity_bytes and d.device != "disk"]
     return "simulated peaks exceed capacity on " + ", ".join(
         f"{d.device}: {d.total_bytes / 2**30:.2f} of {d.capacity_bytes / 2**30:.2f} GiB" for d in over
