@@ -133,3 +133,14 @@ def test_large_computed_buffers_count_in_their_units_bytes():
     units = _make_units(model, ["layers.0", "layers.1"], "layers", inv, torch.float32, {})
     assert [u.weight_bytes for u in units] == [8 * 8 * 4 + LARGE_COMPUTED_BUFFER] * 2
     assert all(u.layer == i for i, u in enumerate(units))
+
+
+def test_model_code_copied_from_torch_2_0_finds_its_typing_names():
+    """MiniCPM-V's resampler does ``from torch.nn.functional import *`` and annotates ``-> List[Tensor]``;
+    torch 2.1+ no longer exports ``List`` there. Building remote code gives the name back."""
+    from fitmap import compat
+
+    compat.legacy_torch_names()
+    namespace: dict = {}
+    exec("from torch.nn.functional import *\ndef f(x) -> List[Tensor]: return [x]", namespace)
+    assert namespace["f"].__annotations__["return"] is not None

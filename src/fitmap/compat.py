@@ -9,6 +9,9 @@
   and the ``_is_hf_initialized`` flag; 4.x has neither, so fitmap guards them itself.
 * Generation: on 5.x ``PreTrainedModel`` no longer inherits ``GenerationMixin``; remote
   code written for 4.x that does not inherit it gets it from :func:`ensure_generate`.
+* torch: remote code copied from torch 2.0's ``torch.nn.functional`` (MiniCPM-V's resampler
+  annotates with ``List[Tensor]`` after ``from torch.nn.functional import *``) finds the
+  ``typing`` names that module no longer re-exports: :func:`legacy_torch_names`.
 """
 
 from __future__ import annotations
@@ -89,3 +92,16 @@ def ensure_generate(model: Any) -> None:
     from transformers import GenerationMixin
 
     model.__class__ = type(cls.__name__, (cls, GenerationMixin), {"__module__": cls.__module__})
+
+
+def legacy_torch_names() -> None:
+    """Give ``torch.nn.functional`` back the ``typing`` names it exported up to torch 2.0
+    (``List``, ``Optional``, ``Tuple``), for model code that star-imports it and annotates with them.
+    Adds only names that are missing; touches nothing torch itself uses."""
+    import typing
+
+    import torch.nn.functional as F
+
+    for name in ("List", "Optional", "Tuple"):
+        if not hasattr(F, name):
+            setattr(F, name, getattr(typing, name))

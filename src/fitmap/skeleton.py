@@ -126,6 +126,8 @@ def build_model(config, task: str, dtype: torch.dtype, trust_remote_code: bool =
     FakeTensorMode for simulation. Weights are never initialised from a checkpoint here.
     """
     remote_code_flag(trust_remote_code)
+    if trust_remote_code:
+        compat.legacy_torch_names()
     errors = []
     with default_dtype(dtype), _python_not_torchscript(), _model_prints():
         for auto in compat.auto_classes(task):
