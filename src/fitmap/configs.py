@@ -13,6 +13,7 @@ raises :class:`MissingConfigValue`, one line naming the names tried.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from types import SimpleNamespace
 from typing import Any
 
@@ -114,13 +115,19 @@ def image_processor_config(config: Any) -> dict | None:
     """The image processor's settings: what the catalog keeps with an entry, else the model
     directory's ``preprocessor_config.json`` (or ``processor_config.json``'s ``image_processor``),
     else None."""
-    import json
-    from pathlib import Path
-
     kept = _get(config, IMAGE_PROCESSOR_ATTR)
     if isinstance(kept, dict):
         return kept
-    source = _get(config, "_name_or_path") or ""
+    return _processor_file(str(_get(config, "_name_or_path") or ""))
+
+
+@lru_cache(maxsize=64)
+def _processor_file(source: str) -> dict | None:
+    """The image-processor settings saved in directory ``source`` (read once: the planner sizes
+    images many times per plan). Shared: callers read it, never change it."""
+    import json
+    from pathlib import Path
+
     if not source or not Path(source).is_dir():
         return None
     for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):

@@ -81,9 +81,14 @@ def _every_module_with_state(model: nn.Module, placement: Placement) -> list[tup
             continue
         device[key] = torch.device(dev)
         for sub, m in module.named_modules(prefix=key):
-            if sub != key and next(iter(m.state_dict()), None) is not None:
+            if sub != key and has_state(m):
                 device[sub] = torch.device(dev)
     return list(device.items())
+
+
+def has_state(module: nn.Module) -> bool:
+    """The module or one under it holds a parameter or a buffer."""
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
 
 
 def boundary_units(placement: Placement, input_device: torch.device) -> list[tuple[str, torch.device]]:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from fitmap import compat, quant
+from fitmap.hooks import has_state
 from fitmap.errors import BadInput, CheckpointError, ModelCodeError, remote_code_flag
 from fitmap.inventory import DTYPE_BYTES, Inventory, TensorInfo
 from fitmap.keys import key_mapper, quantized_keys
@@ -443,7 +444,7 @@ def find_units(model: nn.Module, no_split: set[str]) -> list[str]:
 
     def visit(module: nn.Module, path: str) -> None:
         if path and (type(module).__name__ in no_split or path not in contains_unit):
-            if _has_state(module):
+            if has_state(module):
                 units.append(path)
             return
         for pname, _ in module.named_parameters(recurse=False):
@@ -455,10 +456,6 @@ def find_units(model: nn.Module, no_split: set[str]) -> list[str]:
 
     visit(model, "")
     return units
-
-
-def _has_state(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
 
 
 def _modules_containing_units(model: nn.Module, no_split: set[str]) -> set[str]:
