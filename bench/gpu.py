@@ -41,6 +41,7 @@ import argparse
 import gc
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -56,7 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))
 
-from bench.runtime import evict  # noqa: E402  (page-cache eviction, shared with the CPU benchmark)
+from bench.runtime import evict, least_checking_hook  # noqa: E402  (shared with the CPU benchmark)
 from fitmap.compat import cache_kwarg  # noqa: E402  (no torch import: --help stays fast)
 
 GB = 1e9
@@ -787,6 +788,11 @@ def sec_hooks(b: Bench) -> dict:
         hs = [model.get_submodule(u).register_forward_pre_hook(lambda m, a, k: None, with_kwargs=True) for u in units]
         return lambda: [h.remove() for h in hs]
 
+    def minimal_attach():
+        check = least_checking_hook(dev)
+        hs = [model.get_submodule(u).register_forward_pre_hook(check, with_kwargs=True) for u in units]
+        return lambda: [h.remove() for h in hs]
+
     def accelerate_attach():
         dispatch_model(model, device_map={u: (0 if dev.type == "cuda" else "cpu") for u in units}, force_hooks=True)
         return lambda: remove_hook_from_submodules(model)
@@ -801,33 +807,49 @@ def sec_hooks(b: Bench) -> dict:
     variants = {"no hooks": lambda: (lambda: None), "fitmap boundary hooks, every unit": fitmap_attach,
                 "(floor) no-op torch pre-hook, same units": noop_attach,
                 "fitmap pre-hooks only (OutputsTo replaced by a reset)": fitmap_pre_only,
+                "(reference) the least a checking hook does: tensor devices, one id look-up per keyword":
+                    minimal_attach,
                 "accelerate dispatch_model (force_hooks)": accelerate_attach}
-    times: dict[str, list[float]] = {k: [] for k in variants}
+    # Paired rounds: each round runs one block of every variant in a shuffled order, and a variant's
+    # overhead is the median over rounds of (its block / the unhooked block of the same round) - 1, so
+    # that the host's drift (the unhooked step moved 7 -> 10 ms within minutes on the H200) cancels.
+    # The garbage collector is off while timing (its pauses fall on whichever variant runs then).
+    blocks: dict[str, list[float]] = {k: [] for k in variants}
     items = list(variants.items())
-    steps, blocks = 20, b.scale(30, 2)
+    order = random.Random(0)
+    steps, rounds = 10, b.scale(80, 3)
     with torch.inference_mode():
         cache = DynamicCache(config=model.config)
         out = model(input_ids=random_ids(1, 16, 1024).to(dev), **{cache_kwarg(model): cache}, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
-        for blk in range(blocks):
-            for name, attach in items[blk % len(items):] + items[:blk % len(items)]:
-                detach = attach()
-                for s in range(steps + 1):
-                    sync(b)
-                    t0 = time.perf_counter()
-                    model(input_ids=token, **{cache_kwarg(model): cache}, use_cache=True)
-                    sync(b)
-                    if s:
-                        times[name].append(time.perf_counter() - t0)
-                    cache.crop(-1)   # back to the prompt: every step sees the same cache
-                detach()
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(rounds):
+                order.shuffle(items)
+                for name, attach in items:
+                    detach = attach()
+                    times = []
+                    for s in range(steps + 1):
+                        sync(b)
+                        t0 = time.perf_counter()
+                        model(input_ids=token, **{cache_kwarg(model): cache}, use_cache=True)
+                        sync(b)
+                        if s:
+                            times.append(time.perf_counter() - t0)
+                        cache.crop(-1)   # back to the prompt: every step sees the same cache
+                    detach()
+                    blocks[name].append(statistics.median(times))
+        finally:
+            gc.enable()
         diagnosis = _hook_diagnosis(b, model, units, token, cache)
-    base = statistics.median(times["no hooks"])
+    base = blocks["no hooks"]
     res = {"diagnosis": diagnosis}
     for name in variants:
-        t = statistics.median(times[name])
-        res[name] = dict(step_seconds=t, overhead=(t - base) / base, steps=len(times[name]))
-        b.row("hooks", name, f"{t * 1e3:.3f} ms per step ({(t - base) / base:+.1%})", "")
+        t = statistics.median(blocks[name])
+        paired = statistics.median(v / u - 1 for v, u in zip(blocks[name], base))
+        res[name] = dict(step_seconds=t, overhead=paired, rounds=len(blocks[name]), steps_per_round=steps)
+        b.row("hooks", name, f"{t * 1e3:.3f} ms per step, {paired:+.1%} paired", "")
     fit = res["fitmap boundary hooks, every unit"]["overhead"]
     floor = res["(floor) no-op torch pre-hook, same units"]["overhead"]
     b.row("hooks", "fitmap minus floor", f"{(fit - floor) * 100:+.1f} points",

@@ -3,6 +3,8 @@ mismatch to a clean forward and decode."""
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -155,3 +157,57 @@ def test_boundary_copies_work_under_inference_mode():
         out = model.generate(ids, max_new_tokens=5, do_sample=False)
     h.remove()
     assert torch.equal(out, ref)
+
+
+class _Parent(torch.nn.Module):
+    """Top-level code of the kind HF models have: one broadcast tensor for every layer, and (when
+    asked) a per-layer temporary, or the broadcast tensor changed in place between layers."""
+
+    def __init__(self, n: int = 4) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(n))
+        self.held_past_unit: list[bool] = []
+
+    def forward(self, x, bias, temporary=False, bump=False):
+        for layer in self.layers:
+            extra = torch.ones(4) if temporary else None
+            ref = weakref.ref(extra) if temporary else None
+            x = layer(x, bias=bias, extra=extra)
+            del extra
+            if temporary:
+                self.held_past_unit.append(ref() is not None)
+            if bump:
+                bias.add_(1)
+        return x
+
+
+def _hooked_parent(device):
+    model = _Parent()
+    seen = []
+    for layer in model.layers:
+        layer.forward = (lambda f: lambda x, bias, extra: seen.append((bias.device, float(bias.sum()))) or f(x))(
+            layer.forward)
+    h = hooks.attach(model, {f"layers.{i}": device for i in range(4)}, torch.device("cpu"),
+                     every_unit=device.index is None)
+    return model, h, seen
+
+
+def test_broadcast_keywords_are_copied_once_and_again_after_an_in_place_change():
+    model, h, seen = _hooked_parent(torch.device("cpu", 1))     # a second label: moving is a real copy
+    x, bias = torch.zeros(1, 4), torch.zeros(4)
+    with torch.no_grad():
+        model(x, bias)
+        # the hidden state is copied at each unit (a copy to ``cpu:1`` comes back labelled ``cpu``), the bias once
+        assert h.mover.copies == 4 + 1 and [s for _, s in seen] == [0.0] * 4
+        seen.clear()
+        model(x, bias, bump=True)       # changed in place after each layer: each layer sees the new values
+    assert [s for _, s in seen] == [0.0, 4.0, 8.0, 12.0] and h.mover.copies == 5 + 4 + 4
+    assert all(s[0] == torch.device("cpu") for s in seen)    # a copy to ``cpu:1`` comes back labelled ``cpu``
+
+
+def test_a_per_unit_temporary_is_not_held_past_its_unit():
+    model, h, _ = _hooked_parent(torch.device("cpu"))
+    with torch.no_grad():
+        model(torch.zeros(1, 4), torch.zeros(4), temporary=True)
+    assert model.held_past_unit == [False] * 4
+
