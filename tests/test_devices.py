@@ -1,3 +1,5 @@
+import time
+
 import pytest
 
 from fitmap.devices import RESERVE_FIXED, default_reserve, make_machine, parse_gpus
@@ -108,3 +110,19 @@ def test_mapped_bytes_counts_the_pages_of_files_under_a_directory(tmp_path):
         total = sum(m[i] for i in range(0, len(m), 4096))      # touch every page
         assert total >= 0 and 8 << 20 <= mapped_bytes(tmp_path) <= (8 << 20) + (1 << 20)
         assert mapped_bytes(tmp_path / "elsewhere") == 0
+
+
+def test_the_sampler_sees_a_tensor_live_and_freed():
+    import torch
+
+    from fitmap import devices
+
+    if devices.heap_live() is None:
+        pytest.skip("the C allocator does not report live bytes here (not glibc >= 2.33)")
+    with devices.RssSampler(interval=0.001) as s:
+        t = torch.ones(40 * 2**20, dtype=torch.uint8)
+        time.sleep(0.05)
+        del t
+    grew = s.live_peak - s.live_start
+    assert 40 * 2**20 <= grew < 44 * 2**20
+    assert devices.heap_live() - s.live_start < 4 * 2**20

@@ -262,6 +262,20 @@ def gpu_peak(index: int) -> int:
     return int(torch.cuda.max_memory_allocated(index))
 
 
+def pinned_host_peak() -> int:
+    """Peak bytes of pinned host memory torch's CUDA host allocator held (cpu-tier weights and
+    staging buffers on a GPU machine: allocated by CUDA, not ``malloc``); 0 without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return 0
+    try:
+        stats = torch.cuda.host_memory_stats()
+    except (RuntimeError, AttributeError):
+        return 0
+    return int(stats.get("allocated_bytes.peak", stats.get("allocated_bytes.all.peak", 0)))
+
+
 def peak_rss() -> int:
     """Peak resident set size of this process, in bytes."""
     import resource
@@ -278,11 +292,14 @@ def current_rss() -> int:
 
 
 class RssSampler:
-    """Peak private (anonymous) and file-backed resident memory while the block runs.
+    """Peak private (anonymous) and file-backed resident memory while the block runs, and the
+    peak of the bytes live in the C allocator (``malloc``, where glibc reports it).
 
     Peak RSS alone mixes the two: pages of mmap'd checkpoints that were read (page
     cache, reclaimable) count as file-backed; weights copied or cast, activations
-    and KV are anonymous. Sampled every ``interval`` seconds on a thread.
+    and KV are anonymous. Anonymous RSS also keeps what the allocator holds after a
+    free (glibc serves later blocks from it), so the live bytes are what compares with
+    a plan's tensors; both are kept. Sampled every ``interval`` seconds on a thread.
     """
 
     def __init__(self, interval: float = 0.005) -> None:
@@ -291,11 +308,13 @@ class RssSampler:
         self.interval = interval
         self.anon_peak = self.file_peak = 0
         self.anon_start = self.file_start = 0
+        self.live_start = self.live_peak = heap_live()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> "RssSampler":
         self.anon_start, self.file_start = rss_parts()
+        self.live_start = self.live_peak = heap_live()
         self._thread.start()
         return self
 
@@ -312,6 +331,8 @@ class RssSampler:
         anon, file = rss_parts()
         self.anon_peak = max(self.anon_peak, anon)
         self.file_peak = max(self.file_peak, file)
+        if self.live_peak is not None:
+            self.live_peak = max(self.live_peak, heap_live() or 0)
 
 
 def mapped_bytes(directory: Path) -> int | None:
@@ -331,6 +352,32 @@ def mapped_bytes(directory: Path) -> int | None:
     except OSError:
         return None
     return total
+
+
+_MALLINFO: list = []
+
+
+def heap_live() -> int | None:
+    """Bytes the C allocator has handed out and not had back (glibc ``mallinfo2``: in use in
+    its arenas + its mmap'd blocks; CPU tensors are allocated there). None elsewhere."""
+    if not _MALLINFO:
+        import ctypes
+        import ctypes.util
+
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                        "fsmblks", "uordblks", "fordblks", "keepcost")]
+        try:
+            fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
+            fn.restype, fn.argtypes = MallInfo2, []
+        except (OSError, AttributeError):     # not glibc, or glibc before 2.33
+            fn = None
+        _MALLINFO.append(fn)
+    fn = _MALLINFO[0]
+    if fn is None:
+        return None
+    info = fn()
+    return info.uordblks + info.hblkhd
 
 
 def rss_parts() -> tuple[int, int]:

@@ -164,7 +164,7 @@ def print_check(report) -> None:
 def print_memory(uses) -> None:
     """Measured vs predicted memory per device after a run."""
     t = Table(title="memory: measured vs predicted", caption_justify="left",
-              caption="GPUs: torch.cuda.max_memory_allocated; cpu: resident memory sampled every 5 ms")
+              caption="GPUs: torch.cuda.max_memory_allocated; cpu: live allocations and resident memory sampled every 5 ms")
     for col in ("device", "predicted", "measured", "how"):
         t.add_column(col, justify="right" if col in ("predicted", "measured") else "left")
     for u in uses:

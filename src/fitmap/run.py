@@ -269,9 +269,11 @@ class _Streamer:
 
 
 def measured(plan: Plan, sampler: devices.RssSampler, model_dir: Path | None = None) -> tuple[DeviceUse, ...]:
-    """Per device: GPUs from torch's allocator; the CPU from sampled resident memory above
-    what the process held before loading (private memory), plus the checkpoint's pages mapped
-    (``model_dir``'s mappings in /proc/self/smaps; else all file-backed growth)."""
+    """Per device: GPUs from torch's allocator; the CPU from the peak of the bytes live in the C
+    allocator (and pinned host memory) above what the process held before loading, plus the
+    checkpoint's pages mapped (``model_dir``'s mappings in /proc/self/smaps; else all
+    file-backed growth). Where the allocator cannot say (not glibc), sampled resident private
+    memory instead; the resident peak is always in the row's text."""
     sampler.__exit__(None, None, None)
     mapped = devices.mapped_bytes(model_dir) if model_dir is not None else None
     out = []
@@ -285,8 +287,16 @@ def measured(plan: Plan, sampler: devices.RssSampler, model_dir: Path | None = N
                 file, what = mapped, "checkpoint pages mapped (smaps)"
             else:
                 file, what = max(0, sampler.file_peak - sampler.file_start), "file-backed pages (RssFile)"
-            out.append(DeviceUse("cpu", d.total_bytes, anon + file,
-                                 f"RSS peak above pre-load: {fmt_bytes(anon)} private + {fmt_bytes(file)} {what}"))
+            live = None if sampler.live_peak is None else max(0, sampler.live_peak - sampler.live_start)
+            if live is None:
+                out.append(DeviceUse("cpu", d.total_bytes, anon + file,
+                                     f"RSS peak above pre-load: {fmt_bytes(anon)} private + {fmt_bytes(file)} {what}"))
+                continue
+            live += devices.pinned_host_peak()
+            out.append(DeviceUse("cpu", d.total_bytes, live + file,
+                                 f"peak of live allocations above pre-load {fmt_bytes(live)} + {fmt_bytes(file)} "
+                                 f"{what}; RSS peak {fmt_bytes(anon + file)} (private {fmt_bytes(anon)}: with what "
+                                 f"the C allocator keeps after a free)"))
     return tuple(out)
 
 
