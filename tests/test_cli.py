@@ -124,6 +124,14 @@ def test_a_hand_edited_plan_with_a_device_it_does_not_have_is_refused(tmp_path, 
     (dict(images=["1344x1344"]), "an image is"),
     (dict(images=[(0, 0)]), "an image is"),
     (dict(gpus="100000000x1GiB"), "between 1 and 1024"),
+    (dict(gpus=2), "gpus must be a string"),
+    (dict(gpus=["0"]), "gpus must be a string"),
+    (dict(cpu=-5), "cpu must be a size"),
+    (dict(cpu=True), "cpu must be a size"),
+    (dict(reserve="-1GiB"), "--reserve: size '-1GiB' is negative"),
+    (dict(disk=3), "disk must be a directory path"),
+    (dict(policy="fast"), "policy must be one of 'balanced'"),
+    (dict(dtype="bfloat16"), "dtype must be one of 'auto', 'bf16'"),
 ])
 def test_api_bad_values_raise_fitmap_errors(kwargs, needle):
     import fitmap
@@ -165,7 +173,7 @@ def test_a_config_transformers_rejects_is_one_line(capsys, checkpoints, tmp_path
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["plan", "llama-3.1-8b", "--cpu", "-5GiB"], "cannot read size"),
+    (["plan", "llama-3.1-8b", "--cpu", "-5GiB"], "--cpu: size '-5GiB' is negative"),
     (["plan", "llama-3.1-8b", "--gpus", "1x24GiB", "--prompt", "-3"], "--prompt must be non-negative"),
 ])
 def test_negative_values_get_fitmaps_message(args, needle, capsys):

@@ -76,6 +76,8 @@ def _file(header: dict, data_bytes: int) -> bytes:
     (_file({"w": {"dtype": "Q9", "shape": [2], "data_offsets": [0, 8]}}, 8), "unknown dtype"),
     (_file({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, 8), "truncated: tensor 'w' ends at byte 16"),
     (_file({"w": {"dtype": "F32"}}, 8), "malformed header entry"),
+    (struct.pack("<Q", 6) + b"[1, 2]", "a header that is an array, not a JSON object"),
+    (struct.pack("<Q", 4) + b'"ab"', "a header that is a string, not a JSON object"),
 ])
 def test_corrupt_headers(tmp_path, payload, needle):
     f = tmp_path / "x.safetensors"

@@ -67,10 +67,13 @@ def _plan(
     from fitmap.workload import Dtype
 
     machine = make_machine(gpus, cpu, disk, options.pop("reserve", None))
-    if "dtype" in options:
-        options["dtype"] = Dtype(options["dtype"])
-    if "policy" in options:
-        options["policy"] = Policy(options["policy"])
+    for name, kind in (("dtype", Dtype), ("policy", Policy)):
+        if name in options:
+            try:
+                options[name] = kind(options[name])
+            except ValueError:
+                raise BadInput(f"{name} must be one of {', '.join(repr(k.value) for k in kind)}, "
+                               f"not {options[name]!r}") from None
     req = pipeline.PlanRequest(model, machine, Workload(batch, prompt, new, tuple(images)), **options)
     return pipeline.plan(req)
 

@@ -220,16 +220,37 @@ def make_machine(
     reserve: str | int | None = None,
 ) -> Machine:
     """Build a :class:`Machine` from CLI-style values (strings parsed here)."""
-    reserve_bytes = parse_size(reserve, allow_zero=True) if isinstance(reserve, str) else reserve
+    if gpus is not None and not isinstance(gpus, str):
+        raise BadInput(f"gpus must be a string such as '0,1', '0:10GiB,1:10GiB' or '4x24GiB', not {gpus!r} "
+                       f"({type(gpus).__name__})")
+    reserve_bytes = _size_or_bytes("reserve", reserve, allow_zero=True)
     gpu_specs = parse_gpus(gpus, reserve_bytes)
-    cpu_bytes = parse_size(cpu) if isinstance(cpu, str) else (cpu if cpu is not None else available_ram())
+    cpu_bytes = _size_or_bytes("cpu", cpu)
+    cpu_bytes = available_ram() if cpu_bytes is None else cpu_bytes
     disk_path, disk_bytes = _disk(disk)
     return Machine(gpu_specs, cpu_bytes, disk_path, disk_bytes)
+
+
+def _size_or_bytes(name: str, value: str | int | None, allow_zero: bool = False) -> int | None:
+    """A size as text ("24GiB") or a whole number of bytes; --name in what a bad one says."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            return parse_size(value, allow_zero=allow_zero)
+        except BadInput as e:
+            raise BadInput(f"--{name}: {e}") from None
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+        raise BadInput(f"{name} must be a size such as '24GiB' or a {'' if allow_zero else 'positive '}whole "
+                       f"number of bytes, not {value!r} ({type(value).__name__})")
+    return value
 
 
 def _disk(disk: str | Path | None) -> tuple[Path | None, int | None]:
     if disk is None:
         return None, None
+    if not isinstance(disk, (str, os.PathLike)):
+        raise BadInput(f"disk must be a directory path, not {disk!r} ({type(disk).__name__})")
     path = Path(disk)
     probe = path if path.exists() else path.parent
     if not probe.exists():

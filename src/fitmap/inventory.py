@@ -224,7 +224,10 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{file} has an unreadable header (not JSON); the file is corrupt, re-download it") from None
     if not isinstance(header, dict):
-        raise CheckpointError(f"{file} has a header that is not a JSON object; the file is corrupt, re-download it")
+        found = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}.get(
+            type(header), "null")
+        raise CheckpointError(f"{file} has a header that is {found}, not a JSON object of tensor entries; the file "
+                              "is corrupt, re-download it")
     header.pop("__metadata__", None)
     if not header:
         raise CheckpointError(f"{file} holds no tensors; the file is incomplete, re-download it")

@@ -75,7 +75,8 @@ def print_plan(plan: Plan) -> None:
     for col in ("device", "capacity", "weights", "KV", "activ.", "reserve", "stream", "total", "use", "units"):
         t.add_column(col, justify="left" if col == "device" else "right")
     for d in plan.devices:
-        use = f"{100 * d.utilization:.0f}%" if d.device != "disk" else ""
+        use = ("" if d.device == "disk" else f"{100 * d.utilization:.0f}%" if d.utilization < 10
+               else f">{1000}%")
         style = "red" if d.total_bytes > d.capacity_bytes else ""
         sizes = (d.capacity_bytes, d.weights_bytes, d.kv_bytes, d.activation_bytes, d.reserve_bytes,
                  d.stream_bytes, d.total_bytes)

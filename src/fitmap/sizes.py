@@ -24,6 +24,8 @@ def parse_size(text: str, allow_zero: bool = False) -> int:
 
     A bare G/M/K is read as binary (GiB/MiB/KiB), as nvidia-smi users mean it.
     """
+    if text.strip().startswith("-"):
+        raise BadInput(f"size {text!r} is negative; give a positive size, e.g. 24GiB")
     m = _SIZE.match(text)
     unit = m.group(2).lower() if m else ""
     if not m or unit not in _UNITS and unit != "":
