@@ -126,3 +126,23 @@ def test_the_sampler_sees_a_tensor_live_and_freed():
     grew = s.live_peak - s.live_start
     assert 40 * 2**20 <= grew < 44 * 2**20
     assert devices.heap_live() - s.live_start < 4 * 2**20
+
+
+def test_a_slow_allocator_census_backs_off_then_stops(monkeypatch):
+    """glibc walks its free lists under the allocator's lock: on a fragmented heap one count
+    takes milliseconds, which must not stall the model's thread every 5 ms."""
+    from fitmap import devices
+
+    cost = [0.01]
+
+    def slow_census():
+        time.sleep(cost[0])
+        return 1 << 20
+    monkeypatch.setattr(devices, "heap_live", slow_census)
+    s = devices.RssSampler(interval=0.001)
+    s.live_start = s.live_peak = 0
+    s._sample()
+    assert s.live_peak == 1 << 20 and s._wait >= 0.01 / s.LIVE_DUTY
+    cost[0] = s.LIVE_GIVE_UP + 0.01
+    s._sample()
+    assert s.live_peak is None and s.live_given_up

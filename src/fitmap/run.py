@@ -289,8 +289,10 @@ def measured(plan: Plan, sampler: devices.RssSampler, model_dir: Path | None = N
                 file, what = max(0, sampler.file_peak - sampler.file_start), "file-backed pages (RssFile)"
             live = None if sampler.live_peak is None else max(0, sampler.live_peak - sampler.live_start)
             if live is None:
+                why = " (the allocator's count of live bytes grew too slow to sample)" if sampler.live_given_up else ""
                 out.append(DeviceUse("cpu", d.total_bytes, anon + file,
-                                     f"RSS peak above pre-load: {fmt_bytes(anon)} private + {fmt_bytes(file)} {what}"))
+                                     f"RSS peak above pre-load: {fmt_bytes(anon)} private + {fmt_bytes(file)} {what}"
+                                     f"{why}"))
                 continue
             live += devices.pinned_host_peak()
             out.append(DeviceUse("cpu", d.total_bytes, live + file,
