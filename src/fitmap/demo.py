@@ -136,7 +136,7 @@ def run_demo() -> int:
     path = demo_checkpoint()
     image = demo_image()
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-    budget = int(size * 0.6)
+    budget = int(size * 0.65)
     disk = cache_dir() / "offload"
     disk.mkdir(parents=True, exist_ok=True)
     c.print(f"checkpoint: {path} ({fmt_bytes(size)}); RAM budget for weights {fmt_bytes(budget)}, disk tier {disk}")

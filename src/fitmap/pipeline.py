@@ -224,7 +224,10 @@ def _quantization_that_fits(prep: Prepared, req: PlanRequest) -> str | None:
     for method in ("int8", "nf4"):
         sk = skeleton(prep.inventory, dtype, req.trust_remote_code, quantize=method)
         qprep = replace(prep, skeleton=sk)
-        result = _plan_at(qprep, replace(req, quantize=method), req.workload)
+        try:
+            result = _plan_at(qprep, replace(req, quantize=method), req.workload)
+        except BadInput:      # the request's own pins rule it out (a unit pinned to disk: quantized stays resident)
+            return None
         if result.fits:
             weights = sum(d.weights_bytes for d in result.devices)
             return f"with --quantize {method} ({METHODS[method].split(':')[0].split(',')[0]}: {fmt_bytes(weights)} " \

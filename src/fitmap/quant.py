@@ -179,6 +179,7 @@ def prepare(model: nn.Module, q, dtype: torch.dtype, keep_format: bool = False) 
         warnings.simplefilter("ignore")
         quiet = logging.getLogger("transformers").level
         logging.getLogger("transformers").setLevel(logging.ERROR)
+        _tied_keys_for_quantizer(model)
         try:
             q.preprocess_model(model=model, dtype=dtype, device_map=None, checkpoint_files=None,
                                use_kernels=keep_format)
@@ -186,6 +187,17 @@ def prepare(model: nn.Module, q, dtype: torch.dtype, keep_format: bool = False) 
             logging.getLogger("transformers").setLevel(quiet)
     model.__dict__["_fitmap_quantizer"] = q
     return model
+
+
+def _tied_keys_for_quantizer(model: nn.Module) -> None:
+    """transformers 5's quantizers read ``model.all_tied_weights_keys``, which its ``post_init``
+    sets; remote code written for 4.x (InternVL's chat model) never calls it, and planning
+    ``--quantize`` for it raised AttributeError. Given from the model's own tied parameters."""
+    if "all_tied_weights_keys" in model.__dict__ or hasattr(type(model), "all_tied_weights_keys"):
+        return
+    from fitmap.skeleton import tied_parameters
+
+    model.__dict__["all_tied_weights_keys"] = {n: names[0] for names in tied_parameters(model) for n in names[1:]}
 
 
 def of(model: nn.Module):
@@ -227,6 +239,7 @@ def planned_bytes(model: nn.Module, name: str, dtype: torch.dtype) -> dict[str, 
     from transformers.quantizers.quantizers_utils import should_convert_module
 
     q = AutoHfQuantizer.from_config(method_config(name, dtype), pre_quantized=False)
+    _tied_keys_for_quantizer(model)
     skip = q.get_modules_to_not_convert(model, q.quantization_config.llm_int8_skip_modules,
                                         getattr(model, "_keep_in_fp32_modules", None))
     four_bit = bool(q.quantization_config.load_in_4bit)

@@ -530,6 +530,9 @@ def _simulate_steps(run: _Run, config, task: str, sk: Skeleton, workload: Worklo
     _set_image_token(model, inputs)
     ids = inputs.pop("_input_ids", None)
     text = {"input_ids": ids} if ids is not None else inputs
+    for value in (*inputs.values(), ids):   # a real run holds its inputs (pixel values too) until the answer
+        if isinstance(value, torch.Tensor):
+            t.track(value)
     try:
         with t:
             images = ids is not None or "pixel_values" in inputs or "images" in inputs
