@@ -139,7 +139,8 @@ def run_demo() -> int:
     budget = int(size * 0.65)
     disk = cache_dir() / "offload"
     disk.mkdir(parents=True, exist_ok=True)
-    c.print(f"checkpoint: {path} ({fmt_bytes(size)}); RAM budget for weights {fmt_bytes(budget)}, disk tier {disk}")
+    c.print(f"checkpoint: {path} ({fmt_bytes(size)}); RAM budget {fmt_bytes(budget)} (--cpu: 65% of the checkpoint, "
+            f"for weights, KV, activations and read buffers), disk tier {disk}")
     c.print("the weights are random, so the answer is noise: this shows placement, offload and memory, not quality")
     result = answer(str(path), "describe this image .", [open_image(image)], 12,
                     make_machine(None, budget, disk), out=None)
