@@ -114,6 +114,23 @@ def test_cpu_only_machine_too_small_says_how_much_ram(checkpoints, tmp_path):
     assert "Fits with --cpu" in plan.advice
 
 
+def test_cpu_only_advice_without_disk_names_both_ways_and_each_fits(checkpoints, tmp_path):
+    """Without --disk: all in RAM, or less RAM with a disk directory; each as its own option
+    (it once said "--cpu <all in RAM> and --disk DIR", which asked for a disk it did not need)."""
+    import re
+
+    path = str(checkpoints("llama"))
+    plan = pipeline.plan(pipeline.PlanRequest(path, make_machine(None, 300 * 1024), Workload(1, 16, 8),
+                                              estimate="analytic"))
+    m = re.search(r"Fits with --cpu (\S+), or with --cpu (\S+) and --disk DIR", plan.advice)
+    assert m, plan.advice
+    alone, streamed = m.groups()
+    assert pipeline.plan(pipeline.PlanRequest(path, make_machine(None, alone), Workload(1, 16, 8),
+                                              estimate="analytic")).fits
+    assert pipeline.plan(pipeline.PlanRequest(path, make_machine(None, streamed, tmp_path), Workload(1, 16, 8),
+                                              estimate="analytic")).fits
+
+
 def test_device_map_is_accepted_by_from_pretrained(checkpoints, tmp_path):
     """transformers takes the plan's map as is, with cpu and disk entries, and gives the same logits."""
     from transformers import AutoModelForCausalLM

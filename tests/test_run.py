@@ -22,7 +22,7 @@ def test_run_tiny_vlm_with_image_answers_and_reports_memory(vlm, capsys):
     code = main(["run", str(path), "--prompt", "what is in this image ?", "--image", str(image), "--new", "4"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "measured vs predicted" in out and "private" in out and "peak of live allocations" in out
+    assert "measured vs predicted" in out and "private" in out and "allocated since before loading" in out
 
 
 def test_the_cpu_row_compares_live_tensors_with_the_plan(vlm):
@@ -68,11 +68,12 @@ def test_chat_is_multi_turn(vlm, monkeypatch, capsys):
     from fitmap.chat import chat
 
     path, image = vlm
-    stdin = io.StringIO(f"/image {image}\nwhat is this ?\nand the colour ?\n/exit\n")
+    stdin = io.StringIO(f"/image /no/such.png\n/image {image}\nwhat is this ?\nand the colour ?\n/exit\n")
     out = io.StringIO()
     assert chat(str(path), [], 3, make_machine(None, "4GiB"), None, False, stdin, out) == 0
     text = out.getvalue()
     assert text.count("assistant: ") == 2 and "image attached" in text
+    assert "/image /no/such.png: no such file" in text        # one line, naming what was typed, and on
 
 
 @pytest.mark.parametrize("args,needle", [

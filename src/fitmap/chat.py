@@ -43,7 +43,7 @@ def chat(model: str, image_paths: list[str], new: int, machine: Machine, plan_fi
         for line in _lines(stdin, out):
             if line.startswith("/image "):
                 try:
-                    pending.append(open_image(line.split(" ", 1)[1].strip()))
+                    pending.append(open_image(line.split(" ", 1)[1].strip(), flag="/image"))
                     out.write("(image attached to your next message)\n")
                 except BadInput as e:
                     out.write(f"{e}\n")

@@ -236,12 +236,24 @@ def _quantization_that_fits(prep: Prepared, req: PlanRequest) -> str | None:
 
 
 def _ram_needed(prep: Prepared, req: PlanRequest) -> str | None:
-    """CPU-only machines: the smallest RAM budget that fits, streaming the rest from disk."""
+    """CPU-only machines: the smallest RAM budget that fits, all in RAM or (without --disk given)
+    streaming the rest from a disk directory."""
     m = req.machine
-    disk = m.disk_bytes if m.disk is not None else 0
+    if m.disk is not None:
+        ram = _smallest_ram(prep, req, m)
+        return None if ram is None else f"with --cpu {ram}"
+    alone = _smallest_ram(prep, req, replace(m, disk_bytes=0))
+    streamed = _smallest_ram(prep, req, replace(m, disk=Path("DIR"), disk_bytes=UNLIMITED))
+    ways = [f"with --cpu {alone}"] if alone is not None else []
+    if streamed is not None and (alone is None or parse_size(streamed) < parse_size(alone)):
+        ways.append(f"with --cpu {streamed} and --disk DIR")
+    return ", or ".join(ways) or None
 
+
+def _smallest_ram(prep: Prepared, req: PlanRequest, m) -> str | None:
+    """The smallest --cpu (as the user types it) with which ``m`` fits the request."""
     def fits(ram: int) -> bool:
-        return _plan_at(prep, req, req.workload, replace(m, cpu=ram, disk_bytes=disk)).fits
+        return _plan_at(prep, req, req.workload, replace(m, cpu=ram)).fits
 
     high = max(m.cpu, 1)
     while not fits(high):
@@ -252,11 +264,10 @@ def _ram_needed(prep: Prepared, req: PlanRequest) -> str | None:
     while high - low > max(high // 1000, 1):
         mid = (low + high) // 2
         low, high = (low, mid) if fits(mid) else (mid, high)
-    where = "" if m.disk is not None else " and --disk DIR"
     text = _size_at_least(high)
     while not fits(parse_size(text)):     # the printed value, read back, must fit: it is what the user types
         text = _size_at_least(parse_size(text) + max(high // 1000, 1))
-    return f"with --cpu {text}{where}"
+    return text
 
 
 def _size_at_least(n: int) -> str:

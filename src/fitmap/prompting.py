@@ -23,27 +23,28 @@ OWN_IMAGE_PATHS = ("internvl_chat", "minicpmv", "CogVLMForCausalLM")   # remote 
 MAX_PIXELS = 100_000_000    # larger images are refused before decoding (PIL's own bomb check is at 179 MP)
 
 
-def open_image(path: str | Path):
-    """A PIL image in RGB, or a clear error for anything that is not an image."""
+def open_image(path: str | Path, flag: str = "--image"):
+    """A PIL image in RGB, or a clear error for anything that is not an image (naming ``flag``, how the
+    user gave it: ``--image`` or chat's ``/image``)."""
     from PIL import Image, UnidentifiedImageError
 
     p = Path(path)
     if p.is_dir():
-        raise BadInput(f"--image {p} is a directory; give one image file (repeat --image for several)")
+        raise BadInput(f"{flag} {p} is a directory; give one image file (repeat {flag} for several)")
     if not p.is_file():
-        raise BadInput(f"--image {p}: no such file")
+        raise BadInput(f"{flag} {p}: no such file")
     try:
         with Image.open(p) as img:
             if img.width * img.height > MAX_PIXELS:
-                raise BadInput(f"--image {p} is {img.width}x{img.height} pixels, over fitmap's limit of "
+                raise BadInput(f"{flag} {p} is {img.width}x{img.height} pixels, over fitmap's limit of "
                                f"{MAX_PIXELS // 1_000_000} megapixels; resize it first (processors resize "
                                "images far smaller anyway)")
             return img.convert("RGB")
     except Image.DecompressionBombError:
-        raise BadInput(f"--image {p} is over fitmap's limit of {MAX_PIXELS // 1_000_000} megapixels (PIL "
+        raise BadInput(f"{flag} {p} is over fitmap's limit of {MAX_PIXELS // 1_000_000} megapixels (PIL "
                        "refuses to decode it); resize it first") from None
     except (UnidentifiedImageError, OSError) as e:
-        raise BadInput(f"--image {p} is not an image PIL can read ({e}); give a PNG, JPEG or WebP file") from None
+        raise BadInput(f"{flag} {p} is not an image PIL can read ({e}); give a PNG, JPEG or WebP file") from None
 
 
 @dataclass

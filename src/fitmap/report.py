@@ -142,14 +142,15 @@ def print_check(report) -> None:
     unit, scale = _unit(report.predicted)
     t = Table(title="simulated on fake devices", caption=f"sizes in {unit}; total = weights + KV + activation "
               "peak + reserve + stream", caption_justify="left")
-    for col in ("device", "capacity", "weights", "KV", "activ. peak", "total", "use"):
+    for col in ("device", "capacity", "weights", "KV", "activ. peak", "reserve", "stream", "total", "use"):
         t.add_column(col, justify="left" if col == "device" else "right")
     for d in report.predicted:
         if d.device == "disk":
             continue
         style = "red" if d.total_bytes > d.capacity_bytes else ""
         t.add_row(_device_label(d.device), *(f"{x / scale:.2f}" for x in (
-            d.capacity_bytes, d.weights_bytes, d.kv_bytes, d.activation_bytes, d.total_bytes)),
+            d.capacity_bytes, d.weights_bytes, d.kv_bytes, d.activation_bytes, d.reserve_bytes, d.stream_bytes,
+            d.total_bytes)),
             f"{100 * d.utilization:.0f}%", style=style)
     console.print(t)
     for m in report.mismatches:

@@ -291,14 +291,14 @@ def measured(plan: Plan, sampler: devices.RssSampler, model_dir: Path | None = N
             if live is None:
                 why = " (the allocator's count of live bytes grew too slow to sample)" if sampler.live_given_up else ""
                 out.append(DeviceUse("cpu", d.total_bytes, anon + file,
-                                     f"RSS peak above pre-load: {fmt_bytes(anon)} private + {fmt_bytes(file)} {what}"
-                                     f"{why}"))
+                                     f"resident memory grew by up to {fmt_bytes(anon)} private + {fmt_bytes(file)} "
+                                     f"{what}{why}"))
                 continue
             live += devices.pinned_host_peak()
             out.append(DeviceUse("cpu", d.total_bytes, live + file,
-                                 f"peak of live allocations above pre-load {fmt_bytes(live)} + {fmt_bytes(file)} "
-                                 f"{what}; RSS peak {fmt_bytes(anon + file)} (private {fmt_bytes(anon)}: with what "
-                                 f"the C allocator keeps after a free)"))
+                                 f"at the peak, {fmt_bytes(live)} allocated since before loading + {fmt_bytes(file)} "
+                                 f"{what}. Resident memory grew by up to {fmt_bytes(anon + file)} ({fmt_bytes(anon)} "
+                                 f"private): it also holds what the C allocator keeps for reuse after a free"))
     return tuple(out)
 
 
