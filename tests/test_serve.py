@@ -123,6 +123,8 @@ def test_bad_requests_are_openai_errors_and_the_server_keeps_serving(server):
             {"type": "text", "text": "hi"}]}])
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.chat.completions.create(model=model, messages=msgs, max_tokens=2, temperature=7)
+    with pytest.raises(openai.BadRequestError, match="'max_tokens' is -1; it must be at least 1"):
+        client.chat.completions.create(model=model, messages=msgs, max_tokens=-1)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=msgs, max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="prompt has about"):

@@ -200,8 +200,10 @@ def _number(body: dict, name: str, default, low, high, kind=float):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
         raise ApiError(400, f"'{name}' must be a number, not {value!r}", param=name)
     value = kind(value)
-    if not low <= value <= high:
-        raise ApiError(400, f"'{name}' is {value}; it must be between {low} and {high}", param=name)
+    if value < low:
+        raise ApiError(400, f"'{name}' is {value}; it must be at least {low}", param=name)
+    if value > high:
+        raise ApiError(400, f"'{name}' is {value}; it must be at most {high}", param=name)
     return value
 
 
