@@ -135,6 +135,11 @@ def test_bad_requests_are_openai_errors_and_the_server_keeps_serving(server):
     with pytest.raises(urllib.error.HTTPError) as http:
         urllib.request.urlopen(req, timeout=10)
     assert http.value.code == 400 and json.loads(http.value.read())["error"]["type"] == "invalid_request_error"
+    for path, method, status in (("/v1/nope", "GET", 404), ("/v1/chat/completions", "GET", 405)):
+        req = urllib.request.Request(base + path, method=method, headers={"Authorization": f"Bearer {KEY}"})
+        with pytest.raises(urllib.error.HTTPError) as http:
+            urllib.request.urlopen(req, timeout=10)
+        assert http.value.code == status and path in json.loads(http.value.read())["error"]["message"]
     assert client.chat.completions.create(model=model, messages=msgs, max_tokens=2).choices[0].message is not None
 
 

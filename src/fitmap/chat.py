@@ -55,7 +55,7 @@ def chat(model: str, image_paths: list[str], new: int, machine: Machine, plan_fi
             out.write("assistant: ")
             text, _, _ = generate(loaded, prompter, new, out)
             prompter.add_assistant(text)
-        report.print_memory(measured(plan, sampler, model_dir))
+        report.print_memory(measured(plan, sampler, model_dir), plan)
     return 0
 
 

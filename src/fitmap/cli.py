@@ -528,7 +528,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     quantize=args.quantize)
     report.print_plan(result.plan)
     report.console.print(f"({result.new_tokens} tokens in {result.seconds:.2f} s; load {result.load_seconds:.2f} s)")
-    report.print_memory(result.memory)
+    report.print_memory(result.memory, result.plan)
     return 0
 
 

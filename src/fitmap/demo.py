@@ -149,5 +149,5 @@ def run_demo() -> int:
     c.print(f"units streamed from disk with read-ahead: {', '.join(on_disk) or 'none'}")
     c.print(f"answer ({result.new_tokens} tokens in {result.seconds:.2f} s, load {result.load_seconds:.2f} s): "
             f"{result.text!r}")
-    report.print_memory(result.memory)
+    report.print_memory(result.memory, result.plan)
     return 0

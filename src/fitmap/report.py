@@ -163,10 +163,14 @@ def print_check(report) -> None:
         console.print("[red]device mismatch not repaired[/]")
 
 
-def print_memory(uses) -> None:
-    """Measured vs predicted memory per device after a run."""
-    t = Table(title="memory: measured vs predicted", caption_justify="left",
-              caption="GPUs: torch.cuda.max_memory_allocated; cpu: live allocations and resident memory sampled every 5 ms")
+def print_memory(uses, plan: Plan | None = None) -> None:
+    """Measured vs predicted memory per device after a run (predicted: for ``plan``'s workload,
+    which a ``--plan`` made for a larger request exceeds)."""
+    caption = "GPUs: torch.cuda.max_memory_allocated; cpu: live allocations and resident memory sampled every 5 ms"
+    if plan is not None:
+        w = plan.workload
+        caption += f"; predicted for the plan's workload, batch {w.batch} x ({w.prompt} prompt + {w.new} new tokens)"
+    t = Table(title="memory: measured vs predicted", caption_justify="left", caption=caption)
     for col in ("device", "predicted", "measured", "how"):
         t.add_column(col, justify="right" if col in ("predicted", "measured") else "left")
     for u in uses:

@@ -46,6 +46,17 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, limi
         counters["errors"] += 1
         return JSONResponse(exc.body(), status_code=exc.status)
 
+    from starlette.exceptions import HTTPException as RoutingError
+
+    @app.exception_handler(RoutingError)
+    async def _routing_error(request, exc: RoutingError):   # unknown path, wrong method: OpenAI's error shape too
+        counters["errors"] += 1
+        what = {404: f"no such endpoint: {request.url.path} (this server has /v1/chat/completions, "
+                     "/v1/completions, /v1/models, /health, /metrics)",
+                405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+        return JSONResponse(ApiError(exc.status_code, what, code="not_found" if exc.status_code == 404 else None)
+                            .body(), status_code=exc.status_code)
+
     @app.middleware("http")
     async def _guard(request: HttpRequest, call_next):
         if api_key is not None and request.url.path != "/health":
