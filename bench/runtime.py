@@ -668,6 +668,14 @@ def bench_hooks(blocks: int, steps: int = 10) -> str:
         paired = statistics.median(v / u - 1 for v, u in zip(rounds[name], rounds["unsplit (no hooks)"]))
         pc = f"{paired:+.1%}" if n else "—"
         lines.append(f"| {name} | {n} | {tw * 1e3:.3f} ms | {ow} | {tc * 1e3:.3f} ms | {oc} | {per} | {pc} |")
+
+    def paired(name: str) -> float:
+        return statistics.median(v / u - 1 for v, u in zip(rounds[name], rounds["unsplit (no hooks)"]))
+    fit = paired("fitmap, every unit hooked, inputs in place")
+    lines += ["", f"Paired, fitmap (every unit, inputs in place) minus the no-op floor: "
+                  f"{(fit - paired('(floor) a no-op torch pre-hook, same units')) * 100:+.1f} points; minus the "
+                  f"least checking hook: {(fit - paired('(reference) the least a checking hook does, same units')) * 100:+.1f}"
+                  " points."]
     return "\n".join(lines)
 
 
