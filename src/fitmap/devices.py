@@ -122,6 +122,9 @@ _HYPO = re.compile(r"^(\d+)\s*[xX]\s*(.+)$")
 
 def parse_gpus(text: str | None, reserve: int | None = None) -> tuple[GpuSpec, ...]:
     """Parse ``--gpus``. ``reserve`` overrides the default per-GPU reserve (bytes)."""
+    if text is not None and not isinstance(text, str):
+        raise BadInput(f"gpus must be a string such as '0,1', '0:10GiB,1:10GiB' or '4x24GiB', not {text!r} "
+                       f"({type(text).__name__})")
     if text is None or text.strip() in ("", "none"):
         return ()
     specs: list[GpuSpec] = []
@@ -220,9 +223,6 @@ def make_machine(
     reserve: str | int | None = None,
 ) -> Machine:
     """Build a :class:`Machine` from CLI-style values (strings parsed here)."""
-    if gpus is not None and not isinstance(gpus, str):
-        raise BadInput(f"gpus must be a string such as '0,1', '0:10GiB,1:10GiB' or '4x24GiB', not {gpus!r} "
-                       f"({type(gpus).__name__})")
     reserve_bytes = _size_or_bytes("reserve", reserve, allow_zero=True)
     gpu_specs = parse_gpus(gpus, reserve_bytes)
     cpu_bytes = _size_or_bytes("cpu", cpu)
@@ -339,7 +339,8 @@ class RssSampler:
         self.live_given_up = False
         self.anon_peak = self.file_peak = 0
         self.anon_start = self.file_start = 0
-        self.live_start = self.live_peak = heap_live()
+        self.live_start: int | None = None        # read when the block starts (__enter__)
+        self.live_peak: int | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 

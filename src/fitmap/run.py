@@ -180,9 +180,9 @@ def _own_chat(loaded: LoadedModel, form: str, prompter: Prompter, new: int,
                 device, dtype = loaded.input_device, _float_dtype(model)
                 kwargs = {k: built[k][None].to(device) for k in ("input_ids", "token_type_ids", "attention_mask")}
                 kwargs["images"] = [[img.to(device, dtype) for img in built["images"]]] if built["images"] else None
-                generated = model.generate(**kwargs, max_new_tokens=new, do_sample=False,
-                                           pad_token_id=getattr(model.config, "pad_token_id", None))
-                new_ids = generated[0, kwargs["input_ids"].shape[1]:]
+                ids = model.generate(**kwargs, max_new_tokens=new, do_sample=False,
+                                     pad_token_id=getattr(model.config, "pad_token_id", None))
+                new_ids = ids[0, kwargs["input_ids"].shape[1]:]
                 reply, count = tokenizer.decode(new_ids, skip_special_tokens=True), int(new_ids.numel())
             elif form == "minicpmv":   # greedy: sampling=False alone is beam search with a repetition penalty
                 msgs = history + [{"role": "user", "content": list(prompter.messages[-1]["images"]) + [query]}]
