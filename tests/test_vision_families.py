@@ -32,6 +32,11 @@ def test_plan_with_an_image_keeps_the_vision_side_together_and_checks_clean(chec
     input_side = plan.groups["input"]
     assert any(t in u for u in input_side for t in ("visual.", "vision_tower", "vision_model"))
     assert any(t in u for u in input_side for t in ("merger", "projector", "connector"))
+    _vision_side_together_and_clean(d, plan)
+
+
+def _vision_side_together_and_clean(d, plan) -> None:
+    input_side = plan.groups["input"]
     assert any("embed_tokens" in u for u in input_side)
     assert len({plan.device_map[u] for u in input_side}) == 1
     prep = prepare(PlanRequest(str(d), make_machine("2x1GiB", None, None)))
@@ -40,7 +45,10 @@ def test_plan_with_an_image_keeps_the_vision_side_together_and_checks_clean(chec
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cpu_and_disk_split_generates_from_pretraineds_tokens_with_an_image(checkpoints, family):
-    d = checkpoints(family)
+    _split_run_gives_from_pretraineds_tokens(checkpoints(family))
+
+
+def _split_run_gives_from_pretraineds_tokens(d) -> None:
     config = transformers.AutoConfig.from_pretrained(d)
     inputs, tokens = vision_inputs(config, Workload(1, 12, 6, (IMAGE,)), torch.device("cpu"))
     assert tokens == image_shape(config, *IMAGE).tokens > 0
@@ -132,6 +140,22 @@ def test_a_model_the_fake_devices_cannot_run_gets_one_line_from_check(tmp_path, 
     assert "cannot replay this model on fake devices" in captured.err and "modeling_idefics3.py:" in captured.err
 
 
+def test_a_simulation_that_failed_is_remembered(tmp_path, monkeypatch):
+    """The same request again goes analytic at once, with the same reason and the same map."""
+    from fitmap import simulate as simulate_module
+
+    d = _idefics3_config_dir(tmp_path)
+    plan = fitmap.plan(d, gpus="2x24GiB", prompt=64, new=8, images=((448, 448),))
+    assert "simulation failed" in plan.estimate
+
+    def not_again(*args, **kwargs):
+        raise AssertionError("simulated again")
+
+    monkeypatch.setattr(simulate_module, "simulated_costs", not_again)
+    again = fitmap.plan(d, gpus="2x24GiB", prompt=64, new=8, images=((448, 448),))
+    assert again.estimate == plan.estimate and again.device_map == plan.device_map
+
+
 @pytest.mark.parametrize("family", ["mistral3", "glm4v", "idefics3", "smolvlm", "llava_onevision", "qwen3_vl"])
 def test_the_model_takes_the_image_tokens_predicted_at_several_sizes(checkpoints, family):
     """The model's own check (image features == image tokens, in its forward) passes for the counts
@@ -147,28 +171,26 @@ def test_the_model_takes_the_image_tokens_predicted_at_several_sizes(checkpoints
         assert out.logits.shape[1] == inputs["input_ids"].shape[1]
 
 
-def test_llama4_tiles_as_its_image_processor_cuts_them(checkpoints, monkeypatch):
+def test_llama4_tiles_as_its_image_processor_cuts_them(checkpoints):
     """Llama 4 (336 px tiles, 14 px patches, pixel shuffle to a quarter: 144 tokens a tile): the best-fit
     canvas of at most 16 tiles, plus a global tile when there are several. Its image processor needs
-    torchvision, so the rule is fitmap's; transformers 5.24's own forward with an image fails
-    (``image_outputs``), so the plan says so and falls back to the analytic estimate, vision side together."""
+    torchvision, so the rule is fitmap's. Where transformers' own forward runs with an image (5.25 on), the
+    plan is simulated like every other family's; where it does not (5.24 fails on ``image_outputs``), the
+    plan falls back to the analytic estimate and names the model's file. Either way the vision side stays
+    together."""
     config = transformers.AutoConfig.for_model("llama4", vision_config={"image_size": 336, "patch_size": 14})
     for (w, h), tiles in [((336, 336), 1), ((672, 336), 3), ((336, 1000), 4), ((1000, 1000), 10), ((5000, 5000), 17)]:
         shape = image_shape(config, w, h)
         assert (shape.tiles, shape.tokens) == (tiles, 144 * tiles), (w, h)
     d = checkpoints("llama4")
     plan = fitmap.plan(str(d), gpus="2x1GiB", prompt=32, new=8, images=(IMAGE,))
-    assert plan.fits and "image_outputs" in plan.estimate and "modeling_llama4.py" in plan.estimate
-    from fitmap import simulate as simulate_module
-
-    def not_again(*args, **kwargs):
-        raise AssertionError("simulated again")
-
-    monkeypatch.setattr(simulate_module, "simulated_costs", not_again)
-    again = fitmap.plan(str(d), gpus="2x1GiB", prompt=32, new=8, images=(IMAGE,))   # the failure is remembered
-    assert again.estimate == plan.estimate and again.device_map == plan.device_map
-    assert len({plan.device_map[u] for u in plan.groups["input"]}) == 1
-    assert any("vision_model" in u for u in plan.groups["input"])
+    assert plan.fits and any("vision_model" in u for u in plan.groups["input"])
+    if plan.estimate != "simulate":
+        assert "simulation failed" in plan.estimate and "modeling_llama4.py:" in plan.estimate
+        assert len({plan.device_map[u] for u in plan.groups["input"]}) == 1
+        return
+    _vision_side_together_and_clean(d, plan)
+    _split_run_gives_from_pretraineds_tokens(d)
 
 
 def test_run_with_an_image_on_a_vlm_without_processor_files_says_what_to_copy(checkpoints, tmp_path, capsys):

@@ -75,8 +75,19 @@ def _quantize_arg(p: argparse.ArgumentParser) -> None:
                    + " (needs bitsandbytes)")
 
 
+DESCRIPTION = """Run a model bigger than one GPU across your GPUs, CPU RAM and disk: fitmap plans where
+each part goes from your workload, checks the plan on fake devices before reading a
+weight, then loads, runs, chats or serves it."""
+EPILOG = """examples:
+  fitmap demo                                              a tiny VLM planned, checked and run offline
+  fitmap plan llama-3.1-70b --gpus 4x40GiB --prompt 4096   plan a catalog model for hypothetical GPUs
+  fitmap run ./my-model --gpus 0,1 --prompt "Hello"        load once and answer
+  fitmap COMMAND --help                                    each command's flags"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fitmap", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="fitmap", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--verbose", action="store_true",
                         help="also show the warnings and logs of torch, transformers and huggingface_hub")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -81,9 +81,11 @@ class PitfallVlmForCausalLM(PitfallPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.language_model.lm_head
 
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, pixel_values=None, **kwargs):
-        inputs = super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values, **kwargs)
-        if past_key_values is None or past_key_values.get_seq_length() == 0:
+    def prepare_inputs_for_generation(self, input_ids, pixel_values=None, **kwargs):
+        # the cache arrives under the keyword this transformers uses (``cache`` from 5.25)
+        inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        cache = inputs.get("cache", inputs.get("past_key_values"))
+        if cache is None or cache.get_seq_length() == 0:
             inputs["pixel_values"] = pixel_values   # the image goes in with the prompt only
         return inputs
 
