@@ -58,30 +58,62 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))
 
 from bench.runtime import evict, least_checking_hook  # noqa: E402  (shared with the CPU benchmark)
-from fitmap.compat import cache_kwarg  # noqa: E402  (no torch import: --help stays fast)
+from fitmap.model.compat import cache_kwarg  # noqa: E402  (no torch import: --help stays fast)
 
 GB = 1e9
 GiB = 1 << 30
 SECTIONS = ("fidelity", "budget", "cpu_tier", "disk_tier", "startup", "hooks")
 
 # Llama-3.1-8B's published shape (bf16: 16.06 GB); the dry run's is tiny.
-LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0)
-LLAMA_TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=8, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=1024, max_position_embeddings=32768, rope_theta=10000.0)
+LLAMA_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=131072,
+    rope_theta=500000.0,
+)
+LLAMA_TINY = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=8,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=1024,
+    max_position_embeddings=32768,
+    rope_theta=10000.0,
+)
 # Qwen2-VL-2B's published shape (bf16: 4.4 GB).
-QWEN2VL_2B = dict(text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                            num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
-                            rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24],
-                                             "rope_theta": 1000000.0}),
-                  vision=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4),
-                  tie=True)
-QWEN2VL_TINY = dict(text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                              num_key_value_heads=2, vocab_size=1024, max_position_embeddings=32768,
-                              rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
-                                               "rope_theta": 10000.0}),
-                    vision=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2),
-                    tie=False)
+QWEN2VL_2B = dict(
+    text=dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        max_position_embeddings=32768,
+        rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0},
+    ),
+    vision=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4),
+    tie=True,
+)
+QWEN2VL_TINY = dict(
+    text=dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1024,
+        max_position_embeddings=32768,
+        rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+    ),
+    vision=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2),
+    tie=False,
+)
 
 
 @dataclass
@@ -91,9 +123,9 @@ class Bench:
     dry: bool
     root: Path
     out: Path | None
-    device: object                      # torch.device: cuda:0, or cpu in a dry run
+    device: object  # torch.device: cuda:0, or cpu in a dry run
     results: dict = field(default_factory=dict)
-    rows: list[tuple[str, str, str, str]] = field(default_factory=list)   # section, case, measured, target/verdict
+    rows: list[tuple[str, str, str, str]] = field(default_factory=list)  # section, case, measured, target/verdict
 
     @property
     def gpus(self) -> str | None:
@@ -149,7 +181,7 @@ class UsedPeak(threading.Thread):
         self.handle, self.on, self.peak = handle, on, 0
         self._done = threading.Event()
 
-    def __enter__(self) -> "UsedPeak":
+    def __enter__(self) -> UsedPeak:
         if self.on:
             self.peak = device_used(self.handle)
             self.start()
@@ -187,13 +219,13 @@ def free_all() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
-        for i in range(torch.cuda.device_count()):   # undo a budget a section set
+        for i in range(torch.cuda.device_count()):  # undo a budget a section set
             torch.cuda.set_per_process_memory_fraction(1.0, i)
 
 
 def h2d_bandwidth(b: Bench, nbytes: int) -> tuple[float, float]:
     """(pinned, pageable) host->device bytes/s, as ``fitmap calibrate`` measures them."""
-    from fitmap.calibrate import h2d_rates
+    from fitmap.planning.calibrate import h2d_rates
 
     return h2d_rates(b.device, nbytes) if b.device.type == "cuda" else (float("nan"), float("nan"))
 
@@ -207,11 +239,17 @@ def write_llama(b: Bench) -> Path:
         return path
     import transformers
 
-    from fitmap.demo import _tokenizer
+    from fitmap.cli.demo import _tokenizer
 
     tok = _tokenizer()
-    cfg = transformers.LlamaConfig(**dims, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-                                   pad_token_id=tok.pad_token_id, dtype="bfloat16")
+    cfg = transformers.LlamaConfig(
+        **dims,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=tok.pad_token_id,
+        dtype="bfloat16",
+    )
     _save_random(b, transformers.AutoModelForCausalLM, cfg, path)
     tok.save_pretrained(path)
     (path / "done").write_text("1")
@@ -229,8 +267,16 @@ def write_qwen2_vl(b: Bench) -> Path:
     cfg = transformers.Qwen2VLConfig(
         text_config=dict(dims["text"], model_type="qwen2_vl_text", bos_token_id=1, eos_token_id=2, pad_token_id=0),
         vision_config=dict(dims["vision"], patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
-        image_token_id=500, video_token_id=501, vision_start_token_id=502, vision_end_token_id=503,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=dims["tie"], dtype="bfloat16")
+        image_token_id=500,
+        video_token_id=501,
+        vision_start_token_id=502,
+        vision_end_token_id=503,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=dims["tie"],
+        dtype="bfloat16",
+    )
     _save_random(b, transformers.AutoModelForImageTextToText, cfg, path)
     (path / "done").write_text("1")
     return path
@@ -246,7 +292,7 @@ def _save_random(b: Bench, auto, cfg, path: Path) -> None:
     model.save_pretrained(path, max_shard_size="2GB")
     del model
     free_all()
-    for f in path.glob("*.safetensors"):   # dirty pages cannot be evicted until written
+    for f in path.glob("*.safetensors"):  # dirty pages cannot be evicted until written
         fd = os.open(f, os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
@@ -273,10 +319,11 @@ def cold_read_rate(files: list[Path], repeats: int = 3) -> float:
 
 
 # --------------------------------------------------------------------------- plans
-def make_plan(model: Path, gpus: str | None, workload, cpu: str = "64GiB", disk: Path | None = None,
-              estimate: str = "simulate"):
+def make_plan(
+    model: Path, gpus: str | None, workload, cpu: str = "64GiB", disk: Path | None = None, estimate: str = "simulate"
+):
     from fitmap import pipeline
-    from fitmap.devices import make_machine
+    from fitmap.planning.devices import make_machine
 
     req = pipeline.PlanRequest(str(model), make_machine(gpus, cpu, disk), workload, estimate=estimate)
     return pipeline.plan(req)
@@ -297,7 +344,7 @@ def half_offloaded(plan, tier: str, layers: int, execution: str):
 
 def unit_bytes(model_dir: Path, units: list[str]) -> tuple[int, list[Path]]:
     """Checkpoint bytes of the tensors under ``units``, and the files holding them (headers only)."""
-    from fitmap.inventory import inventory
+    from fitmap.model.inventory import inventory
 
     inv = inventory(model_dir)
     prefixes = tuple(u + "." for u in units)
@@ -315,16 +362,18 @@ def random_ids(batch: int, length: int, vocab: int, seed: int = 1):
 def sec_fidelity(b: Bench) -> dict:
     import torch
 
-    from fitmap.run import start
-    from fitmap.vision_inputs import vision_inputs
-    from fitmap.workload import Workload
+    from fitmap.planning.workload import Workload
+    from fitmap.runtime.run import start
+    from fitmap.simulation.vision_inputs import vision_inputs
 
     handle = nvml_handle() if b.device.type == "cuda" else None
     out = {}
     llama = write_llama(b)
     vocab = (LLAMA_TINY if b.dry else LLAMA_8B)["vocab_size"]
-    cases = {"long prompt": Workload(1, b.scale(16384, 512), b.scale(64, 8)),
-             "large batch": Workload(b.scale(32, 4), b.scale(1024, 64), b.scale(64, 8))}
+    cases = {
+        "long prompt": Workload(1, b.scale(16384, 512), b.scale(64, 8)),
+        "large batch": Workload(b.scale(32, 4), b.scale(1024, 64), b.scale(64, 8)),
+    }
     plans = {name: make_plan(llama, b.gpus, w) for name, w in cases.items()}
     analytic = {name: make_plan(llama, b.gpus, w, estimate="analytic") for name, w in cases.items()}
     maps = {json.dumps(p.device_map, sort_keys=True) for p in plans.values()}
@@ -335,9 +384,17 @@ def sec_fidelity(b: Bench) -> dict:
         sampler.__exit__(None, None, None)
         for name, w in cases.items():
             ids = random_ids(w.batch, w.prompt, vocab).to(loaded.input_device)
-            out[name] = _measure(b, handle, plans[name], loaded.model, dict(input_ids=ids,
-                                 attention_mask=torch.ones_like(ids)), w.new, name, "Llama-3.1-8B shape",
-                                 analytic[name])
+            out[name] = _measure(
+                b,
+                handle,
+                plans[name],
+                loaded.model,
+                dict(input_ids=ids, attention_mask=torch.ones_like(ids)),
+                w.new,
+                name,
+                "Llama-3.1-8B shape",
+                analytic[name],
+            )
     free_all()
     vlm = write_qwen2_vl(b)
     w = Workload(1, b.scale(256, 32), b.scale(16, 4), ((1344, 1344),) if not b.dry else ((224, 224),))
@@ -348,9 +405,17 @@ def sec_fidelity(b: Bench) -> dict:
         sampler.__exit__(None, None, None)
         config = loaded.model.config
         inputs, image_tokens = vision_inputs(config, w, loaded.input_device, torch.bfloat16)
-        out["vlm + image"] = _measure(b, handle, plan, loaded.model, inputs, w.new,
-                                      f"image {w.images[0][0]}x{w.images[0][1]}", "Qwen2-VL-2B shape",
-                                      vlm_analytic)
+        out["vlm + image"] = _measure(
+            b,
+            handle,
+            plan,
+            loaded.model,
+            inputs,
+            w.new,
+            f"image {w.images[0][0]}x{w.images[0][1]}",
+            "Qwen2-VL-2B shape",
+            vlm_analytic,
+        )
         out["vlm + image"]["image_tokens"] = image_tokens
     free_all()
     return out
@@ -374,11 +439,22 @@ def _measure(b: Bench, handle, plan, model, inputs: dict, new: int, case: str, w
     sync(b)
     seconds = time.perf_counter() - t
     peak = max_allocated(b)
-    r = dict(model=what, workload=plan.workload.to_json(), estimate=plan.estimate,
-             predicted_weights=led.weights_bytes, predicted_kv=led.kv_bytes, predicted_activations=led.activation_bytes,
-             predicted_stream=led.stream_bytes, predicted=predicted, reserve=led.reserve_bytes,
-             predicted_total=led.total_bytes, max_allocated=peak, driver_used_peak=used.peak,
-             seconds=seconds, new_tokens=int(ids.shape[1] - inputs["input_ids"].shape[1]))
+    r = dict(
+        model=what,
+        workload=plan.workload.to_json(),
+        estimate=plan.estimate,
+        predicted_weights=led.weights_bytes,
+        predicted_kv=led.kv_bytes,
+        predicted_activations=led.activation_bytes,
+        predicted_stream=led.stream_bytes,
+        predicted=predicted,
+        reserve=led.reserve_bytes,
+        predicted_total=led.total_bytes,
+        max_allocated=peak,
+        driver_used_peak=used.peak,
+        seconds=seconds,
+        new_tokens=int(ids.shape[1] - inputs["input_ids"].shape[1]),
+    )
     if b.device.type == "cuda":
         r["allocated_over_predicted"] = peak / predicted
         r["driver_over_total"] = used.peak / led.total_bytes
@@ -386,11 +462,14 @@ def _measure(b: Bench, handle, plan, model, inputs: dict, new: int, case: str, w
         if other is not None:
             r["predicted_analytic"] = other
             also = f"; analytic plan {other / GiB:.2f} GiB ({peak / other - 1:+.1%})"
-        b.row("fidelity", f"{what}, {case} (batch {plan.workload.batch}, prompt {plan.workload.prompt})",
-              f"max_allocated {peak / GiB:.2f} GiB vs {plan.estimate} plan {predicted / GiB:.2f} GiB "
-              f"({peak / predicted - 1:+.1%}){also}; driver {used.peak / GiB:.2f} GiB vs plan+reserve "
-              f"{led.total_bytes / GiB:.2f} GiB ({used.peak / led.total_bytes - 1:+.1%})",
-              "ok" if abs(peak / predicted - 1) <= 0.05 else "OFF by more than 5%")
+        b.row(
+            "fidelity",
+            f"{what}, {case} (batch {plan.workload.batch}, prompt {plan.workload.prompt})",
+            f"max_allocated {peak / GiB:.2f} GiB vs {plan.estimate} plan {predicted / GiB:.2f} GiB "
+            f"({peak / predicted - 1:+.1%}){also}; driver {used.peak / GiB:.2f} GiB vs plan+reserve "
+            f"{led.total_bytes / GiB:.2f} GiB ({used.peak / led.total_bytes - 1:+.1%})",
+            "ok" if abs(peak / predicted - 1) <= 0.05 else "OFF by more than 5%",
+        )
     else:
         b.row("fidelity", f"{what}, {case}", f"ran ({r['new_tokens']} tokens)", "dry run")
     return r
@@ -400,8 +479,8 @@ def _measure(b: Bench, handle, plan, model, inputs: dict, new: int, case: str, w
 def sec_budget(b: Bench) -> dict:
     import torch
 
-    from fitmap.run import start
-    from fitmap.workload import Workload
+    from fitmap.planning.workload import Workload
+    from fitmap.runtime.run import start
 
     handle = nvml_handle() if b.device.type == "cuda" else None
     llama = write_llama(b)
@@ -424,14 +503,15 @@ def sec_budget(b: Bench) -> dict:
         reset_peak(b)
         with UsedPeak(handle, b.device.type == "cuda") as used, torch.inference_mode():
             t = time.perf_counter()
-            loaded.model.generate(input_ids=ids, max_new_tokens=w.new, min_new_tokens=w.new, do_sample=False,
-                                  pad_token_id=0)
+            loaded.model.generate(
+                input_ids=ids, max_new_tokens=w.new, min_new_tokens=w.new, do_sample=False, pad_token_id=0
+            )
             sync(b)
             out["tok_per_s"] = w.new / (time.perf_counter() - t)
         out["max_allocated"] = max_allocated(b)
         out["driver_used_peak"] = used.peak
         out["driver_used_before_load"] = base
-        try:   # far over the plan: the allocator must refuse inside the budget
+        try:  # far over the plan: the allocator must refuse inside the budget
             big = random_ids(b.scale(8, 2), b.scale(32768, 128), vocab).to(loaded.input_device)
             reset_peak(b)
             with torch.inference_mode():
@@ -443,21 +523,40 @@ def sec_budget(b: Bench) -> dict:
     free_all()
     if b.device.type == "cuda":
         inside = out["max_allocated"] <= budget and out["max_allocated_over_budget"] <= budget
-        b.row("budget", "--gpus 0:12GiB, 2048+32 tokens",
-              f"plan tiers {tiers}; max_allocated {out['max_allocated'] / GiB:.2f} GiB, driver peak "
-              f"{used.peak / GiB:.2f} GiB (GPU held {base / GiB:.2f} GiB before loading); "
-              f"{out['tok_per_s']:.2f} tok/s", "inside 12 GiB" if inside else "OVER 12 GiB")
-        b.row("budget", "8 x 32768 tokens in-process",
-              f"{out['over_budget']}, max_allocated {out['max_allocated_over_budget'] / GiB:.2f} GiB", "")
+        b.row(
+            "budget",
+            "--gpus 0:12GiB, 2048+32 tokens",
+            f"plan tiers {tiers}; max_allocated {out['max_allocated'] / GiB:.2f} GiB, driver peak "
+            f"{used.peak / GiB:.2f} GiB (GPU held {base / GiB:.2f} GiB before loading); "
+            f"{out['tok_per_s']:.2f} tok/s",
+            "inside 12 GiB" if inside else "OVER 12 GiB",
+        )
+        b.row(
+            "budget",
+            "8 x 32768 tokens in-process",
+            f"{out['over_budget']}, max_allocated {out['max_allocated_over_budget'] / GiB:.2f} GiB",
+            "",
+        )
     out["cli"] = _cli_over_budget(b, llama, plan_file)
     return out
 
 
 def _cli_over_budget(b: Bench, llama: Path, plan_file: Path) -> dict:
     """``fitmap run`` with a prompt far over the plan: exit 2 and one line, no traceback."""
-    words = b.scale(30000, 300)   # one argument may hold at most 128 KiB
-    cmd = [sys.executable, "-m", "fitmap.cli", "run", str(llama), "--plan", str(plan_file),
-           "--prompt", " ".join(["the"] * words), "--new", "4"]
+    words = b.scale(30000, 300)  # one argument may hold at most 128 KiB
+    cmd = [
+        sys.executable,
+        "-m",
+        "fitmap.cli",
+        "run",
+        str(llama),
+        "--plan",
+        str(plan_file),
+        "--prompt",
+        " ".join(["the"] * words),
+        "--new",
+        "4",
+    ]
     if b.gpus:
         cmd[5:5] = ["--gpus", "0:12GiB"]
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -468,16 +567,29 @@ def _cli_over_budget(b: Bench, llama: Path, plan_file: Path) -> dict:
         base = used.peak
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     err = proc.stderr.strip().splitlines()
-    r = dict(exit_code=proc.returncode, stderr_lines=len(err), stderr_tail=err[-3:], seconds=time.perf_counter() - t,
-             driver_used_before=base, driver_used_peak=used.peak, child_driver_peak=used.peak - base)
+    r = dict(
+        exit_code=proc.returncode,
+        stderr_lines=len(err),
+        stderr_tail=err[-3:],
+        seconds=time.perf_counter() - t,
+        driver_used_before=base,
+        driver_used_peak=used.peak,
+        child_driver_peak=used.peak - base,
+    )
     if b.device.type == "cuda":
-        b.row("budget", "fitmap run child, driver's used memory above this process's",
-              f"{(used.peak - base) / GiB:.2f} GiB (CUDA context included)",
-              "inside 12 GiB" if used.peak - base <= 12 * GiB else "OVER 12 GiB")
+        b.row(
+            "budget",
+            "fitmap run child, driver's used memory above this process's",
+            f"{(used.peak - base) / GiB:.2f} GiB (CUDA context included)",
+            "inside 12 GiB" if used.peak - base <= 12 * GiB else "OVER 12 GiB",
+        )
     good = proc.returncode == 2 and len(err) == 1 and "Traceback" not in proc.stderr
-    b.row("budget", f"fitmap run --plan (12 GiB plan) with a {words}-word prompt",
-          f"exit {proc.returncode}, {len(err)} stderr line(s): {err[-1][:160] if err else ''}",
-          "one-line error" if good else ("dry run" if b.dry else "NOT a one-line error"))
+    b.row(
+        "budget",
+        f"fitmap run --plan (12 GiB plan) with a {words}-word prompt",
+        f"exit {proc.returncode}, {len(err)} stderr line(s): {err[-1][:160] if err else ''}",
+        "one-line error" if good else ("dry run" if b.dry else "NOT a one-line error"),
+    )
     return r
 
 
@@ -493,8 +605,9 @@ class Decoder:
         self.times: list[float] = []
         with torch.inference_mode():
             self.cache = DynamicCache(config=model.config)
-            out = model(input_ids=random_ids(1, prompt, vocab).to(device), **{cache_kwarg(model): self.cache},
-                        use_cache=True)
+            out = model(
+                input_ids=random_ids(1, prompt, vocab).to(device), **{cache_kwarg(model): self.cache}, use_cache=True
+            )
         self.token = out.logits[:, -1:].argmax(-1)
         self.tokens = [int(self.token)]
 
@@ -507,12 +620,12 @@ class Decoder:
         with torch.inference_mode():
             out = self.model(input_ids=self.token, **{cache_kwarg(self.model): self.cache}, use_cache=True)
             self.token = out.logits[:, -1:].argmax(-1)
-        self.tokens.append(int(self.token))   # reads the token back: waits for the GPU
+        self.tokens.append(int(self.token))  # reads the token back: waits for the GPU
         return time.perf_counter() - start
 
 
 def _offload_plan(b: Bench, llama: Path, tier: str):
-    from fitmap.workload import Workload
+    from fitmap.planning.workload import Workload
 
     layers = (LLAMA_TINY if b.dry else LLAMA_8B)["num_hidden_layers"]
     disk = b.root / "offload"
@@ -529,13 +642,14 @@ def _accelerate_model(b: Bench, llama: Path, plan):
 
     dm = {u: (int(d) if str(d).isdigit() else d) for u, d in plan.device_map.items()}
     return transformers.AutoModelForCausalLM.from_pretrained(
-        llama, device_map=dm, dtype=torch.bfloat16, offload_folder=str(b.root / "accelerate-offload"))
+        llama, device_map=dm, dtype=torch.bfloat16, offload_folder=str(b.root / "accelerate-offload")
+    )
 
 
 def _rotate(b: Bench, decoders: list[Decoder], tokens: int, between=lambda: None) -> None:
     """Every decoder steps ``tokens`` times, in rotation (round 0 warms up and is not counted)."""
     for r in range(tokens + 1):
-        for d in decoders[r % len(decoders):] + decoders[:r % len(decoders)]:
+        for d in decoders[r % len(decoders) :] + decoders[: r % len(decoders)]:
             t = d.step(b)
             if r:
                 d.times.append(t)
@@ -544,8 +658,12 @@ def _rotate(b: Bench, decoders: list[Decoder], tokens: int, between=lambda: None
 
 def _tier_rows(b: Bench, section: str, decoders: list[Decoder], bound_s: float, extra: dict) -> dict:
     n = min(len(d.tokens) for d in decoders)
-    out = dict(extra, bound_seconds_per_token=bound_s, compared_tokens=n,
-               same_tokens=len({tuple(d.tokens[:n]) for d in decoders}) == 1)
+    out = dict(
+        extra,
+        bound_seconds_per_token=bound_s,
+        compared_tokens=n,
+        same_tokens=len({tuple(d.tokens[:n]) for d in decoders}) == 1,
+    )
     base = None
     for d in decoders:
         t = statistics.median(d.times)
@@ -556,8 +674,12 @@ def _tier_rows(b: Bench, section: str, decoders: list[Decoder], bound_s: float, 
     out["speedup_vs_accelerate"] = speedup
     for d in decoders:
         r = out[d.name]
-        b.row(section, d.name, f"{r['tok_per_s']:.2f} tok/s, {r['fraction_of_bound']:.0%} of bound "
-              f"({1 / bound_s:.2f} tok/s)", "")
+        b.row(
+            section,
+            d.name,
+            f"{r['tok_per_s']:.2f} tok/s, {r['fraction_of_bound']:.0%} of bound ({1 / bound_s:.2f} tok/s)",
+            "",
+        )
     b.row(section, "fitmap vs accelerate", f"{speedup:.2f}x; same first {n} tokens: {out['same_tokens']}", "")
     return out
 
@@ -568,8 +690,8 @@ def sec_cpu_tier(b: Bench) -> dict:
     new to the attention kernels' plan caches, as every step of a real generation is (cuDNN
     attention builds a plan per length; a variant timed at lengths another already ran would
     be flattered). Tokens are compared on the common prefix."""
-    from fitmap import loader, offload
-    from fitmap.loader import load
+    from fitmap.runtime import loader, offload
+    from fitmap.runtime.loader import load
 
     llama = write_llama(b)
     vocab = (LLAMA_TINY if b.dry else LLAMA_8B)["vocab_size"]
@@ -577,7 +699,7 @@ def sec_cpu_tier(b: Bench) -> dict:
     pinned, pageable = h2d_bandwidth(b, b.scale(1 << 30, 1 << 20))
     bound = nbytes / pinned if b.device.type == "cuda" else float("nan")
     tokens, few = b.scale(16, 3), b.scale(8, 2)
-    done = 0                                     # decode steps taken by the variants so far
+    done = 0  # decode steps taken by the variants so far
 
     def timed(d: Decoder, n: int) -> Decoder:
         nonlocal done
@@ -587,30 +709,41 @@ def sec_cpu_tier(b: Bench) -> dict:
         done += n + 1
         return d
 
-    acc = _accelerate_model(b, llama, plan)      # first: the slowest, it takes no untimed steps
+    acc = _accelerate_model(b, llama, plan)  # first: the slowest, it takes no untimed steps
     decoders = [timed(Decoder("transformers/accelerate, same map", acc, b.device, vocab, 64), few)]
-    decoders[0].model = decoders[0].cache = None   # its GPU memory must not count in fitmap's peak
+    decoders[0].model = decoders[0].cache = None  # its GPU memory must not count in fitmap's peak
     del acc
     free_all()
     lm = load(llama, plan, progress=False)
     ring = len(lm._offload.streamer.ring.buffers) if lm._offload else 0
-    fit = Decoder(f"fitmap ({ring} reused device buffers, {max(ring - 1, 1)} unit(s) ahead)", lm.model,
-                  lm.input_device, vocab, 64)
+    fit = Decoder(
+        f"fitmap ({ring} reused device buffers, {max(ring - 1, 1)} unit(s) ahead)", lm.model, lm.input_device, vocab, 64
+    )
     reset_peak(b)
     decoders.insert(0, timed(fit, tokens))
     fit_peak = max_allocated(b)
     copies = _copies_alone(b, lm)
     try:
         profile = _profile(b, fit)
-    except Exception as e:   # the profiler is a diagnosis, not a result
+    except Exception as e:  # the profiler is a diagnosis, not a result
         profile = f"profiler failed: {type(e).__name__}: {e}"
     done += 2
     lm.close()
     free_all()
-    extra = dict(offloaded_units=len(units), bytes_per_token=nbytes, pinned_h2d=pinned, pageable_h2d=pageable,
-                 fitmap_max_allocated=fit_peak, copies_alone_seconds=copies, ring_buffers=ring, profile=profile)
-    for name, ring_on, most in (("fitmap, 2 device buffers (one unit ahead)", True, 2),
-                                ("fitmap, copies through the caching allocator (one unit ahead)", False, 2)):
+    extra = dict(
+        offloaded_units=len(units),
+        bytes_per_token=nbytes,
+        pinned_h2d=pinned,
+        pageable_h2d=pageable,
+        fitmap_max_allocated=fit_peak,
+        copies_alone_seconds=copies,
+        ring_buffers=ring,
+        profile=profile,
+    )
+    for name, ring_on, most in (
+        ("fitmap, 2 device buffers (one unit ahead)", True, 2),
+        ("fitmap, copies through the caching allocator (one unit ahead)", False, 2),
+    ):
         offload.USE_RING, loader.MAX_RING, saved = ring_on, most, loader.MAX_RING
         try:
             lm = load(llama, plan, progress=False)
@@ -621,20 +754,30 @@ def sec_cpu_tier(b: Bench) -> dict:
         free_all()
         t = statistics.median(v.times)
         n = min(len(v.tokens), len(decoders[-1].tokens))
-        extra[name] = dict(seconds_per_token=t, tok_per_s=1 / t, fraction_of_bound=bound / t, times=v.times,
-                           same_tokens=v.tokens[:n] == decoders[-1].tokens[:n])
+        extra[name] = dict(
+            seconds_per_token=t,
+            tok_per_s=1 / t,
+            fraction_of_bound=bound / t,
+            times=v.times,
+            same_tokens=v.tokens[:n] == decoders[-1].tokens[:n],
+        )
         b.row("cpu_tier", name, f"{1 / t:.2f} tok/s, {bound / t:.0%} of bound", "")
     if b.device.type == "cuda":
-        b.row("cpu_tier", "set-up", f"{len(units)} layers, {nbytes / GB:.2f} GB per token over "
-              f"{pinned / GB:.1f} GB/s pinned ({pageable / GB:.1f} GB/s pageable); the units' copies alone "
-              f"(no compute) {copies * 1e3:.1f} ms; fitmap max_allocated {fit_peak / GiB:.2f} GiB", "")
+        b.row(
+            "cpu_tier",
+            "set-up",
+            f"{len(units)} layers, {nbytes / GB:.2f} GB per token over "
+            f"{pinned / GB:.1f} GB/s pinned ({pageable / GB:.1f} GB/s pageable); the units' copies alone "
+            f"(no compute) {copies * 1e3:.1f} ms; fitmap max_allocated {fit_peak / GiB:.2f} GiB",
+            "",
+        )
     return _tier_rows(b, "cpu_tier", decoders, bound, extra)
 
 
 def _copies_alone(b: Bench, lm) -> float:
     """Seconds to copy every cpu-tier unit into the device buffers back to back, no compute: the
     transfer floor with these tensors' sizes (median of 3)."""
-    if lm._offload is None:     # a dry run: cpu units run where they are
+    if lm._offload is None:  # a dry run: cpu units run where they are
         return float("nan")
     streamer = lm._offload.streamer
     ring = streamer.ring
@@ -668,7 +811,7 @@ def _profile(b: Bench, d: Decoder) -> str:
 
 
 def sec_disk_tier(b: Bench) -> dict:
-    from fitmap.loader import load
+    from fitmap.runtime.loader import load
 
     llama = write_llama(b)
     vocab = (LLAMA_TINY if b.dry else LLAMA_8B)["vocab_size"]
@@ -677,7 +820,7 @@ def sec_disk_tier(b: Bench) -> dict:
     rate = cold_read_rate(holding, repeats=b.scale(2, 1))
     bound = nbytes / rate
     lm = load(llama, plan, progress=False)
-    drop = lambda: evict(files)   # noqa: E731  every token finds the disk tier out of the page cache
+    drop = lambda: evict(files)  # noqa: E731  every token finds the disk tier out of the page cache
     decoders = [Decoder("fitmap (read-ahead)", lm.model, lm.input_device, vocab, 64, drop)]
     acc = _accelerate_model(b, llama, plan)
     decoders.append(Decoder("transformers/accelerate disk offload, same map", acc, b.device, vocab, 64, drop))
@@ -685,10 +828,15 @@ def sec_disk_tier(b: Bench) -> dict:
     lm.close()
     del acc, decoders[1].model
     free_all()
-    b.row("disk_tier", "set-up", f"{len(units)} layers, {nbytes / GB:.2f} GB per token; cold sequential read "
-          f"{rate / GB:.2f} GB/s", "")
-    return _tier_rows(b, "disk_tier", decoders, bound, dict(offloaded_units=len(units), bytes_per_token=nbytes,
-                                                            cold_read_rate=rate))
+    b.row(
+        "disk_tier",
+        "set-up",
+        f"{len(units)} layers, {nbytes / GB:.2f} GB per token; cold sequential read {rate / GB:.2f} GB/s",
+        "",
+    )
+    return _tier_rows(
+        b, "disk_tier", decoders, bound, dict(offloaded_units=len(units), bytes_per_token=nbytes, cold_read_rate=rate)
+    )
 
 
 # --------------------------------------------------------------------------- 5. start-up
@@ -702,15 +850,18 @@ def child_startup(variant: str, path: str, plan_file: str, device: str) -> None:
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.init()
-        torch.empty(1, device=dev)   # the CUDA context, for both variants before the clock
+        torch.empty(1, device=dev)  # the CUDA context, for both variants before the clock
     if variant == "fitmap":
-        from fitmap.loader import load
-        from fitmap.plan import Plan
+        from fitmap.planning.plan import Plan
+        from fitmap.runtime.loader import load
 
         t_load = time.time()
         model = load(path, Plan.load(plan_file), progress=False).model
     else:
-        dm = {u: (int(d) if str(d).isdigit() else d) for u, d in json.loads(Path(plan_file).read_text())["device_map"].items()}
+        dm = {
+            u: (int(d) if str(d).isdigit() else d)
+            for u, d in json.loads(Path(plan_file).read_text())["device_map"].items()
+        }
         t_load = time.time()
         model = transformers.AutoModelForCausalLM.from_pretrained(path, device_map=dm, dtype=torch.bfloat16)
     t_gen = time.time()
@@ -723,7 +874,7 @@ def child_startup(variant: str, path: str, plan_file: str, device: str) -> None:
 
 
 def sec_startup(b: Bench) -> dict:
-    from fitmap.workload import Workload
+    from fitmap.planning.workload import Workload
 
     llama = write_llama(b)
     plan = make_plan(llama, b.gpus, Workload(1, 16, 1), estimate="analytic")
@@ -731,25 +882,39 @@ def sec_startup(b: Bench) -> dict:
     plan.save(plan_file)
     files = shards(llama)
     size = sum(f.stat().st_size for f in files)
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               PYTHONWARNINGS="ignore")
+    env = dict(
+        os.environ, PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore"
+    )
     out = dict(checkpoint_bytes=size)
     for cache in ("cold", "warm"):
         for variant in ("fitmap", "from_pretrained"):
             if cache == "cold":
                 evict(files)
             t0 = time.time()
-            proc = subprocess.run([sys.executable, __file__, "--child-startup", variant, str(llama), str(plan_file),
-                                   str(b.device)], capture_output=True, text=True, env=env, timeout=300)
+            proc = subprocess.run(
+                [sys.executable, __file__, "--child-startup", variant, str(llama), str(plan_file), str(b.device)],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=300,
+            )
             if proc.returncode != 0:
                 raise RuntimeError(f"{variant} child failed: {proc.stderr[-2000:]}")
             r = json.loads(proc.stdout.strip().splitlines()[-1])
-            row = dict(first_token=r["t_first"] - t0, imports=r["t_import"] - t0, load=r["t_gen"] - r["t_load"],
-                       generate=r["t_first"] - r["t_gen"])
+            row = dict(
+                first_token=r["t_first"] - t0,
+                imports=r["t_import"] - t0,
+                load=r["t_gen"] - r["t_load"],
+                generate=r["t_first"] - r["t_gen"],
+            )
             out[f"{variant}, {cache}"] = row
-            b.row("startup", f"{variant}, page cache {cache}",
-                  f"first token {row['first_token']:.2f} s (load {row['load']:.2f} s, imports+context "
-                  f"{row['imports']:.2f} s)", "")
+            b.row(
+                "startup",
+                f"{variant}, page cache {cache}",
+                f"first token {row['first_token']:.2f} s (load {row['load']:.2f} s, imports+context "
+                f"{row['imports']:.2f} s)",
+                "",
+            )
     return out
 
 
@@ -763,24 +928,34 @@ def sec_hooks(b: Bench) -> dict:
     from accelerate.hooks import remove_hook_from_submodules
     from transformers import DynamicCache
 
-    from fitmap import hooks
+    from fitmap.dispatch import hooks
 
     logging.getLogger("accelerate").setLevel(logging.ERROR)
-    cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=False)
+    cfg = transformers.LlamaConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1024,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     with torch.device(b.device):
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
-    units = ["model.embed_tokens", "model.rotary_emb"] + [f"model.layers.{i}" for i in range(8)] + \
-            ["model.norm", "lm_head"]
+    units = (
+        ["model.embed_tokens", "model.rotary_emb"] + [f"model.layers.{i}" for i in range(8)] + ["model.norm", "lm_head"]
+    )
     dev = b.device
 
     def fitmap_attach():
         # What a split runs on every unit after the first device boundary: InputsTo on each unit
-        # (inputs already in place: the fast path), OutputsTo on the model (as fitmap.hooks.attach).
+        # (inputs already in place: the fast path), OutputsTo on the model (as fitmap.dispatch.hooks.attach).
         mover = hooks.Mover()
-        hs = [model.get_submodule(u).register_forward_pre_hook(hooks.inputs_to(dev, mover), with_kwargs=True)
-              for u in units]
+        hs = [
+            model.get_submodule(u).register_forward_pre_hook(hooks.inputs_to(dev, mover), with_kwargs=True)
+            for u in units
+        ]
         hs.append(model.register_forward_hook(hooks.OutputsTo(dev, mover), always_call=True))
         return lambda: [h.remove() for h in hs]
 
@@ -799,17 +974,21 @@ def sec_hooks(b: Bench) -> dict:
 
     def fitmap_pre_only():
         mover = hooks.Mover()
-        hs = [model.get_submodule(u).register_forward_pre_hook(hooks.inputs_to(dev, mover), with_kwargs=True)
-              for u in units]
+        hs = [
+            model.get_submodule(u).register_forward_pre_hook(hooks.inputs_to(dev, mover), with_kwargs=True)
+            for u in units
+        ]
         hs.append(model.register_forward_hook(lambda m, a, o: mover.reset(), always_call=True))
         return lambda: [h.remove() for h in hs]
 
-    variants = {"no hooks": lambda: (lambda: None), "fitmap boundary hooks, every unit": fitmap_attach,
-                "(floor) no-op torch pre-hook, same units": noop_attach,
-                "fitmap pre-hooks only (OutputsTo replaced by a reset)": fitmap_pre_only,
-                "(reference) the least a checking hook does: tensor devices, one id look-up per keyword":
-                    minimal_attach,
-                "accelerate dispatch_model (force_hooks)": accelerate_attach}
+    variants = {
+        "no hooks": lambda: lambda: None,
+        "fitmap boundary hooks, every unit": fitmap_attach,
+        "(floor) no-op torch pre-hook, same units": noop_attach,
+        "fitmap pre-hooks only (OutputsTo replaced by a reset)": fitmap_pre_only,
+        "(reference) the least a checking hook does: tensor devices, one id look-up per keyword": minimal_attach,
+        "accelerate dispatch_model (force_hooks)": accelerate_attach,
+    }
     # Paired rounds: each round runs one block of every variant in a shuffled order, and a variant's
     # overhead is the median over rounds of (its block / the unhooked block of the same round) - 1, so
     # that the host's drift (the unhooked step moved 7 -> 10 ms within minutes on the H200) cancels.
@@ -837,7 +1016,7 @@ def sec_hooks(b: Bench) -> dict:
                         sync(b)
                         if s:
                             times.append(time.perf_counter() - t0)
-                        cache.crop(-1)   # back to the prompt: every step sees the same cache
+                        cache.crop(-1)  # back to the prompt: every step sees the same cache
                     detach()
                     blocks[name].append(statistics.median(times))
         finally:
@@ -853,17 +1032,25 @@ def sec_hooks(b: Bench) -> dict:
     fit = res["fitmap boundary hooks, every unit"]["overhead"]
     floor = res["(floor) no-op torch pre-hook, same units"]["overhead"]
     least = res["(reference) the least a checking hook does: tensor devices, one id look-up per keyword"]["overhead"]
-    b.row("hooks", "fitmap minus floor", f"{(fit - floor) * 100:+.1f} points",
-          "within 1 point" if fit - floor <= 0.01 else "MORE than 1 point over the floor")
-    b.row("hooks", "fitmap minus the least checking hook", f"{(fit - least) * 100:+.1f} points",
-          "within 1 point" if fit - least <= 0.01 else "MORE than 1 point over the reference")
+    b.row(
+        "hooks",
+        "fitmap minus floor",
+        f"{(fit - floor) * 100:+.1f} points",
+        "within 1 point" if fit - floor <= 0.01 else "MORE than 1 point over the floor",
+    )
+    b.row(
+        "hooks",
+        "fitmap minus the least checking hook",
+        f"{(fit - least) * 100:+.1f} points",
+        "within 1 point" if fit - least <= 0.01 else "MORE than 1 point over the reference",
+    )
     return res
 
 
 def _hook_diagnosis(b: Bench, model, units: list[str], token, cache, steps: int = 50) -> dict:
     """Where fitmap's hook time goes, per decode step: calls that leave the fast path for
     ``InputsTo``, tensors copied, and host time inside the pre-hooks and inside ``OutputsTo``."""
-    from fitmap import hooks
+    from fitmap.dispatch import hooks
 
     dev = b.device
     spent = {"pre": 0.0, "post": 0.0}
@@ -885,11 +1072,14 @@ def _hook_diagnosis(b: Bench, model, units: list[str], token, cache, steps: int 
                 return fn(*a)
             finally:
                 spent[key] += time.perf_counter() - t
+
         return wrapper
 
     mover = hooks.Mover()
-    hs = [model.get_submodule(u).register_forward_pre_hook(timed(hooks.inputs_to(dev, mover), "pre"),
-                                                           with_kwargs=True) for u in units]
+    hs = [
+        model.get_submodule(u).register_forward_pre_hook(timed(hooks.inputs_to(dev, mover), "pre"), with_kwargs=True)
+        for u in units
+    ]
     hs.append(model.register_forward_hook(timed(hooks.OutputsTo(dev, mover), "post"), always_call=True))
     hooks.InputsTo.__call__ = counting
     try:
@@ -901,19 +1091,33 @@ def _hook_diagnosis(b: Bench, model, units: list[str], token, cache, steps: int 
         hooks.InputsTo.__call__ = real_call
         for h in hs:
             h.remove()
-    d = dict(slow_calls_per_step=slow_calls[0] / steps, copies_per_step=mover.copies / steps,
-             pre_hooks_us_per_step=spent["pre"] / steps * 1e6, outputs_to_us_per_step=spent["post"] / steps * 1e6,
-             slow_path_keys=slow_kinds)
-    b.row("hooks", "where fitmap's time goes (per step)",
-          f"pre-hooks {d['pre_hooks_us_per_step']:.0f} us, OutputsTo {d['outputs_to_us_per_step']:.0f} us, "
-          f"{d['slow_calls_per_step']:.1f} slow-path calls ({', '.join(sorted(slow_kinds)) or 'none'}), "
-          f"{d['copies_per_step']:.1f} copies", "")
+    d = dict(
+        slow_calls_per_step=slow_calls[0] / steps,
+        copies_per_step=mover.copies / steps,
+        pre_hooks_us_per_step=spent["pre"] / steps * 1e6,
+        outputs_to_us_per_step=spent["post"] / steps * 1e6,
+        slow_path_keys=slow_kinds,
+    )
+    b.row(
+        "hooks",
+        "where fitmap's time goes (per step)",
+        f"pre-hooks {d['pre_hooks_us_per_step']:.0f} us, OutputsTo {d['outputs_to_us_per_step']:.0f} us, "
+        f"{d['slow_calls_per_step']:.1f} slow-path calls ({', '.join(sorted(slow_kinds)) or 'none'}), "
+        f"{d['copies_per_step']:.1f} copies",
+        "",
+    )
     return d
 
 
 # --------------------------------------------------------------------------- main
-RUNNERS = {"fidelity": sec_fidelity, "budget": sec_budget, "cpu_tier": sec_cpu_tier, "disk_tier": sec_disk_tier,
-           "startup": sec_startup, "hooks": sec_hooks}
+RUNNERS = {
+    "fidelity": sec_fidelity,
+    "budget": sec_budget,
+    "cpu_tier": sec_cpu_tier,
+    "disk_tier": sec_disk_tier,
+    "startup": sec_startup,
+    "hooks": sec_hooks,
+}
 
 
 def machine_info(b: Bench) -> dict:
@@ -921,8 +1125,14 @@ def machine_info(b: Bench) -> dict:
     import torch
     import transformers
 
-    info = dict(python=sys.version.split()[0], torch=torch.__version__, transformers=transformers.__version__,
-                accelerate=accelerate.__version__, cpus=os.cpu_count(), dry_run=b.dry)
+    info = dict(
+        python=sys.version.split()[0],
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        accelerate=accelerate.__version__,
+        cpus=os.cpu_count(),
+        dry_run=b.dry,
+    )
     if b.device.type == "cuda":
         p = torch.cuda.get_device_properties(0)
         info.update(gpu=p.name, gpu_memory=p.total_memory, gpus=torch.cuda.device_count())
@@ -966,12 +1176,12 @@ def main() -> int:
     print(json.dumps(b.results["machine"]), flush=True)
     failed = []
     for name in only:
-        free_all()   # what the last section left in reference cycles counts against this one's budget
+        free_all()  # what the last section left in reference cycles counts against this one's budget
         t = time.perf_counter()
         print(f"== {name}", flush=True)
         try:
             b.results[name] = RUNNERS[name](b)
-        except Exception as e:   # one section's failure must not cost the others' numbers
+        except Exception as e:  # one section's failure must not cost the others' numbers
             failed.append(name)
             b.results[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]}
             b.row(name, "FAILED", f"{type(e).__name__}: {str(e)[:300]}", "")

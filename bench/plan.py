@@ -19,7 +19,7 @@ largest activation peak + fitmap's per-GPU reserve (512 MiB + 2%, charged only t
 a GPU that is used). Offloaded units run on GPU 0, which holds their KV and
 activations plus a streaming buffer (2 x the largest offloaded unit for fitmap's
 prefetch, 1 x for accelerate's synchronous offload). The maps are also replayed
-on fake devices with ``fitmap.simulate``: the peak of torch allocations per GPU,
+on fake devices with ``fitmap.simulation.simulate``: the peak of torch allocations per GPU,
 no reserve, as DESIGN.md's anchor numbers are quoted.
 
     .venv/bin/python bench/plan.py                      # the table, every map replayed (~4 min)
@@ -44,14 +44,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from fitmap import pipeline  # noqa: E402
-from fitmap.catalog_models import catalog_entry  # noqa: E402
-from fitmap.devices import Machine, make_machine  # noqa: E402
-from fitmap.plan import Plan, Repair  # noqa: E402
-from fitmap.profile import Profile, estimate  # noqa: E402
+from fitmap.model.build import build_model
+from fitmap.model.catalog_models import catalog_entry  # noqa: E402
+from fitmap.model.skeleton import Skeleton  # noqa: E402
+from fitmap.planning.devices import Machine, make_machine  # noqa: E402
+from fitmap.planning.plan import Plan, Repair  # noqa: E402
+from fitmap.planning.profile import Profile, estimate  # noqa: E402
+from fitmap.planning.workload import Workload  # noqa: E402
 from fitmap.sizes import GiB  # noqa: E402
-from fitmap.skeleton import Skeleton, build_model  # noqa: E402
-from fitmap.workload import Workload  # noqa: E402
-
 
 REPEATS = 5  # planning times are the fastest of this many calls
 
@@ -59,10 +59,10 @@ REPEATS = 5  # planning times are the fastest of this many calls
 @dataclass(frozen=True)
 class Case:
     model: str
-    gpus: str                 # hypothetical GPUs, as --gpus takes them
-    cpu: str                  # RAM for offloaded weights (fitmap's cpu tier, accelerate's "cpu")
+    gpus: str  # hypothetical GPUs, as --gpus takes them
+    cpu: str  # RAM for offloaded weights (fitmap's cpu tier, accelerate's "cpu")
     workload: Workload
-    headline: bool = False    # one of DESIGN.md's anchors (replayed by --replay headline)
+    headline: bool = False  # one of DESIGN.md's anchors (replayed by --replay headline)
 
     @property
     def label(self) -> str:
@@ -87,15 +87,15 @@ CASES = [
 class Row:
     case: Case
     method: str
-    device_map: dict[str, int | str]     # as the planner wrote it
-    plan_ms: float                       # fastest of REPEATS calls
-    first_ms: float | None = None        # fitmap simulate: the first call, which measures the costs
+    device_map: dict[str, int | str]  # as the planner wrote it
+    plan_ms: float  # fastest of REPEATS calls
+    first_ms: float | None = None  # fitmap simulate: the first call, which measures the costs
     units: dict[str, list[str]] = field(default_factory=dict)  # fitmap unit -> devices holding it
-    loads: list["Load"] = field(default_factory=list)
-    replay: str = ""                     # per-GPU replayed peaks, or why there are none
+    loads: list[Load] = field(default_factory=list)
+    replay: str = ""  # per-GPU replayed peaks, or why there are none
     replay_fits: bool | None = None
-    inputs: str = ""                     # input group on one device?
-    outputs: str = ""                    # output group on one device?
+    inputs: str = ""  # input group on one device?
+    outputs: str = ""  # output group on one device?
     note: str = ""
 
 
@@ -109,7 +109,7 @@ class Load:
     act: int = 0
     stream: int = 0
     reserve: int = 0
-    offloaded: int = 0     # weights it streams in from the cpu/disk tiers (not resident)
+    offloaded: int = 0  # weights it streams in from the cpu/disk tiers (not resident)
 
     @property
     def total(self) -> int:
@@ -171,13 +171,17 @@ def accelerate_rows(case: Case, machine: Machine, prep: pipeline.Prepared) -> tu
     capacities = {g.index: g.capacity for g in machine.gpus} | {"cpu": machine.cpu}
     rows = []
     with _quiet():  # "Device 0 is not available": these GPUs are hypothetical
-        greedy, ms = best_of(lambda: infer_auto_device_map(
-            model, max_memory=dict(capacities), no_split_module_classes=no_split, dtype=dtype))
+        greedy, ms = best_of(
+            lambda: infer_auto_device_map(
+                model, max_memory=dict(capacities), no_split_module_classes=no_split, dtype=dtype
+            )
+        )
         rows.append(Row(case, "accel greedy", dict(greedy), ms))
 
         def balanced_map():
-            budget = get_balanced_memory(model, max_memory=dict(capacities), no_split_module_classes=no_split,
-                                         dtype=dtype)
+            budget = get_balanced_memory(
+                model, max_memory=dict(capacities), no_split_module_classes=no_split, dtype=dtype
+            )
             return infer_auto_device_map(model, max_memory=budget, no_split_module_classes=no_split, dtype=dtype)
 
         balanced, ms = best_of(balanced_map)
@@ -217,8 +221,15 @@ def unit_devices(sk: Skeleton, device_map: dict[str, int | str]) -> dict[str, li
     return out
 
 
-def loads(sk: Skeleton, profile: Profile, machine: Machine, placed: dict[str, list[str]],
-          sizes: dict[str, int] | None, device_map: dict, stream_copies: int) -> list[Load]:
+def loads(
+    sk: Skeleton,
+    profile: Profile,
+    machine: Machine,
+    placed: dict[str, list[str]],
+    sizes: dict[str, int] | None,
+    device_map: dict,
+    stream_copies: int,
+) -> list[Load]:
     """Per GPU under fitmap's cost model (see the module docstring)."""
     gpus = {str(g.index): Load(g.capacity) for g in machine.gpus}
     execution = str(machine.gpus[0].index)
@@ -243,8 +254,9 @@ def loads(sk: Skeleton, profile: Profile, machine: Machine, placed: dict[str, li
     return list(gpus.values())
 
 
-def _shares(unit: str, weight: int, devices: list[str], sizes: dict[str, int] | None,
-            device_map: dict) -> dict[str, int]:
+def _shares(
+    unit: str, weight: int, devices: list[str], sizes: dict[str, int] | None, device_map: dict
+) -> dict[str, int]:
     """A unit's weight bytes per device; a unit split by a finer map is shared out by the map's
     own module sizes."""
     if len(devices) == 1 or not sizes:
@@ -282,7 +294,7 @@ def replay(prep: pipeline.Prepared, template: Plan, row: Row, cache: dict) -> No
     fitmap's runtime prefetches one more offloaded unit than the simulation streams:
     that buffer is added to the execution GPU of fitmap's maps.
     """
-    from fitmap.simulate import simulate
+    from fitmap.simulation.simulate import simulate
 
     dm = {u: (int(d[0]) if d[0].isdigit() else d[0]) for u, d in row.units.items() if len(d) == 1}
     if len(dm) != len(row.units):
@@ -292,11 +304,20 @@ def replay(prep: pipeline.Prepared, template: Plan, row: Row, cache: dict) -> No
     if key not in cache:
         fixes: tuple[Repair, ...] = ()
         if key[0]:
-            fixes = tuple(Repair("align-inputs", k, str(d) if str(d).isdigit() else template.execution_device)
-                          for k, d in row.device_map.items() if _is_module(prep, k))
+            fixes = tuple(
+                Repair("align-inputs", k, str(d) if str(d).isdigit() else template.execution_device)
+                for k, d in row.device_map.items()
+                if _is_module(prep, k)
+            )
         sk = prep.skeleton
-        sim = simulate(sk.config, prep.inventory.task, sk, replace(template, device_map=dm, repairs=()),
-                       device_map=dm, plan_repairs=fixes)
+        sim = simulate(
+            sk.config,
+            prep.inventory.task,
+            sk,
+            replace(template, device_map=dm, repairs=()),
+            device_map=dm,
+            plan_repairs=fixes,
+        )
         cache[key] = sim
     sim = cache[key]
     if sim.mismatch is not None:
@@ -332,26 +353,32 @@ def run_case(case: Case, replay_it: bool) -> tuple[list[Row], str]:
     build_ms = 1000 * (time.perf_counter() - t)
     arows, sizes = accelerate_rows(case, machine, prep)
     sk = prep.skeleton
-    profile = (prep.simulated.profile(sk, case.workload) if prep.simulated is not None
-               else estimate(sk, case.workload))
+    profile = prep.simulated.profile(sk, case.workload) if prep.simulated is not None else estimate(sk, case.workload)
     cache: dict = {}
     for row in frows + arows:
         row.units = unit_devices(sk, row.device_map)
         row.inputs, row.outputs = group_check(sk, row.units, "input"), group_check(sk, row.units, "output")
         fitmap_own = row.method.startswith("fitmap")
-        row.loads = loads(sk, profile, machine, row.units, None if fitmap_own else sizes, row.device_map,
-                          2 if fitmap_own else 1)
+        row.loads = loads(
+            sk, profile, machine, row.units, None if fitmap_own else sizes, row.device_map, 2 if fitmap_own else 1
+        )
         if replay_it:
             replay(prep, plans["simulate"], row, cache)
     _self_check(frows[1], plans["simulate"])
-    no_reserve = pipeline.plan(pipeline.PlanRequest(case.model, make_machine(case.gpus, case.cpu, reserve=0),
-                                                    case.workload, estimate="simulate"), prep)
+    no_reserve = pipeline.plan(
+        pipeline.PlanRequest(
+            case.model, make_machine(case.gpus, case.cpu, reserve=0), case.workload, estimate="simulate"
+        ),
+        prep,
+    )
     analytic = estimate(sk, case.workload)
-    setup = (f"{case.model}: fitmap prepare {prepare_ms:.0f} ms, accelerate meta model {build_ms:.0f} ms; "
-             f"judged with {profile.method} costs; largest block activation analytic "
-             f"{_largest_block_act(sk, analytic) / GiB:.2f} GiB, simulated {_largest_block_act(sk, profile) / GiB:.2f} GiB; "
-             f"offloaded by fitmap simulate {_offloaded(plans['simulate']) / GiB:.1f} GiB, "
-             f"with --reserve 0 {_offloaded(no_reserve) / GiB:.1f} GiB")
+    setup = (
+        f"{case.model}: fitmap prepare {prepare_ms:.0f} ms, accelerate meta model {build_ms:.0f} ms; "
+        f"judged with {profile.method} costs; largest block activation analytic "
+        f"{_largest_block_act(sk, analytic) / GiB:.2f} GiB, simulated {_largest_block_act(sk, profile) / GiB:.2f} GiB; "
+        f"offloaded by fitmap simulate {_offloaded(plans['simulate']) / GiB:.1f} GiB, "
+        f"with --reserve 0 {_offloaded(no_reserve) / GiB:.1f} GiB"
+    )
     return frows + arows, setup
 
 
@@ -369,12 +396,25 @@ def _self_check(row: Row, plan: Plan) -> None:
     mine = [g.total for g in row.loads]
     if own != mine:
         row.note = (row.note + "; " if row.note else "") + (
-            "ledger differs from yardstick: " + "/".join(f"{(a - b) / GiB:+.2f}" for a, b in zip(own, mine)))
+            "ledger differs from yardstick: " + "/".join(f"{(a - b) / GiB:+.2f}" for a, b in zip(own, mine))
+        )
 
 
 def markdown(rows: list[Row], replayed: bool) -> str:
-    head = ["model", "GPUs", "workload", "method", "max util %", "spread %", "fits?", "w/o reserve?", "offloaded",
-            "plan ms", "inputs 1 dev", "outputs 1 dev"]
+    head = [
+        "model",
+        "GPUs",
+        "workload",
+        "method",
+        "max util %",
+        "spread %",
+        "fits?",
+        "w/o reserve?",
+        "offloaded",
+        "plan ms",
+        "inputs 1 dev",
+        "outputs 1 dev",
+    ]
     if replayed:
         head += ["replayed peak GiB per GPU", "replay fits?"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -385,10 +425,20 @@ def markdown(rows: list[Row], replayed: bool) -> str:
         idle = len(r.loads) - len(used)
         fits = all(g.total <= g.capacity for g in r.loads)
         bare = all(g.total - g.reserve <= g.capacity for g in r.loads)
-        cells = [r.case.model, r.case.gpus, r.case.label, r.method, f"{util:.1f}",
-                 f"{spread:.1f}" + (f" ({idle} idle)" if idle else ""),
-                 "yes" if fits else "**no**", "yes" if bare else "**no**", offloaded(r), plan_time(r),
-                 r.inputs, r.outputs]
+        cells = [
+            r.case.model,
+            r.case.gpus,
+            r.case.label,
+            r.method,
+            f"{util:.1f}",
+            f"{spread:.1f}" + (f" ({idle} idle)" if idle else ""),
+            "yes" if fits else "**no**",
+            "yes" if bare else "**no**",
+            offloaded(r),
+            plan_time(r),
+            r.inputs,
+            r.outputs,
+        ]
         if replayed:
             cells += [r.replay or "-", {None: "-", True: "yes", False: "**no**"}[r.replay_fits]]
         if r.note:
@@ -414,8 +464,12 @@ def offloaded(r: Row) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--replay", choices=("all", "headline", "none"), default="all",
-                    help="which cases to replay on fake devices (headline: DESIGN.md's anchors only)")
+    ap.add_argument(
+        "--replay",
+        choices=("all", "headline", "none"),
+        default="all",
+        help="which cases to replay on fake devices (headline: DESIGN.md's anchors only)",
+    )
     ap.add_argument("--only", action="append", help="run only this model (repeatable)")
     args = ap.parse_args(argv)
     cases = [c for c in CASES if not args.only or c.model in args.only]

@@ -3,7 +3,7 @@
 Three benchmarks, each printed as a markdown table:
 
 * ``startup`` — process start to the first generated token, every variant in a
-  fresh child process: ``fitmap.loader.load`` with an all-``cpu`` plan vs
+  fresh child process: ``fitmap.runtime.loader.load`` with an all-``cpu`` plan vs
   transformers ``from_pretrained(device_map=<same map>)``, both then
   ``generate(max_new_tokens=1)``. Cold (checkpoint evicted from the page cache
   with ``POSIX_FADV_DONTNEED``) and warm. Peak RSS of the child (``ru_maxrss``
@@ -22,7 +22,7 @@ Three benchmarks, each printed as a markdown table:
   Fraction of the disk bound = (disk-tier bytes / cold read rate) / time per token.
 * ``hooks`` — per-token overhead of boundary hooks on a small model (8-layer
   tiny Llama, where Python overhead shows): a decode step unhooked vs
-  ``fitmap.hooks.attach`` (every unit hooked; a two-device split; every input
+  ``fitmap.dispatch.hooks.attach`` (every unit hooked; a two-device split; every input
   copied) vs accelerate ``dispatch_model`` on the same all-cpu map
   (``force_hooks=True``: ``AlignDevicesHook`` everywhere), and a no-op torch
   hook on the same units as the floor. One model instance, hooks attached and
@@ -61,12 +61,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from fitmap.compat import cache_kwarg  # noqa: E402
+from fitmap.model.compat import cache_kwarg  # noqa: E402
 
 CKPT_VERSION = "llama-h2048-l18-kv4-bf16-v1"
 LAYERS = 18
-DISK_LAYERS = range(12, 18)          # the last third, where fitmap's planner puts them under a tight --cpu
-PROMPT = 16                          # prompt tokens (random ids)
+DISK_LAYERS = range(12, 18)  # the last third, where fitmap's planner puts them under a tight --cpu
+PROMPT = 16  # prompt tokens (random ids)
 GB = 1e9
 
 
@@ -83,28 +83,42 @@ def checkpoint(root: Path) -> Path:
 
     path.mkdir(parents=True, exist_ok=True)
     cfg = transformers.LlamaConfig(
-        hidden_size=2048, intermediate_size=5632, num_hidden_layers=LAYERS, num_attention_heads=16,
-        num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2, dtype="bfloat16")
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        dtype="bfloat16",
+    )
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in transformers.AutoModelForCausalLM.from_config(cfg).state_dict().items()}
     gen = torch.Generator().manual_seed(0)
-    pool = (torch.randn(64 << 20, generator=gen) * 0.02).to(torch.bfloat16)   # 128 MiB of noise, sliced per tensor
+    pool = (torch.randn(64 << 20, generator=gen) * 0.02).to(torch.bfloat16)  # 128 MiB of noise, sliced per tensor
     shards: dict[str, dict[str, torch.Tensor]] = {}
     for i, (key, shape) in enumerate(shapes.items()):
         n = shape.numel()
         start = (i * 7919 * 4096) % (pool.numel() - n)
-        t = torch.ones(shape, dtype=torch.bfloat16) if key.endswith("norm.weight") else pool[start:start + n].view(shape).clone()
+        t = (
+            torch.ones(shape, dtype=torch.bfloat16)
+            if key.endswith("norm.weight")
+            else pool[start : start + n].view(shape).clone()
+        )
         shards.setdefault(_shard_name(key), {})[key] = t
     weight_map = {}
     for name, tensors in shards.items():
         save_file(tensors, path / name, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, name))
     total = sum((path / f).stat().st_size for f in shards)
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                   "weight_map": weight_map}))
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     cfg.save_pretrained(path)
-    for f in shards:   # written pages are dirty: DONTNEED cannot drop them until they reach the disk
+    for f in shards:  # written pages are dirty: DONTNEED cannot drop them until they reach the disk
         fd = os.open(path / f, os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
@@ -183,7 +197,7 @@ def read_seconds_direct(files: list[Path], block: int = 128 << 20) -> float:
     """Wall time of a plain sequential ``O_DIRECT`` read of ``files`` (128 MiB requests into a
     page-aligned buffer): the disk's rate with no page cache in the way and deep requests (this
     VM's disk serves a 16 MiB direct read at about half the rate of a 128 MiB one)."""
-    buf = mmap.mmap(-1, block)             # anonymous mappings are page-aligned
+    buf = mmap.mmap(-1, block)  # anonymous mappings are page-aligned
     view = memoryview(buf)
     start = time.perf_counter()
     for f in files:
@@ -216,13 +230,14 @@ def cold_read_rate(files: list[Path], repeats: int = 3) -> tuple[float, list[flo
 def plans(path: Path) -> tuple[object, object]:
     """(all-cpu plan, the same with DISK_LAYERS on the disk tier)."""
     from fitmap import pipeline
-    from fitmap.devices import make_machine
-    from fitmap.workload import Workload
+    from fitmap.planning.devices import make_machine
+    from fitmap.planning.workload import Workload
 
     disk_dir = path.parent / "offload"
     disk_dir.mkdir(exist_ok=True)
-    req = pipeline.PlanRequest(str(path), make_machine(None, 16 << 30, disk_dir), Workload(1, PROMPT, 64),
-                               estimate="analytic")
+    req = pipeline.PlanRequest(
+        str(path), make_machine(None, 16 << 30, disk_dir), Workload(1, PROMPT, 64), estimate="analytic"
+    )
     ram = pipeline.plan(req)
     assert set(ram.device_map.values()) == {"cpu"}, ram.device_map
     disk = dict(ram.device_map)
@@ -247,8 +262,8 @@ def child_startup(variant: str, path: str, plan_file: str) -> None:
     from transformers.models.llama import modeling_llama  # noqa: F401  (both load it; imported here, not timed as load)
 
     if variant == "fitmap":
-        from fitmap.loader import load
-        from fitmap.plan import Plan
+        from fitmap.planning.plan import Plan
+        from fitmap.runtime.loader import load
 
         plan = Plan.load(plan_file)
         t_load = time.time()
@@ -265,8 +280,18 @@ def child_startup(variant: str, path: str, plan_file: str) -> None:
     t_first = time.time()
     assert out.shape[1] == PROMPT + 1
     peak.stop()
-    print(json.dumps({"t_load": t_load, "t_gen": t_gen, "t_first": t_first,
-                      "peak_rss": peak.rss, "peak_anon": peak.anon, "peak_file": peak.file}))
+    print(
+        json.dumps(
+            {
+                "t_load": t_load,
+                "t_gen": t_gen,
+                "t_first": t_first,
+                "peak_rss": peak.rss,
+                "peak_anon": peak.anon,
+                "peak_file": peak.file,
+            }
+        )
+    )
 
 
 class _MemSampler(threading.Thread):
@@ -302,14 +327,14 @@ class _MemSampler(threading.Thread):
 class Startup:
     variant: str
     cache: str
-    first_token: float      # s, spawn to first token
-    imports: float          # s, spawn to imports done (python, torch, transformers + llama, fitmap)
-    load: float             # s
-    generate: float         # s
+    first_token: float  # s, spawn to first token
+    imports: float  # s, spawn to imports done (python, torch, transformers + llama, fitmap)
+    load: float  # s
+    generate: float  # s
     peak_rss: int
     peak_anon: int
     peak_file: int
-    maxrss: int             # bytes, getrusage of the child (kernel's high-water mark)
+    maxrss: int  # bytes, getrusage of the child (kernel's high-water mark)
 
 
 def run_startup_child(variant: str, path: Path, plan_file: Path, cold: bool) -> Startup:
@@ -318,19 +343,33 @@ def run_startup_child(variant: str, path: Path, plan_file: Path, cold: bool) -> 
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
     t0 = time.time()
     with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, __file__, "--child-startup", variant, str(path), str(plan_file)],
-                                stdout=subprocess.PIPE, stderr=err, env=env, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--child-startup", variant, str(path), str(plan_file)],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            env=env,
+            text=True,
+        )
         out = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)   # this child's own rusage (ru_maxrss: its peak RSS)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (ru_maxrss: its peak RSS)
         proc.returncode = os.waitstatus_to_exitcode(status)
         proc.stdout.close()
         if proc.returncode != 0:
             err.seek(0)
             raise RuntimeError(f"{variant} child failed:\n{err.read()[-3000:]}")
     r = json.loads(out.strip().splitlines()[-1])
-    return Startup(variant, "cold" if cold else "warm", r["t_first"] - t0, r["t_load"] - t0,
-                   r["t_gen"] - r["t_load"], r["t_first"] - r["t_gen"], r["peak_rss"], r["peak_anon"],
-                   r["peak_file"], usage.ru_maxrss * 1024)
+    return Startup(
+        variant,
+        "cold" if cold else "warm",
+        r["t_first"] - t0,
+        r["t_load"] - t0,
+        r["t_gen"] - r["t_load"],
+        r["t_first"] - r["t_gen"],
+        r["peak_rss"],
+        r["peak_anon"],
+        r["peak_file"],
+        usage.ru_maxrss * 1024,
+    )
 
 
 def bench_startup(path: Path, plan, warm_repeats: int) -> str:
@@ -342,24 +381,32 @@ def bench_startup(path: Path, plan, warm_repeats: int) -> str:
     variants = ("fitmap", "transformers")
     cold = {v: run_startup_child(v, path, plan_file, cold=True) for v in variants}
     warm: dict[str, list[Startup]] = {v: [] for v in variants}
-    for i in range(warm_repeats):   # interleaved, so both see the same machine
-        for v in variants[i % 2:] + variants[:i % 2]:
+    for i in range(warm_repeats):  # interleaved, so both see the same machine
+        for v in variants[i % 2 :] + variants[: i % 2]:
             warm[v].append(run_startup_child(v, path, plan_file, cold=False))
     rows: list[Startup] = []
     for v in variants:
         rows += [cold[v], sorted(warm[v], key=lambda s: s.first_token)[len(warm[v]) // 2]]
-    lines = [(f"Checkpoint {size / GB:.2f} GB in {len(files)} shards; cold sequential read "
-              f"{rate / GB:.2f} GB/s (median of {', '.join(f'{r / GB:.2f}' for r in rates)}): "
-              f"bound (file size / cold read rate) = **{size / rate:.2f} s** cold. "
-              f"Warm: median of {warm_repeats} runs by time to first token."),
-             "",
-             ("| variant | page cache | start → first token | python + imports | load | generate(1) "
-              "| peak RSS (ru_maxrss) | peak anon (copies) | peak file-backed (mmap) | peak RSS ÷ checkpoint |"),
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        (
+            f"Checkpoint {size / GB:.2f} GB in {len(files)} shards; cold sequential read "
+            f"{rate / GB:.2f} GB/s (median of {', '.join(f'{r / GB:.2f}' for r in rates)}): "
+            f"bound (file size / cold read rate) = **{size / rate:.2f} s** cold. "
+            f"Warm: median of {warm_repeats} runs by time to first token."
+        ),
+        "",
+        (
+            "| variant | page cache | start → first token | python + imports | load | generate(1) "
+            "| peak RSS (ru_maxrss) | peak anon (copies) | peak file-backed (mmap) | peak RSS ÷ checkpoint |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for s in rows:
-        lines.append(f"| {s.variant} | {s.cache} | {s.first_token:.2f} s | {s.imports:.2f} s | {s.load:.2f} s "
-                     f"| {s.generate:.2f} s | {s.maxrss / GB:.2f} GB | {s.peak_anon / GB:.2f} GB "
-                     f"| {s.peak_file / GB:.2f} GB | {s.maxrss / size:.2f} |")
+        lines.append(
+            f"| {s.variant} | {s.cache} | {s.first_token:.2f} s | {s.imports:.2f} s | {s.load:.2f} s "
+            f"| {s.generate:.2f} s | {s.maxrss / GB:.2f} GB | {s.peak_anon / GB:.2f} GB "
+            f"| {s.peak_file / GB:.2f} GB | {s.maxrss / size:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -413,31 +460,34 @@ def bench_decode(path: Path, plan, tokens: int) -> str:
     import torch
     import transformers
 
-    from fitmap.loader import load
+    from fitmap.runtime.loader import load
 
     dfiles = disk_shards(path)
     dbytes = nbytes(dfiles)
     decoders = []
     for readahead in (True, False):
         lm = load(path, plan, readahead=readahead, progress=False)
-        decoders.append(Decoder(f"fitmap, read-ahead {'on' if readahead else 'off'}", lm.model, lm.input_device,
-                                dfiles, lm.close))
+        decoders.append(
+            Decoder(f"fitmap, read-ahead {'on' if readahead else 'off'}", lm.model, lm.input_device, dfiles, lm.close)
+        )
     reader = fitmap_disk_reader(lm)
-    acc = transformers.AutoModelForCausalLM.from_pretrained(path, device_map=plan.device_map, dtype=torch.bfloat16,
-                                                            offload_folder=str(path.parent / "accelerate-offload"))
+    acc = transformers.AutoModelForCausalLM.from_pretrained(
+        path, device_map=plan.device_map, dtype=torch.bfloat16, offload_folder=str(path.parent / "accelerate-offload")
+    )
     afiles = accelerate_files(acc)
-    decoders.append(Decoder("accelerate disk offload (transformers from_pretrained)", acc, torch.device("cpu"),
-                            afiles or dfiles))
-    union = sorted(set(dfiles) | set(afiles))   # every variant evicts every disk file: none finds another's pages
+    decoders.append(
+        Decoder("accelerate disk offload (transformers from_pretrained)", acc, torch.device("cpu"), afiles or dfiles)
+    )
+    union = sorted(set(dfiles) | set(afiles))  # every variant evicts every disk file: none finds another's pages
     for d in decoders:
         d.evicts = union
     evict(union)
     left = cached_fraction(union)
     plain, direct, fitmap_read = [], [], []
     for r in range(tokens + 1):
-        for d in decoders[r % len(decoders):] + decoders[:r % len(decoders)]:
+        for d in decoders[r % len(decoders) :] + decoders[: r % len(decoders)]:
             t = d.step()
-            if r:                       # round 0 warms allocator and caches; not counted
+            if r:  # round 0 warms allocator and caches; not counted
                 d.times.append(t)
         evict(union)
         t_plain = read_seconds(dfiles)
@@ -449,37 +499,48 @@ def bench_decode(path: Path, plan, tokens: int) -> str:
             direct.append(t_direct)
             fitmap_read.append(t_fitmap)
     same = len({tuple(d.tokens) for d in decoders}) == 1
-    best = [min(p, q) for p, q in zip(plain, direct)]   # the disk's rate: the faster plain read of the round
+    best = [min(p, q) for p, q in zip(plain, direct)]  # the disk's rate: the faster plain read of the round
     t_bound = statistics.median(best)
-    lines = [(f"Disk tier: layers {DISK_LAYERS.start}-{DISK_LAYERS.stop - 1} of {LAYERS} ({len(dfiles)} shards, "
-              f"{dbytes / GB:.3f} GB read per token); accelerate reads "
-              f"{'the same original shards' if set(afiles) == set(dfiles) else f'{len(afiles)} offload files'} "
-              f"(transformers 5 indexes the safetensors in place, no .dat rewrite). Page cache left after "
-              f"eviction: {left:.1%}. {tokens} tokens per variant in rotation; each round also times plain "
-              f"sequential reads of the evicted files, buffered (`readinto`, 16 MiB: median "
-              f"{statistics.median(plain):.3f} s) and `O_DIRECT` (128 MiB requests: median "
-              f"{statistics.median(direct):.3f} s); "
-              f"the bound is the faster of the two in each round — median {t_bound:.3f} s = "
-              f"{dbytes / t_bound / GB:.2f} GB/s (range {dbytes / max(best) / GB:.2f}-"
-              f"{dbytes / min(best) / GB:.2f} GB/s). Same tokens from all: {same}. "
-              f"torch threads {torch.get_num_threads()}; load average {_load()}."),
-             "",
-             ("| runtime | time per token (median) | tok/s | disk-tier GB/s | fraction of disk bound "
-              "| median of per-round fractions |"),
-             "|---|---|---|---|---|---|"]
+    lines = [
+        (
+            f"Disk tier: layers {DISK_LAYERS.start}-{DISK_LAYERS.stop - 1} of {LAYERS} ({len(dfiles)} shards, "
+            f"{dbytes / GB:.3f} GB read per token); accelerate reads "
+            f"{'the same original shards' if set(afiles) == set(dfiles) else f'{len(afiles)} offload files'} "
+            f"(transformers 5 indexes the safetensors in place, no .dat rewrite). Page cache left after "
+            f"eviction: {left:.1%}. {tokens} tokens per variant in rotation; each round also times plain "
+            f"sequential reads of the evicted files, buffered (`readinto`, 16 MiB: median "
+            f"{statistics.median(plain):.3f} s) and `O_DIRECT` (128 MiB requests: median "
+            f"{statistics.median(direct):.3f} s); "
+            f"the bound is the faster of the two in each round — median {t_bound:.3f} s = "
+            f"{dbytes / t_bound / GB:.2f} GB/s (range {dbytes / max(best) / GB:.2f}-"
+            f"{dbytes / min(best) / GB:.2f} GB/s). Same tokens from all: {same}. "
+            f"torch threads {torch.get_num_threads()}; load average {_load()}."
+        ),
+        "",
+        (
+            "| runtime | time per token (median) | tok/s | disk-tier GB/s | fraction of disk bound "
+            "| median of per-round fractions |"
+        ),
+        "|---|---|---|---|---|---|",
+    ]
     for d in decoders:
         t = statistics.median(d.times)
         per_round = statistics.median(p / x for p, x in zip(best, d.times))
-        lines.append(f"| {d.name} | {t:.3f} s | {1 / t:.2f} | {dbytes / t / GB:.2f} | {t_bound / t:.0%} "
-                     f"| {per_round:.0%} |")
+        lines.append(
+            f"| {d.name} | {t:.3f} s | {1 / t:.2f} | {dbytes / t / GB:.2f} | {t_bound / t:.0%} | {per_round:.0%} |"
+        )
     t_fit = statistics.median(fitmap_read)
-    lines.append(f"| (fitmap's disk reader alone, no compute: positioned reads into reused buffers) | {t_fit:.3f} s "
-                 f"| — | {dbytes / t_fit / GB:.2f} | {t_bound / t_fit:.0%} "
-                 f"| {statistics.median(p / x for p, x in zip(best, fitmap_read)):.0%} |")
+    lines.append(
+        f"| (fitmap's disk reader alone, no compute: positioned reads into reused buffers) | {t_fit:.3f} s "
+        f"| — | {dbytes / t_fit / GB:.2f} | {t_bound / t_fit:.0%} "
+        f"| {statistics.median(p / x for p, x in zip(best, fitmap_read)):.0%} |"
+    )
     for name, times in (("buffered `readinto`", plain), ("`O_DIRECT`", direct)):
         t = statistics.median(times)
-        lines.append(f"| (plain sequential read of the same files, {name}) | {t:.3f} s | — | {dbytes / t / GB:.2f} "
-                     f"| {t_bound / t:.0%} | {statistics.median(p / x for p, x in zip(best, times)):.0%} |")
+        lines.append(
+            f"| (plain sequential read of the same files, {name}) | {t:.3f} s | — | {dbytes / t / GB:.2f} "
+            f"| {t_bound / t:.0%} | {statistics.median(p / x for p, x in zip(best, times)):.0%} |"
+        )
     for d in decoders:
         d.close()
     del decoders, acc
@@ -497,16 +558,17 @@ def fitmap_disk_reader(lm):
         start = time.perf_counter()
         for read in readers:
             host = read()
-            if hasattr(host, "release"):   # a reused read buffer: give it back
+            if hasattr(host, "release"):  # a reused read buffer: give it back
                 host.release()
             del host
         return time.perf_counter() - start
+
     return run
 
 
 def bench_compute_floor(path: Path, ram_plan, steps: int = 6) -> str:
     """Decode step with everything in RAM (warm), the compute the disk tier adds I/O to."""
-    from fitmap.loader import load
+    from fitmap.runtime.loader import load
 
     lm = load(path, ram_plan, progress=False)
     d = Decoder("fitmap, all in RAM", lm.model, lm.input_device, [])
@@ -537,13 +599,14 @@ def hook_variants(model) -> dict[str, tuple[Callable[[], Callable[[], object]], 
     from accelerate import dispatch_model
     from accelerate.hooks import remove_hook_from_submodules
 
-    from fitmap import hooks
+    from fitmap.dispatch import hooks
 
-    units = ["model.embed_tokens", "model.rotary_emb"] + [f"model.layers.{i}" for i in range(8)] + \
-            ["model.norm", "lm_head"]
-    cpu, other = torch.device("cpu"), torch.device("cpu", 1)   # "cpu:1": a second device label (a copy, same RAM)
+    units = (
+        ["model.embed_tokens", "model.rotary_emb"] + [f"model.layers.{i}" for i in range(8)] + ["model.norm", "lm_head"]
+    )
+    cpu, other = torch.device("cpu"), torch.device("cpu", 1)  # "cpu:1": a second device label (a copy, same RAM)
     at = units.index("model.layers.4")
-    fitmap_cases = {   # name: (placement, input device)
+    fitmap_cases = {  # name: (placement, input device)
         # a two-device split: input side on "cpu:1", layers 4+ on cpu (hooked), logits copied back
         "fitmap, 2-device split at layer 4": ({u: other if i < at else cpu for i, u in enumerate(units)}, other),
         # every unit on "cpu:1", inputs on cpu: every hooked call copies its tensors (the Mover path)
@@ -553,6 +616,7 @@ def hook_variants(model) -> dict[str, tuple[Callable[[], Callable[[], object]], 
     def fitmap_attach(placement, device):
         def attach():
             return hooks.attach(model, placement, device).remove
+
         return attach
 
     def in_place_attach():
@@ -560,14 +624,17 @@ def hook_variants(model) -> dict[str, tuple[Callable[[], Callable[[], object]], 
         # the model's memo reset and output hook, InputsTo on each unit (its fast path).
         mover = hooks.Mover()
         handles = [model.register_forward_pre_hook(mover.reset)]
-        handles += [model.get_submodule(u).register_forward_pre_hook(hooks.inputs_to(cpu, mover), with_kwargs=True)
-                    for u in units]
+        handles += [
+            model.get_submodule(u).register_forward_pre_hook(hooks.inputs_to(cpu, mover), with_kwargs=True)
+            for u in units
+        ]
         handles.append(model.register_forward_hook(hooks.OutputsTo(cpu, mover), always_call=True))
         return lambda: [h.remove() for h in handles]
 
     def noop_attach():
-        handles = [model.get_submodule(u).register_forward_pre_hook(lambda m, a, k: None, with_kwargs=True)
-                   for u in units]
+        handles = [
+            model.get_submodule(u).register_forward_pre_hook(lambda m, a, k: None, with_kwargs=True) for u in units
+        ]
         return lambda: [h.remove() for h in handles]
 
     def minimal_attach():
@@ -579,7 +646,7 @@ def hook_variants(model) -> dict[str, tuple[Callable[[], Callable[[], object]], 
         dispatch_model(model, device_map={u: "cpu" for u in units}, force_hooks=True)
         return lambda: remove_hook_from_submodules(model)
 
-    out: dict[str, tuple[Callable[[], Callable[[], object]], int]] = {"unsplit (no hooks)": (lambda: (lambda: None), 0)}
+    out: dict[str, tuple[Callable[[], Callable[[], object]], int]] = {"unsplit (no hooks)": (lambda: lambda: None, 0)}
     out["fitmap, every unit hooked, inputs in place"] = (in_place_attach, len(units))
     for name, (placement, device) in fitmap_cases.items():
         detach = fitmap_attach(placement, device)()
@@ -611,6 +678,7 @@ def least_checking_hook(device):
             if id(v) not in table:
                 table.add(id(v))
         return None
+
     return check
 
 
@@ -624,24 +692,24 @@ def bench_hooks(blocks: int, steps: int = 10) -> str:
     model = tiny_llama()
     variants = hook_variants(model)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # a tiny model gains nothing from a second thread; one is steadier on a busy machine
+    torch.set_num_threads(1)  # a tiny model gains nothing from a second thread; one is steadier on a busy machine
     wall: dict[str, list[float]] = {name: [] for name in variants}
     cpu_time: dict[str, list[float]] = {name: [] for name in variants}
-    rounds: dict[str, list[float]] = {name: [] for name in variants}   # per round: median thread CPU of the block
+    rounds: dict[str, list[float]] = {name: [] for name in variants}  # per round: median thread CPU of the block
     items = list(variants.items())
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
         out = model(input_ids=prompt_ids() % 512, **{cache_kwarg(model): cache}, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
         for b in range(blocks):
-            for name, (attach, _) in items[b % len(items):] + items[:b % len(items)]:
+            for name, (attach, _) in items[b % len(items) :] + items[: b % len(items)]:
                 detach = attach()
                 for s in range(steps + 1):
                     c0, t0 = time.thread_time(), time.perf_counter()
                     model(input_ids=token, **{cache_kwarg(model): cache}, use_cache=True)
                     t1, c1 = time.perf_counter(), time.thread_time()
-                    cache.crop(-1)   # back to the prompt: every step sees the same cache
-                    if s:            # the first step after attaching is not counted
+                    cache.crop(-1)  # back to the prompt: every step sees the same cache
+                    if s:  # the first step after attaching is not counted
                         wall[name].append(t1 - t0)
                         cpu_time[name].append(c1 - c0)
                 rounds[name].append(statistics.median(cpu_time[name][-steps:]))
@@ -649,17 +717,23 @@ def bench_hooks(blocks: int, steps: int = 10) -> str:
     torch.set_num_threads(threads)
     base_wall = statistics.median(wall["unsplit (no hooks)"])
     base_cpu = statistics.median(cpu_time["unsplit (no hooks)"])
-    lines = [(f"Tiny Llama (8 layers, hidden 64, fp32, 12 units), one decode step at {PROMPT} cached tokens, "
-              f"1 torch thread, one model instance (hooks attached and removed per block of {steps} steps, "
-              f"{blocks} interleaved blocks: {blocks * steps} steps per variant). Medians of wall time and of "
-              f"the calling thread's CPU time (all the work with 1 torch thread; not inflated when another "
-              f"process takes the core). Paired: in each round every variant runs one block; the median over "
-              f"rounds of (variant's block / unsplit block of the same round) - 1, which cancels the machine's "
-              f"drift between rounds. Load average {_load()}."),
-             "",
-             ("| variant | modules hooked | step, wall | overhead | step, thread CPU | overhead "
-              "| per hooked module (CPU) | paired overhead (CPU) |"),
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        (
+            f"Tiny Llama (8 layers, hidden 64, fp32, 12 units), one decode step at {PROMPT} cached tokens, "
+            f"1 torch thread, one model instance (hooks attached and removed per block of {steps} steps, "
+            f"{blocks} interleaved blocks: {blocks * steps} steps per variant). Medians of wall time and of "
+            f"the calling thread's CPU time (all the work with 1 torch thread; not inflated when another "
+            f"process takes the core). Paired: in each round every variant runs one block; the median over "
+            f"rounds of (variant's block / unsplit block of the same round) - 1, which cancels the machine's "
+            f"drift between rounds. Load average {_load()}."
+        ),
+        "",
+        (
+            "| variant | modules hooked | step, wall | overhead | step, thread CPU | overhead "
+            "| per hooked module (CPU) | paired overhead (CPU) |"
+        ),
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, (_, n) in items:
         tw, tc = statistics.median(wall[name]), statistics.median(cpu_time[name])
         ow = f"{(tw - base_wall) / base_wall:+.1%}" if n else "—"
@@ -671,11 +745,15 @@ def bench_hooks(blocks: int, steps: int = 10) -> str:
 
     def paired(name: str) -> float:
         return statistics.median(v / u - 1 for v, u in zip(rounds[name], rounds["unsplit (no hooks)"]))
+
     fit = paired("fitmap, every unit hooked, inputs in place")
-    lines += ["", f"Paired, fitmap (every unit, inputs in place) minus the no-op floor: "
-                  f"{(fit - paired('(floor) a no-op torch pre-hook, same units')) * 100:+.1f} points; minus the "
-                  f"least checking hook: {(fit - paired('(reference) the least a checking hook does, same units')) * 100:+.1f}"
-                  " points."]
+    lines += [
+        "",
+        f"Paired, fitmap (every unit, inputs in place) minus the no-op floor: "
+        f"{(fit - paired('(floor) a no-op torch pre-hook, same units')) * 100:+.1f} points; minus the "
+        f"least checking hook: {(fit - paired('(reference) the least a checking hook does, same units')) * 100:+.1f}"
+        " points.",
+    ]
     return "\n".join(lines)
 
 

@@ -1,5 +1,6 @@
 """Serving throughput: fitmap serve with one replica (requests one at a time, and batched) and
-with two, against the server a user writes by hand (transformers ``generate`` behind a FastAPI handler, one request at a time).
+with two, against the server a user writes by hand (transformers ``generate`` behind a FastAPI
+handler, one request at a time).
 
 Same model (the demo's tiny Qwen2-VL, random weights, on the CPU), same requests, one run:
 ``--clients`` threads each send ``--requests`` chat completions (text, greedy,
@@ -48,17 +49,33 @@ def naive_server(model: str, port: int, device: str = "cpu") -> None:
 
     @app.post("/v1/chat/completions")
     def chat(body: dict):
-        text = tok.apply_chat_template([{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]}
-                                        for m in body["messages"]], add_generation_prompt=True, tokenize=False)
+        text = tok.apply_chat_template(
+            [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in body["messages"]],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
         inputs = tok([text], return_tensors="pt").to(device)
         with lock, torch.inference_mode():
             out = lm.generate(**inputs, max_new_tokens=body.get("max_tokens", 16), do_sample=False)
-        new = out[0, inputs["input_ids"].shape[1]:]
-        return {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                "choices": [{"index": 0, "finish_reason": "length",
-                             "message": {"role": "assistant", "content": tok.decode(new, skip_special_tokens=True)}}],
-                "usage": {"prompt_tokens": int(inputs["input_ids"].shape[1]), "completion_tokens": int(new.numel()),
-                          "total_tokens": int(out.shape[1])}}
+        new = out[0, inputs["input_ids"].shape[1] :]
+        return {
+            "id": "x",
+            "object": "chat.completion",
+            "created": 0,
+            "model": body["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "length",
+                    "message": {"role": "assistant", "content": tok.decode(new, skip_special_tokens=True)},
+                }
+            ],
+            "usage": {
+                "prompt_tokens": int(inputs["input_ids"].shape[1]),
+                "completion_tokens": int(new.numel()),
+                "total_tokens": int(out.shape[1]),
+            },
+        }
 
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
@@ -90,12 +107,16 @@ def load(port: int, model: str, clients: int, requests: int) -> dict:
     body = json.dumps({"model": model, "messages": PROMPT, "max_tokens": 16}).encode()
 
     def ask() -> str:
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body, method="POST",
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            data=body,
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=600) as r:
             return json.loads(r.read())["choices"][0]["message"]["content"]
 
-    ask()     # warm-up
+    ask()  # warm-up
     latencies, texts, errors = [], [], []
 
     def one():
@@ -103,7 +124,7 @@ def load(port: int, model: str, clients: int, requests: int) -> dict:
             t = time.perf_counter()
             try:
                 texts.append(ask())
-            except Exception as e:   # noqa: BLE001  (counted)
+            except Exception as e:  # noqa: BLE001  (counted)
                 errors.append(e)
             latencies.append(time.perf_counter() - t)
 
@@ -115,9 +136,14 @@ def load(port: int, model: str, clients: int, requests: int) -> dict:
         t.join()
     wall = time.perf_counter() - start
     latencies.sort()
-    return {"rps": len(texts) / wall, "p50": statistics.median(latencies),
-            "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], "errors": len(errors),
-            "distinct": len(set(texts)), "n": len(texts)}
+    return {
+        "rps": len(texts) / wall,
+        "p50": statistics.median(latencies),
+        "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+        "errors": len(errors),
+        "distinct": len(set(texts)),
+        "n": len(texts),
+    }
 
 
 def main() -> int:
@@ -130,25 +156,70 @@ def main() -> int:
     if args.naive:
         naive_server(args.naive[0], int(args.naive[1]), args.naive[2])
         return 0
-    from fitmap.demo import demo_checkpoint
+    from fitmap.cli.demo import demo_checkpoint
 
     model = str(demo_checkpoint())
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
     where = ["--gpus", "0"] if args.gpu else ["--cpu", "4GiB"]
     variants = {
         "naive: from_pretrained + generate behind FastAPI, one at a time": lambda p: [
-            sys.executable, __file__, "--naive", model, str(p), "cuda" if args.gpu else "cpu"],
+            sys.executable,
+            __file__,
+            "--naive",
+            model,
+            str(p),
+            "cuda" if args.gpu else "cpu",
+        ],
         "fitmap serve, 1 replica, --max-batch 1 (one request at a time)": lambda p: [
-            sys.executable, "-m", "fitmap.cli", "serve", model, *where, "--replicas", "1", "--new", "16",
-            "--max-batch", "1", "--port", str(p)],
-        "fitmap serve, 1 replica": lambda p: [sys.executable, "-m", "fitmap.cli", "serve", model, *where,
-                                              "--replicas", "1", "--new", "16", "--port", str(p)],
+            sys.executable,
+            "-m",
+            "fitmap.cli",
+            "serve",
+            model,
+            *where,
+            "--replicas",
+            "1",
+            "--new",
+            "16",
+            "--max-batch",
+            "1",
+            "--port",
+            str(p),
+        ],
+        "fitmap serve, 1 replica": lambda p: [
+            sys.executable,
+            "-m",
+            "fitmap.cli",
+            "serve",
+            model,
+            *where,
+            "--replicas",
+            "1",
+            "--new",
+            "16",
+            "--port",
+            str(p),
+        ],
     }
-    if not args.gpu:   # one GPU holds one replica; on the CPU two replicas share the cores
-        variants["fitmap serve, 2 replicas"] = lambda p: [sys.executable, "-m", "fitmap.cli", "serve", model, *where,
-                                                          "--replicas", "2", "--new", "16", "--port", str(p)]
-    print(f"{args.clients} clients x {args.requests} requests, max_tokens 16, greedy; {os.cpu_count()} CPU cores"
-          f"{'; servers on GPU 0' if args.gpu else ''}\n")
+    if not args.gpu:  # one GPU holds one replica; on the CPU two replicas share the cores
+        variants["fitmap serve, 2 replicas"] = lambda p: [
+            sys.executable,
+            "-m",
+            "fitmap.cli",
+            "serve",
+            model,
+            *where,
+            "--replicas",
+            "2",
+            "--new",
+            "16",
+            "--port",
+            str(p),
+        ]
+    print(
+        f"{args.clients} clients x {args.requests} requests, max_tokens 16, greedy; {os.cpu_count()} CPU cores"
+        f"{'; servers on GPU 0' if args.gpu else ''}\n"
+    )
     print("| server | requests/s | p50 latency | p99 latency | errors | distinct texts |")
     print("|---|---|---|---|---|---|")
     for name, cmd in variants.items():
@@ -160,8 +231,10 @@ def main() -> int:
         finally:
             proc.terminate()
             proc.wait(timeout=30)
-        print(f"| {name} | {r['rps']:.2f} | {r['p50']:.2f} s | {r['p99']:.2f} s | {r['errors']} | {r['distinct']} |",
-              flush=True)
+        print(
+            f"| {name} | {r['rps']:.2f} | {r['p50']:.2f} s | {r['p99']:.2f} s | {r['errors']} | {r['distinct']} |",
+            flush=True,
+        )
     return 0
 
 

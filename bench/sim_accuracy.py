@@ -3,7 +3,7 @@
 For small random-weight models, run the same prefill + decode step twice:
   * for real on the CPU, measuring allocations with the torch profiler
     (``profile_memory=True``: every allocation and free, integrated over time);
-  * on fake devices with ``fitmap.simulate`` (no weights, nothing allocated).
+  * on fake devices with ``fitmap.simulation.simulate`` (no weights, nothing allocated).
 and compare the peak of (activations + KV cache), i.e. the peak minus the weights.
 
     .venv/bin/python bench/sim_accuracy.py
@@ -22,20 +22,49 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fitmap import pipeline  # noqa: E402
-from fitmap.compat import cache_of  # noqa: E402
-from fitmap.devices import make_machine  # noqa: E402
-from fitmap.simulate import decode_inputs, grow_cache, prefill_inputs, simulate  # noqa: E402
-from fitmap.workload import Workload  # noqa: E402
+from fitmap.model.compat import cache_of  # noqa: E402
+from fitmap.planning.devices import make_machine  # noqa: E402
+from fitmap.planning.workload import Workload  # noqa: E402
+from fitmap.simulation.simulate import simulate  # noqa: E402
+from fitmap.simulation.steps import decode_inputs, grow_cache, prefill_inputs
 
 CASES = [  # (family, overrides, batch, prompt, new)
-    ("llama", dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-                   num_key_value_heads=2), 1, 1024, 64),
-    ("llama", dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-                   num_key_value_heads=2), 4, 512, 128),
-    ("mixtral", dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
-                     num_key_value_heads=2), 2, 512, 32),
-    ("gemma2", dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-                    num_key_value_heads=2, head_dim=32, sliding_window=256), 1, 1024, 64),
+    (
+        "llama",
+        dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2),
+        1,
+        1024,
+        64,
+    ),
+    (
+        "llama",
+        dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2),
+        4,
+        512,
+        128,
+    ),
+    (
+        "mixtral",
+        dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2),
+        2,
+        512,
+        32,
+    ),
+    (
+        "gemma2",
+        dict(
+            hidden_size=256,
+            intermediate_size=688,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            head_dim=32,
+            sliding_window=256,
+        ),
+        1,
+        1024,
+        64,
+    ),
 ]
 
 
@@ -50,7 +79,8 @@ def make(family: str, overrides: dict, root: Path) -> Path:
         setattr(cfg, k, v)
     if hasattr(cfg, "layer_types") and cfg.layer_types is not None:
         cfg.layer_types = cfg.layer_types[: cfg.num_hidden_layers] + ["full_attention"] * max(
-            0, cfg.num_hidden_layers - len(cfg.layer_types))
+            0, cfg.num_hidden_layers - len(cfg.layer_types)
+        )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     path = root / family
@@ -65,8 +95,10 @@ def measured_peak(path: Path, w: Workload) -> int:
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ids = torch.ones(w.batch, w.prompt, dtype=torch.long)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                                 profile_memory=True) as prof:
+    with (
+        torch.no_grad(),
+        torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof,
+    ):
         out = model(**prefill_inputs(model, inputs))
         cache = cache_of(out)
         full = w.prompt + w.new - 1
@@ -118,7 +150,8 @@ def main() -> None:
     print("| model | batch | prompt | new | measured peak above weights (MiB) | simulated (MiB) | error | sim time |")
     print("|---|---|---|---|---|---|---|---|")
     for fam, b, p, n, real, sim, err, secs in rows():
-        print(f"| tiny {fam} | {b} | {p} | {n} | {real / 2**20:.2f} | {sim / 2**20:.2f} | {100 * err:+.1f}% | {secs:.2f} s |")
+        mib = f"{real / 2**20:.2f} | {sim / 2**20:.2f}"
+        print(f"| tiny {fam} | {b} | {p} | {n} | {mib} | {100 * err:+.1f}% | {secs:.2f} s |")
 
 
 if __name__ == "__main__":

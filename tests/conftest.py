@@ -10,7 +10,7 @@ import torch
 os.environ["FITMAP_CACHE"] = tempfile.mkdtemp(prefix="fitmap-test-cache-")
 atexit.register(shutil.rmtree, os.environ["FITMAP_CACHE"], ignore_errors=True)
 
-from tests.tiny import make_checkpoint
+from tests.tiny import make_checkpoint  # noqa: E402  (after FITMAP_CACHE is set: fitmap reads it)
 
 
 @pytest.fixture(autouse=True)

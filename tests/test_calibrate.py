@@ -6,8 +6,8 @@ import platform
 import pytest
 import torch
 
-from fitmap import calibrate, devices
 from fitmap.cli import main
+from fitmap.planning import calibrate, devices
 from fitmap.sizes import GiB, MiB
 
 
@@ -24,16 +24,19 @@ def test_on_a_cpu_machine_it_measures_the_disk_and_says_there_is_no_gpu(cache, t
     assert code == 0 and "no GPU" in out and "GB/s cold sequential read" in out
     cal = calibrate.load()
     assert cal is not None and cal.gpus == () and cal.disk_read > 0 and cal.ram_copy > 0
-    assert cal.disk_dir == str(tmp_path / "disk") and not list((tmp_path / "disk").iterdir())   # test file removed
+    assert cal.disk_dir == str(tmp_path / "disk") and not list((tmp_path / "disk").iterdir())  # test file removed
     assert main(["calibrate", "--show", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["disk_read"] == cal.disk_read
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["calibrate", "--show"], "no calibration of this machine"),
-    (["calibrate", "--size", "1MiB"], "too small"),
-    (["calibrate", "--size", "lots"], "cannot read size"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["calibrate", "--show"], "no calibration of this machine"),
+        (["calibrate", "--size", "1MiB"], "too small"),
+        (["calibrate", "--size", "lots"], "cannot read size"),
+    ],
+)
 def test_bad_input_is_one_line(cache, capsys, args, needle):
     assert main(args) == 2
     err = capsys.readouterr().err
@@ -41,8 +44,9 @@ def test_bad_input_is_one_line(cache, capsys, args, needle):
 
 
 def _saved(cache, gpus=(), disk_read=1e9):
-    cal = calibrate.Calibration(platform.node(), "2026-11-27T00:00:00+00:00", "x", tuple(gpus), str(cache),
-                                disk_read, 10e9)
+    cal = calibrate.Calibration(
+        platform.node(), "2026-11-27T00:00:00+00:00", "x", tuple(gpus), str(cache), disk_read, 10e9
+    )
     calibrate.save(cal)
     return cal
 
@@ -56,17 +60,30 @@ def test_plan_takes_the_reserve_of_a_calibrated_gpu(cache, monkeypatch):
     gpus = devices.parse_gpus("0,1:40GiB")
     assert gpus[0].reserve == 600 * MiB + int(0.01 * 140 * GiB) + calibrate.SAFETY
     assert gpus[0].reserve_source == "calibrated" and gpus[0].reserve < default[0].reserve
-    assert gpus[1].reserve_source == "default"                  # GPU 1 was not measured
+    assert gpus[1].reserve_source == "default"  # GPU 1 was not measured
     assert devices.parse_gpus("0", reserve=GiB)[0].reserve_source == "--reserve"
     other = calibrate.Calibration("another-host", "", "x", (g0,), "", 1e9, 1e9)
     calibrate.save(other)
-    assert calibrate.load() is None                              # made on another machine: not used
+    assert calibrate.load() is None  # made on another machine: not used
 
 
 def test_plan_reports_what_the_offload_tiers_allow(cache, checkpoints, tmp_path, capsys):
     d = str(checkpoints("llama"))
-    args = ["plan", d, "--cpu", "800KiB", "--disk", str(tmp_path), "--prompt", "16", "--new", "8",
-            "--estimate", "analytic", "--json"]
+    args = [
+        "plan",
+        d,
+        "--cpu",
+        "800KiB",
+        "--disk",
+        str(tmp_path),
+        "--prompt",
+        "16",
+        "--new",
+        "8",
+        "--estimate",
+        "analytic",
+        "--json",
+    ]
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out)["offload_speed"] == {"calibrated": False}
     _saved(cache, disk_read=2e9)
@@ -77,7 +94,7 @@ def test_plan_reports_what_the_offload_tiers_allow(cache, checkpoints, tmp_path,
     ledger = next(x for x in data["devices"] if x["device"] == "disk")
     assert disk["bytes_per_token"] == ledger["weights_bytes"] and disk["bytes_per_second"] == 2e9
     assert speed["max_tokens_per_second"] == pytest.approx(1 / max(t["seconds_per_token"] for t in speed["tiers"]))
-    assert main(args[:-1]) == 0                                  # the table: one line says it
+    assert main(args[:-1]) == 0  # the table: one line says it
     assert "offload bounds decode at" in capsys.readouterr().out
 
 

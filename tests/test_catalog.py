@@ -6,13 +6,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-from fitmap.catalog_models import (
+from fitmap.errors import BadInput
+from fitmap.model.catalog_models import (
     build_config,
     catalog_entry,
     catalog_names,
     is_catalog_name,
 )
-from fitmap.errors import BadInput
 
 _MODEL_CLASS = {
     "causal-lm": AutoModelForCausalLM,
@@ -29,10 +29,27 @@ def _meta_model(name: str) -> torch.nn.Module:
 
 def test_catalog_lists_the_expected_models() -> None:
     assert set(catalog_names()) == {
-        "llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b", "mixtral-8x7b",
-        "qwen2.5-72b", "gemma-2-27b", "deepseek-v3", "qwen2-vl-7b",
-        "qwen2-vl-72b", "internvl-78b", "llava-1.5-13b", "glm-4-9b", "gpt-oss-120b", "llama-3.1-70b-awq", "qwen3-235b-a22b", "gemma-3-27b",
-        "qwen2.5-vl-72b", "qwen3-vl-235b-a22b", "mistral-small-3.1-24b", "glm-4.1v-9b", "deepseek-v3.1",
+        "llama-3.1-8b",
+        "llama-3.1-70b",
+        "llama-3.1-405b",
+        "mixtral-8x7b",
+        "qwen2.5-72b",
+        "gemma-2-27b",
+        "deepseek-v3",
+        "qwen2-vl-7b",
+        "qwen2-vl-72b",
+        "internvl-78b",
+        "llava-1.5-13b",
+        "glm-4-9b",
+        "gpt-oss-120b",
+        "llama-3.1-70b-awq",
+        "qwen3-235b-a22b",
+        "gemma-3-27b",
+        "qwen2.5-vl-72b",
+        "qwen3-vl-235b-a22b",
+        "mistral-small-3.1-24b",
+        "glm-4.1v-9b",
+        "deepseek-v3.1",
         "llama-4-scout",
     }
 

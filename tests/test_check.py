@@ -11,19 +11,23 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from fitmap import pipeline, repairs
-from fitmap.check import check, propose, raise_unrepaired
-from fitmap.devices import make_machine
+from fitmap import pipeline
+from fitmap.dispatch import repairs
 from fitmap.errors import DeviceMismatch
-from fitmap.plan import Plan, Repair
-from fitmap.simulate import Mismatch, fake_device, simulate
-from fitmap.workload import Workload
+from fitmap.planning.devices import make_machine
+from fitmap.planning.plan import Plan, Repair
+from fitmap.planning.workload import Workload
+from fitmap.simulation.check import check, propose, raise_unrepaired
+from fitmap.simulation.fake import fake_device
+from fitmap.simulation.memory import Mismatch
+from fitmap.simulation.simulate import simulate
 from tests.pitfalls import PITFALLS, make_pitfall
 
 
 def _prepared(model: str, workload: Workload, trust_remote_code: bool = False):
-    req = pipeline.PlanRequest(model, make_machine("2x16GiB", "64GiB"), workload,
-                               trust_remote_code=trust_remote_code, estimate="analytic")
+    req = pipeline.PlanRequest(
+        model, make_machine("2x16GiB", "64GiB"), workload, trust_remote_code=trust_remote_code, estimate="analytic"
+    )
     prep = pipeline.prepare(req)
     return prep, pipeline.plan(req, prep)
 
@@ -41,7 +45,7 @@ def test_clean_catalog_plan_has_no_mismatch_and_no_repair():
     assert report.plan.device_map == plan.device_map and report.plan.estimate == "simulate"
     assert {d.device for d in report.devices} >= {"0", "1"}
     assert all(d.weights_bytes > 0 and d.peak_bytes >= d.weights_bytes for d in report.devices if d.device != "cpu")
-    raise_unrepaired(report)   # nothing to raise
+    raise_unrepaired(report)  # nothing to raise
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +64,15 @@ def test_repairs_round_trip_through_the_plan_json(glm, tmp_path):
     loaded = Plan.load(path)
     assert loaded.repairs == report.plan.repairs and loaded.device_map == report.plan.device_map
     assert json.loads(path.read_text())["repairs"][0] == {
-        "kind": "align-outputs", "module": "transformer.encoder.layers.2", "device": "0",
-        "reason": "aten.cat in transformer.encoder needs it on 0"}
+        "kind": "align-outputs",
+        "module": "transformer.encoder.layers.2",
+        "device": "0",
+        "reason": "aten.cat in transformer.encoder needs it on 0",
+    }
     sk = prep.skeleton
     sim = simulate(sk.config, prep.inventory.task, sk, loaded, trust_remote_code=True)
     assert sim.mismatch is None and sim.stage == "done"
-    again = _check(prep, loaded)   # a checked plan checks clean, with nothing added
+    again = _check(prep, loaded)  # a checked plan checks clean, with nothing added
     assert again.clean and again.repairs == () and again.plan.repairs == loaded.repairs
 
 
@@ -105,7 +112,9 @@ def test_a_repair_in_one_block_is_made_in_every_block_placed_elsewhere():
     m = _mismatch("", None, [("0", None, False), ("1", "layers.2.kv", False)], "aten.cat")
     remedy = propose(m, [], PLACED)
     assert [(r.kind, r.module, r.device) for r in remedy] == [
-        ("align-outputs", "layers.2.kv", "0"), ("align-outputs", "layers.3.kv", "0")]
+        ("align-outputs", "layers.2.kv", "0"),
+        ("align-outputs", "layers.3.kv", "0"),
+    ]
 
 
 def test_a_module_met_from_several_devices_answers_its_caller():
@@ -123,6 +132,7 @@ def test_colocation_comes_last():
 
 def test_run_there_and_answer_the_caller_on_fake_devices():
     """align-inputs to the module's state + follow-inputs: computed on meta:0, returned where the caller is."""
+
     class Scale(nn.Module):
         def forward(self, x):
             return x * self.table
@@ -133,7 +143,7 @@ def test_run_there_and_answer_the_caller_on_fake_devices():
         x = torch.ones(2, 4, device="meta:1")
         with pytest.raises(RuntimeError, match="found at least two devices"):
             m(x)
-        fixes = [Repair("align-inputs", "", "0"), Repair("follow-inputs", "", "1")]   # the order check writes them
+        fixes = [Repair("align-inputs", "", "0"), Repair("follow-inputs", "", "1")]  # the order check writes them
         handles = repairs.apply(m, fixes, fake_device)
         assert m(x).device == torch.device("meta:1")
         assert m(torch.ones(2, 4, device="meta:0")).device == torch.device("meta:0")
@@ -148,20 +158,22 @@ def test_plan_check_replans_with_the_headroom_its_replay_needed(checkpoints):
     from types import SimpleNamespace
 
     from fitmap import pipeline
-    from fitmap.cli import _replan_with_headroom
-    from fitmap.devices import make_machine
-    from fitmap.workload import Workload
+    from fitmap.cli.plan_commands import _replan_with_headroom
+    from fitmap.planning.devices import make_machine
+    from fitmap.planning.workload import Workload
 
     req = pipeline.PlanRequest(str(checkpoints("llama")), make_machine("2x1GiB", None), Workload(1, 64, 8))
     prep = pipeline.prepare(req)
     planned = pipeline.plan(req, prep)
     over = 64 * 2**20
-    replay = SimpleNamespace(predicted=[dc_replace(d, total_bytes=d.total_bytes + (over if d.device == "1" else 0))
-                                        for d in planned.devices])
-    again, rechecked, extra = _replan_with_headroom(req, prep, planned, replay,
-                                                    SimpleNamespace(trust_remote_code=False))
+    replay = SimpleNamespace(
+        predicted=[dc_replace(d, total_bytes=d.total_bytes + (over if d.device == "1" else 0)) for d in planned.devices]
+    )
+    again, rechecked, extra = _replan_with_headroom(
+        req, prep, planned, replay, SimpleNamespace(trust_remote_code=False)
+    )
     assert extra == {"1": over} and rechecked.fits and rechecked.clean
     before = {d.device: d.reserve_bytes for d in planned.devices}
-    for d in again.devices:      # a GPU the new plan leaves empty keeps nothing back
+    for d in again.devices:  # a GPU the new plan leaves empty keeps nothing back
         if d.units:
             assert d.reserve_bytes == before[d.device] + (over if d.device == "1" else 0), d.device

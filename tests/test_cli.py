@@ -17,8 +17,22 @@ def run(args, capsys):
 
 def test_plan_json(capsys, tmp_path):
     out_file = tmp_path / "p.json"
-    code, out, _ = run(["plan", "llama-3.1-8b", "--gpus", "2x16GiB", "--cpu", "8GiB", "--json", "--estimate", "analytic",
-                        "--out", str(out_file)], capsys)
+    code, out, _ = run(
+        [
+            "plan",
+            "llama-3.1-8b",
+            "--gpus",
+            "2x16GiB",
+            "--cpu",
+            "8GiB",
+            "--json",
+            "--estimate",
+            "analytic",
+            "--out",
+            str(out_file),
+        ],
+        capsys,
+    )
     assert code == 0
     data = json.loads(out)
     assert data["fits"] and data == json.loads(out_file.read_text())
@@ -39,20 +53,39 @@ def test_inspect(capsys, checkpoints):
     assert code == 0 and "MixtralDecoderLayer" in out
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["plan", "llama-3.1-70", "--gpus", "1x24GiB"], "did you mean"),
-    (["plan", "llama-3.1-8b", "--gpus", "2x16Gib!"], "cannot read size"),
-    (["plan", "llama-3.1-8b", "--gpus", "3"], "GPU 3 does not exist"),
-    (["plan", "llama-3.1-8b", "--gpus", "1x24GiB", "--image", "big"], "WIDTHxHEIGHT"),
-    (["plan", "llama-3.1-8b", "--gpus", "1x24GiB", "--pin", "lm_head"], "MODULE=DEVICE"),
-    (["plan", "llama-3.1-8b", "--gpus", "1x24GiB", "--batch", "0"], "--batch must be at least 1"),
-    (["plan", "llama-3.1-405b", "--gpus", "2x80GiB", "--cpu", "64GiB", "--estimate", "analytic"], "needs .* GiB more"),
-    (["plan", "llama-3.1-8b", "--gpus", "0:abc"], "'abc' is not a size; write a budget like 0:10GiB"),
-    (["plan", "llama-3.1-8b", "--gpus", "2x24GiB", "--reserve", "100GiB"], "--reserve 100.0 GiB leaves nothing"),
-    (["plan", "llama-3.1-70b", "--gpus", "2x24GiB", "--reserve", "20GiB", "--cpu", "1GiB", "--estimate", "analytic"],
-     "--reserve 20.0 GiB keeps that much of each GPU free"),
-    (["inspect", ""], "the model is empty"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["plan", "llama-3.1-70", "--gpus", "1x24GiB"], "did you mean"),
+        (["plan", "llama-3.1-8b", "--gpus", "2x16Gib!"], "cannot read size"),
+        (["plan", "llama-3.1-8b", "--gpus", "3"], "GPU 3 does not exist"),
+        (["plan", "llama-3.1-8b", "--gpus", "1x24GiB", "--image", "big"], "WIDTHxHEIGHT"),
+        (["plan", "llama-3.1-8b", "--gpus", "1x24GiB", "--pin", "lm_head"], "MODULE=DEVICE"),
+        (["plan", "llama-3.1-8b", "--gpus", "1x24GiB", "--batch", "0"], "--batch must be at least 1"),
+        (
+            ["plan", "llama-3.1-405b", "--gpus", "2x80GiB", "--cpu", "64GiB", "--estimate", "analytic"],
+            "needs .* GiB more",
+        ),
+        (["plan", "llama-3.1-8b", "--gpus", "0:abc"], "'abc' is not a size; write a budget like 0:10GiB"),
+        (["plan", "llama-3.1-8b", "--gpus", "2x24GiB", "--reserve", "100GiB"], "--reserve 100.0 GiB leaves nothing"),
+        (
+            [
+                "plan",
+                "llama-3.1-70b",
+                "--gpus",
+                "2x24GiB",
+                "--reserve",
+                "20GiB",
+                "--cpu",
+                "1GiB",
+                "--estimate",
+                "analytic",
+            ],
+            "--reserve 20.0 GiB keeps that much of each GPU free",
+        ),
+        (["inspect", ""], "the model is empty"),
+    ],
+)
 def test_bad_input_exits_2_with_one_message(args, needle, capsys):
     code, _, err = run(args, capsys)
     assert code == 2
@@ -65,8 +98,9 @@ def test_bad_input_exits_2_with_one_message(args, needle, capsys):
 
 def test_console_script_exit_code():
     """The installed entry point exits 2 with no traceback."""
-    proc = subprocess.run([sys.executable, "-m", "fitmap.cli", "inspect", "/nonexistent/model"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fitmap.cli", "inspect", "/nonexistent/model"], capture_output=True, text=True
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "not a catalog name" in proc.stderr
 
@@ -75,7 +109,8 @@ def test_console_script_exit_code():
 def test_trust_remote_code_must_be_a_real_bool(value, tmp_path):
     """A non-empty string is truthy: ``trust_remote_code="false"`` must not run a repository's code."""
     import fitmap
-    from fitmap import loader, skeleton
+    from fitmap.model import skeleton
+    from fitmap.runtime import loader
 
     with pytest.raises(fitmap.BadInput, match="trust_remote_code must be True or False"):
         fitmap.plan("llama-3.1-8b", gpus="1x24GiB", trust_remote_code=value)
@@ -117,22 +152,25 @@ def test_a_hand_edited_plan_with_a_device_it_does_not_have_is_refused(tmp_path, 
     assert code == 2 and "devices it does not have" in err and "model.layers.3" in err, err
 
 
-@pytest.mark.parametrize("kwargs,needle", [
-    (dict(prompt=1.5), "prompt must be a whole number"),
-    (dict(batch="4"), "batch must be a whole number"),
-    (dict(images=[(-5, 100)]), "an image is"),
-    (dict(images=["1344x1344"]), "an image is"),
-    (dict(images=[(0, 0)]), "an image is"),
-    (dict(gpus="100000000x1GiB"), "between 1 and 1024"),
-    (dict(gpus=2), "gpus must be a string"),
-    (dict(gpus=["0"]), "gpus must be a string"),
-    (dict(cpu=-5), "cpu must be a size"),
-    (dict(cpu=True), "cpu must be a size"),
-    (dict(reserve="-1GiB"), "--reserve: size '-1GiB' is negative"),
-    (dict(disk=3), "disk must be a directory path"),
-    (dict(policy="fast"), "policy must be one of 'balanced'"),
-    (dict(dtype="bfloat16"), "dtype must be one of 'auto', 'bf16'"),
-])
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        (dict(prompt=1.5), "prompt must be a whole number"),
+        (dict(batch="4"), "batch must be a whole number"),
+        (dict(images=[(-5, 100)]), "an image is"),
+        (dict(images=["1344x1344"]), "an image is"),
+        (dict(images=[(0, 0)]), "an image is"),
+        (dict(gpus="100000000x1GiB"), "between 1 and 1024"),
+        (dict(gpus=2), "gpus must be a string"),
+        (dict(gpus=["0"]), "gpus must be a string"),
+        (dict(cpu=-5), "cpu must be a size"),
+        (dict(cpu=True), "cpu must be a size"),
+        (dict(reserve="-1GiB"), "--reserve: size '-1GiB' is negative"),
+        (dict(disk=3), "disk must be a directory path"),
+        (dict(policy="fast"), "policy must be one of 'balanced'"),
+        (dict(dtype="bfloat16"), "dtype must be one of 'auto', 'bf16'"),
+    ],
+)
 def test_api_bad_values_raise_fitmap_errors(kwargs, needle):
     import fitmap
 
@@ -148,8 +186,21 @@ def test_prompt_beyond_the_window_is_refused(capsys, checkpoints):
 
 def test_a_user_sees_fitmap_lines_only(checkpoints):
     """No torch / transformers warning or log in the user's face (``--verbose`` shows them)."""
-    proc = subprocess.run([sys.executable, "-m", "fitmap.cli", "plan", str(checkpoints("qwen2_vl")), "--gpus",
-                           "2x1GiB", "--image", "112x112"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fitmap.cli",
+            "plan",
+            str(checkpoints("qwen2_vl")),
+            "--gpus",
+            "2x1GiB",
+            "--image",
+            "112x112",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0 and "fits" in proc.stdout
     assert proc.stderr == "", proc.stderr
 
@@ -159,8 +210,9 @@ def test_images_for_a_text_model_are_refused(capsys, checkpoints, tmp_path):
     assert code == 2 and "takes no images" in err
 
 
-@pytest.mark.parametrize("edit,needle", [({"num_attention_heads": 5}, "not a multiple"),
-                                         ({"hidden_size": "64"}, "expected int")])
+@pytest.mark.parametrize(
+    "edit,needle", [({"num_attention_heads": 5}, "not a multiple"), ({"hidden_size": "64"}, "expected int")]
+)
 def test_a_config_transformers_rejects_is_one_line(capsys, checkpoints, tmp_path, edit, needle):
     import shutil
 
@@ -172,10 +224,13 @@ def test_a_config_transformers_rejects_is_one_line(capsys, checkpoints, tmp_path
     assert code == 2 and needle in err and "rejected by transformers" in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["plan", "llama-3.1-8b", "--cpu", "-5GiB"], "--cpu: size '-5GiB' is negative"),
-    (["plan", "llama-3.1-8b", "--gpus", "1x24GiB", "--prompt", "-3"], "--prompt must be non-negative"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["plan", "llama-3.1-8b", "--cpu", "-5GiB"], "--cpu: size '-5GiB' is negative"),
+        (["plan", "llama-3.1-8b", "--gpus", "1x24GiB", "--prompt", "-3"], "--prompt must be non-negative"),
+    ],
+)
 def test_negative_values_get_fitmaps_message(args, needle, capsys):
     code, _, err = run(args, capsys)
     assert code == 2 and needle in err, err
@@ -184,8 +239,15 @@ def test_negative_values_get_fitmaps_message(args, needle, capsys):
 def test_starting_the_cli_loads_no_torch():
     """The heavy imports happen inside main's handler, where Ctrl-C becomes "interrupted" (exit 130),
     and `fitmap --help` answers at once."""
-    proc = subprocess.run([sys.executable, "-c", "import sys, fitmap, fitmap.cli; print('torch' in sys.modules); "
-                           "print(fitmap.Plan.__name__)"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, fitmap, fitmap.cli; print('torch' in sys.modules); print(fitmap.Plan.__name__)",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.stdout.split() == ["False", "Plan"], proc.stderr
 
 
@@ -194,6 +256,7 @@ def test_ctrl_c_is_one_line(monkeypatch, capsys):
 
     def interrupted(args):
         raise KeyboardInterrupt
+
     monkeypatch.setitem(cli.HANDLERS, "plan", interrupted)
     code, _, err = run(["plan", "llama-3.1-8b"], capsys)
     assert code == 130 and err.strip() == "interrupted"
@@ -228,4 +291,4 @@ print("ran" if os.path.exists(os.environ["FITMAP_PROBE"]) else "not run")
     env = dict(__import__("os").environ, FITMAP_PROBE=str(probe), HF_MODULES_CACHE=str(tmp_path / "modules"))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == ["not", "run", "ran"]       # refused five ways; True runs it (the probe works)
+    assert proc.stdout.split() == ["not", "run", "ran"]  # refused five ways; True runs it (the probe works)

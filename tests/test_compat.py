@@ -1,4 +1,4 @@
-"""What differs between transformers versions stays in fitmap.compat: fitmap's own calls use the
+"""What differs between transformers versions stays in fitmap.model.compat: fitmap's own calls use the
 keyword the installed transformers expects, so plan, check and run raise no FutureWarning on any
 supported version (5.25 renamed ``past_key_values`` to ``cache`` and warns at the old name)."""
 
@@ -12,13 +12,13 @@ import torch
 import transformers
 
 import fitmap
-from fitmap import compat
-from fitmap.check import check
-from fitmap.demo import demo_checkpoint, demo_image
-from fitmap.devices import make_machine
+from fitmap.cli.demo import demo_checkpoint, demo_image
+from fitmap.model import compat
 from fitmap.pipeline import PlanRequest, prepare
-from fitmap.prompting import open_image
-from fitmap.run import answer
+from fitmap.planning.devices import make_machine
+from fitmap.runtime.prompting import open_image
+from fitmap.runtime.run import answer
+from fitmap.simulation.check import check
 
 
 def test_the_cache_keyword_is_the_one_the_forward_takes():
@@ -46,7 +46,13 @@ def test_a_run_with_an_image_raises_no_future_warning(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         warnings.filterwarnings("error", category=DeprecationWarning, module="fitmap")
-        got = answer(str(path), "describe this image .", [open_image(image)], 4,
-                     make_machine(None, int(size * 0.65), tmp_path / "offload"), out=None)
+        got = answer(
+            str(path),
+            "describe this image .",
+            [open_image(image)],
+            4,
+            make_machine(None, int(size * 0.65), tmp_path / "offload"),
+            out=None,
+        )
     assert got.new_tokens == 4 and "disk" in set(got.plan.device_map.values())
     assert torch.get_default_dtype() == torch.float32

@@ -6,16 +6,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fitmap import diskread, offload
 from fitmap.errors import CheckpointError
-from fitmap.inventory import read_safetensors_header
+from fitmap.model.inventory import read_safetensors_header
+from fitmap.runtime import diskread, offload
 
 
 @pytest.fixture
 def shard(tmp_path):
     gen = torch.Generator().manual_seed(0)
     tensors = {
-        "a.weight": torch.randn(33, 7, generator=gen),                     # odd sizes: alignment inside spans
+        "a.weight": torch.randn(33, 7, generator=gen),  # odd sizes: alignment inside spans
         "a.bias": torch.randn(7, generator=gen).to(torch.bfloat16),
         "b.weight": torch.randn(5, 3, generator=gen),
         "b.mask": torch.tensor([True, False, True]),
@@ -40,7 +40,7 @@ def test_contiguous_tensors_make_one_span_and_read_back_exactly(shard):
     host = diskread.UnitReader(spans, pool)()
     for k, t in load_file(path).items():
         assert torch.equal(host.weights[k], t) and host.weights[k].dtype == t.dtype
-    assert host.buffer is not None       # views into the buffer: held until released
+    assert host.buffer is not None  # views into the buffer: held until released
     host.release()
     assert pool.acquire() is not None
 
@@ -49,9 +49,10 @@ def test_a_gap_splits_spans_and_casts_are_copies(shard):
     path, tensors = shard
     infos = read_safetensors_header(path)
     order = sorted(tensors, key=lambda n: infos[n].offset)
-    picked = [order[0], order[2]]                        # not adjacent in the file
-    unit = {n: (infos[n], torch.bfloat16 if infos[n].dtype == "F32" else diskread.DTYPES[infos[n].dtype])
-            for n in picked}
+    picked = [order[0], order[2]]  # not adjacent in the file
+    unit = {
+        n: (infos[n], torch.bfloat16 if infos[n].dtype == "F32" else diskread.DTYPES[infos[n].dtype]) for n in picked
+    }
     spans = diskread.spans(path.parent, unit)
     assert len(spans) == 2
     pool = diskread.Buffers(diskread.buffer_bytes(spans), 1, pinned=False)
@@ -61,7 +62,7 @@ def test_a_gap_splits_spans_and_casts_are_copies(shard):
         want = ref[n].to(torch.bfloat16) if ref[n].dtype == torch.float32 else ref[n]
         assert torch.equal(host.weights[n], want)
     if all(ref[n].dtype == torch.float32 for n in picked):
-        assert host.buffer is None                      # every tensor a cast copy: buffer back at once
+        assert host.buffer is None  # every tensor a cast copy: buffer back at once
 
 
 def test_a_reader_waits_for_a_free_buffer(shard):
@@ -74,7 +75,7 @@ def test_a_reader_waits_for_a_free_buffer(shard):
     t = threading.Thread(target=lambda: got.append(reader()))
     t.start()
     t.join(0.2)
-    assert t.is_alive() and not got                     # the only buffer is in use
+    assert t.is_alive() and not got  # the only buffer is in use
     first.release()
     t.join(5)
     assert got and torch.equal(got[0].weights["c.weight"], tensors["c.weight"])
@@ -88,7 +89,7 @@ def test_truncated_file_is_a_checkpoint_error(shard, tmp_path):
     pool = diskread.Buffers(diskread.buffer_bytes(spans), 1, pinned=False)
     with pytest.raises(CheckpointError, match="truncated"):
         diskread.UnitReader(spans, pool)()
-    assert pool.acquire() is not None                   # the buffer went back
+    assert pool.acquire() is not None  # the buffer went back
 
 
 def test_disk_units_are_read_ahead_as_deep_as_there_are_buffers():

@@ -11,14 +11,22 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from fitmap import hooks
-from fitmap.compat import cache_kwarg, cache_of
-from fitmap.skeleton import build_model
+from fitmap.dispatch import hooks
+from fitmap.model.build import build_model
+from fitmap.model.compat import cache_kwarg, cache_of
 from tests.tiny import config
 
 D0, D1 = torch.device("meta:0"), torch.device("meta:1")
-UNITS = ["model.embed_tokens", "model.rotary_emb", "model.layers.0", "model.layers.1", "model.layers.2",
-         "model.layers.3", "model.norm", "lm_head"]
+UNITS = [
+    "model.embed_tokens",
+    "model.rotary_emb",
+    "model.layers.0",
+    "model.layers.1",
+    "model.layers.2",
+    "model.layers.3",
+    "model.norm",
+    "lm_head",
+]
 
 
 def split(first_on_d1: int) -> dict[str, torch.device]:
@@ -70,7 +78,7 @@ def test_fake_split_prefill_and_decode_with_hooks(fake_llama):
         out = model(input_ids=ids, **{cache_kwarg(model): cache}, use_cache=True, output_hidden_states=True)
         assert out.logits.device == D0 and out.logits.shape == (2, 7, 512)
         assert {t.device for t in out.hidden_states} == {D0}
-        assert [layer.keys.device for layer in cache.layers] == [D0, D0, D1, D1]   # KV stays per layer
+        assert [layer.keys.device for layer in cache.layers] == [D0, D0, D1, D1]  # KV stays per layer
         step = model(input_ids=out.logits[:, -1:].argmax(-1), **{cache_kwarg(model): cache_of(out)}, use_cache=True)
         assert step.logits.device == D0 and step.logits.shape == (2, 1, 512)
         assert cache.get_seq_length() == 8
@@ -89,8 +97,8 @@ def test_broadcast_tensors_are_copied_once_per_device(fake_llama):
         with mode, torch.no_grad():
             model(input_ids=torch.randint(0, 512, (1, 5)).to(D0))
         copies.append(h.mover.copies)
-    assert copies[0] == copies[1]          # 3 layers on meta:1 cost what 1 layer costs
-    assert copies[0] <= 6                  # hidden state, cos, sin, position ids; logits back
+    assert copies[0] == copies[1]  # 3 layers on meta:1 cost what 1 layer costs
+    assert copies[0] <= 6  # hidden state, cos, sin, position ids; logits back
 
 
 def test_units_after_a_foreign_device_are_hooked():
@@ -106,7 +114,7 @@ def test_mover_recurses_and_leaves_other_objects():
     with FakeTensorMode():
         t = torch.zeros(3).to(D1)
         moved = mover.to({"x": (t, [t]), "cache": cache, "n": 3}, D0)
-        assert moved["x"][0].device == D0 and moved["x"][1][0] is moved["x"][0]   # one copy, reused
+        assert moved["x"][0].device == D0 and moved["x"][1][0] is moved["x"][0]  # one copy, reused
         assert moved["cache"] is cache and moved["n"] == 3
         assert mover.copies == 1
 
@@ -141,14 +149,22 @@ def test_boundary_copies_work_under_inference_mode():
     """``fitmap run`` generates under inference_mode, whose tensors have no version counter."""
     import transformers
 
-    from fitmap import hooks
+    from fitmap.dispatch import hooks
     from tests.tiny import config
 
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config("llama")).eval()
-    units = ["model.embed_tokens", "model.rotary_emb", "model.layers.0", "model.layers.1", "model.layers.2",
-             "model.layers.3", "model.norm", "lm_head"]
-    cpu, other = torch.device("cpu"), torch.device("cpu", 1)   # two labels, as cuda:0 / cuda:1 would be
+    units = [
+        "model.embed_tokens",
+        "model.rotary_emb",
+        "model.layers.0",
+        "model.layers.1",
+        "model.layers.2",
+        "model.layers.3",
+        "model.norm",
+        "lm_head",
+    ]
+    cpu, other = torch.device("cpu"), torch.device("cpu", 1)  # two labels, as cuda:0 / cuda:1 would be
     ids = torch.tensor([[1, 5, 7, 9]])
     with torch.no_grad():
         ref = model.generate(ids, max_new_tokens=5, do_sample=False)
@@ -186,23 +202,25 @@ def _hooked_parent(device):
     seen = []
     for layer in model.layers:
         layer.forward = (lambda f: lambda x, bias, extra: seen.append((bias.device, float(bias.sum()))) or f(x))(
-            layer.forward)
-    h = hooks.attach(model, {f"layers.{i}": device for i in range(4)}, torch.device("cpu"),
-                     every_unit=device.index is None)
+            layer.forward
+        )
+    h = hooks.attach(
+        model, {f"layers.{i}": device for i in range(4)}, torch.device("cpu"), every_unit=device.index is None
+    )
     return model, h, seen
 
 
 def test_broadcast_keywords_are_copied_once_and_again_after_an_in_place_change():
-    model, h, seen = _hooked_parent(torch.device("cpu", 1))     # a second label: moving is a real copy
+    model, h, seen = _hooked_parent(torch.device("cpu", 1))  # a second label: moving is a real copy
     x, bias = torch.zeros(1, 4), torch.zeros(4)
     with torch.no_grad():
         model(x, bias)
         # the hidden state is copied at each unit (a copy to ``cpu:1`` comes back labelled ``cpu``), the bias once
         assert h.mover.copies == 4 + 1 and [s for _, s in seen] == [0.0] * 4
         seen.clear()
-        model(x, bias, bump=True)       # changed in place after each layer: each layer sees the new values
+        model(x, bias, bump=True)  # changed in place after each layer: each layer sees the new values
     assert [s for _, s in seen] == [0.0, 4.0, 8.0, 12.0] and h.mover.copies == 5 + 4 + 4
-    assert all(s[0] == torch.device("cpu") for s in seen)    # a copy to ``cpu:1`` comes back labelled ``cpu``
+    assert all(s[0] == torch.device("cpu") for s in seen)  # a copy to ``cpu:1`` comes back labelled ``cpu``
 
 
 def test_a_per_unit_temporary_is_not_held_past_its_unit():
@@ -210,4 +228,3 @@ def test_a_per_unit_temporary_is_not_held_past_its_unit():
     with torch.no_grad():
         model(torch.zeros(1, 4), torch.zeros(4), temporary=True)
     assert model.held_past_unit == [False] * 4
-

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensor, FakeTensorMode
 
-from fitmap import hybrid
+from fitmap.simulation import hybrid
 
 
 @pytest.fixture
@@ -72,7 +72,7 @@ def test_torch_tensor_of_zero_dim_tensors(fake):
 def test_weights_and_activations_have_no_twin(fake):
     _, twins = fake
     layer = nn.Linear(4, 4, dtype=torch.bfloat16, device="meta:0")
-    x = torch.zeros(2, 4, device="meta:0", dtype=torch.bfloat16)   # a defined value: known
+    x = torch.zeros(2, 4, device="meta:0", dtype=torch.bfloat16)  # a defined value: known
     y = layer(x)
     ids = y.argmax(-1)  # integers computed from activations are unknown too
     assert twins.real(x) is not None

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from fitmap.errors import BadInput, CheckpointError
-from fitmap.inventory import inventory, read_safetensors_header
-from fitmap.skeleton import planned_dtype, skeleton
+from fitmap.model.build import planned_dtype
+from fitmap.model.inventory import inventory, read_safetensors_header
+from fitmap.model.skeleton import skeleton
 
 
 def test_sharded_checkpoint_headers(checkpoints):
@@ -68,17 +69,26 @@ def _file(header: dict, data_bytes: int) -> bytes:
     return struct.pack("<Q", len(raw)) + raw + b"\0" * data_bytes
 
 
-@pytest.mark.parametrize("payload,needle", [
-    (b"abc", "truncated"),
-    (struct.pack("<Q", 10**12) + b"{}", "corrupt or truncated"),
-    (struct.pack("<Q", 4) + b"nope", "unreadable header"),
-    (_file({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}, 8), "shape \\[4\\] F32 \\(16 bytes\\) but 8 bytes"),
-    (_file({"w": {"dtype": "Q9", "shape": [2], "data_offsets": [0, 8]}}, 8), "unknown dtype"),
-    (_file({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, 8), "truncated: tensor 'w' ends at byte 16"),
-    (_file({"w": {"dtype": "F32"}}, 8), "malformed header entry"),
-    (struct.pack("<Q", 6) + b"[1, 2]", "a header that is an array, not a JSON object"),
-    (struct.pack("<Q", 4) + b'"ab"', "a header that is a string, not a JSON object"),
-])
+@pytest.mark.parametrize(
+    "payload,needle",
+    [
+        (b"abc", "truncated"),
+        (struct.pack("<Q", 10**12) + b"{}", "corrupt or truncated"),
+        (struct.pack("<Q", 4) + b"nope", "unreadable header"),
+        (
+            _file({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}, 8),
+            "shape \\[4\\] F32 \\(16 bytes\\) but 8 bytes",
+        ),
+        (_file({"w": {"dtype": "Q9", "shape": [2], "data_offsets": [0, 8]}}, 8), "unknown dtype"),
+        (
+            _file({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, 8),
+            "truncated: tensor 'w' ends at byte 16",
+        ),
+        (_file({"w": {"dtype": "F32"}}, 8), "malformed header entry"),
+        (struct.pack("<Q", 6) + b"[1, 2]", "a header that is an array, not a JSON object"),
+        (struct.pack("<Q", 4) + b'"ab"', "a header that is a string, not a JSON object"),
+    ],
+)
 def test_corrupt_headers(tmp_path, payload, needle):
     f = tmp_path / "x.safetensors"
     f.write_bytes(payload)
@@ -116,8 +126,9 @@ def test_a_config_alone_is_planned_from_its_shapes_like_the_catalog(checkpoints,
     inv = inventory(d)
     assert inv.source == "config" and not inv.tensors
     dtype = planned_dtype(inventory(full), None)
-    assert [(u.name, u.weight_bytes) for u in skeleton(inv, dtype).units] == \
-        [(u.name, u.weight_bytes) for u in skeleton(inventory(full), dtype).units]
+    assert [(u.name, u.weight_bytes) for u in skeleton(inv, dtype).units] == [
+        (u.name, u.weight_bytes) for u in skeleton(inventory(full), dtype).units
+    ]
     assert main(["plan", str(d), "--gpus", "2x1GiB", "--dtype", "fp32"]) == 0
     assert "shapes at float32, as for a catalog model" in capsys.readouterr().out.replace("\n", " ")
     assert main(["run", str(d), "--prompt", "hi"]) == 2
@@ -172,8 +183,13 @@ def _awq_layout(checkpoints, directory):
         tensors[f"{path}.scales"] = torch.ones(n_in // group, n_out, dtype=torch.float16)
     save_file({k: v.contiguous() for k, v in tensors.items()}, directory / "model.safetensors")
     cfg = json.loads((directory / "config.json").read_text())
-    cfg["quantization_config"] = {"bits": 4, "group_size": group, "quant_method": "awq", "version": "gemm",
-                                  "zero_point": True}
+    cfg["quantization_config"] = {
+        "bits": 4,
+        "group_size": group,
+        "quant_method": "awq",
+        "version": "gemm",
+        "zero_point": True,
+    }
     (directory / "config.json").write_text(json.dumps(cfg))
     return directory
 
@@ -200,4 +216,4 @@ def test_awq_70b_from_the_catalog_fits_two_24gib_cards():
     import fitmap
 
     plan = fitmap.plan("llama-3.1-70b-awq", gpus="2x24GiB", prompt=4096, new=512, estimate="analytic")
-    assert plan.fits and 39.5e9 < sum(d.weights_bytes for d in plan.devices) < 40.0e9   # 39.8 GB as published
+    assert plan.fits and 39.5e9 < sum(d.weights_bytes for d in plan.devices) < 40.0e9  # 39.8 GB as published

@@ -9,17 +9,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fitmap.errors import CheckpointError
-from fitmap.inventory import read_safetensors_header, read_weights
+from fitmap.model.inventory import read_safetensors_header, read_weights
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | st.text(max_size=12),
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=12),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-    max_leaves=12)
-entries = st.fixed_dictionaries({
-    "dtype": st.sampled_from(["BF16", "F32", "I64", "F8_E4M3", "X9"]) | json_values,
-    "shape": st.lists(st.integers(-3, 64), max_size=3) | json_values,
-    "data_offsets": st.tuples(st.integers(-300, 300), st.integers(-300, 300)).map(list) | json_values,
-})
+    max_leaves=12,
+)
+entries = st.fixed_dictionaries(
+    {
+        "dtype": st.sampled_from(["BF16", "F32", "I64", "F8_E4M3", "X9"]) | json_values,
+        "shape": st.lists(st.integers(-3, 64), max_size=3) | json_values,
+        "data_offsets": st.tuples(st.integers(-300, 300), st.integers(-300, 300)).map(list) | json_values,
+    }
+)
 headers = st.dictionaries(st.text(max_size=10), entries | json_values, max_size=4) | json_values
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -43,7 +46,7 @@ def test_any_header_gives_infos_or_a_checkpoint_error(tmp_path, header, data, cu
             continue
         for t in infos.values():
             assert 0 <= t.offset and t.offset + t.nbytes <= path.stat().st_size
-    f.write_bytes(f.read_bytes()[: max(0, f.stat().st_size - cut)])    # truncated anywhere
+    f.write_bytes(f.read_bytes()[: max(0, f.stat().st_size - cut)])  # truncated anywhere
     try:
         read_safetensors_header(f)
     except CheckpointError:

@@ -14,22 +14,30 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from fitmap import loader
 from fitmap.errors import BadInput, CheckpointError, MissingWeights
-from fitmap.inventory import inventory
-from fitmap.plan import Plan, Repair
-from fitmap.skeleton import skeleton
-from fitmap.workload import Workload
+from fitmap.model.inventory import inventory
+from fitmap.model.skeleton import skeleton
+from fitmap.planning.plan import Plan, Repair
+from fitmap.planning.workload import Workload
+from fitmap.runtime import loader
 from tests.tiny import VISION
 
 
-def plan_for(model_dir: Path, devices: dict[str, int | str] | None = None, dtype: str = "float32",
-             **fields) -> Plan:
+def plan_for(model_dir: Path, devices: dict[str, int | str] | None = None, dtype: str = "float32", **fields) -> Plan:
     """A plan with every unit on "cpu" unless ``devices`` says otherwise (no solver needed)."""
     sk = skeleton(inventory(model_dir), getattr(torch, dtype))
     device_map = {u.name: (devices or {}).get(u.name, "cpu") for u in sk.units}
-    return Plan(model=str(model_dir), fits=True, policy="balanced", dtype=dtype, estimate="analytic",
-                workload=Workload(), device_map=device_map, devices=(), **fields)
+    return Plan(
+        model=str(model_dir),
+        fits=True,
+        policy="balanced",
+        dtype=dtype,
+        estimate="analytic",
+        workload=Workload(),
+        device_map=device_map,
+        devices=(),
+        **fields,
+    )
 
 
 def reference(model_dir: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -172,11 +180,13 @@ def test_gpu_plan_without_gpu_is_refused(checkpoints):
 
 def test_repairs_are_applied(checkpoints):
     d = checkpoints("llama")
-    fixes = (Repair("align-inputs", "model.layers.1.self_attn", "cpu", "cat of two devices"),
-             Repair("colocate", "model.layers.3", "cpu", "moved next to its neighbours"))
+    fixes = (
+        Repair("align-inputs", "model.layers.1.self_attn", "cpu", "cat of two devices"),
+        Repair("colocate", "model.layers.3", "cpu", "moved next to its neighbours"),
+    )
     with loader.load(d, plan_for(d, {"model.layers.3": "disk"}, repairs=fixes), progress=False) as lm:
         assert lm.model.model.layers[1].self_attn._forward_pre_hooks
-        assert not lm.model.model.layers[3].self_attn.q_proj.weight.is_meta   # not on disk any more
+        assert not lm.model.model.layers[3].self_attn.q_proj.weight.is_meta  # not on disk any more
         assert lm.offload_stats is None
         lm.model(input_ids=IDS)
     assert not lm.model.model.layers[1].self_attn._forward_pre_hooks
@@ -223,7 +233,7 @@ def test_per_expert_weights_on_the_disk_tier_are_built_per_forward(checkpoints):
     with torch.no_grad():
         want = reference(d)(input_ids=IDS).logits
         with loader.load(d, plan_for(d, {"model.layers.1": "disk"}), progress=False) as lm:
-            assert lm.model.model.layers[1].mlp.experts.gate_up_proj.is_meta      # not resident
+            assert lm.model.model.layers[1].mlp.experts.gate_up_proj.is_meta  # not resident
             got = lm.model(input_ids=IDS).logits
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
@@ -240,32 +250,51 @@ def test_per_expert_checkpoints_split_across_cpu_and_disk(checkpoints, family):
         assert [k for k in ref if not torch.equal(got[k], ref[k])] == []
         assert [n for n, b in want.named_buffers() if not torch.equal(lm.model.get_buffer(n), b)] == []
     layers = sorted(u for u in plan_for(d).device_map if u.startswith("model.layers."))
-    plan = plan_for(d, {u: "disk" for u in layers[len(layers) // 2:]})
+    plan = plan_for(d, {u: "disk" for u in layers[len(layers) // 2 :]})
     tokens = want.generate(input_ids=IDS, max_new_tokens=8, do_sample=False)
     with loader.load(d, plan, progress=False) as lm:
-        assert getattr(lm.model.get_submodule(layers[-1]).mlp.experts, "gate_up_proj").is_meta
+        assert lm.model.get_submodule(layers[-1]).mlp.experts.gate_up_proj.is_meta
         assert torch.equal(lm.model.generate(input_ids=IDS, max_new_tokens=8, do_sample=False), tokens)
 
 
 def _gpt_oss_mxfp4(directory: Path) -> Path:
     """A tiny gpt-oss in the released layout: expert weights as MXFP4 (``*_blocks``: two 4-bit values
     a byte, 32 per block; ``*_scales``: one uint8 exponent a block), the rest bf16."""
-    cfg = transformers.GptOssConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                    num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
-                                    vocab_size=512, max_position_embeddings=2048, sliding_window=16,
-                                    layer_types=["sliding_attention", "full_attention"])
+    cfg = transformers.GptOssConfig(
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        vocab_size=512,
+        max_position_embeddings=2048,
+        sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"],
+    )
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(directory)
     tensors = load_file(directory / "model.safetensors")
     g = torch.Generator().manual_seed(1)
     for key in [k for k in tensors if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
         experts, n_in, n_out = tensors.pop(key).shape
-        tensors[f"{key}_blocks"] = torch.randint(0, 256, (experts, n_out, n_in // 32, 16), dtype=torch.uint8, generator=g)
+        tensors[f"{key}_blocks"] = torch.randint(
+            0, 256, (experts, n_out, n_in // 32, 16), dtype=torch.uint8, generator=g
+        )
         tensors[f"{key}_scales"] = torch.randint(122, 130, (experts, n_out, n_in // 32), dtype=torch.uint8, generator=g)
     save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((directory / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
-        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    config["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "model.embed_tokens",
+            "lm_head",
+        ],
+    }
     (directory / "config.json").write_text(json.dumps(config))
     return directory
 
@@ -275,7 +304,7 @@ def test_gpt_oss_mxfp4_loads_as_from_pretrained_and_is_planned_at_what_it_holds(
     fitmap does the same through the quantizer's own operation, and plans the bf16 bytes; where
     transformers keeps MXFP4 (a GPU with its kernels) the plan takes the checkpoint's packed bytes."""
     import fitmap
-    from fitmap import quant
+    from fitmap.model import quant
 
     d = _gpt_oss_mxfp4(tmp_path / "gpt-oss")
     want = reference(d, torch.bfloat16)
@@ -285,8 +314,10 @@ def test_gpt_oss_mxfp4_loads_as_from_pretrained_and_is_planned_at_what_it_holds(
         assert sorted(got) == sorted(ref) and [k for k in ref if not torch.equal(got[k], ref[k])] == []
         placed = sum(t.nbytes for k, t in got.items() if not k.endswith("inv_freq"))
         ids = IDS[:1]
-        assert torch.equal(lm.model.generate(input_ids=ids, max_new_tokens=6, do_sample=False),
-                           want.generate(input_ids=ids, max_new_tokens=6, do_sample=False))
+        assert torch.equal(
+            lm.model.generate(input_ids=ids, max_new_tokens=6, do_sample=False),
+            want.generate(input_ids=ids, max_new_tokens=6, do_sample=False),
+        )
     assert next(x.weights_bytes for x in plan.devices if x.device == "cpu") == placed
     config_only = tmp_path / "config-only"
     config_only.mkdir()
@@ -295,8 +326,10 @@ def test_gpt_oss_mxfp4_loads_as_from_pretrained_and_is_planned_at_what_it_holds(
     monkeypatch.setattr(quant, "dequantizes", lambda model: False)
     packed = fitmap.plan(str(d), cpu="1GiB", prompt=16, new=4, estimate="analytic")
     expert_bf16 = sum(t.nbytes for k, t in ref.items() if k.endswith(("experts.gate_up_proj", "experts.down_proj")))
-    assert sum(x.weights_bytes for x in plan.devices) - sum(x.weights_bytes for x in packed.devices) == \
-        expert_bf16 - expert_bf16 * 17 // 64      # 4.25 bits a value instead of 16
+    assert (
+        sum(x.weights_bytes for x in plan.devices) - sum(x.weights_bytes for x in packed.devices)
+        == expert_bf16 - expert_bf16 * 17 // 64
+    )  # 4.25 bits a value instead of 16
     # a config alone (and the catalog) is sized in the released layout: the checkpoint's own header bytes
     assert [x.weights_bytes for x in released.devices] == [x.weights_bytes for x in packed.devices]
 

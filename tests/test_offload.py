@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from fitmap import loader, offload
+from fitmap.runtime import loader, offload
 from tests.test_loader import plan_for, reference
 
 TEXT_IDS = torch.tensor([[1, 17, 33, 41, 99, 250, 7, 300], [1, 400, 5, 6, 8, 13, 21, 34]])
@@ -19,14 +19,21 @@ def vl_inputs() -> dict[str, torch.Tensor]:
     """A processor-like Qwen2-VL input: one 56x56 image (4x4 patches -> 4 merged tokens) and text."""
     ids = torch.tensor([[1, 502, 500, 500, 500, 500, 503, 17, 33, 41, 99]])
     gen = torch.Generator().manual_seed(0)
-    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=(ids == 500).int(),
-                pixel_values=torch.randn(16, 3 * 2 * 14 * 14, generator=gen), image_grid_thw=torch.tensor([[1, 4, 4]]))
+    return dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        mm_token_type_ids=(ids == 500).int(),
+        pixel_values=torch.randn(16, 3 * 2 * 14 * 14, generator=gen),
+        image_grid_thw=torch.tensor([[1, 4, 4]]),
+    )
 
 
 CASES = {
     "llama": (lambda: dict(input_ids=TEXT_IDS), ["model.layers.2", "model.layers.3"]),
-    "qwen2_vl": (vl_inputs, ["model.visual.blocks.1", "model.language_model.layers.2",
-                             "model.language_model.layers.3"]),
+    "qwen2_vl": (
+        vl_inputs,
+        ["model.visual.blocks.1", "model.language_model.layers.2", "model.language_model.layers.3"],
+    ),
 }
 
 
@@ -37,8 +44,7 @@ def references(checkpoints):
     for family, (inputs, _) in CASES.items():
         model = reference(checkpoints(family))
         with torch.no_grad():
-            out[family] = (model.generate(**inputs(), max_new_tokens=8, do_sample=False),
-                           model(**inputs()).logits)
+            out[family] = (model.generate(**inputs(), max_new_tokens=8, do_sample=False), model(**inputs()).logits)
     return out
 
 
@@ -50,14 +56,14 @@ def test_cpu_plus_disk_equals_unsplit(checkpoints, references, family, readahead
     tokens, logits = references[family]
     with loader.load(d, plan_for(d, {u: "disk" for u in on_disk}), readahead=readahead, progress=False) as lm:
         assert all(p.is_meta for u in on_disk for p in lm.model.get_submodule(u).parameters())
-        with torch.inference_mode():   # as fitmap run generates
+        with torch.inference_mode():  # as fitmap run generates
             got = lm.model.generate(**inputs(), max_new_tokens=8, do_sample=False)
         with torch.no_grad():
             got_logits = lm.model(**inputs()).logits
         stats = lm.offload_stats
     assert torch.equal(got, tokens)
     torch.testing.assert_close(got_logits, logits, rtol=0, atol=1e-5)
-    assert stats.fetched >= 9 * len(on_disk) - 8          # vision units do not run in decode steps
+    assert stats.fetched >= 9 * len(on_disk) - 8  # vision units do not run in decode steps
     assert (stats.prefetched > 0) == readahead
 
 
@@ -74,7 +80,7 @@ def test_disk_weights_are_dropped_after_each_unit(checkpoints):
             seen.append(sum(not u.self_attn.q_proj.weight.is_meta for u in units))
 
         for u in units:
-            u.register_forward_pre_hook(count)   # runs after the offload pre-hook
+            u.register_forward_pre_hook(count)  # runs after the offload pre-hook
         lm.model.generate(input_ids=TEXT_IDS, max_new_tokens=3, do_sample=False)
         after = [u.self_attn.q_proj.weight.is_meta for u in units]
     assert seen and set(seen) == {1}
@@ -105,6 +111,7 @@ def test_reads_happen_ahead_on_the_readahead_thread():
         def read():
             threads.append(threading.current_thread().name)
             return weights[path]
+
         return read
 
     for b in model.blocks:
@@ -113,7 +120,7 @@ def test_reads_happen_ahead_on_the_readahead_thread():
     off = offload.attach(model, units, torch.device("cpu"), readahead=True)
     torch.testing.assert_close(model(x), want)
     assert threads and all(t.startswith("fitmap-readahead") for t in threads)
-    model(x, skip_first=True)          # the order changes: one prefetch is wasted, then learned
+    model(x, skip_first=True)  # the order changes: one prefetch is wasted, then learned
     model(x, skip_first=True)
     s = off.streamer.stats
     assert s.wasted == 1 and off.streamer.next[offload.ENTRY] == "blocks.1"
@@ -125,9 +132,20 @@ def test_reads_happen_ahead_on_the_readahead_thread():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cpu_tier_streams_to_gpu(checkpoints):
     d = checkpoints("llama")
-    plan = plan_for(d, {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0,
-                        "model.layers.1": "cpu", "model.layers.2": "cpu", "model.layers.3": "disk",
-                        "model.norm": 0, "lm_head": 0}, execution_device="0")
+    plan = plan_for(
+        d,
+        {
+            "model.embed_tokens": 0,
+            "model.rotary_emb": 0,
+            "model.layers.0": 0,
+            "model.layers.1": "cpu",
+            "model.layers.2": "cpu",
+            "model.layers.3": "disk",
+            "model.norm": 0,
+            "lm_head": 0,
+        },
+        execution_device="0",
+    )
     tokens = reference(d).generate(input_ids=TEXT_IDS, max_new_tokens=8, do_sample=False)
     with loader.load(d, plan, progress=False) as lm:
         assert lm.model.model.layers[1].self_attn.q_proj.weight.is_pinned()
@@ -141,9 +159,20 @@ def test_per_expert_moe_on_gpu_cpu_and_disk_tiers(checkpoints):
     """A checkpoint with one tensor per expert: fused by transformers' converter straight onto the GPU,
     into pinned host memory for the cpu tier, and at each forward for the disk tier; same tokens."""
     d = checkpoints("qwen3_moe")
-    plan = plan_for(d, {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0,
-                        "model.layers.1": "cpu", "model.layers.2": "disk", "model.layers.3": 0,
-                        "model.norm": 0, "lm_head": 0}, execution_device="0")
+    plan = plan_for(
+        d,
+        {
+            "model.embed_tokens": 0,
+            "model.rotary_emb": 0,
+            "model.layers.0": 0,
+            "model.layers.1": "cpu",
+            "model.layers.2": "disk",
+            "model.layers.3": 0,
+            "model.norm": 0,
+            "lm_head": 0,
+        },
+        execution_device="0",
+    )
     tokens = reference(d).generate(input_ids=TEXT_IDS, max_new_tokens=8, do_sample=False)
     with loader.load(d, plan, progress=False) as lm:
         layers = lm.model.model.layers
@@ -201,7 +230,7 @@ def test_ring_orders_copies_and_compute(slow, buffers):
     off = offload.attach(model, units, dev, ring_buffers=buffers)
     if slow == "compute":
         for b in model.blocks:
-            b.register_forward_pre_hook(lambda m, a: torch.cuda._sleep(2_000_000))   # ~1 ms on the compute stream
+            b.register_forward_pre_hook(lambda m, a: torch.cuda._sleep(2_000_000))  # ~1 ms on the compute stream
     assert len(off.streamer.ring.buffers) == buffers and model.blocks[0].weight.is_pinned()
     with torch.no_grad():
         model(x.to(dev))
@@ -212,5 +241,5 @@ def test_ring_orders_copies_and_compute(slow, buffers):
             assert torch.equal(got, want)
         torch.cuda.synchronize()
     assert torch.cuda.memory_allocated(dev) - before < 1 << 20
-    assert model.blocks[3].weight.device.type == "cpu"     # host tensors back between forwards
+    assert model.blocks[3].weight.device.type == "cpu"  # host tensors back between forwards
     off.close()

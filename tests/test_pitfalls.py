@@ -16,16 +16,19 @@ import pytest
 import torch
 import transformers
 
-from fitmap import hooks, pipeline, repairs, vision_inputs
-from fitmap.check import CheckReport, check
-from fitmap.devices import make_machine
-from fitmap.plan import Plan
-from fitmap.simulate import Simulation, simulate
-from fitmap.workload import Workload
+from fitmap import pipeline
+from fitmap.dispatch import hooks, repairs
+from fitmap.planning.devices import make_machine
+from fitmap.planning.plan import Plan
+from fitmap.planning.workload import Workload
+from fitmap.simulation import vision_inputs
+from fitmap.simulation.check import CheckReport, check
+from fitmap.simulation.memory import Simulation
+from fitmap.simulation.simulate import simulate
 from tests.pitfalls import PITFALLS, make_pitfall
 
 CPU = torch.device("cpu")
-IMAGE_TOKEN, IMAGE_TOKENS = 500, 4      # tests/pitfalls/vlm: a 28x28 image in 14x14 patches
+IMAGE_TOKEN, IMAGE_TOKENS = 500, 4  # tests/pitfalls/vlm: a 28x28 image in 14x14 patches
 
 
 # (module the mismatch happens in, op, the model's file in the code line)
@@ -38,14 +41,18 @@ FAILS_IN = {
 }
 
 REPAIRED_BY = {
-    "glm": {("align-outputs", "transformer.encoder.layers.2", "0"),
-            ("align-outputs", "transformer.encoder.layers.3", "0")},
+    "glm": {
+        ("align-outputs", "transformer.encoder.layers.2", "0"),
+        ("align-outputs", "transformer.encoder.layers.3", "0"),
+    },
     "vlm": {("align-outputs", "mlp1", "0")},
     "tied": {("align-inputs", "lm_head", "0")},
-    "rope": {("align-inputs", "model.blocks.2.attn.rotary_emb", "0"),
-             ("follow-inputs", "model.blocks.2.attn.rotary_emb", "1"),
-             ("align-inputs", "model.blocks.3.attn.rotary_emb", "0"),
-             ("follow-inputs", "model.blocks.3.attn.rotary_emb", "1")},
+    "rope": {
+        ("align-inputs", "model.blocks.2.attn.rotary_emb", "0"),
+        ("follow-inputs", "model.blocks.2.attn.rotary_emb", "1"),
+        ("align-inputs", "model.blocks.3.attn.rotary_emb", "0"),
+        ("follow-inputs", "model.blocks.3.attn.rotary_emb", "1"),
+    },
     "nexttok": {("align-outputs", "lm_head", "0")},
 }
 
@@ -64,8 +71,8 @@ class Case:
     directory: Path
     prep: pipeline.Prepared
     bare: Plan
-    sim: Simulation                 # the bare map, simulated
-    report: CheckReport             # check of the bare map
+    sim: Simulation  # the bare map, simulated
+    report: CheckReport  # check of the bare map
 
     def simulate(self, plan: Plan) -> Simulation:
         sk = self.prep.skeleton
@@ -89,8 +96,13 @@ def case(tmp_path_factory):
 
 def _case(directory: Path, name: str) -> Case:
     images = ((28, 28),) if name == "vlm" else ()
-    req = pipeline.PlanRequest(str(directory), make_machine("2x16GiB", "8GiB"), Workload(2, 12, 4, images),
-                               trust_remote_code=True, estimate="analytic")
+    req = pipeline.PlanRequest(
+        str(directory),
+        make_machine("2x16GiB", "8GiB"),
+        Workload(2, 12, 4, images),
+        trust_remote_code=True,
+        estimate="analytic",
+    )
     prep = pipeline.prepare(req)
     bare_map = PITFALLS[name].bare_map
     assert list(bare_map) == [u.name for u in prep.skeleton.units], "the bare map places every unit, in order"
@@ -123,7 +135,7 @@ def test_check_repairs_it_with_hooks_only(case, name):
     c = case(name)
     assert c.report.clean and c.report.mismatches[0] == c.sim.mismatch
     assert {(r.kind, r.module, r.device) for r in c.report.repairs} == REPAIRED_BY[name]
-    assert c.report.plan.device_map == c.bare.device_map           # nothing had to move
+    assert c.report.plan.device_map == c.bare.device_map  # nothing had to move
     assert c.report.plan.repairs == c.report.repairs
 
 
@@ -147,7 +159,8 @@ def test_a_repair_that_changes_nothing_is_taken_back(case):
     mismatch comes back, so the repair is dropped and "run it where the tables are" is tried."""
     report = case("rope").report
     assert [(r.kind, r.module, r.device) for r in report.tried] == [
-        ("align-inputs", "model.blocks.2.attn.rotary_emb", "1")]
+        ("align-inputs", "model.blocks.2.attn.rotary_emb", "1")
+    ]
     assert len(report.mismatches) == 1
 
 
@@ -157,8 +170,10 @@ def _prompt(name: str) -> dict[str, torch.Tensor]:
         return {"input_ids": torch.tensor([[1, 5, 7, 9, 11, 13], [1, 40, 41, 42, 43, 44]])}
     image = [IMAGE_TOKEN] * IMAGE_TOKENS
     torch.manual_seed(1)
-    return {"input_ids": torch.tensor([[1, *image, 7, 9], [1, *image, 70, 90]]),
-            "pixel_values": torch.randn(2, 3, 28, 28)}
+    return {
+        "input_ids": torch.tensor([[1, *image, 7, 9], [1, *image, 70, 90]]),
+        "pixel_values": torch.randn(2, 3, 28, 28),
+    }
 
 
 def _greedy(model, name: str) -> torch.Tensor:

@@ -5,10 +5,10 @@ import torch
 
 import fitmap
 from fitmap import pipeline
-from fitmap.devices import make_machine
 from fitmap.errors import BadInput
-from fitmap.plan import Plan
-from fitmap.workload import Workload
+from fitmap.planning.devices import make_machine
+from fitmap.planning.plan import Plan
+from fitmap.planning.workload import Workload
 
 
 def _gpu_utils(plan):
@@ -28,7 +28,9 @@ def test_llama_70b_on_4x40_is_balanced():
 
 
 def test_qwen2_vl_keeps_vision_projector_embeddings_together():
-    plan = fitmap.plan("qwen2-vl-7b", "2x16GiB", "64GiB", prompt=3000, new=1000, images=((1344, 1344),), estimate="analytic")
+    plan = fitmap.plan(
+        "qwen2-vl-7b", "2x16GiB", "64GiB", prompt=3000, new=1000, images=((1344, 1344),), estimate="analytic"
+    )
     assert plan.fits
     dm = plan.device_map
     together = {dm["model.language_model.embed_tokens"], dm["model.visual.merger"], dm["model.visual.patch_embed"]}
@@ -51,7 +53,9 @@ def test_shorter_prompt_is_suggested_when_kv_is_the_problem():
     assert "--prompt" in plan.advice
     prompt = int(plan.advice.split("--prompt ")[1].split()[0].rstrip(","))
     assert fitmap.plan("llama-3.1-8b", "1x24GiB", "1GiB", batch=8, prompt=prompt, new=1000, estimate="analytic").fits
-    assert not fitmap.plan("llama-3.1-8b", "1x24GiB", "1GiB", batch=8, prompt=prompt + 1, new=1000, estimate="analytic").fits
+    assert not fitmap.plan(
+        "llama-3.1-8b", "1x24GiB", "1GiB", batch=8, prompt=prompt + 1, new=1000, estimate="analytic"
+    ).fits
 
 
 def test_tied_model_keeps_embedding_and_head_on_one_device():
@@ -61,7 +65,9 @@ def test_tied_model_keeps_embedding_and_head_on_one_device():
 
 
 def test_pins_are_respected():
-    plan = fitmap.plan("llama-3.1-8b", "2x24GiB", "8GiB", pins={"lm_head": "1", "model.layers.20": "0"}, estimate="analytic")
+    plan = fitmap.plan(
+        "llama-3.1-8b", "2x24GiB", "8GiB", pins={"lm_head": "1", "model.layers.20": "0"}, estimate="analytic"
+    )
     assert plan.device_map["lm_head"] == 1 and plan.device_map["model.norm"] == 1  # the group follows
     assert plan.device_map["model.layers.20"] == 0
     with pytest.raises(BadInput, match="no such module"):
@@ -88,8 +94,15 @@ def test_plan_json_round_trip(tmp_path):
     data = json.loads(f.read_text())
     assert data["fits"] is True and data["workload"]["images"] == ["448x448"]
     for d in data["devices"]:
-        assert {"device", "capacity_bytes", "weights_bytes", "kv_bytes", "activation_bytes", "reserve_bytes",
-                "total_bytes"} <= set(d)
+        assert {
+            "device",
+            "capacity_bytes",
+            "weights_bytes",
+            "kv_bytes",
+            "activation_bytes",
+            "reserve_bytes",
+            "total_bytes",
+        } <= set(d)
     assert Plan.load(f) == plan
 
 
@@ -97,7 +110,9 @@ def test_cpu_only_machine_spills_to_disk(checkpoints, tmp_path):
     """No GPU: the CPU is the compute device and what does not fit goes to disk."""
     path = checkpoints("llama")
     budget = 800 * 1024  # bytes of RAM: less than the model (850 KiB)
-    req = pipeline.PlanRequest(str(path), make_machine(None, budget, tmp_path, None), Workload(1, 16, 8), estimate="analytic")
+    req = pipeline.PlanRequest(
+        str(path), make_machine(None, budget, tmp_path, None), Workload(1, 16, 8), estimate="analytic"
+    )
     plan = pipeline.plan(req)
     assert plan.fits
     values = set(plan.device_map.values())
@@ -107,8 +122,12 @@ def test_cpu_only_machine_spills_to_disk(checkpoints, tmp_path):
 
 
 def test_cpu_only_machine_too_small_says_how_much_ram(checkpoints, tmp_path):
-    req = pipeline.PlanRequest(str(checkpoints("llama")), make_machine(None, 300 * 1024, tmp_path, None),
-                               Workload(1, 16, 8), estimate="analytic")
+    req = pipeline.PlanRequest(
+        str(checkpoints("llama")),
+        make_machine(None, 300 * 1024, tmp_path, None),
+        Workload(1, 16, 8),
+        estimate="analytic",
+    )
     plan = pipeline.plan(req)
     assert not plan.fits
     assert "Fits with --cpu" in plan.advice
@@ -120,15 +139,18 @@ def test_cpu_only_advice_without_disk_names_both_ways_and_each_fits(checkpoints,
     import re
 
     path = str(checkpoints("llama"))
-    plan = pipeline.plan(pipeline.PlanRequest(path, make_machine(None, 300 * 1024), Workload(1, 16, 8),
-                                              estimate="analytic"))
+    plan = pipeline.plan(
+        pipeline.PlanRequest(path, make_machine(None, 300 * 1024), Workload(1, 16, 8), estimate="analytic")
+    )
     m = re.search(r"Fits with --cpu (\S+), or with --cpu (\S+) and --disk DIR", plan.advice)
     assert m, plan.advice
     alone, streamed = m.groups()
-    assert pipeline.plan(pipeline.PlanRequest(path, make_machine(None, alone), Workload(1, 16, 8),
-                                              estimate="analytic")).fits
-    assert pipeline.plan(pipeline.PlanRequest(path, make_machine(None, streamed, tmp_path), Workload(1, 16, 8),
-                                              estimate="analytic")).fits
+    assert pipeline.plan(
+        pipeline.PlanRequest(path, make_machine(None, alone), Workload(1, 16, 8), estimate="analytic")
+    ).fits
+    assert pipeline.plan(
+        pipeline.PlanRequest(path, make_machine(None, streamed, tmp_path), Workload(1, 16, 8), estimate="analytic")
+    ).fits
 
 
 def test_device_map_is_accepted_by_from_pretrained(checkpoints, tmp_path):
@@ -136,7 +158,9 @@ def test_device_map_is_accepted_by_from_pretrained(checkpoints, tmp_path):
     from transformers import AutoModelForCausalLM
 
     path = checkpoints("llama")
-    req = pipeline.PlanRequest(str(path), make_machine(None, 800 * 1024, tmp_path, None), Workload(1, 16, 8), estimate="analytic")
+    req = pipeline.PlanRequest(
+        str(path), make_machine(None, 800 * 1024, tmp_path, None), Workload(1, 16, 8), estimate="analytic"
+    )
     plan = pipeline.plan(req)
     assert {"cpu", "disk"} == set(plan.device_map.values())
     ref = AutoModelForCausalLM.from_pretrained(path)
@@ -149,8 +173,9 @@ def test_device_map_is_accepted_by_from_pretrained(checkpoints, tmp_path):
 def test_hypothetical_planning_is_fast_for_deepseek_v3():
     import time
 
-    req = pipeline.PlanRequest("deepseek-v3", make_machine("8x140GiB", "256GiB"), Workload(1, 4096, 1024),
-                               estimate="analytic")
+    req = pipeline.PlanRequest(
+        "deepseek-v3", make_machine("8x140GiB", "256GiB"), Workload(1, 4096, 1024), estimate="analytic"
+    )
     prep = pipeline.prepare(req)
     t = time.perf_counter()
     plan = pipeline.plan(req, prep)
@@ -166,13 +191,15 @@ def test_advice_fits_when_followed(gpus, cpu, tmp_path):
 
     import fitmap
 
-    plan = fitmap.plan("qwen2.5-72b", gpus=gpus, cpu=cpu, disk=str(tmp_path) if gpus is None else None,
-                       estimate="analytic")
+    plan = fitmap.plan(
+        "qwen2.5-72b", gpus=gpus, cpu=cpu, disk=str(tmp_path) if gpus is None else None, estimate="analytic"
+    )
     assert not plan.fits
     m = re.search(r"--cpu (\S+)", plan.advice)
     assert m, plan.advice
-    again = fitmap.plan("qwen2.5-72b", gpus=gpus, cpu=m.group(1), disk=str(tmp_path) if gpus is None else None,
-                        estimate="analytic")
+    again = fitmap.plan(
+        "qwen2.5-72b", gpus=gpus, cpu=m.group(1), disk=str(tmp_path) if gpus is None else None, estimate="analytic"
+    )
     assert again.fits, (plan.advice, m.group(1))
 
 
@@ -193,19 +220,19 @@ def test_a_config_with_more_layers_than_the_weights_does_not_plan(checkpoints, t
 def test_simulated_costs_are_kept_for_the_next_plan(checkpoints, tmp_path, monkeypatch):
     """The same model and workload on another machine reuses the simulation (fitmap's cache)."""
     import fitmap
-    from fitmap import simulate
+    from fitmap.simulation import costs
 
     monkeypatch.setenv("FITMAP_CACHE", str(tmp_path))
     runs = []
-    real = simulate.simulated_costs
-    monkeypatch.setattr(simulate, "simulated_costs", lambda *a, **k: runs.append(1) or real(*a, **k))
+    real = costs.simulated_costs
+    monkeypatch.setattr(costs, "simulated_costs", lambda *a, **k: runs.append(1) or real(*a, **k))
     d = str(checkpoints("llama"))
     first = fitmap.plan(d, gpus="2x1GiB", prompt=64, new=8)
     second = fitmap.plan(d, gpus="1x1GiB", cpu="1GiB", prompt=64, new=8)
     assert first.estimate == second.estimate == "simulate" and len(runs) == 1
     assert list((tmp_path / "costs").glob("*.json"))
     third = fitmap.plan(d, gpus="2x1GiB", prompt=64, new=8)
-    gpus = lambda p: [d for d in p.devices if d.device != "cpu"]   # noqa: E731  (free RAM moves)
+    gpus = lambda p: [d for d in p.devices if d.device != "cpu"]  # noqa: E731  (free RAM moves)
     assert gpus(third) == gpus(first) and len(runs) == 1
-    fitmap.plan(d, gpus="2x1GiB", prompt=32, new=8)              # another workload: measured
+    fitmap.plan(d, gpus="2x1GiB", prompt=32, new=8)  # another workload: measured
     assert len(runs) == 2

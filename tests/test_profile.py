@@ -3,10 +3,11 @@
 import pytest
 
 from fitmap import pipeline
-from fitmap.devices import make_machine
-from fitmap.profile import estimate, image_shape, kv_bytes_per_token
-from fitmap.simulate import simulated_costs
-from fitmap.workload import Workload
+from fitmap.planning.devices import make_machine
+from fitmap.planning.images import image_shape
+from fitmap.planning.profile import estimate, kv_bytes_per_token
+from fitmap.planning.workload import Workload
+from fitmap.simulation.costs import simulated_costs
 
 
 def _prep(model, workload=Workload(1, 1024, 256)):
@@ -27,13 +28,16 @@ def test_deepseek_mla_caches_the_compressed_latent():
     assert kv_bytes_per_token(tc, 0, 2) == (512 + 64) * 2
 
 
-@pytest.mark.parametrize("model,size,tokens", [
-    ("qwen2-vl-7b", (1344, 1344), 2304),     # (1344/28)^2 merged patches
-    ("qwen2-vl-7b", (448, 300), 16 * 11),    # resized to multiples of 28
-    ("internvl-78b", (1344, 1344), 2560),    # 3x3 tiles + thumbnail, 256 tokens each
-    ("internvl-78b", (800, 400), 768),       # 2x1 tiles + thumbnail
-    ("llava-1.5-13b", (1344, 1344), 576),    # fixed 336 px, 24x24 patches
-])
+@pytest.mark.parametrize(
+    "model,size,tokens",
+    [
+        ("qwen2-vl-7b", (1344, 1344), 2304),  # (1344/28)^2 merged patches
+        ("qwen2-vl-7b", (448, 300), 16 * 11),  # resized to multiples of 28
+        ("internvl-78b", (1344, 1344), 2560),  # 3x3 tiles + thumbnail, 256 tokens each
+        ("internvl-78b", (800, 400), 768),  # 2x1 tiles + thumbnail
+        ("llava-1.5-13b", (1344, 1344), 576),  # fixed 336 px, 24x24 patches
+    ],
+)
 def test_image_tokens_follow_the_processor(model, size, tokens):
     cfg = _prep(model).skeleton.config
     assert image_shape(cfg, *size).tokens == tokens
@@ -64,9 +68,9 @@ def test_a_declared_image_token_count_is_used():
     """Gemma 3 pools its 64 x 64 SigLIP patches to mm_tokens_per_image = 256 (the grid would say 4096)."""
     import transformers
 
-    from fitmap.profile import image_shape
+    from fitmap.planning.images import image_shape
 
     cfg = transformers.Gemma3Config(vision_config=dict(image_size=896, patch_size=14))
     assert image_shape(cfg, 896, 896).tokens == 256
-    assert image_shape(cfg, 1344, 448).tokens == 256          # resized to the tower's square, whatever it is
+    assert image_shape(cfg, 1344, 448).tokens == 256  # resized to the tower's square, whatever it is
     assert image_shape(transformers.LlavaConfig(), 336, 336).tokens == 576

@@ -12,8 +12,8 @@ import pytest
 import torch
 import transformers
 
-from fitmap import loader
 from fitmap.cli import main
+from fitmap.runtime import loader
 from tests.test_loader import plan_for
 
 pytest.importorskip("bitsandbytes")
@@ -32,21 +32,31 @@ def _bnb(method: str):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     """A bf16 Llama with a tokenizer, and the same weights saved quantized by transformers."""
-    from fitmap.demo import _tokenizer
+    from fitmap.cli.demo import _tokenizer
 
     root = tmp_path_factory.mktemp("quant")
     tok = _tokenizer()
-    cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
-                                   max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = transformers.LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).eval()
     out = {"base": root / "base"}
     model.save_pretrained(out["base"])
     tok.save_pretrained(out["base"])
     for method in METHODS:
-        q = transformers.AutoModelForCausalLM.from_pretrained(out["base"], quantization_config=_bnb(method),
-                                                              device_map="cpu")
+        q = transformers.AutoModelForCausalLM.from_pretrained(
+            out["base"], quantization_config=_bnb(method), device_map="cpu"
+        )
         out[method] = root / method
         q.save_pretrained(out[method])
         tok.save_pretrained(out[method])
@@ -70,8 +80,12 @@ def _placed_bytes(model: torch.nn.Module) -> int:
     """Bytes a loaded model holds: parameters, persistent buffers (the plan leaves out the tiny
     computed ones, rotary ``inv_freq``), and the state quantized weights carry."""
     total = 0
-    persistent = [b for m in model.modules() for n, b in m._buffers.items()
-                  if b is not None and n not in m._non_persistent_buffers_set]
+    persistent = [
+        b
+        for m in model.modules()
+        for n, b in m._buffers.items()
+        if b is not None and n not in m._non_persistent_buffers_set
+    ]
     for t in list(model.parameters()) + persistent:
         total += t.numel() * t.element_size()
         qs = getattr(t, "quant_state", None)
@@ -109,21 +123,23 @@ def test_plan_bytes_are_the_bytes_placed(tiny, method, saved):
     import fitmap
 
     d = tiny[method] if saved else tiny["base"]
-    plan = fitmap.plan(str(d), cpu="1GiB", prompt=16, new=4, estimate="analytic",
-                       **({} if saved else {"quantize": method}))
+    plan = fitmap.plan(
+        str(d), cpu="1GiB", prompt=16, new=4, estimate="analytic", **({} if saved else {"quantize": method})
+    )
     assert plan.fits and plan.quantize == (None if saved else method)
     with loader.load(d, plan, progress=False) as lm:
         placed = _placed_bytes(lm.model)
     planned = next(x.weights_bytes for x in plan.devices if x.device == "cpu")
-    if saved:    # header bytes: the 4-bit checkpoint also stores its quant_state as a small uint8 tensor
+    if saved:  # header bytes: the 4-bit checkpoint also stores its quant_state as a small uint8 tensor
         assert planned - placed == sum(
-            t.nbytes for t in _header_tensors(d) if ".quant_state." in t.name or t.name.endswith("weight_format"))
+            t.nbytes for t in _header_tensors(d) if ".quant_state." in t.name or t.name.endswith("weight_format")
+        )
     else:
         assert planned == placed
 
 
 def _header_tensors(d: Path):
-    from fitmap.inventory import inventory
+    from fitmap.model.inventory import inventory
 
     return list(inventory(d).tensors.values())
 
@@ -163,8 +179,7 @@ def test_advice_names_the_quantization_that_fits():
 
     plan = fitmap.plan("llama-3.1-70b", gpus="2x24GiB", prompt=4096, new=512, estimate="analytic")
     assert not plan.fits and "--quantize nf4" in plan.advice
-    plan = fitmap.plan("llama-3.1-70b", gpus="2x24GiB", prompt=4096, new=512, estimate="analytic",
-                       quantize="nf4")
+    plan = fitmap.plan("llama-3.1-70b", gpus="2x24GiB", prompt=4096, new=512, estimate="analytic", quantize="nf4")
     assert plan.fits and plan.quantize == "nf4" and set(plan.device_map.values()) == {0, 1}
 
 
@@ -178,9 +193,23 @@ def test_quantized_on_a_gpu_as_from_pretrained(tiny, method, saved):
     d = tiny[method] if saved else tiny["base"]
     extra = {} if saved else {"quantization_config": _bnb(method)}
     want = transformers.AutoModelForCausalLM.from_pretrained(d, device_map={"": 0}, **extra).eval()
-    plan = plan_for(d, {u: 0 for u in ("model.embed_tokens", "model.rotary_emb", "model.layers.0",
-                                       "model.layers.1", "model.norm", "lm_head")},
-                    dtype="bfloat16", execution_device="0", **({} if saved else {"quantize": method}))
+    plan = plan_for(
+        d,
+        {
+            u: 0
+            for u in (
+                "model.embed_tokens",
+                "model.rotary_emb",
+                "model.layers.0",
+                "model.layers.1",
+                "model.norm",
+                "lm_head",
+            )
+        },
+        dtype="bfloat16",
+        execution_device="0",
+        **({} if saved else {"quantize": method}),
+    )
     with loader.load(d, plan, progress=False) as lm:
         _same_state(lm.model, want)
         ids = IDS.to(lm.input_device)
@@ -191,8 +220,23 @@ def test_quantized_on_a_gpu_as_from_pretrained(tiny, method, saved):
 def test_check_of_a_quantized_plan_counts_its_quantized_weights(tiny, tmp_path, capsys):
     """The simulation runs the full-precision model; the check's weights are the plan's (quantized)."""
     plan_file = tmp_path / "p.json"
-    assert main(["plan", str(tiny["base"]), "--gpus", "1x1GiB", "--quantize", "nf4", "--estimate", "analytic",
-                 "--out", str(plan_file)]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                str(tiny["base"]),
+                "--gpus",
+                "1x1GiB",
+                "--quantize",
+                "nf4",
+                "--estimate",
+                "analytic",
+                "--out",
+                str(plan_file),
+            ]
+        )
+        == 0
+    )
     planned = json.loads(plan_file.read_text())["devices"][0]["weights_bytes"]
     capsys.readouterr()
     assert main(["check", str(tiny["base"]), "--plan", str(plan_file)]) == 0
@@ -205,12 +249,24 @@ def test_chat_quantized_on_a_model_with_a_short_window(tiny, monkeypatch, capsys
     advice naming --prompt, which chat does not take)."""
     import io
 
-    from fitmap.chat import chat
-    from fitmap.devices import make_machine
+    from fitmap.cli.chat import chat
+    from fitmap.planning.devices import make_machine
 
     out = io.StringIO()
-    assert chat(str(tiny["base"]), [], 3, make_machine(None, "4GiB"), None, False, io.StringIO("hello there\n/exit\n"),
-                out, quantize="nf4") == 0
+    assert (
+        chat(
+            str(tiny["base"]),
+            [],
+            3,
+            make_machine(None, "4GiB"),
+            None,
+            False,
+            io.StringIO("hello there\n/exit\n"),
+            out,
+            quantize="nf4",
+        )
+        == 0
+    )
     assert out.getvalue().count("assistant: ") == 1
     assert main(["chat", str(tiny["base"]), "--new", "5000"]) == 2
     assert "reads at most 2048 tokens" in capsys.readouterr().err

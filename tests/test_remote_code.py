@@ -18,9 +18,11 @@ import pytest
 import torch
 import transformers
 
-from fitmap import compat, pipeline, profile
-from fitmap.devices import make_machine
-from fitmap.workload import Workload
+from fitmap import pipeline
+from fitmap.model import compat
+from fitmap.planning import profile
+from fitmap.planning.devices import make_machine
+from fitmap.planning.workload import Workload
 from tests.remote import CHATGLM, make_remote
 
 # The models' own code keeps its own keywords: InternVL's forward calls its language model with
@@ -35,7 +37,7 @@ only_tf5 = pytest.mark.skipif(TF4, reason="what users of transformers 5 see")
 
 @pytest.fixture(scope="module")
 def glm(tmp_path_factory):
-    if not TF4:       # the code cannot be built on 5.x: the files alone, with random weights from 4.x absent
+    if not TF4:  # the code cannot be built on 5.x: the files alone, with random weights from 4.x absent
         root = tmp_path_factory.mktemp("remote")
         return _files_only(root)
     return make_remote("chatglm", tmp_path_factory.mktemp("remote"))
@@ -57,15 +59,23 @@ def _files_only(root):
     c = CHATGLM
     h, v, f = c["hidden_size"], c["padded_vocab_size"], c["ffn_hidden_size"]
     qkv = c["num_attention_heads"] * c["kv_channels"] + 2 * c["multi_query_group_num"] * c["kv_channels"]
-    shapes = {"transformer.embedding.word_embeddings.weight": (v, h),
-              "transformer.rotary_pos_emb.inv_freq": (c["kv_channels"] // 4,),
-              "transformer.encoder.final_layernorm.weight": (h,), "transformer.output_layer.weight": (v, h)}
+    shapes = {
+        "transformer.embedding.word_embeddings.weight": (v, h),
+        "transformer.rotary_pos_emb.inv_freq": (c["kv_channels"] // 4,),
+        "transformer.encoder.final_layernorm.weight": (h,),
+        "transformer.output_layer.weight": (v, h),
+    }
     for i in range(c["num_layers"]):
         p = f"transformer.encoder.layers.{i}."
-        shapes |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-                   p + "self_attention.query_key_value.weight": (qkv, h), p + "self_attention.query_key_value.bias":
-                   (qkv,), p + "self_attention.dense.weight": (h, h), p + "mlp.dense_h_to_4h.weight": (2 * f, h),
-                   p + "mlp.dense_4h_to_h.weight": (h, f)}
+        shapes |= {
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "self_attention.query_key_value.weight": (qkv, h),
+            p + "self_attention.query_key_value.bias": (qkv,),
+            p + "self_attention.dense.weight": (h, h),
+            p + "mlp.dense_h_to_4h.weight": (2 * f, h),
+            p + "mlp.dense_4h_to_h.weight": (h, f),
+        }
     save_file({k: torch.zeros(s) for k, s in shapes.items()}, str(d / "model.safetensors"))
     return d
 
@@ -120,7 +130,7 @@ def test_plan_on_two_gpus_is_simulated_and_each_gpu_holds_its_layers_kv(glm):
     kv = {d.device: d.kv_bytes for d in plan.devices if d.device.isdigit()}
     per_layer = 2 * 2 * 16 * 4 * (64 + 32)
     layers = {d: sum(1 for u, dev in plan.device_map.items() if str(dev) == d and ".layers." in u) for d in kv}
-    for d in kv:   # within one token of the full context per layer
+    for d in kv:  # within one token of the full context per layer
         assert abs(kv[d] - layers[d] * per_layer) <= layers[d] * 2 * 2 * 16 * 4, (d, kv, layers)
 
 
@@ -144,9 +154,10 @@ def test_check_of_a_naive_auto_map_reports_the_error_and_repairs_it(glm, tmp_pat
     with init_empty_weights():
         model = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=True)
     total = sum(p.numel() * 4 for p in model.parameters())
-    dm = infer_auto_device_map(model, max_memory={0: int(total * 0.45), 1: int(total * 0.8)},
-                               no_split_module_classes=[])
-    assert any(k.count(".") > 3 for k in dm), dm          # a block is split
+    dm = infer_auto_device_map(
+        model, max_memory={0: int(total * 0.45), 1: int(total * 0.8)}, no_split_module_classes=[]
+    )
+    assert any(k.count(".") > 3 for k in dm), dm  # a block is split
     user_map = tmp_path / "map.json"
     user_map.write_text(json.dumps({k: f"cuda:{v}" if isinstance(v, int) else v for k, v in dm.items()}))
     r = fitmap("check", str(glm), "--plan", str(user_map), "--gpus", "2x1GiB", "--trust-remote-code")
@@ -161,7 +172,7 @@ def test_check_of_a_naive_auto_map_reports_the_error_and_repairs_it(glm, tmp_pat
 
 @only_tf4
 def test_run_on_cpu_and_disk_answers_through_its_own_chat_like_the_unsplit_model(glm, tmp_path):
-    from fitmap.run import answer
+    from fitmap.runtime.run import answer
 
     tok = transformers.AutoTokenizer.from_pretrained(glm, trust_remote_code=True)
     ref = transformers.AutoModelForCausalLM.from_pretrained(glm, trust_remote_code=True).eval()
@@ -180,8 +191,8 @@ def test_run_on_cpu_and_disk_answers_through_its_own_chat_like_the_unsplit_model
 
 @only_tf4
 def test_generate_is_there_however_often_the_class_is_built(glm):
-    from fitmap.skeleton import build_model, empty_weights, load_config
-    from fitmap.inventory import inventory
+    from fitmap.model.build import build_model, empty_weights, load_config
+    from fitmap.model.inventory import inventory
 
     config = load_config(inventory(str(glm)), True)
     for _ in range(2):
@@ -199,8 +210,15 @@ def test_check_of_a_plan_whose_map_splits_a_block(glm, tmp_path):
     dm = {}
     for k, v in plan["device_map"].items():
         if k == "transformer.encoder.layers.1":
-            dm |= {f"{k}.{sub}": d for sub, d in (("input_layernorm", 0), ("self_attention", 0),
-                                                 ("post_attention_layernorm", 1), ("mlp", 1))}
+            dm |= {
+                f"{k}.{sub}": d
+                for sub, d in (
+                    ("input_layernorm", 0),
+                    ("self_attention", 0),
+                    ("post_attention_layernorm", 1),
+                    ("mlp", 1),
+                )
+            }
         else:
             dm[k] = v
     out.write_text(json.dumps(plan | {"device_map": dm}))
@@ -241,7 +259,7 @@ def test_internvl_plan_with_an_image_is_simulated_with_the_vision_side_together(
     # 112x56 -> a 2x1 grid plus a thumbnail: 3 tiles of (56/14)^2 * 0.5^2 = 4 tokens
     assert profile.estimate(prep.skeleton, req.workload).image_tokens == 12
     kv = sum(d.kv_bytes for d in plan.devices)
-    per_token = 2 * 2 * 2 * 16 * 4            # layers x (K, V) x kv heads x head_dim x fp32
+    per_token = 2 * 2 * 2 * 16 * 4  # layers x (K, V) x kv heads x head_dim x fp32
     assert abs(kv - per_token * (64 + 12 + 16)) <= 2 * per_token, kv
 
 
@@ -251,15 +269,22 @@ def test_internvl_check_and_the_check_of_a_naive_map(internvl, tmp_path):
     assert fitmap("plan", str(internvl), *args, "--out", str(out)).returncode == 0
     r = fitmap("check", str(internvl), "--plan", str(out), "--trust-remote-code")
     assert r.returncode == 0 and "no device mismatch" in r.stdout, r.stdout + r.stderr
-    split = {"vision_model": 0, "mlp1": 0, "language_model.model.embed_tokens": 0,
-             "language_model.model.layers.0.input_layernorm": 0, "language_model.model.layers.0.self_attn": 0,
-             "language_model.model.layers.0.post_attention_layernorm": 1, "language_model.model.layers.0.mlp": 1,
-             "language_model.model.layers.1": 1, "language_model.model.norm": 1, "language_model.lm_head": "cuda:1"}
+    split = {
+        "vision_model": 0,
+        "mlp1": 0,
+        "language_model.model.embed_tokens": 0,
+        "language_model.model.layers.0.input_layernorm": 0,
+        "language_model.model.layers.0.self_attn": 0,
+        "language_model.model.layers.0.post_attention_layernorm": 1,
+        "language_model.model.layers.0.mlp": 1,
+        "language_model.model.layers.1": 1,
+        "language_model.model.norm": 1,
+        "language_model.lm_head": "cuda:1",
+    }
     if not TF4:
         split["language_model.model.rotary_emb"] = 0
     (tmp_path / "map.json").write_text(json.dumps(split))
-    r = fitmap("check", str(internvl), "--plan", str(tmp_path / "map.json"), "--gpus", "2x1GiB",
-               "--trust-remote-code")
+    r = fitmap("check", str(internvl), "--plan", str(tmp_path / "map.json"), "--gpus", "2x1GiB", "--trust-remote-code")
     assert r.returncode == 0, r.stdout + r.stderr
     text = " ".join(r.stdout.split())
     assert "mismatch: aten.add in language_model.model.layers.0 got tensors on cuda:0 and cuda:1" in text, text
@@ -270,8 +295,8 @@ def test_internvl_check_and_the_check_of_a_naive_map(internvl, tmp_path):
 def test_internvl_run_on_cpu_and_disk_with_an_image_answers_like_the_unsplit_model(internvl, tmp_path):
     from PIL import Image
 
-    from fitmap.prompting import internvl_tiles
-    from fitmap.run import answer
+    from fitmap.runtime.prompting import internvl_tiles
+    from fitmap.runtime.run import answer
 
     image = Image.new("RGB", (112, 56))
     image.putdata([((x * 7) % 256, (y * 11) % 256, ((x + y) * 5) % 256) for y in range(56) for x in range(112)])
@@ -293,8 +318,16 @@ def test_internvl_run_on_cpu_and_disk_with_an_image_answers_like_the_unsplit_mod
     plan = pipeline.plan(req)
     assert plan.fits and "disk" in {str(d) for d in plan.device_map.values()}, plan.advice
     plan.save(tmp_path / "cd.json")
-    got = answer(str(internvl), "What is in the image?", [image], 8, make_machine(**machine),
-                 str(tmp_path / "cd.json"), True, out=None)
+    got = answer(
+        str(internvl),
+        "What is in the image?",
+        [image],
+        8,
+        make_machine(**machine),
+        str(tmp_path / "cd.json"),
+        True,
+        out=None,
+    )
     assert got.text == expected and expected
 
 
@@ -318,15 +351,23 @@ def test_cogvlm_vision_registered_after_the_layers_is_on_the_input_side(cogvlm):
     assert plan.fits and plan.estimate == "simulate", plan.estimate
     assert len({plan.device_map[u] for u in groups["input"]}) == 1
     kv = sum(d.kv_bytes for d in plan.devices)
-    per_token = 2 * 2 * 2 * 16 * 4          # layers x (K, V) x num_multi_query_heads x head_dim x fp32
+    per_token = 2 * 2 * 2 * 16 * 4  # layers x (K, V) x num_multi_query_heads x head_dim x fp32
     image = (56 // 14 // 2) ** 2 + 2
     assert abs(kv - per_token * (64 + image + 16)) <= 2 * per_token, kv
 
 
 def test_cogvlm_naive_map_errors_are_found_and_repaired(cogvlm, tmp_path):
-    split = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1.input_layernorm": 0,
-             "model.layers.1.self_attn": 1, "model.layers.1.post_attention_layernorm": 1, "model.layers.1.mlp": 1,
-             "model.norm": 1, "model.vision": 1, "lm_head": 1}
+    split = {
+        "model.embed_tokens": 0,
+        "model.layers.0": 0,
+        "model.layers.1.input_layernorm": 0,
+        "model.layers.1.self_attn": 1,
+        "model.layers.1.post_attention_layernorm": 1,
+        "model.layers.1.mlp": 1,
+        "model.norm": 1,
+        "model.vision": 1,
+        "lm_head": 1,
+    }
     (tmp_path / "map.json").write_text(json.dumps(split))
     r = fitmap("check", str(cogvlm), "--plan", str(tmp_path / "map.json"), "--gpus", "2x1GiB", "--trust-remote-code")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -338,7 +379,7 @@ def test_cogvlm_naive_map_errors_are_found_and_repaired(cogvlm, tmp_path):
 def test_cogvlm_run_with_an_image_through_its_own_conversation_inputs(cogvlm, tmp_path):
     from PIL import Image
 
-    from fitmap.run import answer
+    from fitmap.runtime.run import answer
 
     image = Image.new("RGB", (80, 60), (120, 30, 200))
     tok = transformers.AutoTokenizer.from_pretrained(cogvlm, trust_remote_code=True)
@@ -346,7 +387,7 @@ def test_cogvlm_run_with_an_image_through_its_own_conversation_inputs(cogvlm, tm
     built = ref.build_conversation_input_ids(tok, query="what is it?", history=[], images=[image])
     inputs = {k: built[k][None] for k in ("input_ids", "token_type_ids", "attention_mask")}
     out = ref.generate(**inputs, images=[[built["images"][0]]], max_new_tokens=8, do_sample=False, pad_token_id=300)
-    expected = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    expected = tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     del ref
     (tmp_path / "disk").mkdir()
     machine = dict(cpu="1.5MiB", disk=str(tmp_path / "disk"))
@@ -355,8 +396,9 @@ def test_cogvlm_run_with_an_image_through_its_own_conversation_inputs(cogvlm, tm
     plan = pipeline.plan(req)
     assert plan.fits and "disk" in {str(d) for d in plan.device_map.values()}, plan.advice
     plan.save(tmp_path / "cd.json")
-    got = answer(str(cogvlm), "what is it?", [image], 8, make_machine(**machine), str(tmp_path / "cd.json"), True,
-                 out=None)
+    got = answer(
+        str(cogvlm), "what is it?", [image], 8, make_machine(**machine), str(tmp_path / "cd.json"), True, out=None
+    )
     assert got.text == expected and expected
 
 
@@ -368,10 +410,23 @@ def test_a_users_internvl_map_is_checked_as_accelerate_dispatches_it(internvl, t
     embeddings to where the inputs are."""
     user_map = tmp_path / "map.json"
     user_map.write_text(json.dumps({"vision_model": "cuda:0", "language_model": "cuda:1", "mlp1": "cuda:1"}))
-    r = fitmap("check", str(internvl), "--plan", str(user_map), "--gpus", "2x1GiB", "--image", "112x56",
-               "--prompt", "64", "--new", "16", "--trust-remote-code")
+    r = fitmap(
+        "check",
+        str(internvl),
+        "--plan",
+        str(user_map),
+        "--gpus",
+        "2x1GiB",
+        "--image",
+        "112x56",
+        "--prompt",
+        "64",
+        "--new",
+        "16",
+        "--trust-remote-code",
+    )
     assert r.returncode == 0, r.stderr
     text = " ".join(r.stdout.split())
     assert text.count("mismatch: aten.index in the top-level model") == 2 and "modeling_internvl_chat.py:" in text
-    assert "vit_embeds[image_flags == 1]" in text               # the model's own line, printed as written
+    assert "vit_embeds[image_flags == 1]" in text  # the model's own line, printed as written
     assert "repair: align-outputs mlp1 -> cuda:0" in text and "no device mismatch after repairs" in text

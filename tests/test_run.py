@@ -6,9 +6,9 @@ import json
 import pytest
 
 from fitmap.cli import main
-from fitmap.demo import demo_checkpoint, demo_image
-from fitmap.devices import make_machine
-from fitmap.run import answer
+from fitmap.cli.demo import demo_checkpoint, demo_image
+from fitmap.planning.devices import make_machine
+from fitmap.runtime.run import answer
 
 
 @pytest.fixture(scope="module")
@@ -29,21 +29,27 @@ def test_the_cpu_row_compares_live_tensors_with_the_plan(vlm):
     """Measured = the C allocator's live peak + checkpoint pages, not resident memory that the
     allocator keeps after frees: within a quarter of the plan here (10% in the demo; see
     docs/benchmarks.md), where resident memory swung by 40% between runs."""
-    from fitmap import devices
-    from fitmap.prompting import open_image
+    from fitmap.planning import devices
+    from fitmap.runtime.prompting import open_image
 
     if devices.heap_live() is None:
         pytest.skip("the C allocator does not report live bytes here (not glibc >= 2.33)")
     path, image = vlm
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-    got = answer(str(path), "describe this image .", [open_image(image)], 6,
-                 make_machine(None, int(size * 0.65), path.parent / "offload"), out=None)
+    got = answer(
+        str(path),
+        "describe this image .",
+        [open_image(image)],
+        6,
+        make_machine(None, int(size * 0.65), path.parent / "offload"),
+        out=None,
+    )
     cpu = next(u for u in got.memory if u.device == "cpu")
     assert abs(cpu.measured_bytes - cpu.predicted_bytes) < 0.25 * cpu.predicted_bytes, cpu
 
 
 def test_disk_tier_gives_the_same_answer_as_ram(vlm, tmp_path):
-    from fitmap.prompting import open_image
+    from fitmap.runtime.prompting import open_image
 
     path, image = vlm
     img = [open_image(image)]
@@ -58,14 +64,31 @@ def test_disk_tier_gives_the_same_answer_as_ram(vlm, tmp_path):
 def test_run_with_a_saved_plan(vlm, tmp_path, capsys):
     path, _ = vlm
     plan_file = tmp_path / "p.json"
-    assert main(["plan", str(path), "--cpu", "4GiB", "--prompt", "32", "--new", "8", "--out", str(plan_file),
-                 "--estimate", "analytic"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                str(path),
+                "--cpu",
+                "4GiB",
+                "--prompt",
+                "32",
+                "--new",
+                "8",
+                "--out",
+                str(plan_file),
+                "--estimate",
+                "analytic",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["run", str(path), "--prompt", "hello there", "--plan", str(plan_file), "--new", "3"]) == 0
 
 
 def test_chat_is_multi_turn(vlm, monkeypatch, capsys):
-    from fitmap.chat import chat
+    from fitmap.cli.chat import chat
 
     path, image = vlm
     stdin = io.StringIO(f"/image /no/such.png\n/image {image}\nwhat is this ?\nand the colour ?\n/exit\n")
@@ -73,16 +96,19 @@ def test_chat_is_multi_turn(vlm, monkeypatch, capsys):
     assert chat(str(path), [], 3, make_machine(None, "4GiB"), None, False, stdin, out) == 0
     text = out.getvalue()
     assert text.count("assistant: ") == 2 and "image attached" in text
-    assert "/image /no/such.png: no such file" in text        # one line, naming what was typed, and on
+    assert "/image /no/such.png: no such file" in text  # one line, naming what was typed, and on
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--prompt", "hi", "--image", "{bad}"], "is not an image"),
-    (["--prompt", "   "], "prompt is empty"),
-    (["--prompt", "hi", "--plan", "{otherplan}"], "the plan was made for"),
-    (["--prompt", "hi", "--disk", "/proc/nope/dir"], "neither the directory nor its parent"),
-    (["--prompt", "hi", "--new", "0"], "--new must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--prompt", "hi", "--image", "{bad}"], "is not an image"),
+        (["--prompt", "   "], "prompt is empty"),
+        (["--prompt", "hi", "--plan", "{otherplan}"], "the plan was made for"),
+        (["--prompt", "hi", "--disk", "/proc/nope/dir"], "neither the directory nor its parent"),
+        (["--prompt", "hi", "--new", "0"], "--new must be at least 1"),
+    ],
+)
 def test_run_bad_input_exits_2(vlm, tmp_path, capsys, args, needle):
     path, _ = vlm
     bad = tmp_path / "bad.png"
@@ -98,9 +124,9 @@ def test_run_bad_input_exits_2(vlm, tmp_path, capsys, args, needle):
 
 def test_unwritable_disk_dir_is_bad_input(tmp_path, monkeypatch, capsys):
     """Root ignores permission bits, so the check itself (os.access) is what is exercised."""
-    import fitmap.devices
+    import fitmap.planning.devices
 
-    monkeypatch.setattr(fitmap.devices.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(fitmap.planning.devices.os, "access", lambda path, mode: False)
     assert main(["plan", "llama-3.1-8b", "--gpus", "1x80GiB", "--disk", str(tmp_path)]) == 2
     assert "is not writable" in capsys.readouterr().err
 
@@ -118,7 +144,7 @@ def test_out_of_memory_inside_the_budget_is_one_line(vlm, monkeypatch, capsys):
     is bench/gpu.py's budget section; here torch's error is raised where generate would raise it)."""
     import torch
 
-    from fitmap import loader
+    from fitmap.runtime import loader
 
     path, _ = vlm
     real_load = loader.load
@@ -128,10 +154,11 @@ def test_out_of_memory_inside_the_budget_is_one_line(vlm, monkeypatch, capsys):
 
         def oom(*a, **k):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity")
+
         lm.model.generate = oom
         return lm
 
-    monkeypatch.setattr("fitmap.run.load", load_then_fail)
+    monkeypatch.setattr("fitmap.runtime.run.load", load_then_fail)
     code = main(["run", str(path), "--prompt", "hello there", "--new", "3"])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
@@ -142,13 +169,13 @@ def test_an_image_for_a_text_model_is_one_line(vlm, checkpoints, tmp_path, capsy
     """AutoProcessor returns a text model's tokenizer: it must not be taken for an image processor."""
     import shutil
 
-    from fitmap.demo import _tokenizer
+    from fitmap.cli.demo import _tokenizer
 
     _, image = vlm
     d = tmp_path / "llama"
     shutil.copytree(checkpoints("llama"), d)
     _tokenizer().save_pretrained(d)
-    capsys.readouterr()            # the fixtures' own output (a checkpoint written on first use)
+    capsys.readouterr()  # the fixtures' own output (a checkpoint written on first use)
     code = main(["run", str(d), "--prompt", "hello there", "--image", str(image), "--new", "2"])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "image" in err, err
@@ -158,10 +185,10 @@ def test_images_that_are_not_images_are_one_line(tmp_path):
     from PIL import Image
 
     from fitmap.errors import BadInput
-    from fitmap.prompting import open_image
+    from fitmap.runtime.prompting import open_image
 
     big = tmp_path / "big.png"
-    Image.new("1", (20000, 20000)).save(big)          # 400 megapixels, a few kB on disk
+    Image.new("1", (20000, 20000)).save(big)  # 400 megapixels, a few kB on disk
     for path, needle in ((tmp_path, "is a directory"), (big, "megapixels"), (tmp_path / "none.png", "no such file")):
         with pytest.raises(BadInput, match=needle):
             open_image(path)

@@ -40,15 +40,38 @@ def _get(url: str, key: str | None = KEY) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from fitmap.demo import demo_checkpoint
+    from fitmap.cli.demo import demo_checkpoint
 
     model = demo_checkpoint(tmp_path_factory.mktemp("serve"))
     port = _free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, "-m", "fitmap.cli", "serve", str(model), "--cpu", "4GiB",
-                             "--replicas", "2", "--new", str(NEW), "--prompt", "256", "--port", str(port),
-                             "--api-key", KEY, "--max-queue", "40"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fitmap.cli",
+            "serve",
+            str(model),
+            "--cpu",
+            "4GiB",
+            "--replicas",
+            "2",
+            "--new",
+            str(NEW),
+            "--prompt",
+            "256",
+            "--port",
+            str(port),
+            "--api-key",
+            KEY,
+            "--max-queue",
+            "40",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -98,9 +121,16 @@ def test_text_streaming_and_an_image_through_the_openai_client(server):
     text = r.choices[0].message.content
     assert r.usage.completion_tokens == 6 and r.usage.prompt_tokens > 0 and r.choices[0].finish_reason == "length"
     streamed = client.chat.completions.create(model=model, messages=msgs, max_tokens=6, stream=True)
-    assert "".join(c.choices[0].delta.content or "" for c in streamed) == text      # greedy: the same text
-    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url()}},
-                                          {"type": "text", "text": "what is in this image ?"}]}]
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == text  # greedy: the same text
+    image = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": _data_url()}},
+                {"type": "text", "text": "what is in this image ?"},
+            ],
+        }
+    ]
     r = client.chat.completions.create(model=model, messages=image, max_tokens=4)
     assert r.usage.prompt_tokens > 6 and r.choices[0].message.content is not None
     c = client.completions.create(model=model, prompt="hello there", max_tokens=3)
@@ -114,13 +144,33 @@ def test_bad_requests_are_openai_errors_and_the_server_keeps_serving(server):
         client.chat.completions.create(model=model, messages=msgs, max_tokens=NEW + 1)
     assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "max_tokens"
     with pytest.raises(openai.BadRequestError, match="data URLs"):
-        client.chat.completions.create(model=model, max_tokens=2, messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "http://example.com/cat.png"}},
-            {"type": "text", "text": "hi"}]}])
+        client.chat.completions.create(
+            model=model,
+            max_tokens=2,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "http://example.com/cat.png"}},
+                        {"type": "text", "text": "hi"},
+                    ],
+                }
+            ],
+        )
     with pytest.raises(openai.BadRequestError, match="not a readable image"):
-        client.chat.completions.create(model=model, max_tokens=2, messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}},
-            {"type": "text", "text": "hi"}]}])
+        client.chat.completions.create(
+            model=model,
+            max_tokens=2,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}},
+                        {"type": "text", "text": "hi"},
+                    ],
+                }
+            ],
+        )
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.chat.completions.create(model=model, messages=msgs, max_tokens=2, temperature=7)
     with pytest.raises(openai.BadRequestError, match="'max_tokens' is -1; it must be at least 1"):
@@ -128,10 +178,15 @@ def test_bad_requests_are_openai_errors_and_the_server_keeps_serving(server):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=msgs, max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="prompt has about"):
-        client.chat.completions.create(model=model, max_tokens=2,
-                                       messages=[{"role": "user", "content": "hello " * 400}])
-    req = urllib.request.Request(base + "/v1/chat/completions", data=b"{not json", method="POST",
-                                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        client.chat.completions.create(
+            model=model, max_tokens=2, messages=[{"role": "user", "content": "hello " * 400}]
+        )
+    req = urllib.request.Request(
+        base + "/v1/chat/completions",
+        data=b"{not json",
+        method="POST",
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
     with pytest.raises(urllib.error.HTTPError) as http:
         urllib.request.urlopen(req, timeout=10)
     assert http.value.code == 400 and json.loads(http.value.read())["error"]["type"] == "invalid_request_error"
@@ -166,7 +221,7 @@ def test_two_replicas_loaded_once_share_concurrent_requests_with_identical_greed
             for _ in range(2):
                 r = client.chat.completions.create(model=model, messages=msgs, max_tokens=4)
                 texts.append(r.choices[0].message.content)
-        except Exception as e:   # noqa: BLE001  (collected and asserted below)
+        except Exception as e:  # noqa: BLE001  (collected and asserted below)
             errors.append(e)
 
     threads = [threading.Thread(target=one_client) for _ in range(16)]
@@ -187,13 +242,15 @@ def test_a_client_that_disconnects_mid_stream_frees_its_replica(server):
     base, client, model = server
     port = int(base.rsplit(":", 1)[1])
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": NEW,
-                       "stream": True})
-    conn.request("POST", "/v1/chat/completions", body, {"Authorization": f"Bearer {KEY}",
-                                                        "Content-Type": "application/json"})
+    body = json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": NEW, "stream": True}
+    )
+    conn.request(
+        "POST", "/v1/chat/completions", body, {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    )
     resp = conn.getresponse()
     assert resp.status == 200 and resp.readline().startswith(b"data: ")
-    conn.close()                                  # gone after the first event
+    conn.close()  # gone after the first event
     deadline = time.time() + 30
     while time.time() < deadline and sum(_metric(base, "fitmap_replica_pending").values()) > 0:
         time.sleep(0.2)
@@ -210,7 +267,7 @@ def test_serving_placement_replicas_or_one_split_copy(model, gpus, replicas, cap
     sp = json.loads(capsys.readouterr().out)
     assert len(sp["replicas"]) == replicas and sp["reasons"] and sp["choice"]
     groups = [tuple(r["gpus"]) for r in sp["replicas"]]
-    assert sorted(g for grp in groups for g in grp) == [0, 1, 2, 3]            # disjoint, all GPUs used
+    assert sorted(g for grp in groups for g in grp) == [0, 1, 2, 3]  # disjoint, all GPUs used
     for r in sp["replicas"]:
         assert {str(d) for d in r["device_map"].values()} <= {str(g) for g in r["gpus"]}
     assert main(["plan", model, "--gpus", gpus, "--serve", "--replicas", "3", "--estimate", "analytic"]) == 2
@@ -226,12 +283,12 @@ def test_a_request_that_fails_in_its_replica_is_a_500_and_nothing_leaks(tmp_path
     from fastapi.testclient import TestClient
 
     from fitmap import pipeline
-    from fitmap.demo import demo_checkpoint
-    from fitmap.devices import make_machine
+    from fitmap.cli.demo import demo_checkpoint
+    from fitmap.planning.devices import make_machine
+    from fitmap.planning.workload import Workload
     from fitmap.serve import engine as eng
     from fitmap.serve.app import create_app
     from fitmap.serve.placement import serve_plan
-    from fitmap.workload import Workload
 
     model = demo_checkpoint(tmp_path)
     req = pipeline.PlanRequest(str(model), make_machine(None, "4GiB"), Workload(1, 128, 4), estimate="analytic")
@@ -257,7 +314,7 @@ def test_a_request_that_fails_in_its_replica_is_a_500_and_nothing_leaks(tmp_path
             import warnings
 
             gc.collect()
-            with warnings.catch_warnings():      # isinstance on torch.distributed's deprecated reduce_op warns
+            with warnings.catch_warnings():  # isinstance on torch.distributed's deprecated reduce_op warns
                 warnings.simplefilter("ignore")
                 return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
 
@@ -278,11 +335,11 @@ def test_requests_decoded_together_answer_as_they_would_alone(tmp_path):
     import asyncio
 
     from fitmap import pipeline
-    from fitmap.demo import demo_checkpoint
-    from fitmap.devices import make_machine
+    from fitmap.cli.demo import demo_checkpoint
+    from fitmap.planning.devices import make_machine
+    from fitmap.planning.workload import Workload
     from fitmap.serve import engine as eng
     from fitmap.serve.placement import serve_plan
-    from fitmap.workload import Workload
 
     model = demo_checkpoint(tmp_path)
     req = pipeline.PlanRequest(str(model), make_machine(None, "4GiB"), Workload(1, 128, 8), estimate="analytic")
@@ -329,8 +386,24 @@ def test_a_serve_plan_written_by_plan_is_read_back(tmp_path, capsys):
     from fitmap.serve.placement import ServePlan
 
     out = tmp_path / "serve.json"
-    assert main(["plan", "llama-3.1-8b", "--gpus", "2x24GiB", "--serve", "--concurrency", "2", "--estimate",
-                 "analytic", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "llama-3.1-8b",
+                "--gpus",
+                "2x24GiB",
+                "--serve",
+                "--concurrency",
+                "2",
+                "--estimate",
+                "analytic",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     sp = ServePlan.from_json(json.loads(out.read_text()))
     assert len(sp.replicas) == 2 and sp.concurrency == 2 and sp.replicas[1].gpus == (1,)
     assert ServePlan.from_json(sp.to_json()) == sp

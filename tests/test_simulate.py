@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from fitmap import pipeline
-from fitmap.check import check
-from fitmap.devices import make_machine
-from fitmap.simulate import simulate
-from fitmap.workload import Workload
+from fitmap.planning.devices import make_machine
+from fitmap.planning.workload import Workload
+from fitmap.simulation.check import check
+from fitmap.simulation.simulate import simulate
 
 
 def _prepared(model, gpus, workload, cpu="64GiB", estimate="analytic"):
@@ -116,7 +116,7 @@ def test_sliding_window_layers_keep_their_window(checkpoints):
 def test_sliding_window_layers_hold_the_whole_prompt_until_the_first_decode_step(checkpoints, estimate):
     """transformers keeps a sliding layer's window as a view of the prefill's keys and values, so the
     prompt's worth stays allocated until decode: the plan counts the prompt for those layers."""
-    from fitmap.profile import peak_cached_tokens
+    from fitmap.planning.profile import peak_cached_tokens
 
     prep, plan = _prepared(checkpoints("gemma2"), "1x1GiB", Workload(1, 200, 100), estimate=estimate)
     tc = prep.skeleton.config
@@ -138,8 +138,9 @@ def test_gemma3_27b_with_an_image_checks_within_its_plan():
         assert abs(d.total_bytes - planned.total_bytes) < 64 * 2**20, d.device
 
 
-@pytest.mark.parametrize("family,workload", [("llama", Workload(1, 32, 8)),
-                                             ("qwen2_vl", Workload(1, 32, 4, ((112, 112),)))])
+@pytest.mark.parametrize(
+    "family,workload", [("llama", Workload(1, 32, 8)), ("qwen2_vl", Workload(1, 32, 4, ((112, 112),)))]
+)
 def test_simulation_runs_as_on_a_machine_with_cuda(checkpoints, monkeypatch, family, workload):
     """With CUDA present, FakeTensorMode lifts ``torch.tensor(..., device="meta:0")`` to plain
     ``meta`` (transformers' DynamicLayer makes its empty KV that way); the simulator must keep
@@ -156,14 +157,14 @@ def test_simulation_runs_as_on_a_machine_with_cuda(checkpoints, monkeypatch, fam
 def test_one_block_of_each_kind_measures_what_the_whole_model_does(checkpoints, family, monkeypatch):
     """The planner simulates one block per kind (same parameters, same entry in the config's
     per-layer lists such as Gemma-2's layer_types) and gives its costs to the others."""
-    from fitmap import simulate as sim_module
-    from fitmap.simulate import fewer_layers, simulated_costs
+    from fitmap.simulation import costs as sim_module
+    from fitmap.simulation.costs import fewer_layers, simulated_costs
 
     req = pipeline.PlanRequest(str(checkpoints(family)), make_machine("1x1GiB", "1GiB"), Workload(1, 48, 16))
     prep = pipeline.prepare(req)
     small, rep = fewer_layers(prep.skeleton)
     assert small is not None and len([u for u in small.units if u.layer is not None]) == 2
-    if family == "gemma2":   # sliding and full attention alternate: two kinds
+    if family == "gemma2":  # sliding and full attention alternate: two kinds
         assert set(rep.values()) == {0, 1}
     reduced = simulated_costs(prep, req.workload).profile(prep.skeleton, req.workload)
     monkeypatch.setattr(sim_module, "fewer_layers", lambda sk, trust=False: (None, {}))
@@ -172,12 +173,12 @@ def test_one_block_of_each_kind_measures_what_the_whole_model_does(checkpoints, 
 
 
 def test_deepseek_v3_is_measured_on_four_blocks():
-    from fitmap.simulate import fewer_layers
+    from fitmap.simulation.costs import fewer_layers
 
     prep = pipeline.prepare(pipeline.PlanRequest("deepseek-v3", make_machine("8x140GiB", "1GiB")))
     small, rep = fewer_layers(prep.skeleton)
     assert len([u for u in small.units if u.layer is not None]) == 4
-    assert {rep[i] for i in range(3)} == {0} and {rep[i] for i in range(3, 61)} == {3}   # 3 dense, 58 MoE
+    assert {rep[i] for i in range(3)} == {0} and {rep[i] for i in range(3, 61)} == {3}  # 3 dense, 58 MoE
 
 
 class _KernelInterface:
@@ -195,7 +196,7 @@ class _RotaryKernel(_KernelInterface):
         self.launches = 0
 
     def run(self, *args, grid, warmup, **kwargs):
-        [a.data_ptr() for a in args if isinstance(a, torch.Tensor)]     # fails on fake tensors, as in Triton
+        [a.data_ptr() for a in args if isinstance(a, torch.Tensor)]  # fails on fake tensors, as in Triton
         self.launches += 1
 
 
@@ -207,7 +208,8 @@ def test_triton_kernels_in_model_code_launch_on_fake_devices(monkeypatch):
 
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from fitmap.simulate import MemoryTracker, fake_device, gpu_attention_kernels
+    from fitmap.simulation.fake import fake_device, gpu_attention_kernels
+    from fitmap.simulation.memory import MemoryTracker
 
     jit = types.ModuleType("triton.runtime.jit")
     jit.KernelInterface = _KernelInterface
@@ -221,11 +223,11 @@ def test_triton_kernels_in_model_code_launch_on_fake_devices(monkeypatch):
         with FakeTensorMode(allow_non_fake_inputs=True), tracker:
             x = torch.ones(2, 4, device=fake_device(0))
             out = torch.empty_like(x)
-            kernel[(1,)](out, x, 4)                                   # same device: no launch, no error
+            kernel[(1,)](out, x, 4)  # same device: no launch, no error
             cos = torch.ones(2, 4, device=fake_device(1))
             with pytest.raises(RuntimeError, match="same device"):
                 kernel[(1,)](out, x, cos)
         assert kernel.launches == 1
         assert tracker.mismatch is not None and tracker.mismatch.op == "Triton kernel rotary_kernel"
         assert set(tracker.mismatch.devices) == {"0", "1"}
-    assert jit.KernelInterface.__getitem__ is _KernelInterface.__getitem__        # restored
+    assert jit.KernelInterface.__getitem__ is _KernelInterface.__getitem__  # restored

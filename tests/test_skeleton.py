@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from fitmap.inventory import inventory
-from fitmap.skeleton import planned_dtype, skeleton
+from fitmap.model.build import planned_dtype
+from fitmap.model.inventory import inventory
+from fitmap.model.skeleton import skeleton
 
 
 def _sk(path, dtype=None):
@@ -18,8 +19,8 @@ def test_units_cover_every_weight_once(checkpoints, family):
     assert len(owned) == len(set(owned))
     # every checkpoint tensor, under the model's name for it, belongs to exactly one unit
 
-    from fitmap.keys import key_mapper
-    from fitmap.skeleton import build_model, load_config
+    from fitmap.model.build import build_model, load_config
+    from fitmap.model.keys import key_mapper
 
     with torch.device("meta"):
         model = build_model(load_config(inv), inv.task, torch.float32)
@@ -92,9 +93,10 @@ def test_remote_code_needs_consent(tmp_path, checkpoints):
 
 def test_a_skeleton_is_built_once_and_read_back_the_same(tmp_path, monkeypatch):
     """Planning a model again reads its skeleton from fitmap's cache: no model class is built."""
-    from fitmap import skeleton as skeleton_module
-    from fitmap.inventory import inventory
-    from fitmap.skeleton import planned_dtype, skeleton
+    from fitmap.model import skeleton as skeleton_module
+    from fitmap.model.build import planned_dtype
+    from fitmap.model.inventory import inventory
+    from fitmap.model.skeleton import skeleton
 
     monkeypatch.setenv("FITMAP_CACHE", str(tmp_path))
     inv = inventory("mixtral-8x7b")
@@ -106,7 +108,13 @@ def test_a_skeleton_is_built_once_and_read_back_the_same(tmp_path, monkeypatch):
     monkeypatch.setattr(skeleton_module, "build_model", no_build)
     again = skeleton(inv, planned_dtype(inv, None))
     assert (again.units, again.groups, again.tied, again.no_split, again.text_layers, again.model_class) == (
-        built.units, built.groups, built.tied, built.no_split, built.text_layers, built.model_class)
+        built.units,
+        built.groups,
+        built.tied,
+        built.no_split,
+        built.text_layers,
+        built.model_class,
+    )
     assert again.config.model_type == "mixtral"
 
 
@@ -118,7 +126,7 @@ def test_large_computed_buffers_count_in_their_units_bytes():
     import torch
     from torch import nn
 
-    from fitmap.skeleton import LARGE_COMPUTED_BUFFER, _make_units
+    from fitmap.model.skeleton import LARGE_COMPUTED_BUFFER, _make_units
 
     class Layer(nn.Module):
         def __init__(self):
@@ -138,7 +146,7 @@ def test_large_computed_buffers_count_in_their_units_bytes():
 def test_model_code_copied_from_torch_2_0_finds_its_typing_names():
     """MiniCPM-V's resampler does ``from torch.nn.functional import *`` and annotates ``-> List[Tensor]``;
     torch 2.1+ no longer exports ``List`` there. Building remote code gives the name back."""
-    from fitmap import compat
+    from fitmap.model import compat
 
     compat.legacy_torch_names()
     namespace: dict = {}

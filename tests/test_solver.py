@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fitmap.errors import BadInput
-from fitmap.solver import Assignment, DeviceLoad, Gpu, Item, Policy, Tiers, solve
+from fitmap.planning.solver import Assignment, DeviceLoad, Gpu, Item, Policy, Tiers, solve
 
 GiB = 1 << 30
 HUGE = 1 << 60
@@ -209,9 +209,7 @@ def cases(draw, min_gpus: int = 0, pins: bool = True, storage: bool = False) -> 
     """Up to 7 items on up to 4 GPUs. ``storage`` always gives a disk tier and lighter
     items, so that offload is common."""
     ngpus = draw(st.integers(min_gpus, 4))
-    gpus = tuple(
-        Gpu(str(j), draw(st.integers(0, 60)), draw(st.integers(0, 4))) for j in range(ngpus)
-    )
+    gpus = tuple(Gpu(str(j), draw(st.integers(0, 60)), draw(st.integers(0, 4))) for j in range(ngpus))
     cpu = draw(st.one_of(st.none(), st.integers(0, 80)))
     if not gpus and cpu is None:
         cpu = draw(st.integers(0, 80))
@@ -406,7 +404,7 @@ def test_balanced_beats_fill_until_full_on_heterogeneous_gpus():
     assert seq.fits and bal.fits
     assert seq.devices.count("1") == 0
     assert bal.max_utilization < seq.max_utilization
-    assert bal.max_utilization == pytest.approx(max(l.utilization for l in bal.loads))
+    assert bal.max_utilization == pytest.approx(max(load.utilization for load in bal.loads))
 
 
 def test_the_tail_blocks_are_offloaded_with_a_stream_buffer():
@@ -416,7 +414,7 @@ def test_the_tail_blocks_are_offloaded_with_a_stream_buffer():
     assert a.devices[-1] != "cpu" and a.devices[-1] != "disk"
     moved = [d for d in a.devices if d in ("cpu", "disk")]
     assert moved and a.devices[-1 - len(moved) : -1] == tuple(moved)
-    assert moved[: 2] == ["cpu", "cpu"] and "disk" in moved  # cpu fills first, then disk
+    assert moved[:2] == ["cpu", "cpu"] and "disk" in moved  # cpu fills first, then disk
     assert a.loads[0].stream_buffer == 20
 
 
@@ -466,7 +464,7 @@ def test_min_gpus_leaves_spare_gpus_empty():
     items = blocks(4, 10)
     a = solve(items, [Gpu("0", 100, 2), Gpu("1", 100, 2), Gpu("2", 100, 2)], Tiers(None, None), "min-gpus")
     assert a.devices == ("0",) * 4
-    assert [l.total for l in a.loads] == [42, 0, 0]
+    assert [load.total for load in a.loads] == [42, 0, 0]
 
 
 def test_pinned_items_stay_put():

@@ -10,17 +10,28 @@ import torch
 import transformers
 
 import fitmap
-from fitmap import loader
-from fitmap.check import check
-from fitmap.devices import make_machine
 from fitmap.pipeline import PlanRequest, prepare
-from fitmap.profile import QWEN_PIXELS, image_shape
-from fitmap.vision_inputs import vision_inputs
-from fitmap.workload import Workload
+from fitmap.planning.devices import make_machine
+from fitmap.planning.images import QWEN_PIXELS, image_shape
+from fitmap.planning.workload import Workload
+from fitmap.runtime import loader
+from fitmap.simulation.check import check
+from fitmap.simulation.vision_inputs import vision_inputs
 from tests.test_loader import plan_for
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "mistral3", "glm4v", "llava", "internvl", "idefics3",
-            "smolvlm", "llava_onevision"]
+FAMILIES = [
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "qwen3_vl_moe",
+    "mistral3",
+    "glm4v",
+    "llava",
+    "internvl",
+    "idefics3",
+    "smolvlm",
+    "llava_onevision",
+]
 IMAGE = (100, 80)
 
 
@@ -55,8 +66,11 @@ def _split_run_gives_from_pretraineds_tokens(d) -> None:
     inputs["pixel_values"] = torch.randn(inputs["pixel_values"].shape, generator=torch.Generator().manual_seed(0))
     want = transformers.AutoModelForImageTextToText.from_pretrained(d).eval()
     expected = want.generate(**inputs, max_new_tokens=6, do_sample=False)
-    layers = [u for u in plan_for(d).device_map if ".layers." in u and not any(
-        t in u for t in ("visual", "vision", "encoder"))]
+    layers = [
+        u
+        for u in plan_for(d).device_map
+        if ".layers." in u and not any(t in u for t in ("visual", "vision", "encoder"))
+    ]
     with loader.load(d, plan_for(d, {layers[-1]: "disk", layers[0]: "disk"}), progress=False) as lm:
         got = lm.model.generate(**inputs, max_new_tokens=6, do_sample=False)
     assert torch.equal(got, expected)
@@ -73,10 +87,10 @@ def test_qwen_image_tokens_are_the_image_processors(model_type):
 
     patch = 16 if model_type.startswith("qwen3") else 14
     lo, hi = QWEN_PIXELS[model_type]
-    processor = transformers.Qwen2VLImageProcessor(size={"shortest_edge": lo, "longest_edge": hi},
-                                                   patch_size=patch, merge_size=2)
-    config = transformers.AutoConfig.for_model(model_type, vision_config={"patch_size": patch,
-                                                                          "spatial_merge_size": 2})
+    processor = transformers.Qwen2VLImageProcessor(
+        size={"shortest_edge": lo, "longest_edge": hi}, patch_size=patch, merge_size=2
+    )
+    config = transformers.AutoConfig.for_model(model_type, vision_config={"patch_size": patch, "spatial_merge_size": 2})
     for w, h in SIZES:
         grid = processor(images=[Image.new("RGB", (w, h))], return_tensors="pt")["image_grid_thw"][0]
         assert image_shape(config, w, h).tokens == int(grid.prod()) // 4, (model_type, w, h)
@@ -117,8 +131,15 @@ def test_idefics3_at_full_size_checks_with_its_tiles(tmp_path, capsys):
     checked clean, from the config alone."""
     from fitmap.cli import main
 
-    d = _idefics3_config_dir(tmp_path, image_size=364, patch_size=14, hidden_size=1152, intermediate_size=4304,
-                             num_hidden_layers=27, num_attention_heads=16)
+    d = _idefics3_config_dir(
+        tmp_path,
+        image_size=364,
+        patch_size=14,
+        hidden_size=1152,
+        intermediate_size=4304,
+        num_hidden_layers=27,
+        num_attention_heads=16,
+    )
     config = transformers.AutoConfig.from_pretrained(d)
     assert image_shape(config, 1344, 1344).tokens == 17 * 169
     code = main(["plan", d, "--gpus", "2x24GiB", "--image", "1344x1344", "--prompt", "512", "--new", "64", "--check"])
@@ -142,7 +163,7 @@ def test_a_model_the_fake_devices_cannot_run_gets_one_line_from_check(tmp_path, 
 
 def test_a_simulation_that_failed_is_remembered(tmp_path, monkeypatch):
     """The same request again goes analytic at once, with the same reason and the same map."""
-    from fitmap import simulate as simulate_module
+    from fitmap.simulation import costs as simulate_module
 
     d = _idefics3_config_dir(tmp_path)
     plan = fitmap.plan(d, gpus="2x24GiB", prompt=64, new=8, images=((448, 448),))
@@ -201,8 +222,9 @@ def test_run_with_an_image_on_a_vlm_without_processor_files_says_what_to_copy(ch
     Image.new("RGB", (64, 48), (10, 200, 30)).save(tmp_path / "a.png")
     model = str(checkpoints("qwen3_vl"))
     capsys.readouterr()
-    code = main(["run", model, "--prompt", "what is this", "--image", str(tmp_path / "a.png"),
-                 "--new", "2", "--cpu", "1GiB"])
+    code = main(
+        ["run", model, "--prompt", "what is this", "--image", str(tmp_path / "a.png"), "--new", "2", "--cpu", "1GiB"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "no image processor" in err and "copy the processor files" in err

@@ -9,9 +9,9 @@ import pytest
 import torch
 import transformers
 
-from fitmap import loader
-from fitmap.vision_inputs import vision_inputs
-from fitmap.workload import Workload
+from fitmap.planning.workload import Workload
+from fitmap.runtime import loader
+from fitmap.simulation.vision_inputs import vision_inputs
 from tests.tiny import gemma3_with_processor
 
 
@@ -24,17 +24,17 @@ def gemma3(tmp_path_factory):
 def test_image_tokens_are_the_processors(gemma3, size):
     config = transformers.AutoConfig.from_pretrained(gemma3)
     inputs, tokens = vision_inputs(config, Workload(2, 32, 4, (size,)), torch.device("cpu"))
-    assert tokens == 4                                            # mm_tokens_per_image: pooled to 4
-    assert inputs["input_ids"].shape == (2, 32 + 4)                  # the prompt's 32 text tokens + the image's
+    assert tokens == 4  # mm_tokens_per_image: pooled to 4
+    assert inputs["input_ids"].shape == (2, 32 + 4)  # the prompt's 32 text tokens + the image's
     assert int((inputs["input_ids"][0] == config.image_token_index).sum()) == 4
     assert inputs["pixel_values"].shape == (2, 3, 28, 28) and "token_type_ids" in inputs
 
 
 def test_plan_with_an_image_is_simulated_with_the_vision_side_together_and_checks_clean(gemma3):
     import fitmap
-    from fitmap.check import check
     from fitmap.pipeline import PlanRequest, prepare
-    from fitmap.devices import make_machine
+    from fitmap.planning.devices import make_machine
+    from fitmap.simulation.check import check
 
     plan = fitmap.plan(str(gemma3), gpus="2x1GiB", prompt=64, new=8, images=((56, 40),))
     assert plan.fits and plan.estimate == "simulate"
@@ -49,7 +49,7 @@ def test_plan_with_an_image_is_simulated_with_the_vision_side_together_and_check
 def test_cpu_and_disk_split_answers_about_an_image_as_from_pretrained(gemma3):
     from PIL import Image
 
-    from fitmap.prompting import Prompter
+    from fitmap.runtime.prompting import Prompter
     from tests.test_loader import plan_for
 
     config = transformers.AutoConfig.from_pretrained(gemma3)
@@ -68,9 +68,9 @@ def test_without_a_processor_gemma3_is_shaped_from_its_config(checkpoints):
     """A checkpoint without processor files (and a catalog entry): the LLaVA-style builder with the count the
     config declares (mm_tokens_per_image); simulated, vision side together, check clean."""
     import fitmap
-    from fitmap.check import check
-    from fitmap.devices import make_machine
     from fitmap.pipeline import PlanRequest, prepare
+    from fitmap.planning.devices import make_machine
+    from fitmap.simulation.check import check
 
     d = checkpoints("gemma3")
     config = transformers.AutoConfig.from_pretrained(d)

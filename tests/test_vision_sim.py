@@ -1,22 +1,21 @@
 """Vision-language models on fake devices: processor-shaped inputs, hybrid propagation."""
 
-
 import pytest
 import torch
 import transformers
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from fitmap import hybrid, pipeline
-from fitmap.catalog_models import build_config, catalog_entry
-from fitmap.compat import cache_of
-from fitmap.devices import make_machine
+from fitmap import pipeline
 from fitmap.errors import BadInput
-from fitmap.profile import image_shape
-from fitmap.simulate import simulate
-from fitmap.skeleton import build_model
-from fitmap.vision_inputs import vision_inputs
-from fitmap.workload import Workload
-
+from fitmap.model.build import build_model
+from fitmap.model.catalog_models import build_config, catalog_entry
+from fitmap.model.compat import cache_of
+from fitmap.planning.devices import make_machine
+from fitmap.planning.images import image_shape
+from fitmap.planning.workload import Workload
+from fitmap.simulation import hybrid
+from fitmap.simulation.simulate import simulate
+from fitmap.simulation.vision_inputs import vision_inputs
 from tests.tiny import config as tiny_config
 
 # two images of different sizes (grids 6x8 and 4x4 patches), two sequences
@@ -47,9 +46,9 @@ def test_qwen2_vl_inputs_are_shaped_as_the_processor_makes_them():
     row = ids[0].tolist()
     for n in (12, 4):  # <|vision_start|> + one run of image tokens + <|vision_end|> per image
         start = row.index(cfg.vision_start_token_id)
-        assert row[start + 1:start + 1 + n] == [cfg.image_token_id] * n
+        assert row[start + 1 : start + 1 + n] == [cfg.image_token_id] * n
         assert row[start + 1 + n] == cfg.vision_end_token_id
-        row = row[start + n + 2:]
+        row = row[start + n + 2 :]
 
 
 def test_llava_and_internvl_inputs_match_the_image_token_counts():
@@ -121,4 +120,6 @@ def test_catalog_qwen2_vl_7b_prefill_and_decode_with_a_1344_image():
     assert set(gpus) == {"0", "1"}
     for d in gpus.values():
         assert d.weights_bytes < d.peak_bytes < 16 * 2**30
-    assert sum(d.kv_bytes for d in gpus.values()) == 28 * 2 * 4 * 128 * 2 * (3000 + 2304 + 1000)  # the full context after the decode step
+    assert sum(d.kv_bytes for d in gpus.values()) == 28 * 2 * 4 * 128 * 2 * (
+        3000 + 2304 + 1000
+    )  # the full context after the decode step

@@ -7,47 +7,41 @@
 
 from __future__ import annotations
 
-import sys
-import types
 from typing import TYPE_CHECKING
 
 from fitmap.errors import BadInput, CheckpointError, DeviceMismatch, DoesNotFit, FitmapError
-from fitmap.workload import Workload
+from fitmap.planning.workload import Workload
+from fitmap.version import __version__ as __version__
 
 if TYPE_CHECKING:
-    from fitmap.plan import Plan
+    from fitmap.planning.plan import Plan
 
 
 def __getattr__(name: str):
     """``fitmap.Plan`` on first use: importing fitmap (and so starting the CLI) does not load torch,
     so Ctrl-C during the heavy imports lands inside the CLI's handler."""
     if name == "Plan":
-        from fitmap.plan import Plan
+        from fitmap.planning.plan import Plan
 
         return Plan
     raise AttributeError(f"module 'fitmap' has no attribute {name!r}")
 
 
-class _Package(types.ModuleType):
-    """``fitmap.plan`` is the function below, also after the submodule ``fitmap.plan`` is first
-    imported (the import system sets the package attribute to the submodule then; the submodule
-    stays in ``sys.modules``)."""
-
-    @property
-    def plan(self):
-        return _plan
-
-    @plan.setter
-    def plan(self, value) -> None:
-        pass
-
-
-__all__ = ["plan", "load", "Plan", "Workload", "FitmapError", "BadInput", "CheckpointError", "DoesNotFit",
-           "DeviceMismatch"]
-__version__ = "0.1.0"
+__all__ = [
+    "plan",
+    "check",
+    "load",
+    "Plan",
+    "Workload",
+    "FitmapError",
+    "BadInput",
+    "CheckpointError",
+    "DoesNotFit",
+    "DeviceMismatch",
+]
 
 
-def _plan(
+def plan(
     model: str,
     gpus: str | None = None,
     cpu: str | None = None,
@@ -62,9 +56,9 @@ def _plan(
     """Plan ``model`` on the given devices for a workload; see :class:`fitmap.pipeline.PlanRequest`
     for ``options`` (dtype, policy, pins, trust_remote_code, estimate, quantize, reserve)."""
     from fitmap import pipeline
-    from fitmap.devices import make_machine
-    from fitmap.solver import Policy
-    from fitmap.workload import Dtype
+    from fitmap.planning.devices import make_machine
+    from fitmap.planning.solver import Policy
+    from fitmap.planning.workload import Dtype
 
     machine = make_machine(gpus, cpu, disk, options.pop("reserve", None))
     for name, kind in (("dtype", Dtype), ("policy", Policy)):
@@ -72,18 +66,27 @@ def _plan(
             try:
                 options[name] = kind(options[name])
             except ValueError:
-                raise BadInput(f"{name} must be one of {', '.join(repr(k.value) for k in kind)}, "
-                               f"not {options[name]!r}") from None
+                raise BadInput(
+                    f"{name} must be one of {', '.join(repr(k.value) for k in kind)}, not {options[name]!r}"
+                ) from None
     req = pipeline.PlanRequest(model, machine, Workload(batch, prompt, new, tuple(images)), **options)
     return pipeline.plan(req)
 
 
 def load(model_dir: str, plan: Plan, **options):
-    """Load ``model_dir``'s weights straight to the devices of ``plan`` (see :func:`fitmap.loader.load`)."""
-    from fitmap.loader import load as _load
+    """Load ``model_dir``'s weights straight to the devices of ``plan`` (see :func:`fitmap.runtime.loader.load`)."""
+    from fitmap.runtime.loader import load as _load
 
     return _load(model_dir, plan, **options)
 
 
-_plan.__name__ = _plan.__qualname__ = "plan"
-sys.modules[__name__].__class__ = _Package
+def check(model: str, plan: Plan, *, trust_remote_code: bool = False):
+    """Replay ``plan`` for ``model`` on fake devices (no weight read, no GPU): per-device peaks, the
+    device mismatches found and the repairs that clear them, as a
+    :class:`fitmap.simulation.check.CheckReport` (``.clean``, ``.plan`` with the repairs written in)."""
+    from fitmap import pipeline
+    from fitmap.simulation.check import check as _check
+
+    prep = pipeline.prepare_for(model, plan, trust_remote_code)
+    pipeline.require_matching(plan, prep)
+    return _check(prep.skeleton.config, prep.inventory.task, prep.skeleton, plan, trust_remote_code)

@@ -48,8 +48,10 @@ def remote_code_flag(value: object) -> bool:
     """``trust_remote_code`` as given, when it is a real bool. Anything else (the string
     ``"false"`` is truthy) is refused: running a repository's code is never implied."""
     if type(value) is not bool:
-        raise BadInput(f"trust_remote_code must be True or False, not {value!r} ({type(value).__name__}); "
-                       "a model's own code runs only when you pass True")
+        raise BadInput(
+            f"trust_remote_code must be True or False, not {value!r} ({type(value).__name__}); "
+            "a model's own code runs only when you pass True"
+        )
     return value
 
 
@@ -71,7 +73,7 @@ class ModelCodeError(FitmapError):
         return bool(frames) and "transformers_modules" in frames[-1].filename
 
     @classmethod
-    def from_exception(cls, doing: str, e: BaseException) -> "ModelCodeError":
+    def from_exception(cls, doing: str, e: BaseException) -> ModelCodeError:
         """One line: what failed, where in the model's code, and the versions to try."""
         import traceback
 
@@ -79,9 +81,28 @@ class ModelCodeError(FitmapError):
         import transformers
 
         frames = [f for f in traceback.extract_tb(e.__traceback__) if "transformers_modules" in f.filename]
-        where = f" at {frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno} ({frames[-1].line})" if frames else ""
+        where = (
+            f" at {frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno} ({frames[-1].line})" if frames else ""
+        )
         message = " ".join(str(e).split())[:300]
-        return cls(f"the model's own code failed while {doing}: {type(e).__name__}: {message}{where}. "
-                   f"It may have been written for other versions than transformers {transformers.__version__} and "
-                   f"torch {torch.__version__.split('+')[0]}: install the versions its model card pins (fitmap runs "
-                   "on transformers 4.40 and later)")
+        return cls(
+            f"the model's own code failed while {doing}: {type(e).__name__}: {message}{where}. "
+            f"It may have been written for other versions than transformers {transformers.__version__} and "
+            f"torch {torch.__version__.split('+')[0]}: install the versions its model card pins (fitmap runs "
+            "on transformers 4.40 and later)"
+        )
+
+
+def where_in_model_code(e: BaseException) -> str:
+    """`` at FILE:LINE (code)`` of the innermost frame in the model's code, if any."""
+    import traceback
+
+    frames = [
+        f
+        for f in traceback.extract_tb(e.__traceback__)
+        if "transformers_modules" in f.filename or "/transformers/models/" in f.filename
+    ]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" at {f.filename.rsplit('/', 1)[-1]}:{f.lineno} ({(f.line or '').strip()[:80]})"

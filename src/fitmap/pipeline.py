@@ -7,23 +7,23 @@ simulate) -> ``plan`` (solver). The CLI and the Python API both come through her
 from __future__ import annotations
 
 import math
-
-import torch
-
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from fitmap.devices import Machine
-from fitmap.errors import BadInput, FitmapError, remote_code_flag
-from fitmap.inventory import Inventory, inventory
-from fitmap.plan import UNLIMITED, Plan, make_plan
-from fitmap.profile import Profile, estimate
-from fitmap import quant
-from fitmap.quant import METHODS
+import torch
+
+from fitmap.errors import BadInput, FitmapError, remote_code_flag, where_in_model_code
+from fitmap.model import quant
+from fitmap.model.build import planned_dtype
+from fitmap.model.inventory import Inventory, inventory
+from fitmap.model.quant import METHODS
+from fitmap.model.skeleton import Skeleton, skeleton
+from fitmap.planning.devices import Machine
+from fitmap.planning.plan import UNLIMITED, Plan, make_plan
+from fitmap.planning.profile import Profile, estimate
+from fitmap.planning.solver import Policy
+from fitmap.planning.workload import Dtype, Workload
 from fitmap.sizes import GiB, MiB, fmt_bytes, parse_size
-from fitmap.skeleton import Skeleton, planned_dtype, skeleton
-from fitmap.solver import Policy
-from fitmap.workload import Dtype, Workload
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,8 @@ class PlanRequest:
     policy: Policy = Policy.BALANCED
     pins: dict[str, str] = field(default_factory=dict)
     trust_remote_code: bool = False
-    estimate: str = "simulate"        # "simulate" | "analytic"
-    quantize: str | None = None       # quantize while loading: a key of fitmap.quant.METHODS
+    estimate: str = "simulate"  # "simulate" | "analytic"
+    quantize: str | None = None  # quantize while loading: a key of fitmap.model.quant.METHODS
 
     def __post_init__(self) -> None:
         remote_code_flag(self.trust_remote_code)
@@ -54,8 +54,8 @@ class Prepared:
 
     inventory: Inventory
     skeleton: Skeleton
-    simulated: object = None          # simulate.SimulatedCosts, measured on first use
-    simulation_error: str = ""        # why the simulation could not run (analytic costs then)
+    simulated: object = None  # costs.SimulatedCosts, measured on first use
+    simulation_error: str = ""  # why the simulation could not run (analytic costs then)
 
 
 def prepare(req: PlanRequest) -> Prepared:
@@ -78,22 +78,22 @@ def profile_for(prep: Prepared, req: PlanRequest, workload: Workload) -> Profile
 def _simulate_or_explain(prep: Prepared, req: PlanRequest):
     """Simulated costs for ``req``'s workload: from fitmap's cache when this model and workload
     were simulated before (by this fitmap, torch and transformers), else measured and kept."""
-    from fitmap import costcache
-    from fitmap.simulate import simulated_costs
+    from fitmap import cache
+    from fitmap.simulation.costs import simulated_costs
 
-    k = costcache.key(prep.inventory, prep.skeleton.dtype, req.workload)
-    failed = costcache.load_failure(k)
-    if failed is not None:           # this fitmap, torch and transformers cannot simulate it: known already
+    k = cache.key(prep.inventory, prep.skeleton.dtype, req.workload)
+    failed = cache.load_failure(k)
+    if failed is not None:  # this fitmap, torch and transformers cannot simulate it: known already
         prep.simulation_error = failed
         return None
-    cached = costcache.load(k)
+    cached = _saved_costs(cache.load_costs(k))
     if cached is not None and {u.name for u in prep.skeleton.units} <= set(cached.a.act):
         return cached
-    from fitmap.vision_inputs import UnsupportedInputs
+    from fitmap.simulation.vision_inputs import UnsupportedInputs
 
     try:
         costs = simulated_costs(prep, req.workload, req.trust_remote_code)
-        costcache.save(k, costs)
+        cache.save_costs(k, costs.to_json())
         return costs
     except UnsupportedInputs as e:
         prep.simulation_error = str(e).split(";")[0]
@@ -103,20 +103,35 @@ def _simulate_or_explain(prep: Prepared, req: PlanRequest):
     except Exception as e:  # model code the fake devices cannot run: say so, plan analytically
         first = str(e).splitlines()[0][:200] if str(e) else ""
         prep.simulation_error = f"{type(e).__name__}: {first}{where_in_model_code(e)}"
-        costcache.save_failure(k, prep.simulation_error)
+        cache.save_failure(k, prep.simulation_error)
         return None
 
 
-def where_in_model_code(e: BaseException) -> str:
-    """`` at FILE:LINE (code)`` of the innermost frame in the model's code, if any."""
-    import traceback
+def _saved_costs(data: dict | None):
+    from fitmap.simulation.costs import SimulatedCosts
 
-    frames = [f for f in traceback.extract_tb(e.__traceback__)
-              if "transformers_modules" in f.filename or "/transformers/models/" in f.filename]
-    if not frames:
-        return ""
-    f = frames[-1]
-    return f" at {f.filename.rsplit('/', 1)[-1]}:{f.lineno} ({(f.line or '').strip()[:80]})"
+    try:
+        return SimulatedCosts.from_json(data) if data is not None else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def prepare_for(model: str, plan: Plan, trust_remote_code: bool = False) -> Prepared:
+    """``model`` prepared as ``plan`` was made: its dtype, its workload, its quantization (the
+    weights are sized as the plan's; the simulation runs in that dtype)."""
+    from fitmap.planning.devices import make_machine
+
+    dtype = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(plan.dtype, "auto")
+    return prepare(
+        PlanRequest(
+            model,
+            make_machine(None, 1),
+            plan.workload,
+            Dtype(dtype),
+            trust_remote_code=trust_remote_code,
+            quantize=plan.quantize,
+        )
+    )
 
 
 def plan(req: PlanRequest, prep: Prepared | None = None) -> Plan:
@@ -124,8 +139,9 @@ def plan(req: PlanRequest, prep: Prepared | None = None) -> Plan:
     prep = prep or prepare(req)
     require_window(prep, req.workload)
     if req.workload.images and prep.inventory.task != "image-text-to-text":
-        raise BadInput(f"{prep.inventory.name} is a text model (its config has no vision_config): it takes no "
-                       "images; drop --image")
+        raise BadInput(
+            f"{prep.inventory.name} is a text model (its config has no vision_config): it takes no images; drop --image"
+        )
     result = _plan_at(prep, req, req.workload)
     if prep.simulation_error:
         result = replace(result, estimate=f"analytic (simulation failed: {prep.simulation_error})")
@@ -135,8 +151,9 @@ def plan(req: PlanRequest, prep: Prepared | None = None) -> Plan:
 
 
 def _plan_at(prep: Prepared, req: PlanRequest, workload: Workload, machine: Machine | None = None) -> Plan:
-    return make_plan(req.model, prep.skeleton, profile_for(prep, req, workload),
-                     machine or req.machine, req.policy, req.pins)
+    return make_plan(
+        req.model, prep.skeleton, profile_for(prep, req, workload), machine or req.machine, req.policy, req.pins
+    )
 
 
 def require_window(prep: Prepared, workload: Workload) -> None:
@@ -144,9 +161,11 @@ def require_window(prep: Prepared, workload: Workload) -> None:
     window = context_window(prep)
     tokens = workload.prompt + workload.new
     if tokens > window:
-        raise BadInput(f"{prep.inventory.name} reads at most {window} tokens (its max_position_embeddings); "
-                       f"--prompt {workload.prompt} + --new {workload.new} = {tokens}. Keep prompt + new within "
-                       f"{window}, e.g. --prompt {max(1, window - workload.new)}")
+        raise BadInput(
+            f"{prep.inventory.name} reads at most {window} tokens (its max_position_embeddings); "
+            f"--prompt {workload.prompt} + --new {workload.new} = {tokens}. Keep prompt + new within "
+            f"{window}, e.g. --prompt {max(1, window - workload.new)}"
+        )
 
 
 def require_matching(plan: Plan, prep: Prepared) -> None:
@@ -155,10 +174,15 @@ def require_matching(plan: Plan, prep: Prepared) -> None:
     planned = set(plan.device_map)
     unknown, missing = sorted(planned - units), sorted(units - planned)
     if unknown or missing:
-        detail = (f"{len(unknown)} unit(s) it names do not exist (e.g. {', '.join(unknown[:3])})" if unknown
-                  else f"it does not place {len(missing)} unit(s) (e.g. {', '.join(missing[:3])})")
-        raise BadInput(f"the plan was made for {plan.model}, not for {prep.inventory.name}: {detail}; "
-                       f"make a new one with fitmap plan {prep.inventory.name} ... --out PLAN.json")
+        detail = (
+            f"{len(unknown)} unit(s) it names do not exist (e.g. {', '.join(unknown[:3])})"
+            if unknown
+            else f"it does not place {len(missing)} unit(s) (e.g. {', '.join(missing[:3])})"
+        )
+        raise BadInput(
+            f"the plan was made for {plan.model}, not for {prep.inventory.name}: {detail}; "
+            f"make a new one with fitmap plan {prep.inventory.name} ... --out PLAN.json"
+        )
 
 
 # --------------------------------------------------------------------------- advice
@@ -183,12 +207,16 @@ def advice(prep: Prepared, req: PlanRequest, failed: Plan) -> str:
     quantized = _quantization_that_fits(prep, req)
     if quantized is not None:
         ways.append(quantized)
-    head = (f"{req.model} at batch {w.batch} x ({w.prompt}+{w.new} tokens) needs "
-            f"{fmt_bytes(failed.shortfall_bytes)} more than {m.describe()}")
+    head = (
+        f"{req.model} at batch {w.batch} x ({w.prompt}+{w.new} tokens) needs "
+        f"{fmt_bytes(failed.shortfall_bytes)} more than {m.describe()}"
+    )
     big = [g for g in m.gpus if g.reserve_source == "--reserve" and 2 * g.reserve >= g.capacity]
     if big:
-        head += (f" (--reserve {fmt_bytes(big[0].reserve)} keeps that much of each GPU free; the default is "
-                 "512 MiB + 2% of the card)")
+        head += (
+            f" (--reserve {fmt_bytes(big[0].reserve)} keeps that much of each GPU free; the default is "
+            "512 MiB + 2% of the card)"
+        )
     if not ways:
         return head + "; it does not fit even with a 1-token prompt: add GPUs (--gpus) or a disk tier (--disk DIR)"
     return head + ". Fits " + ", or ".join(ways)
@@ -204,7 +232,7 @@ def _offload_needed(prep: Prepared, req: PlanRequest) -> str | None:
     on_cpu = next((d.weights_bytes for d in more_ram.devices if d.device == "cpu"), 0)
     if more_ram.fits and on_cpu > m.cpu:
         gib = _round_up_gib(on_cpu)
-        while not _plan_at(prep, req, req.workload, replace(m, cpu=gib * GiB)).fits:   # advice that fits when followed
+        while not _plan_at(prep, req, req.workload, replace(m, cpu=gib * GiB)).fits:  # advice that fits when followed
             gib += 1
         ways.append(f"with --cpu {gib}GiB (offloading {fmt_bytes(on_cpu)} of weights to RAM)")
     with_disk = _plan_at(prep, req, req.workload, replace(m, disk=m.disk or Path("DIR"), disk_bytes=UNLIMITED))
@@ -226,12 +254,14 @@ def _quantization_that_fits(prep: Prepared, req: PlanRequest) -> str | None:
         qprep = replace(prep, skeleton=sk)
         try:
             result = _plan_at(qprep, replace(req, quantize=method), req.workload)
-        except BadInput:      # the request's own pins rule it out (a unit pinned to disk: quantized stays resident)
+        except BadInput:  # the request's own pins rule it out (a unit pinned to disk: quantized stays resident)
             return None
         if result.fits:
             weights = sum(d.weights_bytes for d in result.devices)
-            return f"with --quantize {method} ({METHODS[method].split(':')[0].split(',')[0]}: {fmt_bytes(weights)} " \
-                   "of weights)"
+            return (
+                f"with --quantize {method} ({METHODS[method].split(':')[0].split(',')[0]}: {fmt_bytes(weights)} "
+                "of weights)"
+            )
     return None
 
 
@@ -252,6 +282,7 @@ def _ram_needed(prep: Prepared, req: PlanRequest) -> str | None:
 
 def _smallest_ram(prep: Prepared, req: PlanRequest, m) -> str | None:
     """The smallest --cpu (as the user types it) with which ``m`` fits the request."""
+
     def fits(ram: int) -> bool:
         return _plan_at(prep, req, req.workload, replace(m, cpu=ram)).fits
 
@@ -265,7 +296,7 @@ def _smallest_ram(prep: Prepared, req: PlanRequest, m) -> str | None:
         mid = (low + high) // 2
         low, high = (low, mid) if fits(mid) else (mid, high)
     text = _size_at_least(high)
-    while not fits(parse_size(text)):     # the printed value, read back, must fit: it is what the user types
+    while not fits(parse_size(text)):  # the printed value, read back, must fit: it is what the user types
         text = _size_at_least(parse_size(text) + max(high // 1000, 1))
     return text
 
@@ -304,11 +335,11 @@ def _largest(make, prep: Prepared, req: PlanRequest, high: int, low: int = 0) ->
 class Limits:
     """The largest workloads that fit these devices (prompt:new ratio of the request kept)."""
 
-    max_context: int          # prompt + new tokens per sequence, at the request's batch
+    max_context: int  # prompt + new tokens per sequence, at the request's batch
     prompt: int
     new: int
-    max_batch: int | None     # largest batch at the request's context (when asked)
-    window: int = 0           # the model's own context window (max_position_embeddings)
+    max_batch: int | None  # largest batch at the request's context (when asked)
+    window: int = 0  # the model's own context window (max_position_embeddings)
 
     @property
     def model_limited(self) -> bool:
@@ -343,7 +374,7 @@ def limits(req: PlanRequest, prep: Prepared | None = None, batch_too: bool = Fal
 
 def context_window(prep: Prepared) -> int:
     """Tokens the model reads at most (its max_position_embeddings; unbounded when it says none)."""
-    from fitmap.profile import text_config
+    from fitmap.planning.profile import text_config
 
     tc = text_config(prep.skeleton.config)
     return int(getattr(tc, "max_position_embeddings", 0) or 1 << 20)

@@ -12,9 +12,18 @@ KiB = 1 << 10
 
 _UNITS = {
     "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": KiB, "mib": MiB, "gib": GiB, "tib": 1 << 40,
-    "k": KiB, "m": MiB, "g": GiB, "t": 1 << 40,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": KiB,
+    "mib": MiB,
+    "gib": GiB,
+    "tib": 1 << 40,
+    "k": KiB,
+    "m": MiB,
+    "g": GiB,
+    "t": 1 << 40,
 }
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
 
@@ -29,9 +38,7 @@ def parse_size(text: str, allow_zero: bool = False) -> int:
     m = _SIZE.match(text)
     unit = m.group(2).lower() if m else ""
     if not m or unit not in _UNITS and unit != "":
-        raise BadInput(
-            f"cannot read size {text!r}: write a number and a unit, e.g. 24GiB, 10GB, 512MiB"
-        )
+        raise BadInput(f"cannot read size {text!r}: write a number and a unit, e.g. 24GiB, 10GB, 512MiB")
     value = float(m.group(1)) * _UNITS.get(unit, 1)
     if value < 0 or (value == 0 and not allow_zero):
         raise BadInput(f"size {text!r} must be positive")

@@ -4,7 +4,6 @@
 error shape; a request that fails inside a replica is a 500 and the server keeps serving.
 """
 
-
 import asyncio
 import base64
 import io
@@ -19,14 +18,20 @@ from fitmap.serve.engine import END, Engine, QueueFull, Request
 
 @dataclass(frozen=True)
 class Limits:
-    body_bytes: int = 16 << 20        # a request body, images included
-    image_pixels: int = 4096 * 4096   # per image
-    queue: int = 64                   # requests waiting or running, all replicas
+    body_bytes: int = 16 << 20  # a request body, images included
+    image_pixels: int = 4096 * 4096  # per image
+    queue: int = 64  # requests waiting or running, all replicas
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.kind, self.param, self.code = status, kind, param, code
 
@@ -35,7 +40,8 @@ class ApiError(Exception):
 
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, limits: Limits = Limits()):
-    from fastapi import FastAPI, Request as HttpRequest
+    from fastapi import FastAPI
+    from fastapi import Request as HttpRequest
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
     app = FastAPI(title="fitmap serve", docs_url=None, redoc_url=None, openapi_url=None)
@@ -49,26 +55,41 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, limi
     from starlette.exceptions import HTTPException as RoutingError
 
     @app.exception_handler(RoutingError)
-    async def _routing_error(request, exc: RoutingError):   # unknown path, wrong method: OpenAI's error shape too
+    async def _routing_error(request, exc: RoutingError):  # unknown path, wrong method: OpenAI's error shape too
         counters["errors"] += 1
-        what = {404: f"no such endpoint: {request.url.path} (this server has /v1/chat/completions, "
-                     "/v1/completions, /v1/models, /health, /metrics)",
-                405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
-        return JSONResponse(ApiError(exc.status_code, what, code="not_found" if exc.status_code == 404 else None)
-                            .body(), status_code=exc.status_code)
+        what = {
+            404: f"no such endpoint: {request.url.path} (this server has /v1/chat/completions, "
+            "/v1/completions, /v1/models, /health, /metrics)",
+            405: f"{request.method} is not allowed on {request.url.path}",
+        }.get(exc.status_code, str(exc.detail))
+        return JSONResponse(
+            ApiError(exc.status_code, what, code="not_found" if exc.status_code == 404 else None).body(),
+            status_code=exc.status_code,
+        )
 
     @app.middleware("http")
     async def _guard(request: HttpRequest, call_next):
         if api_key is not None and request.url.path != "/health":
             if request.headers.get("authorization", "") != f"Bearer {api_key}":
                 counters["errors"] += 1
-                return JSONResponse(ApiError(401, "missing or wrong API key (Authorization: Bearer ...)",
-                                             "authentication_error", code="invalid_api_key").body(), status_code=401)
+                return JSONResponse(
+                    ApiError(
+                        401,
+                        "missing or wrong API key (Authorization: Bearer ...)",
+                        "authentication_error",
+                        code="invalid_api_key",
+                    ).body(),
+                    status_code=401,
+                )
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > limits.body_bytes:
             counters["errors"] += 1
-            return JSONResponse(ApiError(413, f"the request body has {size} bytes, over the server's limit of "
-                                              f"{limits.body_bytes}").body(), status_code=413)
+            return JSONResponse(
+                ApiError(
+                    413, f"the request body has {size} bytes, over the server's limit of {limits.body_bytes}"
+                ).body(),
+                status_code=413,
+            )
         return await call_next(request)
 
     @app.get("/health")
@@ -77,8 +98,10 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, limi
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(engine.started),
-                                            "owned_by": "fitmap"}]}
+        return {
+            "object": "list",
+            "data": [{"id": model_name, "object": "model", "created": int(engine.started), "owned_by": "fitmap"}],
+        }
 
     @app.get("/metrics")
     async def metrics():
@@ -105,8 +128,12 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, limi
     async def _respond(request, body: dict, job: Request, kind: str):
         model = body.get("model") or model_name
         if model != model_name:
-            raise ApiError(404, f"model {model!r} is not served here; this server serves {model_name!r}",
-                           code="model_not_found", param="model")
+            raise ApiError(
+                404,
+                f"model {model!r} is not served here; this server serves {model_name!r}",
+                code="model_not_found",
+                param="model",
+            )
         job.loop, job.chunks = asyncio.get_running_loop(), asyncio.Queue()
         try:
             engine.submit(job)
@@ -116,8 +143,9 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, limi
         ident = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         if body.get("stream"):
-            return StreamingResponse(_stream(request, job, ident, created, model, kind, counters),
-                                     media_type="text/event-stream")
+            return StreamingResponse(
+                _stream(request, job, ident, created, model, kind, counters), media_type="text/event-stream"
+            )
         pieces = []
         try:
             while True:
@@ -133,15 +161,16 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, limi
         text = "".join(pieces)
         counters["prompt_tokens"] += job.prompt_tokens
         counters["completion_tokens"] += job.completion_tokens
-        usage = {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.completion_tokens,
-                 "total_tokens": job.prompt_tokens + job.completion_tokens}
+        usage = {
+            "prompt_tokens": job.prompt_tokens,
+            "completion_tokens": job.completion_tokens,
+            "total_tokens": job.prompt_tokens + job.completion_tokens,
+        }
         if kind == "chat.completion":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "finish_reason": job.finish_reason}
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": job.finish_reason}
         else:
             choice = {"index": 0, "text": text, "finish_reason": job.finish_reason, "logprobs": None}
-        return {"id": ident, "object": kind, "created": created, "model": model, "choices": [choice],
-                "usage": usage}
+        return {"id": ident, "object": kind, "created": created, "model": model, "choices": [choice], "usage": usage}
 
     return app
 
@@ -154,7 +183,8 @@ async def _stream(request, job: Request, ident: str, created: int, model: str, k
             choice = {"index": 0, "delta": delta or {}, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
-        return f"data: {json.dumps({'id': ident, 'object': chunk_kind, 'created': created, 'model': model, 'choices': [choice]})}\n\n"
+        chunk = {"id": ident, "object": chunk_kind, "created": created, "model": model, "choices": [choice]}
+        return f"data: {json.dumps(chunk)}\n\n"
 
     try:
         if kind == "chat.completion":
@@ -179,15 +209,18 @@ async def _stream(request, job: Request, ident: str, created: int, model: str, k
         yield event(None, job.finish_reason)
         yield "data: [DONE]\n\n"
     except (asyncio.CancelledError, GeneratorExit):
-        job.cancelled.set()          # the client went away: the replica stops at its next token
+        job.cancelled.set()  # the client went away: the replica stops at its next token
         raise
 
 
 def _failed(e: BaseException) -> ApiError:
     if isinstance(e, BadInput):
         return ApiError(400, str(e))
-    return ApiError(500, f"the replica failed on this request: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}",
-                    "server_error")
+    return ApiError(
+        500,
+        f"the replica failed on this request: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}",
+        "server_error",
+    )
 
 
 async def _json(request, limits: Limits) -> dict:
@@ -208,7 +241,11 @@ def _number(body: dict, name: str, default, low, high, kind=float):
     value = body.get(name, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (kind is int and not float(value).is_integer())
+    ):
         raise ApiError(400, f"'{name}' must be a number, not {value!r}", param=name)
     value = kind(value)
     if value < low:
@@ -221,12 +258,17 @@ def _number(body: dict, name: str, default, low, high, kind=float):
 def _job(body: dict, engine: Engine, messages: list[dict] | None = None, prompt: str | None = None) -> Request:
     plan_prompt, plan_new = engine.context
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    max_tokens = plan_new if max_tokens is None else _number({"max_tokens": max_tokens}, "max_tokens", plan_new, 1,
-                                                             10 ** 9, int)
+    max_tokens = (
+        plan_new if max_tokens is None else _number({"max_tokens": max_tokens}, "max_tokens", plan_new, 1, 10**9, int)
+    )
     if max_tokens > plan_new:
-        raise ApiError(400, f"'max_tokens' is {max_tokens}; this server was planned for at most {plan_new} new tokens "
-                            f"per request (restart fitmap serve with --new {max_tokens} to allow more)",
-                       param="max_tokens", code="context_length_exceeded")
+        raise ApiError(
+            400,
+            f"'max_tokens' is {max_tokens}; this server was planned for at most {plan_new} new tokens "
+            f"per request (restart fitmap serve with --new {max_tokens} to allow more)",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
     stop = body.get("stop") or ()
     if isinstance(stop, str):
         stop = (stop,)
@@ -235,13 +277,24 @@ def _job(body: dict, engine: Engine, messages: list[dict] | None = None, prompt:
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ApiError(400, f"'seed' must be an integer, not {seed!r}", param="seed")
-    job = Request(messages, prompt, max_tokens, _number(body, "temperature", 0.0, 0.0, 2.0),
-                  _number(body, "top_p", 1.0, 0.0, 1.0), seed, tuple(stop))
+    job = Request(
+        messages,
+        prompt,
+        max_tokens,
+        _number(body, "temperature", 0.0, 0.0, 2.0),
+        _number(body, "top_p", 1.0, 0.0, 1.0),
+        seed,
+        tuple(stop),
+    )
     tokens = _prompt_tokens(engine, messages, prompt)
     if tokens > plan_prompt:
-        raise ApiError(400, f"the prompt has about {tokens} tokens; this server was planned for {plan_prompt} "
-                            f"(restart fitmap serve with --prompt {tokens})", code="context_length_exceeded",
-                       param="messages" if messages is not None else "prompt")
+        raise ApiError(
+            400,
+            f"the prompt has about {tokens} tokens; this server was planned for {plan_prompt} "
+            f"(restart fitmap serve with --prompt {tokens})",
+            code="context_length_exceeded",
+            param="messages" if messages is not None else "prompt",
+        )
     return job
 
 
@@ -271,11 +324,15 @@ def _messages(raw, engine: Engine, limits: Limits) -> list[dict]:
                 elif kind == "image_url":
                     images.append(_image(part.get("image_url"), f"messages[{i}].content[{j}]", limits))
                 else:
-                    raise ApiError(400, f"messages[{i}].content[{j}] must be a text or image_url part",
-                                   param=f"messages[{i}].content[{j}]")
+                    raise ApiError(
+                        400,
+                        f"messages[{i}].content[{j}] must be a text or image_url part",
+                        param=f"messages[{i}].content[{j}]",
+                    )
         else:
-            raise ApiError(400, f"messages[{i}].content must be a string or a list of parts",
-                           param=f"messages[{i}].content")
+            raise ApiError(
+                400, f"messages[{i}].content must be a string or a list of parts", param=f"messages[{i}].content"
+            )
         role = "system" if m["role"] == "developer" else m["role"]
         if images and role != "user":
             raise ApiError(400, f"messages[{i}]: only user messages may carry images", param=f"messages[{i}]")
@@ -294,15 +351,22 @@ def _image(spec, where: str, limits: Limits):
 
     url = spec.get("url") if isinstance(spec, dict) else spec
     if not isinstance(url, str) or not url.startswith("data:image/") or ";base64," not in url:
-        raise ApiError(400, f"{where}: images must be data URLs (data:image/png;base64,...); this server fetches "
-                            "nothing from the network", param=where)
+        raise ApiError(
+            400,
+            f"{where}: images must be data URLs (data:image/png;base64,...); this server fetches "
+            "nothing from the network",
+            param=where,
+        )
     try:
         data = base64.b64decode(url.split(";base64,", 1)[1], validate=True)
         img = Image.open(io.BytesIO(data))
         w, h = img.size
         if w * h > limits.image_pixels:
-            raise ApiError(400, f"{where}: the image is {w}x{h}, over the server's limit of {limits.image_pixels} "
-                                "pixels", param=where)
+            raise ApiError(
+                400,
+                f"{where}: the image is {w}x{h}, over the server's limit of {limits.image_pixels} pixels",
+                param=where,
+            )
         return img.convert("RGB")
     except ApiError:
         raise
@@ -314,13 +378,18 @@ def _prometheus(engine: Engine, counters: dict) -> str:
     import torch
 
     lines = [
-        "# TYPE fitmap_requests_total counter", f"fitmap_requests_total {counters['requests']}",
-        "# TYPE fitmap_request_errors_total counter", f"fitmap_request_errors_total {counters['errors']}",
-        "# TYPE fitmap_prompt_tokens_total counter", f"fitmap_prompt_tokens_total {counters['prompt_tokens']}",
+        "# TYPE fitmap_requests_total counter",
+        f"fitmap_requests_total {counters['requests']}",
+        "# TYPE fitmap_request_errors_total counter",
+        f"fitmap_request_errors_total {counters['errors']}",
+        "# TYPE fitmap_prompt_tokens_total counter",
+        f"fitmap_prompt_tokens_total {counters['prompt_tokens']}",
         "# TYPE fitmap_completion_tokens_total counter",
         f"fitmap_completion_tokens_total {counters['completion_tokens']}",
-        "# TYPE fitmap_queue_length gauge", f"fitmap_queue_length {engine.queued}",
-        "# TYPE fitmap_rejected_total counter", f"fitmap_rejected_total {engine.rejected}",
+        "# TYPE fitmap_queue_length gauge",
+        f"fitmap_queue_length {engine.queued}",
+        "# TYPE fitmap_rejected_total counter",
+        f"fitmap_rejected_total {engine.rejected}",
         "# TYPE fitmap_replica_requests_total counter",
         *(f'fitmap_replica_requests_total{{replica="{w.index}"}} {w.served}' for w in engine.workers),
         "# TYPE fitmap_replica_batches_total counter",
@@ -332,6 +401,8 @@ def _prometheus(engine: Engine, counters: dict) -> str:
     ]
     if torch.cuda.is_available():
         lines.append("# TYPE fitmap_gpu_memory_allocated_bytes gauge")
-        lines += [f'fitmap_gpu_memory_allocated_bytes{{gpu="{i}"}} {torch.cuda.memory_allocated(i)}'
-                  for i in range(torch.cuda.device_count())]
+        lines += [
+            f'fitmap_gpu_memory_allocated_bytes{{gpu="{i}"}} {torch.cuda.memory_allocated(i)}'
+            for i in range(torch.cuda.device_count())
+        ]
     return "\n".join(lines) + "\n"

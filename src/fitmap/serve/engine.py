@@ -18,11 +18,11 @@ from typing import Any
 import torch
 
 from fitmap.errors import BadInput, FitmapError
-from fitmap.prompting import Prompter
+from fitmap.runtime.prompting import Prompter
 from fitmap.serve.placement import ServePlan
 
-END = object()      # the last item of a request's stream
-_LOADING = threading.Lock()   # one replica loads at a time: building on meta patches torch process-wide
+END = object()  # the last item of a request's stream
+_LOADING = threading.Lock()  # one replica loads at a time: building on meta patches torch process-wide
 
 
 class QueueFull(FitmapError):
@@ -42,13 +42,13 @@ class Request:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     loop: asyncio.AbstractEventLoop | None = None
-    chunks: asyncio.Queue | None = None            # text pieces, then END (or an exception)
+    chunks: asyncio.Queue | None = None  # text pieces, then END (or an exception)
     cancelled: threading.Event = field(default_factory=threading.Event)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str = "stop"
     replica: int = -1
-    closed: bool = False          # END sent (a batch row finished before its batch)
+    closed: bool = False  # END sent (a batch row finished before its batch)
 
     def emit(self, item: Any) -> None:
         self.loop.call_soon_threadsafe(self.chunks.put_nowait, item)
@@ -66,7 +66,7 @@ class _Push:
         self.first = True
 
     def put(self, value) -> None:
-        if self.first:            # the prompt
+        if self.first:  # the prompt
             self.first = False
             self.inner.put(value)
             return
@@ -89,7 +89,7 @@ class _PushRows:
         self.first = True
 
     def put(self, value) -> None:
-        if self.first:            # the prompts
+        if self.first:  # the prompts
             self.first = False
             return
         for i, token in enumerate(value.reshape(len(self.jobs), -1)[:, -1].tolist()):
@@ -103,7 +103,7 @@ class _PushRows:
             job.completion_tokens = len(self.ids[i])
             text = self.tok.decode(self.ids[i], skip_special_tokens=True)
             if not text.endswith("\ufffd") and len(text) > len(self.sent[i]):
-                job.emit(text[len(self.sent[i]):])
+                job.emit(text[len(self.sent[i]) :])
                 self.sent[i] = text
             if len(self.ids[i]) >= job.max_tokens:
                 self._close(i, "length")
@@ -111,12 +111,12 @@ class _PushRows:
     def _close(self, i: int, reason: str) -> None:
         text = self.tok.decode(self.ids[i], skip_special_tokens=True)
         if len(text) > len(self.sent[i]):
-            self.jobs[i].emit(text[len(self.sent[i]):])
+            self.jobs[i].emit(text[len(self.sent[i]) :])
         self.jobs[i].finish_reason = reason
         self.jobs[i].completion_tokens = len(self.ids[i])
         self.done[i] = True
         self.jobs[i].closed = True
-        self.jobs[i].emit(END)          # this request is answered; the batch goes on for the others
+        self.jobs[i].emit(END)  # this request is answered; the batch goes on for the others
 
     @property
     def all_done(self) -> bool:
@@ -148,15 +148,17 @@ class _Cancelled:
         self.request = request
 
     def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.request.cancelled.is_set(), dtype=torch.bool,
-                          device=input_ids.device)
+        return torch.full(
+            (input_ids.shape[0],), self.request.cancelled.is_set(), dtype=torch.bool, device=input_ids.device
+        )
 
 
 class Worker(threading.Thread):
     """One replica: loads once, then answers its queue in order."""
 
-    def __init__(self, index: int, model_dir: Path, plan, base: Prompter, trust_remote_code: bool,
-                 max_batch: int = 8) -> None:
+    def __init__(
+        self, index: int, model_dir: Path, plan, base: Prompter, trust_remote_code: bool, max_batch: int = 8
+    ) -> None:
         super().__init__(name=f"fitmap-replica-{index}", daemon=True)
         import copy
 
@@ -165,7 +167,7 @@ class Worker(threading.Thread):
         self.trust_remote_code = trust_remote_code
         self.max_batch = max_batch
         self.jobs: queue.Queue[Request | None] = queue.Queue()
-        self.pending = 0                  # waiting + running (the router's load)
+        self.pending = 0  # waiting + running (the router's load)
         self.lock = threading.Lock()
         self.loads = 0
         self.served = 0
@@ -173,26 +175,26 @@ class Worker(threading.Thread):
         self.ready = threading.Event()
         self.error: BaseException | None = None
         self.loaded = None
-        self.own = None                   # the model's own chat() form, if any (set once loaded)
-        self.batches = 0                  # generate calls (a batch of requests counts once)
+        self.own = None  # the model's own chat() form, if any (set once loaded)
+        self.batches = 0  # generate calls (a batch of requests counts once)
 
     def run(self) -> None:
-        from fitmap.run import start
+        from fitmap.runtime.run import start
 
         try:
             with _LOADING:
                 self.loaded, sampler = start(self.model_dir, self.plan, self.trust_remote_code)
             sampler.__exit__(None, None, None)
             self.loads += 1
-            from fitmap.run import own_chat
+            from fitmap.runtime.run import own_chat
 
             self.own = own_chat(self.loaded.model)
-        except BaseException as e:        # reported by Engine.wait_ready
+        except BaseException as e:  # reported by Engine.wait_ready
             self.error = e
             self.ready.set()
             return
         self.ready.set()
-        later: list[Request] = []          # taken from the queue, not batchable with the batch before them
+        later: list[Request] = []  # taken from the queue, not batchable with the batch before them
         while True:
             job = later.pop(0) if later else self.jobs.get()
             if job is None:
@@ -225,7 +227,7 @@ class Worker(threading.Thread):
             for j in batch:
                 if not j.closed:
                     j.emit(END)
-        except BaseException as e:     # these requests fail (5xx); the replica keeps serving
+        except BaseException as e:  # these requests fail (5xx); the replica keeps serving
             for j in batch:
                 if not j.closed:
                     j.emit(e)
@@ -249,8 +251,10 @@ class Worker(threading.Thread):
         """The request's model inputs on the replica's input device (the conversation through the
         model's template, or the raw prompt)."""
         if job.messages is None:
-            return {k: v.to(self.loaded.input_device)
-                    for k, v in self.base.tokenizer([job.prompt], return_tensors="pt").items()}
+            return {
+                k: v.to(self.loaded.input_device)
+                for k, v in self.base.tokenizer([job.prompt], return_tensors="pt").items()
+            }
         return self._prompter(job).inputs(self.loaded.input_device)
 
     def _prompter(self, job: Request) -> Prompter:
@@ -259,8 +263,9 @@ class Worker(threading.Thread):
             if m["role"] == "assistant":
                 prompter.add_assistant(m["text"])
             elif m["role"] == "system":
-                prompter.messages.append({"role": "system", "content": [{"type": "text", "text": m["text"]}],
-                                          "images": []})
+                prompter.messages.append(
+                    {"role": "system", "content": [{"type": "text", "text": m["text"]}], "images": []}
+                )
             else:
                 prompter.add_user(m["text"], m["images"])
         return prompter
@@ -278,19 +283,28 @@ class Worker(threading.Thread):
         ids = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
         mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
         for i, r in enumerate(rows):
-            ids[i, width - r.numel():] = r
-            mask[i, width - r.numel():] = 1
+            ids[i, width - r.numel() :] = r
+            mask[i, width - r.numel() :] = 1
         for j, r in zip(jobs, rows):
             j.prompt_tokens = int(r.numel())
         push = _PushRows(tok, jobs, _eos_ids(self.loaded.model, tok))
         with torch.inference_mode():
-            self.loaded.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(j.max_tokens for j in jobs),
-                                       do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad,
-                                       streamer=push, stopping_criteria=StoppingCriteriaList([_AllDone(push)]))
+            self.loaded.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max(j.max_tokens for j in jobs),
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=pad,
+                streamer=push,
+                stopping_criteria=StoppingCriteriaList([_AllDone(push)]),
+            )
         push.finish()
 
     def _answer(self, job: Request) -> None:
-        from fitmap.run import _own_chat, own_chat
+        from fitmap.runtime.run import _own_chat, own_chat
 
         model = self.loaded.model
         if job.messages is not None:
@@ -307,8 +321,9 @@ class Worker(threading.Thread):
         job.prompt_tokens = int(inputs["input_ids"].shape[1])
         tok = self.base.tokenizer
         sample = job.temperature > 0
-        settings: dict[str, Any] = dict(max_new_tokens=job.max_tokens, do_sample=sample,
-                                        pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        settings: dict[str, Any] = dict(
+            max_new_tokens=job.max_tokens, do_sample=sample, pad_token_id=tok.pad_token_id or tok.eos_token_id
+        )
         if sample:
             settings.update(temperature=job.temperature, top_p=job.top_p)
             if job.seed is not None:
@@ -320,9 +335,13 @@ class Worker(threading.Thread):
         from transformers import StoppingCriteriaList
 
         with torch.inference_mode():
-            out = model.generate(**inputs, **settings, streamer=_Push(tok, job),
-                                 stopping_criteria=StoppingCriteriaList([_Cancelled(job)]))
-        new = out[0, job.prompt_tokens:]
+            out = model.generate(
+                **inputs,
+                **settings,
+                streamer=_Push(tok, job),
+                stopping_criteria=StoppingCriteriaList([_Cancelled(job)]),
+            )
+        new = out[0, job.prompt_tokens :]
         job.completion_tokens = int(new.numel())
         ended = new.numel() and int(new[-1]) in _eos_ids(model, tok)
         job.finish_reason = "length" if job.completion_tokens >= job.max_tokens and not ended else "stop"
@@ -336,19 +355,21 @@ def _eos_ids(model, tokenizer) -> set[int]:
 class Engine:
     """The replicas of one model and the router in front of them."""
 
-    def __init__(self, model_dir: Path, plan: ServePlan, trust_remote_code: bool = False,
-                 max_queue: int = 64, max_batch: int = 8) -> None:
+    def __init__(
+        self, model_dir: Path, plan: ServePlan, trust_remote_code: bool = False, max_queue: int = 64, max_batch: int = 8
+    ) -> None:
         self.model_dir, self.plan, self.max_queue = model_dir, plan, max_queue
-        from fitmap.inventory import inventory
-        from fitmap.skeleton import load_config
+        from fitmap.model.build import load_config
+        from fitmap.model.inventory import inventory
 
         config = load_config(inventory(model_dir), trust_remote_code)
         self.base = Prompter.for_model(model_dir, config, trust_remote_code)
         self.config = config
         # a replica decodes together at most the requests its plan holds KV and activations for
-        self.workers = [Worker(i, model_dir, r.plan, self.base, trust_remote_code,
-                               max(1, min(max_batch, r.plan.workload.batch)))
-                        for i, r in enumerate(plan.replicas)]
+        self.workers = [
+            Worker(i, model_dir, r.plan, self.base, trust_remote_code, max(1, min(max_batch, r.plan.workload.batch)))
+            for i, r in enumerate(plan.replicas)
+        ]
         self.started = time.time()
         self.rejected = 0
 
@@ -378,8 +399,10 @@ class Engine:
         """Route ``job`` to the least-loaded replica; :class:`QueueFull` when all are full."""
         if self.queued >= self.max_queue:
             self.rejected += 1
-            raise QueueFull(f"{self.queued} requests are waiting or running, the server's limit "
-                            f"(--max-queue {self.max_queue}); retry later")
+            raise QueueFull(
+                f"{self.queued} requests are waiting or running, the server's limit "
+                f"(--max-queue {self.max_queue}); retry later"
+            )
         w = min(self.workers, key=lambda x: (x.pending, x.index))
         with w.lock:
             w.pending += 1

@@ -16,13 +16,13 @@ import math
 from dataclasses import dataclass, replace
 
 from fitmap.errors import BadInput, DoesNotFit
-from fitmap.plan import Plan
+from fitmap.planning.plan import Plan
 from fitmap.sizes import fmt_bytes
 
 
 @dataclass(frozen=True)
 class Replica:
-    gpus: tuple[int, ...]            # torch indices of its GPU group (empty: the CPU)
+    gpus: tuple[int, ...]  # torch indices of its GPU group (empty: the CPU)
     plan: Plan
 
 
@@ -30,24 +30,39 @@ class Replica:
 class ServePlan:
     replicas: tuple[Replica, ...]
     concurrency: int
-    choice: str                      # one line: what was chosen
-    reasons: tuple[str, ...]         # per option tried, in numbers
+    choice: str  # one line: what was chosen
+    reasons: tuple[str, ...]  # per option tried, in numbers
 
     def to_json(self) -> dict:
-        return {"fitmap_serve_plan": 1, "choice": self.choice, "reasons": list(self.reasons),
-                "concurrency": self.concurrency,
-                "replicas": [{"gpus": list(r.gpus), "device_map": r.plan.device_map,
-                              "devices": r.plan.to_json()["devices"], "plan": r.plan.to_json()}
-                             for r in self.replicas]}
+        return {
+            "fitmap_serve_plan": 1,
+            "choice": self.choice,
+            "reasons": list(self.reasons),
+            "concurrency": self.concurrency,
+            "replicas": [
+                {
+                    "gpus": list(r.gpus),
+                    "device_map": r.plan.device_map,
+                    "devices": r.plan.to_json()["devices"],
+                    "plan": r.plan.to_json(),
+                }
+                for r in self.replicas
+            ],
+        }
 
     @classmethod
-    def from_json(cls, d: dict) -> "ServePlan":
+    def from_json(cls, d: dict) -> ServePlan:
         try:
-            return cls(tuple(Replica(tuple(r["gpus"]), Plan.from_json(r["plan"])) for r in d["replicas"]),
-                       int(d["concurrency"]), d["choice"], tuple(d.get("reasons", ())))
+            return cls(
+                tuple(Replica(tuple(r["gpus"]), Plan.from_json(r["plan"])) for r in d["replicas"]),
+                int(d["concurrency"]),
+                d["choice"],
+                tuple(d.get("reasons", ())),
+            )
         except (KeyError, TypeError, ValueError) as e:
-            raise BadInput(f"not a fitmap serve plan (missing or wrong field {e}); make one with fitmap plan "
-                           "--serve --out") from None
+            raise BadInput(
+                f"not a fitmap serve plan (missing or wrong field {e}); make one with fitmap plan --serve --out"
+            ) from None
 
 
 def serve_plan(req, concurrency: int = 1, replicas: int | None = None, prep=None) -> ServePlan:
@@ -61,9 +76,12 @@ def serve_plan(req, concurrency: int = 1, replicas: int | None = None, prep=None
     n = len(gpus)
     if replicas is not None:
         if replicas < 1 or (n and (replicas > n or n % replicas)):
-            raise BadInput(f"--replicas {replicas} does not divide the {n} GPU(s) into equal groups; "
-                           f"use one of {', '.join(str(k) for k in _divisors(n))}" if n else
-                           f"--replicas must be at least 1 (got {replicas})")
+            raise BadInput(
+                f"--replicas {replicas} does not divide the {n} GPU(s) into equal groups; "
+                f"use one of {', '.join(str(k) for k in _divisors(n))}"
+                if n
+                else f"--replicas must be at least 1 (got {replicas})"
+            )
         options = [replicas]
     else:
         options = sorted(_divisors(n), reverse=True) if n else [1]
@@ -73,7 +91,7 @@ def serve_plan(req, concurrency: int = 1, replicas: int | None = None, prep=None
         batch = math.ceil(concurrency / k)
         plans = []
         for i in range(k):
-            machine = replace(req.machine, gpus=gpus[i * group:(i + 1) * group], cpu=req.machine.cpu // k)
+            machine = replace(req.machine, gpus=gpus[i * group : (i + 1) * group], cpu=req.machine.cpu // k)
             r = replace(req, machine=machine, workload=replace(req.workload, batch=batch))
             plans.append(pipeline.plan(r, prep))
         first = plans[0]
@@ -82,17 +100,37 @@ def serve_plan(req, concurrency: int = 1, replicas: int | None = None, prep=None
         name = _option(k, group, n)
         if all(p.fits for p in plans) and (k == 1 or not offloaded):
             each = " each" if k > 1 else ""
-            reasons.append(f"{name}: fits, {batch} concurrent request(s){each}, at most {fmt_bytes(need)} per GPU"
-                           + (f" ({fmt_bytes(offloaded)} of weights offloaded)" if offloaded else ""))
-            rel = (f"; about {k}x the decode throughput of one split copy (each replica decodes its own "
-                   "requests; a split copy runs one GPU at a time)") if k > 1 and n > 1 else ""
-            return ServePlan(tuple(Replica(tuple(g.index for g in gpus[i * group:(i + 1) * group]), p)
-                                   for i, p in enumerate(plans)), concurrency, f"{name}{rel}", tuple(reasons))
-        why = (f"each would offload {fmt_bytes(offloaded)} of weights to RAM/disk" if plans[0].fits
-               else f"needs {fmt_bytes(first.shortfall_bytes)} more per replica")
+            reasons.append(
+                f"{name}: fits, {batch} concurrent request(s){each}, at most {fmt_bytes(need)} per GPU"
+                + (f" ({fmt_bytes(offloaded)} of weights offloaded)" if offloaded else "")
+            )
+            rel = (
+                (
+                    f"; about {k}x the decode throughput of one split copy (each replica decodes its own "
+                    "requests; a split copy runs one GPU at a time)"
+                )
+                if k > 1 and n > 1
+                else ""
+            )
+            return ServePlan(
+                tuple(
+                    Replica(tuple(g.index for g in gpus[i * group : (i + 1) * group]), p) for i, p in enumerate(plans)
+                ),
+                concurrency,
+                f"{name}{rel}",
+                tuple(reasons),
+            )
+        why = (
+            f"each would offload {fmt_bytes(offloaded)} of weights to RAM/disk"
+            if plans[0].fits
+            else f"needs {fmt_bytes(first.shortfall_bytes)} more per replica"
+        )
         reasons.append(f"{name} with {batch} concurrent request(s){' each' if k > 1 else ''}: does not fit ({why})")
-    raise DoesNotFit(f"no placement serves {concurrency} concurrent request(s): " + "; ".join(reasons)
-                     + (f". {plans[0].advice}" if plans and plans[0].advice else ""))
+    raise DoesNotFit(
+        f"no placement serves {concurrency} concurrent request(s): "
+        + "; ".join(reasons)
+        + (f". {plans[0].advice}" if plans and plans[0].advice else "")
+    )
 
 
 def _divisors(n: int) -> list[int]:

@@ -5,6 +5,8 @@ the tower and projector on the last GPU (InternVL's ``split_model`` counts GPU 0
 half a GPU) while the embeddings stay on GPU 0: the merge meets cuda:0 and cuda:1.
 """
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -81,8 +83,10 @@ class PitfallVlmForCausalLM(PitfallPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.language_model.lm_head
 
-    def prepare_inputs_for_generation(self, input_ids, pixel_values=None, **kwargs):
-        # the cache arrives under the keyword this transformers uses (``cache`` from 5.25)
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, pixel_values=None, **kwargs):
+        # handed on under the keyword this transformers' own method takes (``cache`` from 5.25)
+        own = inspect.signature(super().prepare_inputs_for_generation).parameters
+        kwargs["cache" if "cache" in own else "past_key_values"] = past_key_values
         inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
         cache = inputs.get("cache", inputs.get("past_key_values"))
         if cache is None or cache.get_seq_length() == 0:

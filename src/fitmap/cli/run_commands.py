@@ -1,0 +1,158 @@
+"""The commands that load and run: ``run``, ``chat``, ``serve``, ``demo``, and ``calibrate``, which
+measures this machine for the planner."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from fitmap.cli.plan_commands import concurrency
+from fitmap.errors import BadInput
+from fitmap.planning.workload import Workload, parse_image
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from fitmap import pipeline
+    from fitmap.planning.devices import make_machine
+    from fitmap.runtime.run import local_model_dir
+    from fitmap.serve.placement import ServePlan, serve_plan
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise BadInput(
+            "fitmap serve needs FastAPI and uvicorn: pip install -e '.[serve]' (or pip install fastapi uvicorn)"
+        ) from None
+    for name in ("prompt", "new", "port", "max_queue", "max_batch"):
+        if getattr(args, name) < 1:
+            raise BadInput(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    _port_free(args.host, args.port)
+    machine = make_machine(args.gpus, args.cpu, args.disk, args.reserve)
+    req = pipeline.PlanRequest(
+        args.model,
+        machine,
+        Workload(1, args.prompt, args.new, tuple(parse_image(i) for i in args.image)),
+        trust_remote_code=args.trust_remote_code,
+        estimate="analytic",
+        quantize=args.quantize,
+    )
+    prep = pipeline.prepare(req)
+    window = pipeline.context_window(prep)
+    if args.new >= window:
+        raise BadInput(f"--new {args.new} leaves no room for a prompt: the model reads at most {window} tokens")
+    req = replace(req, workload=replace(req.workload, prompt=min(args.prompt, window - args.new)))
+    model_dir = local_model_dir(prep)
+    if args.plan:
+        try:
+            sp = ServePlan.from_json(json.loads(Path(args.plan).read_text()))
+        except (OSError, ValueError) as e:
+            raise BadInput(
+                f"cannot read the serve plan {args.plan}: {e}; write one with fitmap plan --serve --out"
+            ) from None
+    else:
+        sp = serve_plan(req, concurrency(args, machine), args.replicas, prep)
+    return _serve(model_dir, sp, args)
+
+
+def _port_free(host: str, port: int) -> None:
+    """Before anything is loaded: the address can be bound (else one line, not uvicorn's log)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise BadInput(
+            f"--host {host!r} is not an address this machine resolves ({e}); use 127.0.0.1 or 0.0.0.0"
+        ) from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise BadInput(
+                f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --port (or --host)"
+            ) from None
+
+
+def _serve(model_dir, sp, args) -> int:
+    import uvicorn
+
+    from fitmap.serve.app import Limits, create_app
+    from fitmap.serve.engine import Engine
+
+    engine = Engine(model_dir, sp, args.trust_remote_code, args.max_queue, args.max_batch)
+    engine.start()
+    name = args.model
+    print(
+        f"fitmap serve: {name} on http://{args.host}:{args.port}/v1 — {sp.choice}; {len(sp.replicas)} "
+        f"replica(s) loaded",
+        flush=True,
+    )
+    app = create_app(engine, name, args.api_key, Limits(queue=args.max_queue))
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.stop()
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fitmap.cli import report
+    from fitmap.planning.devices import make_machine
+    from fitmap.runtime.prompting import open_image
+    from fitmap.runtime.run import answer
+
+    if args.new < 1:
+        raise BadInput(f"--new must be at least 1 (got {args.new})")
+    images = [open_image(p) for p in args.image]
+    machine = make_machine(args.gpus, args.cpu, args.disk, args.reserve)
+    result = answer(
+        args.model, args.prompt, images, args.new, machine, args.plan, args.trust_remote_code, quantize=args.quantize
+    )
+    report.print_plan(result.plan)
+    report.console.print(f"({result.new_tokens} tokens in {result.seconds:.2f} s; load {result.load_seconds:.2f} s)")
+    report.print_memory(result.memory, result.plan)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from fitmap.cli.chat import chat
+    from fitmap.planning.devices import make_machine
+
+    machine = make_machine(args.gpus, args.cpu, args.disk, args.reserve)
+    return chat(args.model, args.image, args.new, machine, args.plan, args.trust_remote_code, quantize=args.quantize)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fitmap.cli.demo import run_demo
+
+    return run_demo()
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from fitmap.planning import calibrate
+
+    if args.show:
+        cal = calibrate.load()
+        if cal is None:
+            raise BadInput(f"no calibration of this machine in {calibrate.saved_path()}; run fitmap calibrate")
+    else:
+        from fitmap.sizes import parse_size
+
+        size = parse_size(args.size)
+        if size < 16 << 20:
+            raise BadInput(f"--size {args.size} is too small to time a disk read; use at least 16MiB")
+        cal = calibrate.measure(Path(args.disk) if args.disk else None, size)
+        path = calibrate.save(cal)
+    if args.json:
+        print(json.dumps(cal.to_json(), indent=2))
+    else:
+        for line in calibrate.describe(cal):
+            print(line)
+        if not args.show:
+            print(f"saved to {path}; fitmap plan uses it for the GPUs it detects and for offload speed")
+    return 0

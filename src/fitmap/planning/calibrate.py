@@ -1,0 +1,353 @@
+"""``fitmap calibrate``: measure this machine once and keep the numbers where ``plan`` finds them.
+
+Measured, per GPU: the memory the driver holds that torch's allocator does not show
+(CUDA context, cuBLAS/cuBLASLt workspaces: NVML's used memory minus torch's reserved
+pool, after a bf16 and an fp32 matrix product), the caching allocator's overhead on a
+decoder-like allocation pattern (reserved over allocated), and host-to-device copy
+bandwidth from pinned and from pageable memory. For the machine: the disk's cold
+sequential read rate (a file written, flushed, evicted from the page cache, read
+back with 16 MiB ``readinto``) and RAM copy bandwidth.
+
+Kept as JSON in fitmap's cache (``$FITMAP_CACHE``, else ``~/.cache/fitmap``). ``plan``
+then takes each detected GPU's reserve from here instead of the default, and prints
+what the offload tiers can deliver per token: bytes per token over the measured rate.
+
+Like :mod:`fitmap.planning.devices`, this module talks to hardware; nothing else calls it
+except the CLI and the planner's read of the saved file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from fitmap.cache import cache_dir
+from fitmap.errors import BadInput
+from fitmap.sizes import MiB, fmt_bytes
+
+GB = 1e9
+
+FILE = "calibration.json"
+VERSION = 1
+SAFETY = 64 * MiB  # added to a measured reserve: what one run's measurement cannot see
+
+
+@dataclass(frozen=True)
+class GpuCalibration:
+    index: int
+    name: str
+    total_bytes: int
+    fixed_bytes: int  # driver-held memory torch does not account for (context, workspaces)
+    allocator_fraction: float  # caching allocator: reserved / allocated - 1 on a decoder-like pattern
+    h2d_pinned: float  # bytes/s, pinned host memory -> this GPU
+    h2d_pageable: float  # bytes/s, pageable host memory -> this GPU
+
+    def reserve(self, capacity: int) -> int:
+        """Bytes to keep free on a budget of ``capacity`` bytes of this GPU."""
+        return self.fixed_bytes + int(self.allocator_fraction * capacity) + SAFETY
+
+
+@dataclass(frozen=True)
+class Calibration:
+    host: str
+    measured_at: str
+    torch: str
+    gpus: tuple[GpuCalibration, ...]
+    disk_dir: str
+    disk_read: float  # bytes/s, cold sequential read
+    ram_copy: float  # bytes/s, one large tensor copy in RAM
+    notes: tuple[str, ...] = ()
+
+    def gpu(self, index: int, name: str) -> GpuCalibration | None:
+        """The calibration of GPU ``index``, if it was measured on this card model."""
+        return next((g for g in self.gpus if g.index == index and g.name == name), None)
+
+    def to_json(self) -> dict:
+        return {"fitmap_calibration": VERSION, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Calibration:
+        if d.get("fitmap_calibration") != VERSION:
+            raise ValueError("another version")
+        gpus = tuple(GpuCalibration(**g) for g in d["gpus"])
+        return cls(
+            d["host"],
+            d["measured_at"],
+            d["torch"],
+            gpus,
+            d["disk_dir"],
+            float(d["disk_read"]),
+            float(d["ram_copy"]),
+            tuple(d.get("notes", ())),
+        )
+
+
+def saved_path() -> Path:
+    return cache_dir() / FILE
+
+
+def load() -> Calibration | None:
+    """This machine's saved calibration; None when there is none (or it was made on another host)."""
+    try:
+        cal = Calibration.from_json(json.loads(saved_path().read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return cal if cal.host == platform.node() else None
+
+
+def save(cal: Calibration) -> Path:
+    path = saved_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(cal.to_json(), indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+# --------------------------------------------------------------------------- measuring
+def measure(disk_dir: Path | None = None, size: int = 512 * MiB) -> Calibration:
+    """Measure every visible GPU, the disk under ``disk_dir`` (default: fitmap's cache) and RAM."""
+    import torch
+
+    disk = Path(disk_dir) if disk_dir is not None else cache_dir()
+    notes: list[str] = []
+    gpus: list[GpuCalibration] = []
+    if torch.cuda.is_available():
+        nvml = _Nvml()
+        if not nvml.ok:
+            notes.append(
+                "nvidia-ml-py (pynvml) is not installed: each GPU's fixed cost is measured with "
+                "cudaMemGetInfo, which also counts other processes' memory"
+            )
+        for i in range(torch.cuda.device_count()):
+            gpus.append(_measure_gpu(i, nvml))
+    else:
+        notes.append("no CUDA GPU visible to torch: GPU reserve and host-to-device bandwidth not measured")
+    rate = disk_read_rate(disk, size)
+    if rate > 20 * GB:
+        notes.append(
+            f"{disk} read at {rate / GB:.0f} GB/s after eviction: it looks memory-backed (tmpfs); "
+            "calibrate the disk you offload to with --disk DIR"
+        )
+    return Calibration(
+        platform.node(),
+        datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        torch.__version__,
+        tuple(gpus),
+        str(disk),
+        rate,
+        ram_copy_rate(),
+        tuple(notes),
+    )
+
+
+class _Nvml:
+    """Driver-side used memory per GPU (NVML), when nvidia-ml-py is installed."""
+
+    def __init__(self) -> None:
+        try:
+            import pynvml  # type: ignore[import-not-found]
+
+            pynvml.nvmlInit()
+            self.pynvml, self.ok = pynvml, True
+        except Exception:
+            self.pynvml, self.ok = None, False
+
+    def used(self, index: int) -> int | None:
+        if not self.ok:
+            return None
+        ids = [int(v) for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip().isdigit()]
+        physical = ids[index] if index < len(ids) else index
+        handle = self.pynvml.nvmlDeviceGetHandleByIndex(physical)
+        return int(self.pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+
+
+def _measure_gpu(index: int, nvml: _Nvml) -> GpuCalibration:
+    import torch
+
+    before = nvml.used(index)  # before this process touches the GPU: no context yet
+    dev = torch.device("cuda", index)
+    with torch.cuda.device(dev):
+        torch.empty(1, device=dev)
+        for dtype in (torch.bfloat16, torch.float32):  # cuBLAS / cuBLASLt handles and workspaces
+            a = torch.randn(2048, 2048, device=dev, dtype=dtype)
+            (a @ a).sum().item()
+        del a
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        reserved = torch.cuda.memory_reserved(dev)
+        if before is not None:
+            fixed = nvml.used(index) - before - reserved
+        else:
+            free, total = torch.cuda.mem_get_info(dev)
+            fixed = total - free - reserved
+        fraction = _allocator_fraction(dev)
+        pinned, pageable = h2d_rates(dev)
+    props = torch.cuda.get_device_properties(dev)
+    return GpuCalibration(
+        index, torch.cuda.get_device_name(dev), int(props.total_memory), max(0, int(fixed)), fraction, pinned, pageable
+    )
+
+
+def _allocator_fraction(dev) -> float:
+    """Reserved over allocated, minus 1, at the peak of a decoder-like pattern: weights of
+    uneven sizes, then activations freed and re-made at other sizes (about 1.5 GiB)."""
+    import torch
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(dev)
+    sizes = [(i * 7919 % 61 + 3) * MiB + i * 4096 + 512 for i in range(24)]
+    weights = [torch.empty(s, dtype=torch.uint8, device=dev) for s in sizes]
+    for step in range(8):
+        acts = [torch.empty((s // 3) + step * 65536, dtype=torch.uint8, device=dev) for s in sizes[step::3]]
+        del acts
+    allocated = torch.cuda.max_memory_allocated(dev)
+    reserved = torch.cuda.max_memory_reserved(dev)
+    del weights
+    torch.cuda.empty_cache()
+    return max(0.0, reserved / allocated - 1)
+
+
+def h2d_rates(dev, nbytes: int = 256 * MiB) -> tuple[float, float]:
+    """(pinned, pageable) host-to-device bytes/s, median of 5 copies after one warm-up."""
+    import torch
+
+    out = []
+    for pinned in (True, False):
+        host = torch.ones(nbytes, dtype=torch.uint8, pin_memory=pinned)
+        target = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+        times = []
+        for _ in range(6):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            target.copy_(host, non_blocking=True)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        out.append(nbytes / statistics.median(times[1:]))
+        del host, target
+    torch.cuda.empty_cache()
+    return out[0], out[1]
+
+
+def disk_read_rate(directory: Path, size: int, repeats: int = 3) -> float:
+    """Bytes/s of a cold sequential read in ``directory``: a file of ``size`` bytes written,
+    flushed, evicted from the page cache, read back; the median of ``repeats`` reads."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if not os.access(directory, os.W_OK):
+        raise BadInput(f"cannot write a test file in {directory}; give --disk a directory you can write to")
+    block = 16 * MiB
+    fd, name = tempfile.mkstemp(prefix=".fitmap-calibrate-", dir=directory)
+    path = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            chunk = os.urandom(block)
+            for _ in range(max(1, size // block)):
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())  # dirty pages cannot be evicted
+        rates = []
+        buf = memoryview(bytearray(block))
+        total = path.stat().st_size
+        for _ in range(repeats):
+            _evict(path)
+            start = time.perf_counter()
+            with open(path, "rb", buffering=0) as f:
+                while f.readinto(buf):
+                    pass
+            rates.append(total / (time.perf_counter() - start))
+        return statistics.median(rates)
+    except OSError as e:
+        raise BadInput(
+            f"cannot measure the disk under {directory}: {e.strerror or e}; give --disk another directory"
+        ) from None
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _evict(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def ram_copy_rate(nbytes: int = 256 * MiB) -> float:
+    """Bytes/s of copying one large tensor in RAM (median of 5): what a CPU-executed decode
+    step can stream its weights at, at best."""
+    import torch
+
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(6):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return nbytes / statistics.median(times[1:])
+
+
+# --------------------------------------------------------------------------- what a plan can expect
+@dataclass(frozen=True)
+class TierSpeed:
+    tier: str  # "cpu" | "disk"
+    bytes_per_token: int  # weights streamed per decode step from this tier
+    rate: float  # bytes/s it streams at (pinned copies, disk reads)
+    via: str  # what the rate is
+
+    @property
+    def seconds(self) -> float:
+        return self.bytes_per_token / self.rate
+
+
+def offload_speeds(plan, cal: Calibration) -> list[TierSpeed]:
+    """Per offload tier of ``plan``: bytes per decode step and the measured rate that bounds it."""
+    ledgers = {d.device: d for d in plan.devices}
+    execution = plan.execution_device
+    out = []
+    cpu = ledgers.get("cpu")
+    if cpu is not None and cpu.weights_bytes:
+        if execution.isdigit():
+            g = next((g for g in cal.gpus if g.index == int(execution)), None)
+            if g is not None:
+                out.append(TierSpeed("cpu", cpu.weights_bytes, g.h2d_pinned, f"pinned copies to cuda:{execution}"))
+        else:
+            out.append(TierSpeed("cpu", cpu.weights_bytes, cal.ram_copy, "RAM bandwidth"))
+    disk = ledgers.get("disk")
+    if disk is not None and disk.weights_bytes:
+        out.append(TierSpeed("disk", disk.weights_bytes, cal.disk_read, f"cold reads of {cal.disk_dir}"))
+    return out
+
+
+def expected_tokens_per_second(speeds: list[TierSpeed]) -> float | None:
+    """Decode tok/s the offload tiers allow at most: the disk reads and the copies overlap,
+    so the slower stream bounds the step (compute and GPU-resident layers not counted)."""
+    if not speeds:
+        return None
+    return 1.0 / max(s.seconds for s in speeds)
+
+
+def describe(cal: Calibration) -> list[str]:
+    """Lines for people."""
+    lines = [f"calibration of {cal.host}, {cal.measured_at} (torch {cal.torch})"]
+    for g in cal.gpus:
+        lines.append(
+            f"cuda:{g.index} {g.name}: {fmt_bytes(g.total_bytes)}; fixed cost {fmt_bytes(g.fixed_bytes)} "
+            f"(context + workspaces), allocator overhead {g.allocator_fraction:.1%}; reserve on the whole "
+            f"card {fmt_bytes(g.reserve(g.total_bytes))}; host->device {g.h2d_pinned / GB:.1f} GB/s pinned, "
+            f"{g.h2d_pageable / GB:.1f} GB/s pageable"
+        )
+    if not cal.gpus:
+        lines.append("no GPU: nothing to measure there (plans for detected GPUs keep the default reserve)")
+    lines.append(f"disk ({cal.disk_dir}): {cal.disk_read / GB:.2f} GB/s cold sequential read")
+    lines.append(f"RAM: {cal.ram_copy / GB:.1f} GB/s copy")
+    lines += [f"note: {n}" for n in cal.notes]
+    return lines

@@ -1,0 +1,320 @@
+"""Images in tokens: how many tokens, patches and tiles one image of W x H pixels becomes in a
+model, as that model's image processor cuts it.
+
+Per family, the processor's own arithmetic (Qwen's pixel limits and 2x2 merges, Pixtral's longest
+edge, InternVL's closest tile grid, Llama 4's best-fit canvas, fixed-size towers); where the
+arithmetic is the processor's alone (Idefics3 / SmolVLM splits, LLaVA-OneVision's "anyres"
+pinpoints), the model's own image processor is run on a blank image of that size.
+:func:`image_shape` is the one entry point; the profile sizes activations and KV with it, the
+simulator lays out its inputs with it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fitmap.model import configs
+from fitmap.planning.workload import Workload
+
+
+# --------------------------------------------------------------------------- images
+@dataclass(frozen=True)
+class ImageShape:
+    tokens: int  # tokens the image adds to the text sequence
+    patches: int  # sequence length through the vision tower (all tiles)
+    tiles: int  # separate vision passes (batch of the tower)
+
+
+# Pixel limits of the Qwen-VL families' published preprocessor_config.json (size.shortest_edge and
+# size.longest_edge, in pixels), for a config that comes without its processor's files.
+QWEN_PIXELS = {
+    "qwen2_vl": (56 * 56, 12845056),
+    "qwen2_5_vl": (56 * 56, 12845056),
+    "qwen3_vl": (65536, 16777216),
+    "qwen3_vl_moe": (65536, 16777216),
+}
+
+
+def qwen_pixel_limits(cfg) -> tuple[int, int]:
+    """(min, max) pixels an image is resized between: the model's image processor settings when
+    known (its files, or the catalog's copy), else its family's published ones."""
+    lo, hi = QWEN_PIXELS.get(configs.model_type(cfg), QWEN_PIXELS["qwen2_vl"])
+    proc = configs.image_processor_config(cfg) or {}
+    size = proc.get("size") if isinstance(proc.get("size"), dict) else {}
+    lo = size.get("shortest_edge") or proc.get("min_pixels") or lo
+    hi = size.get("longest_edge") or proc.get("max_pixels") or hi
+    return int(lo), int(hi)
+
+
+def _qwen2_vl(cfg, w: int, h: int) -> ImageShape:
+    vc = configs.vision_config(cfg)
+    patch, merge = vc.patch_size, vc.spatial_merge_size
+    factor = patch * merge
+    min_px, max_px = qwen_pixel_limits(cfg)
+    hb, wb = max(factor, round(h / factor) * factor), max(factor, round(w / factor) * factor)
+    if hb * wb > max_px:
+        beta = math.sqrt(h * w / max_px)
+        hb, wb = math.floor(h / beta / factor) * factor, math.floor(w / beta / factor) * factor
+    elif hb * wb < min_px:
+        beta = math.sqrt(min_px / (h * w))
+        hb, wb = math.ceil(h * beta / factor) * factor, math.ceil(w * beta / factor) * factor
+    patches = (hb // patch) * (wb // patch)
+    return ImageShape(patches // (merge * merge), patches, 1)
+
+
+# Longest edge Mistral 3 (Pixtral) images are scaled within: Mistral-Small-3.1's published
+# preprocessor_config.json, for a config without its processor's files.
+PIXTRAL_LONGEST_EDGE = 1540
+
+
+def _pixtral(cfg, w: int, h: int) -> ImageShape:
+    """Mistral 3: scaled (floor) to fit the longest edge, padded up to whole patches; one token per
+    2x2 merged patches, a break token ending each row (text, counted in the prompt)."""
+    vc = configs.vision_config(cfg)
+    proc = configs.image_processor_config(cfg) or {}
+    longest = (proc.get("size") or {}).get("longest_edge") or PIXTRAL_LONGEST_EDGE
+    step = proc.get("patch_size") or vc.patch_size
+    step = step["height"] if isinstance(step, dict) else step
+    ratio = max(h / longest, w / longest)
+    if ratio > 1:
+        h, w = int(math.floor(h / ratio)), int(math.floor(w / ratio))
+    hb, wb = -(-h // step) * step, -(-w // step) * step
+    merged = vc.patch_size * getattr(cfg, "spatial_merge_size", 1)
+    return ImageShape((hb // merged) * (wb // merged), (hb // vc.patch_size) * (wb // vc.patch_size), 1)
+
+
+def _glm4v(cfg, w: int, h: int) -> ImageShape:
+    """GLM-4.1V: its image processor's own resize rule (transformers' ``smart_resize`` for GLM-4V, an
+    image being two identical frames) and pixel limits; one token per 2x2 merged patches."""
+    from transformers.models.glm4v.image_processing_pil_glm4v import smart_resize
+
+    vc = configs.vision_config(cfg)
+    proc = configs.image_processor_config(cfg) or {}
+    size = proc.get("size") if isinstance(proc.get("size"), dict) else {}
+    patch, merge, frames = vc.patch_size, vc.spatial_merge_size, vc.temporal_patch_size
+    hb, wb = smart_resize(
+        frames,
+        h,
+        w,
+        temporal_factor=frames,
+        factor=patch * merge,
+        min_pixels=size.get("shortest_edge", GLM4V_PIXELS[0]),
+        max_pixels=size.get("longest_edge", GLM4V_PIXELS[1]),
+    )
+    patches = (hb // patch) * (wb // patch)
+    return ImageShape(patches // (merge * merge), patches, 1)
+
+
+# GLM-4.1V's image processor defaults (size.shortest_edge, size.longest_edge), for a config without files.
+GLM4V_PIXELS = (112 * 112, 28 * 28 * 15000)
+
+
+def _internvl(cfg, w: int, h: int) -> ImageShape:
+    """Dynamic tiling: the grid (i x j <= 12 tiles) closest to the aspect ratio, plus a thumbnail."""
+    vc = configs.vision_config(cfg)
+    size = getattr(cfg, "force_image_size", None) or vc.image_size
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    patch = vc.patch_size[0] if isinstance(vc.patch_size, (list, tuple)) else vc.patch_size
+    best = closest_grid(w, h, size, int(getattr(cfg, "max_dynamic_patch", None) or 12))
+    thumbnail = getattr(cfg, "use_thumbnail", True) is not False
+    tiles = best[0] * best[1] + (1 if thumbnail and best[0] * best[1] > 1 else 0)
+    per_tile = (size // patch) ** 2
+    ratio = getattr(cfg, "downsample_ratio", 0.5)
+    return ImageShape(tiles * int(per_tile * ratio * ratio), tiles * (per_tile + 1), tiles)
+
+
+def closest_grid(w: int, h: int, size: int, max_tiles: int = 12) -> tuple[int, int]:
+    """InternVL's rule: the closest aspect ratio; on a tie, the larger grid if the image is big enough."""
+    grids = sorted(
+        {(i, j) for i in range(1, max_tiles + 1) for j in range(1, max_tiles + 1) if i * j <= max_tiles},
+        key=lambda g: g[0] * g[1],
+    )
+    aspect, best, best_diff = w / h, (1, 1), float("inf")
+    for i, j in grids:
+        diff = abs(aspect - i / j)
+        if diff < best_diff or (diff == best_diff and w * h > 0.5 * size * size * i * j):
+            best, best_diff = (i, j), diff
+    return best
+
+
+def _cogvlm(cfg, w: int, h: int) -> ImageShape:
+    """CogVLM2: resized to the tower's square; a 2x2 conv halves the grid; boi and eoi around it."""
+    vc = configs.vision_config(cfg)
+    grid = vc.image_size // vc.patch_size
+    return ImageShape((grid // 2) ** 2 + 2, grid * grid + 1, 1)
+
+
+# tokens per image where a config declares them (the projector pools the tower's grid to this many)
+DECLARED_IMAGE_TOKENS = ("mm_tokens_per_image", "image_seq_length", "num_image_tokens")
+
+
+def _fixed_size(cfg, w: int, h: int) -> ImageShape:
+    """LLaVA-style: the image is resized to the tower's square input; it adds the tower's grid of
+    tokens, or the count the config declares (Gemma 3's ``mm_tokens_per_image``: 256 pooled from
+    64 x 64 patches)."""
+    vc = configs.vision_config(cfg)
+    grid = (vc.image_size // vc.patch_size) ** 2
+    declared = next((getattr(cfg, k) for k in DECLARED_IMAGE_TOKENS if isinstance(getattr(cfg, k, None), int)), None)
+    return ImageShape(declared or grid, grid + 1, 1)
+
+
+def _llava_shape(cfg, w: int, h: int) -> ImageShape:
+    """LLaVA: the projector keeps every patch of the tower's square (and the CLS position with the
+    "full" feature strategy). Its ``image_seq_length`` is a class default, not always the tower's."""
+    vc = configs.vision_config(cfg)
+    grid = (vc.image_size // vc.patch_size) ** 2
+    full = getattr(cfg, "vision_feature_select_strategy", "default") == "full"
+    return ImageShape(grid + (1 if full else 0), grid + 1, 1)
+
+
+def _idefics3(cfg, w: int, h: int) -> ImageShape:
+    """Idefics3 / SmolVLM: the tiles its own image processor cuts (``fitmap.simulation.vision_inputs``)."""
+    return idefics3_shape(cfg, w, h)
+
+
+def _onevision(cfg, w: int, h: int) -> ImageShape:
+    """LLaVA-OneVision: the tiles and token count of its own processor (``fitmap.simulation.vision_inputs``)."""
+    return onevision_shape(cfg, w, h)
+
+
+def _llama4(cfg, w: int, h: int) -> ImageShape:
+    """Llama 4: tiles of the tower's square on the canvas its image processor picks (the grid of at most
+    ``max_patches`` tiles needing the least upscaling, else the least downscaling; the smallest on a
+    tie), plus a global tile when there are several; each tile pixel-shuffled to a quarter."""
+    vc = configs.vision_config(cfg)
+    side = vc.image_size
+    proc = configs.image_processor_config(cfg) or {}
+    max_tiles = int(proc.get("max_patches") or LLAMA4_MAX_TILES)
+    canvases = sorted(
+        {(a * side, n // a * side) for n in range(1, max_tiles + 1) for a in range(1, n + 1) if n % a == 0}
+    )
+    scales = [min(ch / h, cw / w) for ch, cw in canvases]
+    up = [s for s in scales if s >= 1]
+    chosen = min(up) if up else max(scales)
+    _, ch, cw = min((ch * cw, ch, cw) for (ch, cw), s in zip(canvases, scales) if s == chosen)
+    grid = (ch // side) * (cw // side)
+    tiles = grid + (1 if grid > 1 else 0)
+    per_tile = (side // vc.patch_size) ** 2
+    ratio = getattr(vc, "pixel_shuffle_ratio", 0.5)
+    return ImageShape(tiles * int(per_tile * ratio * ratio), tiles * per_tile, tiles)
+
+
+LLAMA4_MAX_TILES = 16  # Llama 4's published preprocessor_config.json (max_patches)
+
+
+IMAGE_SHAPES: dict[str, Callable] = {
+    "qwen2_vl": _qwen2_vl,
+    "qwen2_5_vl": _qwen2_vl,
+    "qwen3_vl": _qwen2_vl,
+    "qwen3_vl_moe": _qwen2_vl,
+    "internvl": _internvl,
+    "mistral3": _pixtral,
+    "glm4v": _glm4v,
+    "idefics3": _idefics3,
+    "smolvlm": _idefics3,
+    "llava_onevision": _onevision,
+    "llama4": _llama4,
+    "llava": _llava_shape,
+    "internvl_chat": _internvl,
+    "CogVLMForCausalLM": _cogvlm,
+}
+
+
+def image_shape(config, w: int, h: int) -> ImageShape:
+    fn = IMAGE_SHAPES.get(configs.model_type(config), _fixed_size)
+    return fn(config, w, h)
+
+
+def idefics3_shape(config, w: int, h: int) -> ImageShape:
+    """Tokens, patches and tiles of one image, as Idefics3's / SmolVLM's image processor splits it."""
+    tiles = idefics3_tiles(processed_images(idefics3_processor(config), Workload(images=((w, h),)), nested=True))[0]
+    vc = config.vision_config
+    return ImageShape(tiles * idefics3_per_tile(config), tiles * (vc.image_size // vc.patch_size) ** 2, tiles)
+
+
+def idefics3_processor(config):
+    side = config.vision_config.image_size  # published: the tower's side, and 4 of them for the longest edge
+    name = "SmolVLMImageProcessor" if configs.model_type(config) == "smolvlm" else "Idefics3ImageProcessor"
+    return image_processor(config, name, {"size": {"longest_edge": 4 * side}, "max_image_size": {"longest_edge": side}})
+
+
+def idefics3_per_tile(config) -> int:
+    vc = config.vision_config
+    return (vc.image_size // vc.patch_size) ** 2 // config.scale_factor**2
+
+
+def idefics3_tiles(enc: dict) -> list[int]:
+    """Tiles per image: rows x cols when split, plus the global image; 1 when not split."""
+    return [r * c + 1 if r * c else 1 for r, c in zip(enc["rows"][0], enc["cols"][0])]
+
+
+def onevision_shape(config, w: int, h: int) -> ImageShape:
+    """Tokens, patches and tiles of one image, as LLaVA-OneVision's processor makes and counts them."""
+    enc = processed_images(onevision_processor(config), Workload(images=((w, h),)))
+    vc = config.vision_config
+    tiles = int(enc["pixel_values"].shape[1])
+    return ImageShape(onevision_tokens(config, enc, 0), tiles * (vc.image_size // vc.patch_size) ** 2, tiles)
+
+
+def onevision_processor(config):
+    side = config.vision_config.image_size
+    return image_processor(
+        config,
+        "LlavaOnevisionImageProcessor",
+        {"size": {"height": side, "width": side}, "image_grid_pinpoints": config.image_grid_pinpoints},
+    )
+
+
+def onevision_tokens(config, enc: dict, index: int) -> int:
+    """Image tokens of image ``index``, by LlavaOnevisionProcessor's own counting methods (called on a
+    stand-in holding what they read: the image processor's pinpoints, the tower's tokens, the cap)."""
+    from types import SimpleNamespace
+
+    from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor as P
+
+    vc = config.vision_config
+    counter = SimpleNamespace(
+        image_processor=SimpleNamespace(image_grid_pinpoints=config.image_grid_pinpoints),
+        num_image_tokens=(vc.image_size // vc.patch_size) ** 2,
+        vision_aspect_ratio=config.vision_aspect_ratio,
+    )
+    counter._get_unpadded_features = lambda *a: P._get_unpadded_features(counter, *a)
+    if len(enc["image_sizes"]) > 1:  # several images: each is its base tile and a newline
+        tokens = counter.num_image_tokens + 1
+    else:
+        height, width = enc["image_sizes"][index].tolist()
+        tokens = P._get_number_of_features(counter, height, width, vc.image_size, vc.image_size)
+    return tokens - (1 if config.vision_feature_select_strategy == "default" else 0)
+
+
+def image_processor(config, name: str, defaults: dict):
+    """The model's own image processor class, with its settings (its files, the catalog's copy) or
+    the family's published ones; the PIL implementation where torchvision is missing."""
+    import importlib.util
+
+    import transformers
+
+    settings = {
+        k: v
+        for k, v in (configs.image_processor_config(config) or defaults).items()
+        if k not in ("image_processor_type", "processor_class")
+    }
+    pil = getattr(transformers, f"{name}Pil", None)
+    cls = pil if pil is not None and importlib.util.find_spec("torchvision") is None else getattr(transformers, name)
+    return cls.from_dict(settings)
+
+
+def processed_images(processor, workload: Workload, nested: bool = False) -> dict:
+    """The image processor's output for one sequence's images (blank, of the workload's sizes), made
+    for real (outside any fake mode): sizes and grids drive the model's own arithmetic. ``nested``:
+    the processor takes a list of images per sequence (and says how it split them)."""
+    from PIL import Image
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    images = [Image.new("RGB", (w, h)) for w, h in workload.images]
+    with unset_fake_temporarily():
+        if nested:
+            return dict(processor(images=[images], return_tensors="pt", return_row_col_info=True))
+        return dict(processor(images=images, return_tensors="pt"))

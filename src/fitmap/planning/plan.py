@@ -1,0 +1,300 @@
+"""Stage 4 — Plan: a device map that fits the workload, and a ledger per device.
+
+:func:`make_plan` turns a skeleton and a profile into solver items (co-location
+groups merged, pins applied), asks the pure solver (:mod:`fitmap.planning.solver`) for an
+assignment, and writes the result in the transformers/accelerate ``device_map``
+format: ``{module path: GPU index | "cpu" | "disk"}``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from fitmap.errors import BadInput
+from fitmap.model.skeleton import Skeleton
+from fitmap.planning.devices import Machine
+from fitmap.planning.profile import Profile
+from fitmap.planning.solver import Assignment, Gpu, Item, Policy, Tiers, solve
+from fitmap.planning.workload import Workload
+
+UNLIMITED = 1 << 62
+
+
+@dataclass(frozen=True)
+class DeviceLedger:
+    device: str  # "0", "1", ... | "cpu" | "disk"
+    capacity_bytes: int
+    weights_bytes: int
+    kv_bytes: int
+    activation_bytes: int
+    reserve_bytes: int
+    stream_bytes: int  # double buffer for offloaded weights (execution device)
+    total_bytes: int
+    units: tuple[str, ...] = ()
+
+    @property
+    def utilization(self) -> float:
+        return self.total_bytes / self.capacity_bytes if self.capacity_bytes else 0.0
+
+
+@dataclass(frozen=True)
+class Repair:
+    """A fix found by ``fitmap check``: an alignment hook (see :mod:`fitmap.dispatch.repairs`) or a co-location."""
+
+    kind: str  # "align-inputs" | "align-outputs" | "follow-inputs" | "colocate"
+    module: str  # module path the repair applies to
+    device: str  # device the inputs are moved to / the unit is moved to
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    fits: bool
+    policy: str
+    dtype: str
+    estimate: str  # "analytic" | "simulate"
+    workload: Workload
+    device_map: dict[str, int | str]
+    devices: tuple[DeviceLedger, ...]
+    shortfall_bytes: int = 0
+    advice: str = ""
+    groups: dict[str, list[str]] = field(default_factory=dict)
+    repairs: tuple[Repair, ...] = ()
+    execution_device: str = "cpu"  # where offloaded units run
+    quantize: str | None = None  # quantized while loading (``--quantize``), e.g. "nf4"
+
+    def to_json(self) -> dict:
+        return {
+            "fitmap_plan": 1,
+            "model": self.model,
+            "fits": self.fits,
+            "policy": self.policy,
+            "dtype": self.dtype,
+            "estimate": self.estimate,
+            "workload": self.workload.to_json(),
+            "device_map": self.device_map,
+            "devices": [asdict(d) | {"units": list(d.units)} for d in self.devices],
+            "shortfall_bytes": self.shortfall_bytes,
+            "advice": self.advice,
+            "groups": self.groups,
+            "repairs": [asdict(r) for r in self.repairs],
+            "execution_device": self.execution_device,
+        } | ({"quantize": self.quantize} if self.quantize else {})
+
+    @classmethod
+    def from_json(cls, d: dict) -> Plan:
+        try:
+            return cls(
+                model=d["model"],
+                fits=d["fits"],
+                policy=d["policy"],
+                dtype=d["dtype"],
+                estimate=d["estimate"],
+                workload=Workload.from_json(d["workload"]),
+                device_map=dict(d["device_map"]),
+                devices=tuple(DeviceLedger(**(x | {"units": tuple(x.get("units", ()))})) for x in d["devices"]),
+                shortfall_bytes=d.get("shortfall_bytes", 0),
+                advice=d.get("advice", ""),
+                groups=d.get("groups", {}),
+                repairs=tuple(Repair(**r) for r in d.get("repairs", [])),
+                execution_device=d.get("execution_device", "cpu"),
+                quantize=d.get("quantize"),
+            ).validated()
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise BadInput(f"not a fitmap plan (missing or wrong field {e}); make one with fitmap plan --out") from None
+
+    def validated(self) -> Plan:
+        if not isinstance(self.device_map, dict) or not self.device_map:
+            raise BadInput("the plan has no device_map; make one with fitmap plan --out")
+        self.check_devices()
+        return self
+
+    def save(self, path: str | Path) -> None:
+        p = Path(path)
+        text = json.dumps(self.to_json(), indent=2) + "\n"
+        try:
+            p.write_text(text)
+        except OSError as e:
+            raise BadInput(
+                f"cannot write the plan to {p}: {e.strerror or e}; give --out a file path in a "
+                "directory you can write to"
+            ) from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        p = Path(path)
+        try:
+            data = json.loads(p.read_text())
+            if not isinstance(data, dict):
+                raise BadInput(
+                    f"plan file {p} holds a JSON {type(data).__name__}, not an object: give a fitmap "
+                    "plan (fitmap plan --out) or a device map {module: device}"
+                )
+            return cls.from_json(data)
+        except FileNotFoundError:
+            raise BadInput(f"plan file {p} does not exist; write one with fitmap plan ... --out {p}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise BadInput(f"plan file {p} is not valid JSON; write it again with fitmap plan ... --out") from None
+        except OSError as e:
+            raise BadInput(
+                f"cannot read plan file {p}: {e.strerror or e}; give --plan the JSON file fitmap plan --out wrote"
+            ) from None
+
+    def check_devices(self) -> None:
+        """Every unit on a GPU of the plan's ledger, ``cpu`` or ``disk`` (a hand-edited plan may say ``tpu``)."""
+        gpus = sorted(int(d.device) for d in self.devices if d.device.isdigit())
+        bad = []
+        for unit, dev in self.device_map.items():
+            if dev in ("cpu", "disk"):
+                continue
+            index = dev if type(dev) is int else int(dev) if isinstance(dev, str) and dev.isdigit() else None
+            if index is None or index not in gpus:
+                bad.append(f"{unit} -> {dev!r}")
+        if bad:
+            have = ", ".join(map(str, gpus)) or "none"
+            raise BadInput(
+                f"the plan places {len(bad)} unit(s) on devices it does not have ({'; '.join(bad[:3])}); "
+                f"a unit goes on one of the plan's GPUs ({have}), 'cpu' or 'disk': fix the map or re-plan"
+            )
+
+
+# --------------------------------------------------------------------------- items
+@dataclass(frozen=True)
+class _Component:
+    units: tuple[str, ...]
+    pin: str | None
+    offloadable: bool
+
+
+def components(sk: Skeleton, pins: dict[str, str]) -> list[_Component]:
+    """Units merged by co-location groups, in execution order: a group sits where its first
+    unit does, and the skeleton lists the input side first and the output side last."""
+    parent = {u.name: u.name for u in sk.units}
+
+    def find(x: str) -> str:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for g in sk.groups:
+        for other in g.units[1:]:
+            parent[find(other)] = find(g.units[0])
+    members: dict[str, list[str]] = {}
+    for u in sk.units:
+        members.setdefault(find(u.name), []).append(u.name)
+    kinds = {u.name: u.kind for u in sk.units}
+    comps = []
+    for names in members.values():
+        comp_pins = {pins[n] for n in names if n in pins}
+        if len(comp_pins) > 1:
+            raise BadInput(f"--pin puts {', '.join(names)} on {sorted(comp_pins)}, but they must stay together")
+        offloadable = len(names) == 1 and kinds[names[0]] == "block"
+        comps.append(_Component(tuple(names), comp_pins.pop() if comp_pins else None, offloadable))
+    return comps
+
+
+def resolve_pins(sk: Skeleton, pins: dict[str, str], machine: Machine) -> dict[str, str]:
+    """``{MODULE: DEVICE}`` from the user -> ``{unit name: device}``."""
+    valid = {str(g.index) for g in machine.gpus} | {"cpu"} | ({"disk"} if machine.disk else set())
+    out: dict[str, str] = {}
+    names = [u.name for u in sk.units]
+    for module, device in pins.items():
+        if device not in valid:
+            raise BadInput(f"--pin {module}={device}: no such device; use one of {', '.join(sorted(valid))}")
+        hit = [n for n in names if n == module or n.startswith(module + ".") or module.startswith(n + ".")]
+        if not hit:
+            import difflib
+
+            close = difflib.get_close_matches(module, names, 3, 0.5)
+            raise BadInput(
+                f"--pin {module}: no such module in {sk.model_class}"
+                + (f"; did you mean {', '.join(close)}?" if close else "; see fitmap inspect for unit names")
+            )
+        out.update({n: device for n in hit})
+    return out
+
+
+def items(sk: Skeleton, profile: Profile, comps: list[_Component]) -> list[Item]:
+    costs = {c.name: c for c in profile.costs}
+    out = []
+    for c in comps:
+        cs = [costs[n] for n in c.units]
+        out.append(
+            Item(
+                name=c.units[0] if len(c.units) == 1 else f"{c.units[0]} (+{len(c.units) - 1})",
+                weight_bytes=sum(x.weight_bytes for x in cs),
+                kv_bytes=sum(x.kv_bytes for x in cs),
+                act_bytes=max(x.act_bytes for x in cs),
+                pin=c.pin,
+                offloadable=c.offloadable and not sk.resident_only,  # quantized weights stay resident
+            )
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- plan
+def make_plan(
+    model: str,
+    sk: Skeleton,
+    profile: Profile,
+    machine: Machine,
+    policy: Policy = Policy.BALANCED,
+    pins: dict[str, str] | None = None,
+) -> Plan:
+    unit_pins = resolve_pins(sk, pins or {}, machine)
+    comps = components(sk, unit_pins)
+    gpus = [Gpu(str(g.index), g.capacity, g.reserve) for g in machine.gpus]
+    tiers = Tiers(cpu=machine.cpu, disk=machine.disk_bytes if machine.disk is not None else None)
+    result = solve(items(sk, profile, comps), gpus, tiers, policy)
+    return _to_plan(model, sk, profile, machine, policy, comps, result)
+
+
+def _to_plan(
+    model: str,
+    sk: Skeleton,
+    profile: Profile,
+    machine: Machine,
+    policy: Policy,
+    comps: list[_Component],
+    result: Assignment,
+) -> Plan:
+    device_map: dict[str, int | str] = {}
+    units_on: dict[str, list[str]] = {}
+    for comp, dev in zip(comps, result.devices):
+        for n in comp.units:
+            device_map[n] = int(dev) if dev.isdigit() else dev
+            units_on.setdefault(dev, []).append(n)
+    order = {u.name: i for i, u in enumerate(sk.units)}
+    device_map = dict(sorted(device_map.items(), key=lambda kv: order[kv[0]]))
+    ledgers = tuple(
+        DeviceLedger(
+            d.device,
+            d.capacity,
+            d.weights,
+            d.kv,
+            d.activations,
+            d.reserve,
+            d.stream_buffer,
+            d.total,
+            tuple(units_on.get(d.device, ())),
+        )
+        for d in result.loads
+    )
+    return Plan(
+        model=model,
+        fits=result.fits,
+        policy=policy.value,
+        dtype=sk.dtype,
+        estimate=profile.method,
+        workload=profile.workload,
+        device_map=device_map,
+        devices=ledgers,
+        shortfall_bytes=result.shortfall,
+        groups={g.name: list(g.units) for g in sk.groups},
+        execution_device=str(machine.gpus[0].index) if machine.gpus else "cpu",
+        quantize=sk.quantize,
+    )

@@ -1,0 +1,188 @@
+"""The steps the simulator takes on the model, as ``generate()`` takes them: the prefill's
+inputs, the KV cache grown to the full context, and one decode step's inputs (the model's own
+generation owner and keywords, remote code included)."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from fitmap.model import compat
+from fitmap.simulation.fake import plan_device
+
+
+def _accepted(fn: Any, kwargs: dict) -> dict:
+    """The keyword arguments ``fn`` takes (all of them when it takes ``**kwargs``): remote code
+    written for transformers 4.x has no ``logits_to_keep`` or ``cache_position``."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+def generation_owner(model: nn.Module) -> nn.Module:
+    """The module ``generate`` runs decode steps on. Remote-code VLMs (InternVL) define their
+    own ``generate`` that merges image features into the embeddings once and hands
+    ``inputs_embeds`` to their language model's ``generate``: decoding runs there."""
+    own = getattr(type(model), "generate", None)
+    if own is None or not getattr(own, "__module__", "").startswith("transformers_modules"):
+        return model
+    for name in ("language_model", "llm", "text_model"):
+        child = getattr(model, name, None)
+        if isinstance(child, nn.Module) and callable(getattr(child, "prepare_inputs_for_generation", None)):
+            return child
+    return model
+
+
+def set_image_token(model: nn.Module, inputs: dict) -> None:
+    """InternVL's ``chat()`` sets ``img_context_token_id`` from the tokenizer before it generates."""
+    token = inputs.pop("_image_token_id", None)
+    if token is not None and hasattr(model, "img_context_token_id") and model.img_context_token_id is None:
+        model.img_context_token_id = int(token)
+
+
+def _own_generation(model: nn.Module) -> bool:
+    """Does the model's own code (remote code) define how generation prepares each step?"""
+    fn = getattr(type(model), "prepare_inputs_for_generation", None)
+    return fn is not None and getattr(fn, "__module__", "").startswith("transformers_modules")
+
+
+def _requires(model: nn.Module, name: str) -> bool:
+    """Does the model's forward or its own ``prepare_inputs_for_generation`` require ``name``?"""
+    for fn in (model.forward, getattr(model, "prepare_inputs_for_generation", None)):
+        try:
+            param = inspect.signature(fn).parameters.get(name) if fn is not None else None
+        except (TypeError, ValueError):
+            continue
+        if param is not None and param.default is inspect.Parameter.empty:
+            return True
+    return False
+
+
+def _last_logit_only(model: nn.Module) -> dict:
+    params = inspect.signature(model.forward).parameters
+    if "logits_to_keep" in params:
+        return {"logits_to_keep": 1}
+    if "return_last_logit" in params:  # ChatGLM's own name for it
+        return {"return_last_logit": True}
+    return {}
+
+
+def prefill_inputs(model: nn.Module, inputs: dict) -> dict:
+    """The prefill call as ``generate`` makes it: through the model's own
+    ``prepare_inputs_for_generation`` when its code defines one; only arguments its forward takes."""
+    kwargs = {**inputs, "use_cache": True, **_last_logit_only(model)}
+    if "input_ids" in inputs and "token_type_ids" not in inputs and _requires(model, "token_type_ids"):
+        kwargs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])  # CogVLM: all text tokens
+    if _own_generation(model) and "input_ids" in inputs:
+        rest = {k: v for k, v in kwargs.items() if k != "input_ids"}
+        prepared = model.prepare_inputs_for_generation(
+            inputs["input_ids"], **_accepted(model.prepare_inputs_for_generation, rest)
+        )
+        kwargs = {**kwargs, **{k: v for k, v in prepared.items() if v is not None}}
+    return _accepted(model.forward, kwargs)
+
+
+def decode_inputs(model: nn.Module, inputs: dict, cache: Any, past: int) -> dict:
+    """One decode step after ``past`` cached tokens, as ``generate()`` builds it. The next
+    token is a stand-in id (0): what the step costs does not depend on its value."""
+    ids = inputs["input_ids"]
+    b, device = ids.shape[0], ids.device
+    next_ids = torch.zeros(b, 1, dtype=torch.long, device=device)
+    mask = torch.ones(b, past + 1, dtype=torch.long, device=device)
+    if _own_generation(model):
+        full_ids = torch.cat([ids, next_ids.expand(b, past + 1 - ids.shape[1])], dim=1)
+        positions = torch.arange(past + 1, device=device).unsqueeze(0).expand(b, -1)
+        given = {
+            compat.cache_kwarg(model): cache,
+            "attention_mask": mask,
+            "use_cache": True,
+            "is_first_forward": False,
+            "cache_position": torch.arange(past, past + 1, device=device),
+        }
+        if "token_type_ids" in inputs or _requires(model, "token_type_ids"):  # CogVLM: new tokens are text
+            types = inputs.get("token_type_ids", torch.zeros_like(ids))
+            given["token_type_ids"] = torch.cat([types, torch.zeros_like(full_ids[:, types.shape[1] :])], dim=1)
+        if "position_ids" in inspect.signature(model.prepare_inputs_for_generation).parameters:
+            given["position_ids"] = positions  # ChatGLM's tokenizer makes them and generate extends them
+        prepared = model.prepare_inputs_for_generation(
+            full_ids, **_accepted(model.prepare_inputs_for_generation, given)
+        )
+        step = {k: v for k, v in prepared.items() if v is not None}
+    else:
+        step = {
+            "input_ids": next_ids,
+            "attention_mask": mask,
+            compat.cache_kwarg(model): cache,
+            "use_cache": True,
+            "cache_position": torch.arange(past, past + 1, device=device),
+        }
+        if "image_grid_thw" in inputs:  # Qwen2-VL keeps its rope deltas from the prefill
+            step["position_ids"] = torch.full((3, b, 1), past, dtype=torch.long, device=device)
+    return _accepted(model.forward, {**step, **_last_logit_only(model)})
+
+
+def grow_cache(cache: Any, length: int, prefill: int) -> Any:
+    """Give every cache layer ``length`` tokens (sliding layers keep their window). Cache
+    objects are grown in place; tuple caches (remote code written for transformers 4.x:
+    per layer ``(key, value)``, the sequence on the axis that had ``prefill`` entries) are
+    returned anew."""
+    if isinstance(cache, (tuple, list)):
+        return type(cache)(grow_cache(c, length, prefill) for c in cache)
+    if isinstance(cache, torch.Tensor):
+        dims = [d for d in range(cache.dim() - 1) if cache.shape[d] == prefill]
+        if not dims:
+            return cache
+        shape = list(cache.shape)
+        shape[dims[-1] if cache.dim() == 4 and dims[-1] == 2 else dims[0]] = length
+        return cache.new_empty(shape)
+    for kname, vname in (("key_cache", "value_cache"),):  # transformers 4.x DynamicCache
+        if isinstance(getattr(cache, kname, None), list):
+            for lists in (getattr(cache, kname), getattr(cache, vname)):
+                for i, t in enumerate(lists):
+                    if isinstance(t, torch.Tensor) and t.dim() == 4:
+                        lists[i] = t.new_empty(*t.shape[:-2], length, t.shape[-1])
+            if hasattr(cache, "_seen_tokens"):
+                cache._seen_tokens = length
+            return cache
+    for layer in getattr(cache, "layers", []):
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not isinstance(keys, torch.Tensor) or keys.dim() < 3:
+            continue
+        window = getattr(layer, "sliding_window", None)
+        n = min(length, window - 1) if window else length
+        layer.keys = keys.new_empty(*keys.shape[:-2], n, keys.shape[-1])
+        layer.values = values.new_empty(*values.shape[:-2], n, values.shape[-1])
+        if hasattr(layer, "cumulative_length"):
+            layer.cumulative_length = length
+    return cache
+
+
+def _cache_layers(cache: Any) -> list[list[torch.Tensor]]:
+    """Per text layer, the KV tensors of ``cache`` (any of the layouts above)."""
+    if isinstance(cache, (tuple, list)):
+        return [
+            [t for t in layer if isinstance(t, torch.Tensor)] if isinstance(layer, (tuple, list)) else [layer]
+            for layer in cache
+        ]
+    if isinstance(getattr(cache, "key_cache", None), list):
+        return [[k, v] for k, v in zip(cache.key_cache, cache.value_cache)]
+    return [
+        [t for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if isinstance(t, torch.Tensor)]
+        for layer in getattr(cache, "layers", [])
+    ]
+
+
+def cache_bytes(cache: Any) -> dict[tuple[str, int], int]:
+    out: dict[tuple[str, int], int] = {}
+    for i, layer in enumerate(_cache_layers(cache)):
+        for t in layer:
+            key = (plan_device(t.device), i)
+            out[key] = out.get(key, 0) + t.numel() * t.element_size()
+    return out

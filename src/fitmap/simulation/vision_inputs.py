@@ -1,0 +1,421 @@
+"""Model inputs with images, shaped as each family's processor makes them.
+
+The simulator feeds these to the real model code, so their shapes, dtypes and
+token layout must be the processor's: the vision tower sees the same number of
+patches or tiles, and the text sequence holds one placeholder token per image
+feature, where the model's ``get_placeholder_mask`` looks for it.
+
+Per sequence: a short text head (the chat template's), then each image's tokens,
+then the rest of the prompt. ``workload.prompt`` counts every text token, so the
+markers some families put around an image (Qwen2-VL's vision start/end,
+InternVL's ``<img>``/``</img>``) come out of it; the image tokens are exactly
+:func:`fitmap.planning.images.image_shape`'s. Every sequence of the batch carries the
+same images.
+
+Integer tensors go on the input device; ``pixel_values`` in the model dtype
+(zeros: a real run accepts them too). The token values that only the tokenizer
+knows (markers, ordinary text) are ordinary text tokens to the model and get the
+filler id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from fitmap.errors import BadInput
+from fitmap.model import configs
+from fitmap.planning.images import (
+    PIXTRAL_LONGEST_EDGE,
+    ImageShape,
+    idefics3_per_tile,
+    idefics3_processor,
+    idefics3_tiles,
+    image_processor,
+    image_shape,
+    onevision_processor,
+    onevision_tokens,
+    processed_images,
+    qwen_pixel_limits,
+)
+from fitmap.planning.workload import Workload
+
+TEXT_TOKEN = 100  # an ordinary vocabulary id for text tokens (never a special token)
+IMAGE_CONTEXT = 101  # the image placeholder id for models whose tokenizer, not config, knows it
+_HEAD = 4  # text tokens before the first image (the chat template's role header)
+
+Inputs = tuple[dict[str, torch.Tensor], int]
+
+
+class UnsupportedInputs(BadInput):
+    """No input builder for this model type: the planner falls back to the analytic estimate."""
+
+
+def vision_inputs(
+    config, workload: Workload, device: torch.device, dtype: torch.dtype | None = None, trust_remote_code: bool = False
+) -> Inputs:
+    """(model kwargs, image tokens per sequence) for ``workload`` with its images.
+
+    ``dtype`` is the model's floating dtype (default: the config's, else float32).
+    """
+    if configs.model_type(config) in _OWN_PROCESSOR:
+        return _OWN_PROCESSOR[configs.model_type(config)](
+            config, workload, device, dtype or _config_dtype(config), trust_remote_code
+        )
+    made = _from_processor(config, workload, device, dtype or _config_dtype(config), trust_remote_code)
+    if made is not None:
+        return made
+    build = _FAMILIES.get(configs.model_type(config))
+    if build is None:
+        raise UnsupportedInputs(
+            f"fitmap cannot yet make image inputs for model type {config.model_type!r} "
+            f"(it knows {', '.join(sorted(_FAMILIES) + sorted(_OWN_PROCESSOR))}); check it "
+            "without --image"
+        )
+    return build(config, workload, device, dtype or _config_dtype(config))
+
+
+def _config_dtype(config) -> torch.dtype:
+    dtype = getattr(config, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+# --------------------------------------------------------------------------- token layout
+def _token_row(prompt: int, runs: list[list[int]], image_token: int) -> list[int]:
+    """One sequence: a text head, each image's run (markers included), the rest of the text.
+
+    Markers are text tokens of the prompt; a prompt too short to hold them grows.
+    """
+    markers = sum(1 for run in runs for t in run if t != image_token)
+    text = max(prompt - markers, 0)
+    head = min(_HEAD, text)
+    row = [TEXT_TOKEN] * head
+    for run in runs:
+        row += run
+    return row + [TEXT_TOKEN] * (text - head)
+
+
+def _text_inputs(rows: list[int], batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+    ids = torch.tensor([rows] * batch, dtype=torch.long, device=device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _shapes(config, workload: Workload) -> list[ImageShape]:
+    return [image_shape(config, w, h) for w, h in workload.images]
+
+
+# --------------------------------------------------------------------------- families
+def _qwen2_vl(config, workload: Workload, device: torch.device, dtype: torch.dtype) -> Inputs:
+    """pixel_values (patches, C*T*P*P), image_grid_thw (images, 3), mm_token_type_ids (1 on image tokens)."""
+    grids = [_qwen2_vl_grid(config, w, h) for w, h in workload.images]
+    return _grid_inputs(
+        config, workload, device, dtype, grids, config.vision_start_token_id, config.vision_end_token_id
+    )
+
+
+def _glm4v(config, workload: Workload, device: torch.device, dtype: torch.dtype) -> Inputs:
+    """GLM-4.1V: the patch grid its own image processor makes (its resize rule differs from Qwen's);
+    ``<|begin_of_image|>`` + image tokens + ``<|end_of_image|>`` per image."""
+    enc = processed_images(image_processor(config, "Glm4vImageProcessor", {}), workload)
+    grids = [tuple(g) for g in enc["image_grid_thw"].tolist()]
+    return _grid_inputs(config, workload, device, dtype, grids, config.image_start_token_id, config.image_end_token_id)
+
+
+def _grid_inputs(
+    config,
+    workload: Workload,
+    device: torch.device,
+    dtype: torch.dtype,
+    grids: list[tuple[int, int, int]],
+    start: int,
+    end: int,
+) -> Inputs:
+    """Qwen-VL-style inputs for images of these (t, h, w) patch grids: one token per merged patches."""
+    vc = config.vision_config
+    channels = getattr(vc, "in_channels", None) or getattr(vc, "in_chans", 3)
+    image, merge = config.image_token_id, vc.spatial_merge_size
+    runs = [[start] + [image] * (t * h * w // (merge * merge)) + [end] for t, h, w in grids]
+    inputs = _text_inputs(_token_row(workload.prompt, runs, image), workload.batch, device)
+    inputs["mm_token_type_ids"] = (inputs["input_ids"] == image).long()  # the processor marks image tokens only
+    patches = workload.batch * sum(t * h * w for t, h, w in grids)
+    inputs["pixel_values"] = torch.zeros(
+        patches, channels * vc.temporal_patch_size * vc.patch_size**2, dtype=dtype, device=device
+    )
+    inputs["image_grid_thw"] = torch.tensor(grids * workload.batch, dtype=torch.long, device=device)
+    return inputs, sum(run.count(image) for run in runs)
+
+
+def _qwen2_vl_grid(config, w: int, h: int) -> tuple[int, int, int]:
+    """(t, h, w) patches of one image after the processor's resize (``smart_resize``)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    vc = config.vision_config
+    factor = vc.patch_size * vc.spatial_merge_size
+    lo, hi = qwen_pixel_limits(config)
+    hb, wb = smart_resize(h, w, factor=factor, min_pixels=lo, max_pixels=hi)
+    grid = (1, hb // vc.patch_size, wb // vc.patch_size)  # an image is one temporal patch
+    expected = image_shape(config, w, h).patches
+    if grid[1] * grid[2] != expected:
+        raise AssertionError(
+            f"Qwen2-VL grid {grid} for a {w}x{h} image disagrees with "
+            f"fitmap.planning.images.image_shape ({expected} patches)"
+        )
+    return grid
+
+
+def _internvl(config, workload: Workload, device: torch.device, dtype: torch.dtype) -> Inputs:
+    """pixel_values (tiles, 3, S, S); per image ``<img>`` + 256 context tokens per tile + ``</img>``."""
+    vc = config.vision_config
+    size = vc.image_size[0] if isinstance(vc.image_size, (list, tuple)) else vc.image_size
+    shapes = _shapes(config, workload)
+    per_tile = getattr(config, "image_seq_length", None)
+    for s in shapes:
+        if per_tile is not None and s.tokens != s.tiles * per_tile:
+            raise AssertionError(f"InternVL image tokens {s.tokens} != {s.tiles} tiles x {per_tile}")
+    runs = [[TEXT_TOKEN] + [config.image_token_id] * s.tokens + [TEXT_TOKEN] for s in shapes]
+    inputs = _text_inputs(_token_row(workload.prompt, runs, config.image_token_id), workload.batch, device)
+    tiles = workload.batch * sum(s.tiles for s in shapes)
+    inputs["pixel_values"] = torch.zeros(tiles, vc.num_channels, size, size, dtype=dtype, device=device)
+    return inputs, sum(s.tokens for s in shapes)
+
+
+def _internvl_chat(config, workload: Workload, device: torch.device, dtype: torch.dtype) -> Inputs:
+    """InternVL 1.5/2 remote code (``InternVLChatModel``): pixel_values (tiles, 3, S, S) as the
+    model card's ``dynamic_preprocess`` makes them, ``image_flags`` (tiles, 1), and per image
+    ``<img>`` + ``num_image_token`` ``<IMG_CONTEXT>`` per tile + ``</img>``. The context token's id
+    comes from the tokenizer in ``chat()``; here a fixed id the model is told (``_image_token_id``)."""
+    vc = configs.vision_config(config)
+    size = getattr(config, "force_image_size", None) or vc.image_size
+    shapes = _shapes(config, workload)
+    image = IMAGE_CONTEXT
+    runs = [[TEXT_TOKEN] + [image] * s.tokens + [TEXT_TOKEN] for s in shapes]
+    inputs = _text_inputs(_token_row(workload.prompt, runs, image), workload.batch, device)
+    tiles = workload.batch * sum(s.tiles for s in shapes)
+    inputs["pixel_values"] = torch.zeros(tiles, getattr(vc, "num_channels", 3), size, size, dtype=dtype, device=device)
+    inputs["image_flags"] = torch.ones(tiles, 1, dtype=torch.long, device=device)
+    inputs["_image_token_id"] = image
+    return inputs, sum(s.tokens for s in shapes)
+
+
+def _cogvlm(config, workload: Workload, device: torch.device, dtype: torch.dtype) -> Inputs:
+    """CogVLM2 (``build_conversation_input_ids``): ``images`` one list per sequence of (3, S, S);
+    bos, then one pad slot per image feature (boi + grid + eoi) with ``token_type_ids`` 1, then text."""
+    vc = configs.vision_config(config)
+    shapes = _shapes(config, workload)
+    vision, pad = 1, int(getattr(config, "pad_token_id", None) or TEXT_TOKEN)
+    row = [TEXT_TOKEN] + [pad] * sum(s.tokens for s in shapes) + [TEXT_TOKEN] * max(workload.prompt - 1, 0)
+    types = [0] + [vision] * sum(s.tokens for s in shapes) + [0] * max(workload.prompt - 1, 0)
+    inputs = _text_inputs(row, workload.batch, device)
+    inputs["token_type_ids"] = torch.tensor([types] * workload.batch, dtype=torch.long, device=device)
+    inputs["images"] = [
+        [torch.zeros(vc.in_channels, vc.image_size, vc.image_size, dtype=dtype, device=device) for _ in shapes]
+        for _ in range(workload.batch)
+    ]
+    return inputs, sum(s.tokens for s in shapes)
+
+
+def _llava(config, workload: Workload, device: torch.device, dtype: torch.dtype) -> Inputs:
+    """pixel_values (images, 3, S, S); the ``<image>`` token expanded to one per image feature (the
+    tower's grid, or the count the config declares: Gemma 3's 256 pooled tokens). Used where no
+    processor is at hand (a catalog entry)."""
+    vc = config.vision_config
+    shapes = _shapes(config, workload)
+    image_id = getattr(config, "image_token_id", None) or config.image_token_index
+    runs = [[image_id] * s.tokens for s in shapes]
+    inputs = _text_inputs(_token_row(workload.prompt, runs, image_id), workload.batch, device)
+    images = workload.batch * len(shapes)
+    inputs["pixel_values"] = torch.zeros(
+        images, vc.num_channels, vc.image_size, vc.image_size, dtype=dtype, device=device
+    )
+    return inputs, sum(s.tokens for s in shapes)
+
+
+def _mistral3(config, workload: Workload, device: torch.device, dtype: torch.dtype) -> Inputs:
+    """Mistral 3 (Pixtral tower): pixel_values (images, 3, H, W) padded to the largest, image_sizes
+    (images, 2), both from its own image processor; per image, rows of merged-patch tokens, each row
+    ended by ``[IMG_BREAK]`` (the last by ``[IMG_END]``), as PixtralProcessor lays them out."""
+    processor = image_processor(
+        config,
+        "PixtralImageProcessor",
+        {"size": {"longest_edge": PIXTRAL_LONGEST_EDGE}, "patch_size": config.vision_config.patch_size},
+    )
+    enc = processed_images(processor, workload)
+    step = config.vision_config.patch_size * config.spatial_merge_size
+    image_id = config.image_token_index
+    runs = [
+        [t for _ in range(h // step) for t in [image_id] * (w // step) + [TEXT_TOKEN]]
+        for h, w in enc["image_sizes"].tolist()
+    ]
+    inputs = _text_inputs(_token_row(workload.prompt, runs, image_id), workload.batch, device)
+    inputs["pixel_values"] = enc["pixel_values"].repeat(workload.batch, 1, 1, 1).to(device, dtype)
+    inputs["image_sizes"] = enc["image_sizes"].repeat(workload.batch, 1).to(device)
+    return inputs, sum(run.count(image_id) for run in runs)
+
+
+def _idefics3(config, workload: Workload, device: torch.device, dtype: torch.dtype) -> Inputs:
+    """Idefics3 / SmolVLM: its own image processor splits each image into tiles of the tower's square
+    (plus the whole image, downscaled); pixel_values (batch, tiles, 3, S, S) with pixel_attention_mask.
+    Each tile adds ``(S / patch)^2 / scale_factor^2`` image tokens, between the processor's text markers."""
+    enc = processed_images(idefics3_processor(config), workload, nested=True)
+    image_id = config.image_token_id
+    runs = [[TEXT_TOKEN] + [image_id] * (n * idefics3_per_tile(config)) + [TEXT_TOKEN] for n in idefics3_tiles(enc)]
+    inputs = _text_inputs(_token_row(workload.prompt, runs, image_id), workload.batch, device)
+    inputs["pixel_values"] = enc["pixel_values"].repeat(workload.batch, 1, 1, 1, 1).to(device, dtype)
+    inputs["pixel_attention_mask"] = enc["pixel_attention_mask"].repeat(workload.batch, 1, 1, 1).to(device)
+    return inputs, sum(run.count(image_id) for run in runs)
+
+
+def _llama4(config, workload: Workload, device: torch.device, dtype: torch.dtype) -> Inputs:
+    """Llama 4: pixel_values (tiles, 3, S, S) for every sequence's images, the tiles its image processor
+    cuts (``fitmap.planning.profile``: the best-fit canvas, plus a global tile); per tile its patch tokens between
+    the processor's tile separators (text)."""
+    vc = config.vision_config
+    shapes = _shapes(config, workload)
+    image_id = config.image_token_index
+    runs = [
+        [TEXT_TOKEN] + [t for _ in range(s.tiles) for t in [image_id] * (s.tokens // s.tiles) + [TEXT_TOKEN]]
+        for s in shapes
+    ]
+    inputs = _text_inputs(_token_row(workload.prompt, runs, image_id), workload.batch, device)
+    tiles = workload.batch * sum(s.tiles for s in shapes)
+    inputs["pixel_values"] = torch.zeros(
+        tiles, vc.num_channels, vc.image_size, vc.image_size, dtype=dtype, device=device
+    )
+    return inputs, sum(s.tokens for s in shapes)
+
+
+def _llava_onevision(config, workload: Workload, device: torch.device, dtype: torch.dtype) -> Inputs:
+    """LLaVA-OneVision: its own image processor picks each image's tiles among the grid pinpoints
+    ("anyres") plus the whole image; pixel_values (images, tiles, 3, S, S), image_sizes; the image
+    tokens its processor's own counting gives (unpadded features and row newlines, capped)."""
+    enc = processed_images(onevision_processor(config), workload)
+    image_id = config.image_token_index
+    runs = [[image_id] * onevision_tokens(config, enc, i) for i in range(len(workload.images))]
+    inputs = _text_inputs(_token_row(workload.prompt, runs, image_id), workload.batch, device)
+    inputs["pixel_values"] = enc["pixel_values"].repeat(workload.batch, 1, 1, 1, 1).to(device, dtype)
+    inputs["image_sizes"] = enc["image_sizes"].repeat(workload.batch, 1).to(device)
+    inputs["batch_num_images"] = torch.full((workload.batch,), len(workload.images), dtype=torch.long, device=device)
+    return inputs, sum(len(run) for run in runs)
+
+
+_FAMILIES: dict[str, Callable[..., Inputs]] = {
+    "qwen2_vl": _qwen2_vl,
+    "qwen2_5_vl": _qwen2_vl,
+    "qwen3_vl": _qwen2_vl,
+    "qwen3_vl_moe": _qwen2_vl,
+    "internvl": _internvl,
+    "llava": _llava,
+    "gemma3": _llava,
+    "mistral3": _mistral3,
+    "glm4v": _glm4v,
+    "idefics3": _idefics3,
+    "smolvlm": _idefics3,
+    "llava_onevision": _llava_onevision,
+    "llama4": _llama4,
+    "internvl_chat": _internvl_chat,
+    "CogVLMForCausalLM": _cogvlm,
+}
+
+
+# --------------------------------------------------------------------------- the model's own processor
+def _minicpmv(config, workload: Workload, device: torch.device, dtype: torch.dtype, trust_remote_code: bool) -> Inputs:
+    """MiniCPM-V 2.x: its own processor (remote code) slices blank images of the workload's sizes
+    and makes ``data`` — input_ids, pixel_values (lists per sequence), tgt_sizes, image_bound,
+    position_ids — exactly as its ``chat()`` would; the text is then padded to the prompt length.
+    The tensors are real (made outside the fake mode): their values drive MiniCPM-V's slicing."""
+    from PIL import Image
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from transformers import AutoProcessor
+
+    source = getattr(config, "_name_or_path", "")
+    if not source:
+        raise UnsupportedInputs(
+            "MiniCPM-V's image inputs come from its own processor, and this config does not "
+            "say where the model's files are"
+        )
+    with unset_fake_temporarily():
+        processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+        images = [Image.new("RGB", (w, h)) for w, h in workload.images]
+        content = "".join("(<image>./</image>)\n" for _ in images) + "x"
+        prompt = processor.tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+        enc = processor([prompt], [images], return_tensors="pt")
+        ids = enc["input_ids"]
+        bounds = enc["image_bound"][0]
+        image_tokens = int(sum(int(e) - int(s) for s, e in bounds))
+        text = max(workload.prompt - (ids.shape[1] - image_tokens), 0)
+        ids = torch.cat([ids, torch.full((1, text), TEXT_TOKEN, dtype=ids.dtype)], dim=1).repeat(workload.batch, 1)
+        pixels, sizes = enc["pixel_values"][0], enc["tgt_sizes"][0]
+    # on the input device, as chat() moves them (.to(self.device)); fake from here, values kept as twins
+    ids, bounds, sizes = ids.to(device), bounds.to(device), sizes.to(device)
+    data = {
+        "input_ids": ids,
+        "pixel_values": [[p.to(device, dtype) for p in pixels] for _ in range(workload.batch)],
+        "tgt_sizes": [sizes] * workload.batch,
+        "image_bound": [bounds] * workload.batch,
+        "position_ids": torch.arange(ids.shape[1], device=device).unsqueeze(0).repeat(workload.batch, 1),
+    }
+    mask = torch.ones(ids.shape, dtype=torch.long, device=device)
+    return {"data": data, "attention_mask": mask, "_input_ids": ids}, image_tokens
+
+
+_OWN_PROCESSOR: dict[str, Callable[..., Inputs]] = {"minicpmv": _minicpmv}
+
+
+def _from_processor(
+    config, workload: Workload, device: torch.device, dtype: torch.dtype, trust_remote_code: bool
+) -> Inputs | None:
+    """The inputs a user's call makes: the model's own processor (from its directory) and chat
+    template, on blank images of the workload's sizes, for the whole batch; the text then padded
+    with ordinary tokens to the prompt length. Image tokens are counted as the processor placed
+    them. None when the model's directory has no processor fitmap can load offline (the family
+    builders below then apply). Tensors are made for real, then moved onto the (fake) device:
+    integer inputs keep their values."""
+    from pathlib import Path
+
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    source = getattr(config, "_name_or_path", "")
+    image_id = getattr(config, "image_token_id", None) or getattr(config, "image_token_index", None)
+    if not source or not Path(source).is_dir() or image_id is None:
+        return None
+    with unset_fake_temporarily():
+        enc = _processed(source, workload, trust_remote_code)
+        if enc is None:
+            return None
+        ids = enc["input_ids"]
+        image_tokens = int((ids[0] == int(image_id)).sum())
+        if image_tokens == 0:
+            return None
+        pad = max(workload.prompt - (ids.shape[1] - image_tokens), 0)
+        per_token = {k for k, v in enc.items() if isinstance(v, torch.Tensor) and v.shape[:2] == ids.shape}
+        for k in per_token:  # the text made longer: ordinary tokens, attended, of no special type
+            fill = TEXT_TOKEN if k == "input_ids" else (1 if k == "attention_mask" else 0)
+            enc[k] = torch.cat([enc[k], torch.full((ids.shape[0], pad), fill, dtype=enc[k].dtype)], dim=1)
+    out = {
+        k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if isinstance(v, torch.Tensor) else v
+        for k, v in enc.items()
+    }
+    return out, image_tokens
+
+
+def _processed(source: str, workload: Workload, trust_remote_code: bool) -> dict | None:
+    """The processor's output for the workload (batch x the images, one short user turn), or None."""
+    import transformers
+    from PIL import Image
+
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception:  # no processor files, a library it needs (torchvision), remote code not allowed
+        return None
+    if not isinstance(processor, transformers.ProcessorMixin) or not getattr(processor, "chat_template", None):
+        return None
+    images = [Image.new("RGB", (w, h)) for w, h in workload.images]
+    turn = [{"role": "user", "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": "x"}]}]
+    try:
+        text = processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+        return dict(processor(text=[text] * workload.batch, images=[images] * workload.batch, return_tensors="pt"))
+    except Exception:
+        return None

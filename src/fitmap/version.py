@@ -1,0 +1,3 @@
+"""fitmap's version, in one place (the package, the cache keys)."""
+
+__version__ = "0.1.0"
