@@ -17,7 +17,7 @@ from fitmap.planning.workload import Workload
 from fitmap.runtime import loader
 from fitmap.simulation.check import check
 from fitmap.simulation.vision_inputs import vision_inputs
-from tests.test_loader import plan_for
+from tests.runtime.test_loader import plan_for
 
 FAMILIES = [
     "qwen2_vl",

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fitmap.runtime import loader, offload
-from tests.test_loader import plan_for, reference
+from tests.runtime.test_loader import plan_for, reference
 
 TEXT_IDS = torch.tensor([[1, 17, 33, 41, 99, 250, 7, 300], [1, 400, 5, 6, 8, 13, 21, 34]])
 

@@ -14,7 +14,7 @@ import transformers
 
 from fitmap.cli import main
 from fitmap.runtime import loader
-from tests.test_loader import plan_for
+from tests.runtime.test_loader import plan_for
 
 pytest.importorskip("bitsandbytes")
 

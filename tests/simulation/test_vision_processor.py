@@ -50,7 +50,7 @@ def test_cpu_and_disk_split_answers_about_an_image_as_from_pretrained(gemma3):
     from PIL import Image
 
     from fitmap.runtime.prompting import Prompter
-    from tests.test_loader import plan_for
+    from tests.runtime.test_loader import plan_for
 
     config = transformers.AutoConfig.from_pretrained(gemma3)
     prompter = Prompter.for_model(gemma3, config)

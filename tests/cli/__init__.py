@@ -1,0 +1,1 @@
+"""Tests of fitmap.cli (the commands as a user types them)."""
