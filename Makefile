@@ -14,7 +14,7 @@ VENV4 := .venv-tf4
 BIN4 := $(VENV4)/bin
 LOCK4 := requirements/lock-tf4.txt
 STAMP4 := $(VENV4)/.installed
-REMOTE_TESTS := tests/test_remote_code.py
+REMOTE_TESTS := tests/test_remote_code.py tests/test_seed_models.py
 # `make test-latest`: the suite against the newest releases, never locked.
 VENVL := .venv-latest
 LATEST := transformers accelerate tokenizers safetensors huggingface_hub
@@ -43,18 +43,18 @@ $(STAMP4): pyproject.toml $(LOCK4)
 demo: $(STAMP)
 	$(OFFLINE) $(BIN)/fitmap demo
 
-# Static checks first (seconds: ruff, the import layers), then the suite on transformers 5,
+# Static checks first (seconds: ruff, the import layers, mypy), then the suite on transformers 5,
 # then the remote-code tests again on the transformers 4.x their models pin.
 test: $(STAMP) $(STAMP4)
 	$(MAKE) --no-print-directory check
 	$(OFFLINE) $(BIN)/python -m pytest tests
 	$(OFFLINE) $(BIN4)/python -m pytest $(REMOTE_TESTS)
 
-# mypy (`$(BIN)/mypy`, configured in pyproject.toml) is not part of it yet: see docs/architecture.md.
 check: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 test-tf4: $(STAMP4)
 	$(OFFLINE) $(BIN4)/python -m pytest $(REMOTE_TESTS)

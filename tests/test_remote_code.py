@@ -375,11 +375,20 @@ def test_cogvlm_naive_map_errors_are_found_and_repaired(cogvlm, tmp_path):
     assert "mismatch: aten." in text and "modeling_cogvlm.py:" in text and "no device mismatch after repairs" in text
 
 
+@pytest.fixture(params=["cogvlm", "cogvlm2"])
+def either_cogvlm(request):
+    return request.getfixturevalue(request.param)
+
+
 @only_tf4
-def test_cogvlm_run_with_an_image_through_its_own_conversation_inputs(cogvlm, tmp_path):
+def test_cogvlm_run_with_an_image_through_its_own_conversation_inputs(either_cogvlm, tmp_path):
+    """Also with ``"model_type": "cogvlm2"`` added by hand (``cogvlm2``): run asks for no processor file the
+    model never had and answers through its own conversation inputs, as from_pretrained does."""
     from PIL import Image
 
     from fitmap.runtime.run import answer
+
+    cogvlm = either_cogvlm
 
     image = Image.new("RGB", (80, 60), (120, 30, 200))
     tok = transformers.AutoTokenizer.from_pretrained(cogvlm, trust_remote_code=True)
@@ -400,6 +409,25 @@ def test_cogvlm_run_with_an_image_through_its_own_conversation_inputs(cogvlm, tm
         str(cogvlm), "what is it?", [image], 8, make_machine(**machine), str(tmp_path / "cd.json"), True, out=None
     )
     assert got.text == expected and expected
+
+
+@pytest.fixture(scope="module")
+def cogvlm2(tmp_path_factory):
+    """CogVLM2 as deployment guides leave it: ``"model_type": "cogvlm2"`` added to its config by hand."""
+    renamed = make_remote("cogvlm", tmp_path_factory.mktemp("remote_cogvlm2"), model_type="cogvlm2")
+    assert json.loads((renamed / "config.json").read_text())["model_type"] == "cogvlm2"
+    return renamed
+
+
+def test_cogvlm2_with_a_model_type_added_by_hand_is_known_by_its_class(cogvlm, cogvlm2):
+    """fitmap knows the model by its class (architectures / auto_map), not by the unknown model_type: the
+    image path, the simulated plan with an image and its map are the same as without the key."""
+    work = Workload(1, 64, 8, ((80, 60),))
+    plan = pipeline.plan(request(cogvlm2, work, gpus="2x1GiB"))
+    original = pipeline.plan(request(cogvlm, work, gpus="2x1GiB"))
+    assert plan.estimate == original.estimate == "simulate" and plan.device_map == original.device_map
+    gpus = lambda p: [d for d in p.devices if d.device != "cpu"]  # free RAM moves between the two plans
+    assert gpus(plan) == gpus(original)
 
 
 def test_a_users_internvl_map_is_checked_as_accelerate_dispatches_it(internvl, tmp_path):

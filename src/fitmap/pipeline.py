@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +25,9 @@ from fitmap.planning.profile import Profile, estimate
 from fitmap.planning.solver import Policy
 from fitmap.planning.workload import Dtype, Workload
 from fitmap.sizes import GiB, MiB, fmt_bytes, parse_size
+
+if TYPE_CHECKING:
+    from fitmap.simulation.costs import SimulatedCosts
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,7 @@ class Prepared:
 
     inventory: Inventory
     skeleton: Skeleton
-    simulated: object = None  # costs.SimulatedCosts, measured on first use
+    simulated: SimulatedCosts | None = None  # measured on first use
     simulation_error: str = ""  # why the simulation could not run (analytic costs then)
 
 
@@ -139,15 +143,36 @@ def plan(req: PlanRequest, prep: Prepared | None = None) -> Plan:
     prep = prep or prepare(req)
     require_window(prep, req.workload)
     if req.workload.images and prep.inventory.task != "image-text-to-text":
-        raise BadInput(
-            f"{prep.inventory.name} is a text model (its config has no vision_config): it takes no images; drop --image"
-        )
+        _images_by_code(prep, req.trust_remote_code)
     result = _plan_at(prep, req, req.workload)
     if prep.simulation_error:
         result = replace(result, estimate=f"analytic (simulation failed: {prep.simulation_error})")
     if not result.fits:
         result = replace(result, advice=advice(prep, req, result))
     return result
+
+
+def _images_by_code(prep: Prepared, trust_remote_code: bool) -> None:
+    """Images for a model whose ``config.json`` does not call them that (no ``vision_config`` key):
+    taken when its own code takes them and its config object (its class's defaults) describes the
+    vision tower, which sizes them; otherwise one line saying what fitmap would need."""
+    from fitmap.model.build import image_arguments, model_class
+    from fitmap.model.configs import vision_config
+
+    config = prep.skeleton.config
+    takes = image_arguments(model_class(config, prep.inventory.task, trust_remote_code))
+    name = prep.inventory.name
+    if not takes:
+        raise BadInput(
+            f"{name} is a text model (its config has no vision_config and its code takes no images): drop --image"
+        )
+    if vision_config(config) is None:
+        raise BadInput(
+            f"{name}'s code takes images ({takes[0]}) but its config describes no vision tower, which "
+            'fitmap sizes images from: add the tower\'s settings to config.json as "vision_config" '
+            "(image_size, patch_size, hidden_size, num_hidden_layers, from the model card), or drop --image"
+        )
+    prep.inventory = replace(prep.inventory, task="image-text-to-text")
 
 
 def _plan_at(prep: Prepared, req: PlanRequest, workload: Workload, machine: Machine | None = None) -> Plan:

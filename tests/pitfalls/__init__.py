@@ -70,11 +70,17 @@ PITFALLS = {
     "nexttok": Pitfall("nexttok", "PitfallNexttokConfig", "PitfallNexttokForCausalLM", {
         "model.embed_tokens": 0, "model.rotary_emb": 0, **_blocks("model.layers"), "model.norm": 1, "lm_head": 1}),
 }
+# Not a device mismatch: model code that calls CUDA itself (devices, streams, events, .cuda()),
+# which a replay on a machine without a GPU must answer.
+OTHERS = {
+    "cudacalls": Pitfall("cudacalls", "PitfallCudacallsConfig", "PitfallCudacallsForCausalLM", {
+        "model.embed_tokens": 0, "model.rotary_emb": 0, **_blocks("model.layers"), "model.norm": 1, "lm_head": 1}),
+}
 
 
 def make_pitfall(name: str, root: Path, seed: int = 0, **config) -> Path:
     """Write pitfall ``name`` (config overrides in ``config``) under ``root``; its directory."""
-    p = PITFALLS[name]
+    p = PITFALLS.get(name) or OTHERS[name]
     cfg = p.config_json() | config
     # transformers imports remote code as a package named after the directory: a name
     # per content keeps two versions (or two configs) from sharing one module.

@@ -90,13 +90,28 @@ def byte_tokenizer(directory: Path) -> None:
     fast.save_pretrained(directory)
 
 
+def _model(name: str):
+    """(source directory under tests/remote, config, tokenizer writer) of fixture ``name``: the families
+    above, or the seed models of :mod:`tests.remote.seeds`."""
+    if name in CONFIGS:
+        if name in TOKENIZER_CONFIGS:
+            def write(directory: Path) -> None:
+                (directory / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIGS[name], indent=2))
+            return name, CONFIGS[name], write
+        return name, CONFIGS[name], byte_tokenizer
+    from tests.remote.seeds import SEEDS   # imports this package: on first use only
+
+    return SEEDS[name]
+
+
 def make_remote(name: str, root: Path, seed: int = 0, std: float = 0.5, **config) -> Path:
     """Save remote-code model ``name`` with random weights (normal, ``std``: wide enough that
     greedy decoding does not repeat one token) under ``root``; its directory."""
     import transformers
 
-    cfg = CONFIGS[name] | config
-    sources = sorted((HERE / name).glob("*.py"))
+    source, base, write_tokenizer = _model(name)
+    cfg = base | config
+    sources = sorted((HERE / source).glob("*.py"))
     digest = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode() + transformers.__version__.encode()
                           + b"".join(s.read_bytes() for s in sources)).hexdigest()[:10]
     directory = root / f"{name}_{digest}"
@@ -106,10 +121,7 @@ def make_remote(name: str, root: Path, seed: int = 0, std: float = 0.5, **config
     for src in sources:
         shutil.copy(src, directory / src.name)
     (directory / "config.json").write_text(json.dumps(cfg, indent=2))
-    if name in TOKENIZER_CONFIGS:
-        (directory / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIGS[name], indent=2))
-    else:
-        byte_tokenizer(directory)
+    write_tokenizer(directory)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(
         transformers.AutoConfig.from_pretrained(directory, trust_remote_code=True), trust_remote_code=True)

@@ -138,6 +138,7 @@ def demo_image(root: Path | None = None) -> Path:
     if not path.is_file():
         img = Image.new("RGB", (448, 448))
         px = img.load()
+        assert px is not None  # an image made in memory has its pixels
         for y in range(448):
             for x in range(448):
                 px[x, y] = (x * 255 // 447, y * 255 // 447, 128)

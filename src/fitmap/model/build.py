@@ -6,8 +6,10 @@ real small tensors, huge factory calls made on ``meta``, the model's prints kept
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,6 +35,7 @@ def load_config(inv: Inventory, trust_remote_code: bool = False):
             f"{inv.name} ships its own model code (auto_map in config.json); fitmap runs it "
             "only when you pass --trust-remote-code, after reading that code"
         )
+    assert inv.path is not None  # only catalog inventories (returned above) have no directory
     try:
         return transformers.AutoConfig.from_pretrained(inv.path, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError, OSError, TypeError) as e:
@@ -51,7 +54,7 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
 
-def _native(config: dict) -> bool:
+def _native(config: Mapping) -> bool:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     return config.get("model_type") in CONFIG_MAPPING_NAMES and not config.get("auto_map")
@@ -158,12 +161,14 @@ def empty_weights(keep_buffers: bool = False, real_buffers: bool = False) -> Ite
         register_buffer(module, name, tensor, persistent)
         registered.append((module, name))
 
-    nn.Module.register_parameter, nn.Module.register_buffer = to_meta_parameter, note_buffer
+    nn.Module.register_parameter = to_meta_parameter  # type: ignore[method-assign]  # patched while building
+    nn.Module.register_buffer = note_buffer  # type: ignore[method-assign]  # patched while building
     try:
         with contextlib.nullcontext() if keep_buffers else _large_factories_on_meta():
             yield
     finally:
-        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
+        nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]  # restores the patch
+        nn.Module.register_buffer = register_buffer  # type: ignore[method-assign]  # restores the patch
     if real_buffers:
         return
     for module, name in registered:
@@ -225,3 +230,44 @@ def planned_dtype(inv: Inventory, requested: str | None) -> torch.dtype:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise BadInput(f"dtype {name!r} is not a floating torch dtype; use --dtype bf16, fp16 or fp32")
     return dtype
+
+
+IMAGE_ARGUMENTS = ("pixel_values", "images", "image")
+# where remote code takes its images: the forward pass, its own chat(), its own generate()
+_IMAGE_METHODS = ("forward", "chat", "generate")
+
+
+def model_class(config: Any, task: str, trust_remote_code: bool = False) -> type | None:
+    """The class ``from_pretrained`` would build for ``config`` (remote code through its ``auto_map``),
+    without building it; None when transformers knows none."""
+    auto = getattr(config, "auto_map", None)
+    if isinstance(auto, dict) and trust_remote_code:
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        for key in ("AutoModelForCausalLM", "AutoModel"):
+            if isinstance(auto.get(key), str):
+                return get_class_from_dynamic_module(auto[key], getattr(config, "_name_or_path", ""))
+    for cls in compat.auto_classes(task):
+        mapping = getattr(cls, "_model_mapping", None)
+        try:
+            return mapping[type(config)] if mapping is not None else None
+        except KeyError:
+            continue
+    return None
+
+
+def image_arguments(cls: type | None) -> list[str]:
+    """``Class.method(argument)`` for each image argument the model's own methods take."""
+    if cls is None:
+        return []
+    found = []
+    for method in _IMAGE_METHODS:
+        fn = cls.__dict__.get(method)
+        if fn is None:
+            continue
+        try:
+            params = inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            continue
+        found += [f"{cls.__name__}.{method}({p})" for p in params if p in IMAGE_ARGUMENTS]
+    return found

@@ -13,6 +13,7 @@ raises :class:`MissingConfigValue`, one line naming the names tried.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from functools import lru_cache
 from types import SimpleNamespace
 from typing import Any
@@ -118,6 +119,28 @@ def model_type(config: Any) -> str:
         return str(name)
     arch = _get(config, "architectures")
     return str(arch[0]) if isinstance(arch, (list, tuple)) and arch else ""
+
+
+def names(config: Any) -> list[str]:
+    """Every name a model goes by, most specific first: its ``model_type``, its architectures, and
+    the classes its ``auto_map`` names (``modeling_cogvlm.CogVLMForCausalLM`` -> ``CogVLMForCausalLM``)."""
+    out = [str(n) for n in [_get(config, "model_type")] if n]
+    arch = _get(config, "architectures")
+    out += [str(a) for a in arch] if isinstance(arch, (list, tuple)) else []
+    auto = _get(config, "auto_map")
+    if isinstance(auto, dict):
+        for ref in auto.values():
+            for r in ref if isinstance(ref, (list, tuple)) else [ref]:
+                if isinstance(r, str):
+                    out.append(r.rsplit("--", 1)[-1].rsplit(".", 1)[-1])
+    return list(dict.fromkeys(out))
+
+
+def family(config: Any, known: Collection[str]) -> str:
+    """The name among ``known`` that this model goes by (:func:`names`), else :func:`model_type`.
+    A model is recognised by what it is, not only by ``model_type``: deployment guides add
+    ``"model_type": "cogvlm2"`` to CogVLM2's config, whose code fitmap knows by its class."""
+    return next((n for n in names(config) if n in known), model_type(config))
 
 
 # The attribute a catalog entry's config carries its stored image-processor settings under.

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def _conversions(model: nn.Module):
@@ -26,7 +29,7 @@ def _conversions(model: nn.Module):
 
         from fitmap.model.quant import of
 
-        transforms = get_model_conversion_mapping(model, None, of(model))
+        transforms = get_model_conversion_mapping(cast("PreTrainedModel", model), None, of(model))  # an HF model
     except (ImportError, AttributeError, TypeError):
         return None
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]

@@ -83,8 +83,11 @@ def quantizer(config, requested: str | None, dtype: torch.dtype, purpose: str = 
         raise BadInput(
             "quantized weights need transformers 5.x's weight conversions; pip install -U 'transformers>=5,<6'"
         )
-    qconfig = saved if saved is not None else method_config(requested, dtype)
-    method = saved.get("quant_method") if saved is not None else requested
+    if saved is not None:
+        qconfig, method = saved, saved.get("quant_method")
+    else:
+        assert requested  # neither saved nor requested returned None above
+        qconfig, method = method_config(requested, dtype), requested
     try:
         q = AutoHfQuantizer.from_config(qconfig, pre_quantized=saved is not None)
     except (ValueError, KeyError, TypeError) as e:
@@ -129,8 +132,8 @@ def released_bytes(model: nn.Module, config) -> dict[str, int]:
     the quantized modules needs kernels this machine lacks. Which parameters: the quantizer's
     ``serialized_names`` (``gate_up_proj``, ``down_proj``) in modules transformers would convert
     (``modules_to_not_convert`` through its own ``should_convert_module``)."""
-    saved = declared(config)
-    method = saved.get("quant_method") if saved else None
+    saved = declared(config) or {}
+    method = saved.get("quant_method")
     if method in ("gptq", "awq"):
         return _int_packed_bytes(model, saved)
     q = released(config)

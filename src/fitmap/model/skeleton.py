@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from typing import cast
 
 import torch
 from torch import nn
@@ -301,7 +302,7 @@ def _modules_containing_units(model: nn.Module, no_split: set[str]) -> set[str]:
 
 def text_layers_path(model: nn.Module) -> str:
     """The text decoder's block list: the largest repeated ModuleList next to the input embeddings."""
-    embed = model.get_input_embeddings()
+    embed = model.get_input_embeddings()  # type: ignore[operator]  # a PreTrainedModel method
     embed_path = next(p for p, m in model.named_modules() if m is embed)
     parent = embed_path.rpartition(".")[0]
     lists = [(p, m) for p, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
@@ -331,7 +332,7 @@ def _make_units(
     for path in paths:
         names = [n for n in list(params) + list(buffers) if n == path or n.startswith(path + ".")]
         owned = tuple(n for n in names if n in persistent)
-        tensors = [params.get(n) if n in params else buffers[n] for n in names]
+        tensors = [params[n] if n in params else buffers[n] for n in names]
         numel = sum(params[n].numel() for n in names if n in params)
         nbytes = 0
         for n, t in zip(names, tensors):
@@ -421,7 +422,7 @@ def _missing_parameters(model: nn.Module, inv: Inventory) -> list[str]:
 
 def execution_order(units: list[Unit]) -> list[Unit]:
     """Registration order, except that text decoder blocks run in layer order."""
-    blocks = iter(sorted((u for u in units if u.layer is not None), key=lambda u: u.layer))
+    blocks = iter(sorted((u for u in units if u.layer is not None), key=lambda u: cast(int, u.layer)))  # layer is set
     return [next(blocks) if u.layer is not None else u for u in units]
 
 
@@ -447,8 +448,9 @@ def _anchors(model: nn.Module, layers_path: str) -> _Anchors:
     """The text model is the nearest module holding both the input embeddings and the
     text blocks (ChatGLM nests its embedding one level deeper than its layers)."""
     paths = {id(m): p for p, m in model.named_modules()}
-    embed = paths[id(model.get_input_embeddings())]
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embed = paths[id(model.get_input_embeddings())]  # type: ignore[operator]  # a PreTrainedModel method
+    has_head = hasattr(model, "get_output_embeddings")
+    out = model.get_output_embeddings() if has_head else None  # type: ignore[operator]  # a PreTrainedModel method
     common = []
     for a, b in zip(embed.split("."), layers_path.split(".")):
         if a != b:

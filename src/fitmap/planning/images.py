@@ -42,7 +42,9 @@ def qwen_pixel_limits(cfg) -> tuple[int, int]:
     known (its files, or the catalog's copy), else its family's published ones."""
     lo, hi = QWEN_PIXELS.get(configs.model_type(cfg), QWEN_PIXELS["qwen2_vl"])
     proc = configs.image_processor_config(cfg) or {}
-    size = proc.get("size") if isinstance(proc.get("size"), dict) else {}
+    size = proc.get("size")
+    if not isinstance(size, dict):
+        size = {}
     lo = size.get("shortest_edge") or proc.get("min_pixels") or lo
     hi = size.get("longest_edge") or proc.get("max_pixels") or hi
     return int(lo), int(hi)
@@ -92,7 +94,9 @@ def _glm4v(cfg, w: int, h: int) -> ImageShape:
 
     vc = configs.vision_config(cfg)
     proc = configs.image_processor_config(cfg) or {}
-    size = proc.get("size") if isinstance(proc.get("size"), dict) else {}
+    size = proc.get("size")
+    if not isinstance(size, dict):
+        size = {}
     patch, merge, frames = vc.patch_size, vc.spatial_merge_size, vc.temporal_patch_size
     hb, wb = smart_resize(
         frames,
@@ -144,6 +148,15 @@ def _cogvlm(cfg, w: int, h: int) -> ImageShape:
     vc = configs.vision_config(cfg)
     grid = vc.image_size // vc.patch_size
     return ImageShape((grid // 2) ** 2 + 2, grid * grid + 1, 1)
+
+
+def _glm4v_chat(cfg, w: int, h: int) -> ImageShape:
+    """GLM-4V (ChatGLM4 + EVA2-CLIP, remote code): resized to the tower's square, a 2x2 conv halves the
+    grid, learned boi/eoi vectors around it; the features replace the prompt's three marker tokens
+    (``<|begin_of_image|><|endoftext|><|end_of_image|>``), so the sequence grows by grid^2 / 4 - 1."""
+    vc = configs.vision_config(cfg)
+    grid = vc.image_size // vc.patch_size
+    return ImageShape((grid // 2) ** 2 - 1, grid * grid + 1, 1)
 
 
 # tokens per image where a config declares them (the projector pools the tower's grid to this many)
@@ -219,11 +232,12 @@ IMAGE_SHAPES: dict[str, Callable] = {
     "llava": _llava_shape,
     "internvl_chat": _internvl,
     "CogVLMForCausalLM": _cogvlm,
+    "chatglm": _glm4v_chat,
 }
 
 
 def image_shape(config, w: int, h: int) -> ImageShape:
-    fn = IMAGE_SHAPES.get(configs.model_type(config), _fixed_size)
+    fn = IMAGE_SHAPES.get(configs.family(config, IMAGE_SHAPES), _fixed_size)
     return fn(config, w, h)
 
 
@@ -280,12 +294,14 @@ def onevision_tokens(config, enc: dict, index: int) -> int:
         num_image_tokens=(vc.image_size // vc.patch_size) ** 2,
         vision_aspect_ratio=config.vision_aspect_ratio,
     )
-    counter._get_unpadded_features = lambda *a: P._get_unpadded_features(counter, *a)
+    unpadded = P._get_unpadded_features
+    counter._get_unpadded_features = lambda *a: unpadded(counter, *a)  # type: ignore[arg-type]  # a stand-in
     if len(enc["image_sizes"]) > 1:  # several images: each is its base tile and a newline
         tokens = counter.num_image_tokens + 1
     else:
         height, width = enc["image_sizes"][index].tolist()
-        tokens = P._get_number_of_features(counter, height, width, vc.image_size, vc.image_size)
+        side = vc.image_size
+        tokens = P._get_number_of_features(counter, height, width, side, side)  # type: ignore[arg-type]  # a stand-in
     return tokens - (1 if config.vision_feature_select_strategy == "default" else 0)
 
 

@@ -19,6 +19,7 @@ Per unit:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from fitmap.model import configs
 from fitmap.model.skeleton import Skeleton
@@ -108,7 +109,7 @@ def _block_act(tc, tokens: int, ctx_tokens: int, batch: int, b: int) -> int:
     experts_per_tok = getattr(tc, "num_experts_per_tok", None)
     if experts_per_tok:
         moe_inter = getattr(tc, "moe_intermediate_size", None) or inter
-        n_experts = getattr(tc, "num_local_experts", None) or getattr(tc, "n_routed_experts", 1)
+        n_experts: Any = getattr(tc, "num_local_experts", None) or getattr(tc, "n_routed_experts", 1)  # config value
         mlp = tokens * (3 * moe_inter * experts_per_tok + n_experts * 4 + h * experts_per_tok) * b
         mlp = max(mlp, tokens * 3 * inter * b)  # dense layers of a mostly-MoE model
     else:
@@ -140,6 +141,7 @@ def estimate(sk: Skeleton, workload: Workload) -> Profile:
     for u in sk.units:
         kv = act = 0
         if u.kind == "block":
+            assert u.layer is not None  # skeleton.classify: the blocks are the units with a layer
             kv = (
                 workload.batch
                 * peak_cached_tokens(tc, u.layer, seq, seq - workload.new)

@@ -46,7 +46,7 @@ def compute_buffers(model: nn.Module, ckpt: Checkpoint, targets: Mapping[str, to
         )
 
 
-def _sentinel_like(b: torch.Tensor, device: torch.device) -> torch.Tensor:
+def _sentinel_like(b: torch.Tensor, device: torch.device | None) -> torch.Tensor:
     if b.is_floating_point():
         return torch.full(b.shape, float("nan"), dtype=b.dtype, device=device)
     if b.dtype == torch.bool:
@@ -76,7 +76,8 @@ def _init_module(model: nn.Module, path: str) -> None:
     loaded = list(owner.parameters(recurse=False)) + [b for b in owner.buffers(recurse=False) if not _still_sentinel(b)]
     kept = [(t, t.detach().clone()) for t in loaded if not t.is_meta]
     for t in loaded:
-        t._is_hf_initialized = True  # transformers' init functions skip these: loaded weights stay
+        # transformers' init functions skip these: loaded weights stay
+        t._is_hf_initialized = True  # type: ignore[union-attr]  # transformers' own marker on the tensor
     with torch.no_grad(), compat.init_guard():
         pretrained._init_weights(owner)
         for t, value in kept:

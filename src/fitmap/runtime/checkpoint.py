@@ -55,6 +55,7 @@ class Checkpoint:
             built |= {k: dtype for k in names if quant.quantizes(model, k)}
         merged = {k: m for k, m in merges(model, list(converted)).items() if k not in names} if converted else {}
         from_merges = {c for m in merged.values() for _, keys in m.sources for c in keys}
+        assert inv.path is not None  # a checkpoint on disk: the loader turns path-less inventories away
         return cls(
             inv.path,
             inv.weight_format,

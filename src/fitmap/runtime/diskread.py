@@ -128,8 +128,9 @@ class Buffer:
         self.raw = torch.empty(nbytes + BLOCK, dtype=torch.uint8, pin_memory=pinned)
         skip = -self.raw.data_ptr() % BLOCK  # the usable part starts block-aligned
         self.data = self.raw[skip : skip + nbytes]
-        self.view = memoryview(self.raw.numpy())[skip : skip + nbytes]  # writable: reads land here
-        self.copied: object = None  # CUDA event of the last copy out of it
+        # writable: reads land here. numpy's stubs declare ndarray's buffer protocol only on 3.12+.
+        self.view = memoryview(self.raw.numpy())[skip : skip + nbytes]  # type: ignore[arg-type]  # ndarray is a buffer
+        self.copied: torch.cuda.Event | None = None  # CUDA event of the last copy out of it
 
 
 class Buffers:
@@ -149,7 +150,7 @@ class Buffers:
             buf.copied = None
         return buf
 
-    def release(self, buf: Buffer, copied: object = None) -> None:
+    def release(self, buf: Buffer, copied: torch.cuda.Event | None = None) -> None:
         buf.copied = copied
         self._free.put(buf)
 
@@ -162,7 +163,7 @@ class HostRead:
     buffer: Buffer | None
     pool: Buffers | None
 
-    def release(self, copied: object = None) -> None:
+    def release(self, copied: torch.cuda.Event | None = None) -> None:
         """The weights may be overwritten now (``copied``: after this CUDA event)."""
         if self.buffer is not None and self.pool is not None:
             self.pool.release(self.buffer, copied)

@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -39,7 +40,7 @@ from fitmap.dispatch import hooks, repairs
 from fitmap.errors import BadInput, remote_code_flag
 from fitmap.model import quant
 from fitmap.model.build import build_model, empty_weights, load_config
-from fitmap.model.inventory import Inventory, inventory
+from fitmap.model.inventory import Inventory, TensorInfo, inventory
 from fitmap.model.keys import quantized_keys
 from fitmap.model.skeleton import share_parameter, tied_parameters
 from fitmap.planning.plan import Plan
@@ -227,7 +228,7 @@ class Layout:
                 f"e.g. {', '.join(stray[:3])}; the plan was made for another model: re-plan this one"
             )
         for group in self.ties:
-            devices = {self.unit_of(n).stored_on for n in group}
+            devices = {self._covered(n).stored_on for n in group}
             if len(devices) > 1:
                 raise BadInput(
                     f"tied weights {', '.join(group)} share one tensor but are planned on "
@@ -235,9 +236,15 @@ class Layout:
                 )
 
     def input_device(self, model: nn.Module) -> torch.device:
-        embed = model.get_input_embeddings()
+        embed = model.get_input_embeddings()  # type: ignore[operator]  # a PreTrainedModel method
         path = next(p for p, m in model.named_modules() if m is embed)
-        return self.unit_of(path).runs_on
+        return self._covered(path).runs_on
+
+    def _covered(self, key: str) -> Placed:
+        """``unit_of`` for a key (or the path of a module holding tensors) that ``check_covers`` places."""
+        placed = self.unit_of(key)
+        assert placed is not None  # check_covers (run by Layout.of) found a unit for every tensor
+        return placed
 
 
 def _placed(name: str, value: int | str, execution: torch.device) -> Placed:
@@ -257,6 +264,7 @@ def load_targets(model: nn.Module, layout: Layout, ckpt: Checkpoint) -> dict[str
     out: dict[str, torch.device | None] = {}
     for key, _ in named_tensors(model):
         p = layout.unit_of(key)
+        assert p is not None  # Layout.of checked that every tensor of the model has a unit
         stored = key in ckpt.where or key in ckpt.merged
         if key in persistent and p.unit in streamed and (stored or p.stored_on is not None):
             out[key] = p.stored_on
@@ -485,7 +493,8 @@ def disk_readers(
         i is not None and diskread.readable([i]) for unit in infos.values() for i, _ in unit.values()
     ):
         return {name: ckpt.reader(ks) for name, ks in disk.items()}, 1
-    spans = {name: diskread.spans(ckpt.directory, unit) for name, unit in infos.items()}
+    known = cast("dict[str, dict[str, tuple[TensorInfo, torch.dtype]]]", infos)  # every info checked above
+    spans = {name: diskread.spans(ckpt.directory, unit) for name, unit in known.items()}
     size = max(diskread.buffer_bytes(s) for s in spans.values())
     count = min(MAX_READ_BUFFERS, 2 + _spare(plan, "cpu") // max(size, 1)) if readahead else 2
     pool = diskread.Buffers(size, count, pinned)

@@ -246,6 +246,7 @@ class Streamer:
             fut: Future = Future()
             fut.set_result(self._fetch(path))
             return fut
+        assert self.pool is not None  # only _prefetch_after starts fetches, and only with readahead (a pool)
         return self.pool.submit(self._fetch, path)  # disk: read on the read-ahead thread
 
     def _fetch(self, path: str) -> Fetched:
@@ -307,7 +308,7 @@ def _put(targets: Mapping[str, tuple[nn.Module, str]], weights: Mapping[str, tor
 @dataclass
 class Fetched:
     weights: Weights
-    event: object = None  # torch.cuda.Event when the copy ran on a side stream
+    event: torch.cuda.Event | None = None  # torch.cuda.Event when the copy ran on a side stream
     buffer: int | None = None  # ring buffer holding ``weights`` (cpu tier on a GPU)
     host: Any = None  # a disk read's host buffer, given back when the unit has run (CPU execution)
 
@@ -342,6 +343,7 @@ class _CudaCopier(_Copier):
 
     def ready(self, fetched: Fetched) -> Weights:
         main = torch.cuda.current_stream(self.device)
+        assert fetched.event is not None  # every copy to a CUDA device (copier or ring) records one
         main.wait_event(fetched.event)
         if fetched.buffer is None:
             for t in fetched.weights.values():
@@ -377,7 +379,7 @@ class _Ring:
     def __init__(self, device: torch.device, nbytes: int, count: int = 2) -> None:
         self.device = device
         self.buffers = [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(count)] if nbytes else []
-        self.freed: list[object] = [None] * len(self.buffers)  # compute-stream event: last reader done
+        self.freed: list[torch.cuda.Event | None] = [None] * len(self.buffers)  # compute-stream event: last reader done
         self.turn = 0
         self.stream = torch.cuda.Stream(device) if self.buffers else None
 
@@ -391,10 +393,12 @@ class _Ring:
         index = self.turn
         self.turn = (index + 1) % len(self.buffers)
         buf = self.buffers[index]
+        assert self.stream is not None  # a ring with buffers (the modulo above) always has its stream
+        freed = self.freed[index]
         weights: Weights = {}
         with torch.cuda.stream(self.stream):
-            if self.freed[index] is not None:
-                self.stream.wait_event(self.freed[index])
+            if freed is not None:
+                self.stream.wait_event(freed)
             offset = 0
             for key, t in host.items():
                 n = t.numel() * t.element_size()

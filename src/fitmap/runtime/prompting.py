@@ -22,7 +22,8 @@ OWN_IMAGE_PATHS = (
     "internvl_chat",
     "minicpmv",
     "CogVLMForCausalLM",
-)  # remote code whose chat() takes images (fitmap.runtime.run.own_chat)
+    "chatglm",
+)  # remote code that takes images its own way (fitmap.runtime.run.own_chat), not through a processor
 MAX_PIXELS = 100_000_000  # larger images are refused before decoding (PIL's own bomb check is at 179 MP)
 
 
@@ -132,9 +133,10 @@ class Prompter:
     @property
     def own_images(self) -> bool:
         """Images go through the model's own ``chat()`` (InternVL's remote code has no processor)."""
-        from fitmap.model.configs import model_type
+        from fitmap.model.configs import family, vision_config
 
-        return model_type(self.config) in OWN_IMAGE_PATHS
+        # ChatGLM3 is a text model under the same model type as GLM-4V: images only with a vision tower
+        return family(self.config, OWN_IMAGE_PATHS) in OWN_IMAGE_PATHS and vision_config(self.config) is not None
 
     def add_assistant(self, text: str) -> None:
         self.messages.append({"role": "assistant", "content": [{"type": "text", "text": text}], "images": []})

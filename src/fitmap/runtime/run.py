@@ -11,7 +11,7 @@ import contextlib
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TextIO
+from typing import Any, Literal, TextIO
 
 import torch
 
@@ -139,14 +139,14 @@ def generate(loaded: LoadedModel, prompter: Prompter, new: int, out: TextIO | No
     import time
 
     own = own_chat(loaded.model)
-    if own is not None and (own in ("internvl", "minicpmv", "cogvlm") or not prompter.has_images()):
+    if own is not None and (own in OWN_IMAGE_FORMS or not prompter.has_images()):
         return _own_chat(loaded, own, prompter, new, out)
     inputs = prompter.inputs(loaded.input_device)
     streamer = _Streamer(prompter.tokenizer, out) if out is not None else None
     t = time.perf_counter()
     try:
         with torch.inference_mode():
-            ids = loaded.model.generate(
+            ids = loaded.model.generate(  # type: ignore[operator]  # a PreTrainedModel method
                 **inputs,
                 max_new_tokens=new,
                 do_sample=False,
@@ -160,18 +160,26 @@ def generate(loaded: LoadedModel, prompter: Prompter, new: int, out: TextIO | No
     return prompter.decode(new_ids), int(new_ids.numel()), seconds
 
 
+# the own paths that take images: every prompt goes through them (ChatGLM3's chat() is text only)
+OWN_IMAGE_FORMS = ("internvl", "minicpmv", "cogvlm", "glm4v")
+
+
 def own_chat(model) -> str | None:
     """Which form of its own ``chat()`` the model's code (remote code) defines, if any:
     ``"glm"`` — ChatGLM's ``chat(tokenizer, query, history)``; ``"internvl"`` — InternVL's
     ``chat(tokenizer, pixel_values, question, generation_config, history)``; ``"minicpmv"`` —
     ``chat(image, msgs, tokenizer)``; ``"cogvlm"`` — no ``chat()``, but
-    ``build_conversation_input_ids`` to feed ``generate``. Prompt format,
+    ``build_conversation_input_ids`` to feed ``generate``; ``"glm4v"`` — no ``chat()``, its tokenizer's
+    ``apply_chat_template`` takes the image beside the text and makes ``generate``'s inputs. Prompt format,
     image tokens and stop tokens are then the model's."""
     import inspect
 
     build = getattr(type(model), "build_conversation_input_ids", None)
     if build is not None and getattr(build, "__module__", "").startswith("transformers_modules"):
         return "cogvlm"
+    remote = type(model).__module__.startswith("transformers_modules")
+    if remote and getattr(getattr(model, "config", None), "boi_token_id", None) is not None:
+        return "glm4v"  # GLM-4V: images between boi and eoi, laid out by its tokenizer's chat template
     fn = getattr(type(model), "chat", None)
     if fn is None or not getattr(fn, "__module__", "").startswith("transformers_modules"):
         return None
@@ -193,7 +201,8 @@ def _own_chat(
 
     turns = prompter.text_turns()
     query, history = turns[-1]["content"], turns[:-1]
-    model, tokenizer = loaded.model, prompter.tokenizer
+    model: Any = loaded.model  # its own remote code: chat(), build_conversation_input_ids(), no stubs
+    tokenizer = prompter.tokenizer
     count = None  # the reply's tokens: counted from the ids where the model's path returns them
     generated: list[int] = []
     t = time.perf_counter()
@@ -216,6 +225,18 @@ def _own_chat(
                     do_sample=False,
                     pad_token_id=getattr(model.config, "pad_token_id", None),
                 )
+                new_ids = ids[0, kwargs["input_ids"].shape[1] :]
+                reply, count = tokenizer.decode(new_ids, skip_special_tokens=True), int(new_ids.numel())
+            elif form == "glm4v":  # its card: the tokenizer's chat template with the image, then generate()
+                images = list(prompter.messages[-1]["images"])
+                messages = [{"role": m["role"], "content": m["content"]} for m in history]
+                messages.append({"role": "user", "content": query} | ({"image": images[0]} if images else {}))
+                built = tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=True, return_tensors="pt", return_dict=True
+                )
+                device, dtype = loaded.input_device, _float_dtype(model)
+                kwargs = {k: v.to(device, dtype) if k == "images" else v.to(device) for k, v in built.items()}
+                ids = model.generate(**kwargs, max_new_tokens=new, do_sample=False)
                 new_ids = ids[0, kwargs["input_ids"].shape[1] :]
                 reply, count = tokenizer.decode(new_ids, skip_special_tokens=True), int(new_ids.numel())
             elif form == "minicpmv":  # greedy: sampling=False alone is beam search with a repetition penalty
@@ -264,11 +285,11 @@ def _counting_generate(counts: list[int]):
             counts.append(int(ids.shape[1]) - (int(given.shape[1]) if isinstance(given, torch.Tensor) else 0))
         return out
 
-    GenerationMixin.generate = generate
+    GenerationMixin.generate = generate  # type: ignore[method-assign]  # counted while chat() runs
     try:
         yield
     finally:
-        GenerationMixin.generate = original
+        GenerationMixin.generate = original  # type: ignore[method-assign]  # restores the patch
 
 
 def _float_dtype(model) -> torch.dtype:
@@ -300,7 +321,7 @@ class _Streamer:
 
         self.inner = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         self.out = out
-        self.inner.on_finalized_text = self._print
+        self.inner.on_finalized_text = self._print  # type: ignore[method-assign]  # prints to self.out
 
     def _print(self, text: str, stream_end: bool = False) -> None:
         self.out.write(text + ("\n" if stream_end else ""))
@@ -332,7 +353,10 @@ def measured(plan: Plan, sampler: devices.RssSampler, model_dir: Path | None = N
                 file, what = mapped, "checkpoint pages mapped (smaps)"
             else:
                 file, what = max(0, sampler.file_peak - sampler.file_start), "file-backed pages (RssFile)"
-            live = None if sampler.live_peak is None else max(0, sampler.live_peak - sampler.live_start)
+            live = None
+            if sampler.live_peak is not None:
+                assert sampler.live_start is not None  # read together with live_peak (RssSampler.__enter__)
+                live = max(0, sampler.live_peak - sampler.live_start)
             if live is None:
                 why = " (the allocator's count of live bytes grew too slow to sample)" if sampler.live_given_up else ""
                 out.append(
@@ -373,7 +397,7 @@ def answer(
     machine: devices.Machine,
     plan_file: str | None = None,
     trust_remote_code: bool = False,
-    out: TextIO | None | str = "stdout",
+    out: TextIO | None | Literal["stdout"] = "stdout",
     quantize: str | None = None,
 ) -> Answer:
     """Plan (or read the plan), load, answer ``text`` about ``images``, measure. The reply streams to

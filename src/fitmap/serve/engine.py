@@ -13,13 +13,16 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fitmap.errors import BadInput, FitmapError
 from fitmap.runtime.prompting import Prompter
 from fitmap.serve.placement import ServePlan
+
+if TYPE_CHECKING:
+    from fitmap.runtime.loader import LoadedModel
 
 END = object()  # the last item of a request's stream
 _LOADING = threading.Lock()  # one replica loads at a time: building on meta patches torch process-wide
@@ -51,6 +54,7 @@ class Request:
     closed: bool = False  # END sent (a batch row finished before its batch)
 
     def emit(self, item: Any) -> None:
+        assert self.loop is not None and self.chunks is not None  # set by the server before it submits the job
         self.loop.call_soon_threadsafe(self.chunks.put_nowait, item)
 
 
@@ -61,7 +65,12 @@ class _Push:
         from transformers import TextStreamer
 
         self.inner = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.inner.on_finalized_text = lambda text, stream_end=False: text and request.emit(text)
+
+        def push(text: str, stream_end: bool = False) -> None:
+            if text:
+                request.emit(text)
+
+        self.inner.on_finalized_text = push  # type: ignore[method-assign]  # text goes to the request
         self.request = request
         self.first = True
 
@@ -174,8 +183,8 @@ class Worker(threading.Thread):
         self.tokens = 0
         self.ready = threading.Event()
         self.error: BaseException | None = None
-        self.loaded = None
-        self.own = None  # the model's own chat() form, if any (set once loaded)
+        self.loaded: LoadedModel | None = None
+        self.own: str | None = None  # the model's own chat() form, if any (set once loaded)
         self.batches = 0  # generate calls (a batch of requests counts once)
 
     def run(self) -> None:
@@ -194,7 +203,7 @@ class Worker(threading.Thread):
             self.ready.set()
             return
         self.ready.set()
-        later: list[Request] = []  # taken from the queue, not batchable with the batch before them
+        later: list[Request | None] = []  # taken from the queue, not batchable with the batch before them
         while True:
             job = later.pop(0) if later else self.jobs.get()
             if job is None:
@@ -252,13 +261,20 @@ class Worker(threading.Thread):
         model's template, or the raw prompt)."""
         if job.messages is None:
             return {
-                k: v.to(self.loaded.input_device)
+                k: v.to(self._replica.input_device)
                 for k, v in self.base.tokenizer([job.prompt], return_tensors="pt").items()
             }
-        return self._prompter(job).inputs(self.loaded.input_device)
+        return self._prompter(job).inputs(self._replica.input_device)
+
+    @property
+    def _replica(self) -> LoadedModel:
+        """The loaded model: requests are answered only after ``run`` has loaded it."""
+        assert self.loaded is not None  # run() loads before it takes the first request
+        return self.loaded
 
     def _prompter(self, job: Request) -> Prompter:
         prompter = replace(self.base, messages=[])
+        assert job.messages is not None  # called for chat requests only
         for m in job.messages:
             if m["role"] == "assistant":
                 prompter.add_assistant(m["text"])
@@ -279,7 +295,7 @@ class Worker(threading.Thread):
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         rows = [self._inputs(j)["input_ids"][0] for j in jobs]
         width = max(r.numel() for r in rows)
-        device = self.loaded.input_device
+        device = self._replica.input_device
         ids = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
         mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
         for i, r in enumerate(rows):
@@ -287,9 +303,9 @@ class Worker(threading.Thread):
             mask[i, width - r.numel() :] = 1
         for j, r in zip(jobs, rows):
             j.prompt_tokens = int(r.numel())
-        push = _PushRows(tok, jobs, _eos_ids(self.loaded.model, tok))
+        push = _PushRows(tok, jobs, _eos_ids(self._replica.model, tok))
         with torch.inference_mode():
-            self.loaded.model.generate(
+            self._replica.model.generate(  # type: ignore[operator]  # a PreTrainedModel method
                 input_ids=ids,
                 attention_mask=mask,
                 max_new_tokens=max(j.max_tokens for j in jobs),
@@ -304,18 +320,18 @@ class Worker(threading.Thread):
         push.finish()
 
     def _answer(self, job: Request) -> None:
-        from fitmap.runtime.run import _own_chat, own_chat
+        from fitmap.runtime.run import OWN_IMAGE_FORMS, _own_chat, own_chat
 
-        model = self.loaded.model
+        model = self._replica.model
         if job.messages is not None:
             prompter = self._prompter(job)
             form = own_chat(model)
-            if form is not None and (form in ("internvl", "minicpmv", "cogvlm") or not prompter.has_images()):
-                text, n, _ = _own_chat(self.loaded, form, prompter, job.max_tokens, None)
+            if form is not None and (form in OWN_IMAGE_FORMS or not prompter.has_images()):
+                text, n, _ = _own_chat(self._replica, form, prompter, job.max_tokens, None)
                 job.completion_tokens, job.finish_reason = n, "length" if n >= job.max_tokens else "stop"
                 job.emit(text)
                 return
-            inputs = prompter.inputs(self.loaded.input_device)
+            inputs = prompter.inputs(self._replica.input_device)
         else:
             inputs = self._inputs(job)
         job.prompt_tokens = int(inputs["input_ids"].shape[1])
@@ -335,7 +351,7 @@ class Worker(threading.Thread):
         from transformers import StoppingCriteriaList
 
         with torch.inference_mode():
-            out = model.generate(
+            out = model.generate(  # type: ignore[operator]  # a PreTrainedModel method
                 **inputs,
                 **settings,
                 streamer=_Push(tok, job),

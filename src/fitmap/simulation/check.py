@@ -229,6 +229,7 @@ def _remedies(
                 Repair("align-outputs", last, local, f"{m.op} in {where} needs it on {local}"), placement, exists
             )
     for unit in _units_to_colocate(m, producer, foreign_dev, local, placement):  # 5
+        assert foreign_dev is not None  # no unit to colocate without a foreign operand (and its producer)
         dev = local if unit != m.unit else foreign_dev
         yield (Repair("colocate", unit, dev, f"{m.op} in {where} needs it on {dev}"),)
 

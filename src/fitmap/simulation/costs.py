@@ -64,6 +64,7 @@ def measure_units(prep, workload: Workload, trust_remote_code: bool = False) -> 
         held = sim.unit_entry.get(name, 0) if i < first_block else at_blocks
         act[u.name] = sim.unit_activation.get(name, 0) + held
         if u.layer is not None:
+            assert layer is not None  # source() stands a block for a block
             kv[u.name] = sim.unit_kv.get(name, 0) / max(1, workload.batch * cached_tokens(tc, layer, seq))
     return _Point(workload.batch * (workload.prompt + sim.image_tokens), act, kv), sim.image_tokens
 
@@ -89,14 +90,18 @@ def fewer_layers(sk: Skeleton, trust_remote_code: bool = False) -> tuple[Skeleto
     }
     prefix = len(sk.text_layers) + 1
 
+    def layer(u: Unit) -> int:
+        assert u.layer is not None  # called on blocks only
+        return u.layer
+
     def kind(u: Unit) -> tuple:
         shape = tuple(sorted(p[prefix:].partition(".")[2] for p in u.params))
-        return shape, u.weight_bytes, tuple(str(v[u.layer]) for v in lists.values())
+        return shape, u.weight_bytes, tuple(str(v[layer(u)]) for v in lists.values())
 
     first: dict[tuple, int] = {}
-    rep = {}
-    for u in sorted(blocks, key=lambda b: b.layer):
-        rep[u.layer] = first.setdefault(kind(u), u.layer)
+    rep: dict[int, int] = {}
+    for u in sorted(blocks, key=layer):
+        rep[layer(u)] = first.setdefault(kind(u), layer(u))
     n = max(max(first.values()) + 1, min(count, 2))
     if n >= count:
         return None, {}

@@ -131,12 +131,12 @@ def buffers_where_they_run(model: nn.Module, offloaded: list[str], unit_device: 
 
 
 def _move_tensor(m: nn.Module, name: str, device: torch.device) -> None:
-    if name in m._parameters and m._parameters[name] is not None:
-        p = m._parameters[name]
+    p, b = m._parameters.get(name), m._buffers.get(name)
+    if p is not None:
         if p.device != device:
             m._parameters[name] = nn.Parameter(p.detach().to(device), requires_grad=False)
-    elif m._buffers.get(name) is not None and m._buffers[name].device != device:
-        m._buffers[name] = m._buffers[name].to(device)
+    elif b is not None and b.device != device:
+        m._buffers[name] = b.to(device)
 
 
 def retie(model: nn.Module, tied: tuple[tuple[str, ...], ...]) -> None:
@@ -149,3 +149,31 @@ def retie(model: nn.Module, tied: tuple[tuple[str, ...], ...]) -> None:
 def no_grad_fake(mode: FakeTensorMode) -> Iterator[None]:
     with mode, torch.no_grad():
         yield
+
+
+@contextlib.contextmanager
+def tensor_types_as_on_a_gpu(model: nn.Module) -> Iterator[None]:
+    """Model code that asks ``type(x) is torch.Tensor`` (GLM-4 splits its stacked prefill cache into
+    per-layer tuples only then) sees what it would see on a GPU: a fake tensor is a subclass, so for
+    the duration of the replay ``type`` in the modules of the model's own code (remote code) answers
+    ``torch.Tensor`` for it. transformers' and torch's modules are untouched."""
+    import builtins
+
+    def gpu_type(obj: object, *args: object) -> object:
+        if not args and isinstance(obj, FakeTensor):
+            return torch.Tensor
+        return builtins.type(obj, *args) if args else builtins.type(obj)
+
+    names = {type(m).__module__ for m in model.modules()}
+    modules = [sys.modules[n] for n in names if n.startswith("transformers_modules") and n in sys.modules]
+    saved = {m: m.__dict__["type"] for m in modules if "type" in m.__dict__}
+    for m in modules:
+        m.__dict__["type"] = gpu_type
+    try:
+        yield
+    finally:
+        for m in modules:
+            if m in saved:
+                m.__dict__["type"] = saved[m]
+            else:
+                m.__dict__.pop("type", None)

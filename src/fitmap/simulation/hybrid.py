@@ -153,7 +153,8 @@ class RealTwins(TorchDispatchMode):
     def _with_long_indices(self, func, args: tuple) -> tuple | None:
         """``x[mask]`` with a known mask and an unknown ``x`` (hidden states): the mask
         becomes the long indices of its true elements, so the fake op knows the shape."""
-        indices, changed = [], False
+        indices: list[Any] = []
+        changed = False
         for index in args[1]:
             real = self.real(index) if isinstance(index, torch.Tensor) else None
             if real is not None and real.dtype in (torch.bool, torch.uint8):
@@ -169,7 +170,7 @@ class RealTwins(TorchDispatchMode):
         return (args[0], indices, *args[2:]) if changed else None
 
     def _fake_of(self, real: torch.Tensor, device: torch.device) -> torch.Tensor:
-        fake = self.fake_mode.from_tensor(real)
+        fake: torch.Tensor = self.fake_mode.from_tensor(real)
         if device != fake.device:
             fake = fake.to(device)
         if real.numel() <= self.max_numel:
@@ -263,11 +264,11 @@ def _tolist_reads_twins(twins: RealTwins) -> Iterator[None]:
         with _disable_current_modes():
             return real.tolist()
 
-    FakeTensor.tolist = tolist
+    FakeTensor.tolist = tolist  # type: ignore[method-assign]  # patched only inside this context
     try:
         yield
     finally:
-        FakeTensor.tolist = original
+        FakeTensor.tolist = original  # type: ignore[method-assign]  # restores the patch above
 
 
 @contextlib.contextmanager

@@ -200,7 +200,7 @@ def _model_code_line() -> str:
     """The innermost frame of model code (not torch, not fitmap) on the current stack."""
     for frame in reversed(traceback.extract_stack()):
         if not any(s in frame.filename for s in _SKIP) or "/transformers/models/" in frame.filename:
-            line = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
+            line = (frame.line or linecache.getline(frame.filename, frame.lineno or 0)).strip()
             return f"{frame.filename.rsplit('/', 2)[-1]}:{frame.lineno}: {line}"
     return "unknown"
 

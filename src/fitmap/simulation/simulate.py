@@ -39,6 +39,7 @@ from fitmap.model.skeleton import Skeleton
 from fitmap.planning.plan import Plan, Repair
 from fitmap.planning.workload import Workload
 from fitmap.simulation import hybrid
+from fitmap.simulation.cuda_calls import cuda_calls_on_fakes
 from fitmap.simulation.fake import (
     buffers_where_they_run,
     execution_placement,
@@ -48,6 +49,7 @@ from fitmap.simulation.fake import (
     place_parameters,
     plan_device,
     retie,
+    tensor_types_as_on_a_gpu,
 )
 from fitmap.simulation.memory import (
     DevicePeak,
@@ -118,7 +120,13 @@ def simulate(
     dtype = getattr(torch, sk.dtype)
     with empty_weights(real_buffers=True):  # __init__ computes for real (InternViT's .item())
         model = build_model(config, task, dtype, trust_remote_code).eval()
-    with no_grad_fake(mode), hybrid.propagation(mode), gpu_attention_kernels():
+    with (
+        no_grad_fake(mode),
+        hybrid.propagation(mode),
+        gpu_attention_kernels(),
+        cuda_calls_on_fakes(),
+        tensor_types_as_on_a_gpu(model),
+    ):
         unit_device = {u: fake_device(d) for u, d in placement.items()}
         place_parameters(model, unit_device | {u: torch.device("cpu") for u in offloaded})
         buffers_where_they_run(model, offloaded, unit_device)
@@ -146,7 +154,7 @@ def _clear_hf_device_hints(model: nn.Module) -> None:
 
 
 def _input_device(model: nn.Module) -> torch.device:
-    return model.get_input_embeddings().weight.device
+    return model.get_input_embeddings().weight.device  # type: ignore[operator]  # a PreTrainedModel method
 
 
 def _instrument(run: _Run, sk: Skeleton, fixes: tuple[Repair, ...], every_key: bool = False) -> list:

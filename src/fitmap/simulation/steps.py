@@ -82,7 +82,7 @@ def prefill_inputs(model: nn.Module, inputs: dict) -> dict:
         kwargs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])  # CogVLM: all text tokens
     if _own_generation(model) and "input_ids" in inputs:
         rest = {k: v for k, v in kwargs.items() if k != "input_ids"}
-        prepared = model.prepare_inputs_for_generation(
+        prepared = model.prepare_inputs_for_generation(  # type: ignore[operator]  # a PreTrainedModel method
             inputs["input_ids"], **_accepted(model.prepare_inputs_for_generation, rest)
         )
         kwargs = {**kwargs, **{k: v for k, v in prepared.items() if v is not None}}
@@ -109,9 +109,10 @@ def decode_inputs(model: nn.Module, inputs: dict, cache: Any, past: int) -> dict
         if "token_type_ids" in inputs or _requires(model, "token_type_ids"):  # CogVLM: new tokens are text
             types = inputs.get("token_type_ids", torch.zeros_like(ids))
             given["token_type_ids"] = torch.cat([types, torch.zeros_like(full_ids[:, types.shape[1] :])], dim=1)
-        if "position_ids" in inspect.signature(model.prepare_inputs_for_generation).parameters:
+        prepare = model.prepare_inputs_for_generation
+        if "position_ids" in inspect.signature(prepare).parameters:  # type: ignore[arg-type]  # a PreTrainedModel method
             given["position_ids"] = positions  # ChatGLM's tokenizer makes them and generate extends them
-        prepared = model.prepare_inputs_for_generation(
+        prepared = model.prepare_inputs_for_generation(  # type: ignore[operator]  # a PreTrainedModel method
             full_ids, **_accepted(model.prepare_inputs_for_generation, given)
         )
         step = {k: v for k, v in prepared.items() if v is not None}
@@ -158,6 +159,7 @@ def grow_cache(cache: Any, length: int, prefill: int) -> Any:
         window = getattr(layer, "sliding_window", None)
         n = min(length, window - 1) if window else length
         layer.keys = keys.new_empty(*keys.shape[:-2], n, keys.shape[-1])
+        assert values is not None  # a cache layer holds its keys and values together
         layer.values = values.new_empty(*values.shape[:-2], n, values.shape[-1])
         if hasattr(layer, "cumulative_length"):
             layer.cumulative_length = length

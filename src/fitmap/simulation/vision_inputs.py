@@ -21,6 +21,7 @@ filler id.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -45,7 +46,7 @@ TEXT_TOKEN = 100  # an ordinary vocabulary id for text tokens (never a special t
 IMAGE_CONTEXT = 101  # the image placeholder id for models whose tokenizer, not config, knows it
 _HEAD = 4  # text tokens before the first image (the chat template's role header)
 
-Inputs = tuple[dict[str, torch.Tensor], int]
+Inputs = tuple[dict[str, Any], int]  # the model's keyword arguments (tensors, ids, lists), image tokens
 
 
 class UnsupportedInputs(BadInput):
@@ -59,14 +60,13 @@ def vision_inputs(
 
     ``dtype`` is the model's floating dtype (default: the config's, else float32).
     """
-    if configs.model_type(config) in _OWN_PROCESSOR:
-        return _OWN_PROCESSOR[configs.model_type(config)](
-            config, workload, device, dtype or _config_dtype(config), trust_remote_code
-        )
+    kind = configs.family(config, _OWN_PROCESSOR.keys() | _FAMILIES.keys())
+    if kind in _OWN_PROCESSOR:
+        return _OWN_PROCESSOR[kind](config, workload, device, dtype or _config_dtype(config), trust_remote_code)
     made = _from_processor(config, workload, device, dtype or _config_dtype(config), trust_remote_code)
     if made is not None:
         return made
-    build = _FAMILIES.get(configs.model_type(config))
+    build = _FAMILIES.get(kind)
     if build is None:
         raise UnsupportedInputs(
             f"fitmap cannot yet make image inputs for model type {config.model_type!r} "
@@ -190,7 +190,7 @@ def _internvl_chat(config, workload: Workload, device: torch.device, dtype: torc
     shapes = _shapes(config, workload)
     image = IMAGE_CONTEXT
     runs = [[TEXT_TOKEN] + [image] * s.tokens + [TEXT_TOKEN] for s in shapes]
-    inputs = _text_inputs(_token_row(workload.prompt, runs, image), workload.batch, device)
+    inputs: dict[str, Any] = _text_inputs(_token_row(workload.prompt, runs, image), workload.batch, device)
     tiles = workload.batch * sum(s.tiles for s in shapes)
     inputs["pixel_values"] = torch.zeros(tiles, getattr(vc, "num_channels", 3), size, size, dtype=dtype, device=device)
     inputs["image_flags"] = torch.ones(tiles, 1, dtype=torch.long, device=device)
@@ -206,13 +206,33 @@ def _cogvlm(config, workload: Workload, device: torch.device, dtype: torch.dtype
     vision, pad = 1, int(getattr(config, "pad_token_id", None) or TEXT_TOKEN)
     row = [TEXT_TOKEN] + [pad] * sum(s.tokens for s in shapes) + [TEXT_TOKEN] * max(workload.prompt - 1, 0)
     types = [0] + [vision] * sum(s.tokens for s in shapes) + [0] * max(workload.prompt - 1, 0)
-    inputs = _text_inputs(row, workload.batch, device)
+    inputs: dict[str, Any] = _text_inputs(row, workload.batch, device)
     inputs["token_type_ids"] = torch.tensor([types] * workload.batch, dtype=torch.long, device=device)
     inputs["images"] = [
         [torch.zeros(vc.in_channels, vc.image_size, vc.image_size, dtype=dtype, device=device) for _ in shapes]
         for _ in range(workload.batch)
     ]
     return inputs, sum(s.tokens for s in shapes)
+
+
+def _glm4v_chat(config, workload: Workload, device: torch.device, dtype: torch.dtype) -> Inputs:
+    """GLM-4V (remote code): its chat template puts ``<|begin_of_image|>``, a placeholder and
+    ``<|end_of_image|>`` in the text (the model looks for boi and eoi, two apart) and ``images`` is one
+    (3, S, S) image per sequence, which the model turns into features in place of those three."""
+    vc = configs.vision_config(config)
+    boi, eoi = getattr(config, "boi_token_id", None), getattr(config, "eoi_token_id", None)
+    if vc is None or boi is None or eoi is None:
+        raise UnsupportedInputs(
+            f"model type {config.model_type!r} has no vision tower (vision_config, boi_token_id "
+            "and eoi_token_id): it is a text model here; plan it without --image"
+        )
+    if len(workload.images) != 1:
+        raise BadInput(f"GLM-4V takes one image per conversation, not {len(workload.images)}: give one --image")
+    row = _token_row(workload.prompt, [[boi, TEXT_TOKEN, eoi]], -1)
+    inputs: dict[str, Any] = _text_inputs(row, workload.batch, device)
+    side = vc.image_size
+    inputs["images"] = torch.zeros(workload.batch, vc.in_channels, side, side, dtype=dtype, device=device)
+    return inputs, _shapes(config, workload)[0].tokens
 
 
 def _llava(config, workload: Workload, device: torch.device, dtype: torch.dtype) -> Inputs:
@@ -315,6 +335,7 @@ _FAMILIES: dict[str, Callable[..., Inputs]] = {
     "llama4": _llama4,
     "internvl_chat": _internvl_chat,
     "CogVLMForCausalLM": _cogvlm,
+    "chatglm": _glm4v_chat,
 }
 
 
@@ -341,7 +362,10 @@ def _minicpmv(config, workload: Workload, device: torch.device, dtype: torch.dty
         prompt = processor.tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
         )
-        enc = processor([prompt], [images], return_tensors="pt")
+        if _minicpmv_version(config) >= 2.6:  # a batch of prompts, a list of images for each
+            enc = processor([prompt], [images], return_tensors="pt")
+        else:  # 2.5 (Llama 3): one prompt and its images, as its chat() calls it
+            enc = processor(prompt, images, return_tensors="pt")
         ids = enc["input_ids"]
         bounds = enc["image_bound"][0]
         image_tokens = int(sum(int(e) - int(s) for s, e in bounds))
@@ -359,6 +383,14 @@ def _minicpmv(config, workload: Workload, device: torch.device, dtype: torch.dty
     }
     mask = torch.ones(ids.shape, dtype=torch.long, device=device)
     return {"data": data, "attention_mask": mask, "_input_ids": ids}, image_tokens
+
+
+def _minicpmv_version(config) -> float:
+    """MiniCPM-V's release (its config's ``version``: 2.5, 2.6; 2.6 when absent)."""
+    try:
+        return float(getattr(config, "version", None) or 2.6)
+    except (TypeError, ValueError):
+        return 2.6
 
 
 _OWN_PROCESSOR: dict[str, Callable[..., Inputs]] = {"minicpmv": _minicpmv}
@@ -413,7 +445,9 @@ def _processed(source: str, workload: Workload, trust_remote_code: bool) -> dict
     if not isinstance(processor, transformers.ProcessorMixin) or not getattr(processor, "chat_template", None):
         return None
     images = [Image.new("RGB", (w, h)) for w, h in workload.images]
-    turn = [{"role": "user", "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": "x"}]}]
+    turn: list[dict[str, Any]] = [
+        {"role": "user", "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": "x"}]}
+    ]
     try:
         text = processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
         return dict(processor(text=[text] * workload.batch, images=[images] * workload.batch, return_tensors="pt"))

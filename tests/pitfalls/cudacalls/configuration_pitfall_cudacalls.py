@@ -1,0 +1,5 @@
+from .pitfall_blocks import PitfallTextConfig
+
+
+class PitfallCudacallsConfig(PitfallTextConfig):
+    model_type = "pitfall_cudacalls"
