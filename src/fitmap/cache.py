@@ -33,6 +33,36 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def writable_cache_dir() -> Path:
+    """:func:`cache_dir`, made if missing; :class:`BadInput` when it cannot hold files (``$FITMAP_CACHE``
+    naming a file, a directory this user cannot write)."""
+    where = f"fitmap's cache (${CACHE_ENV})" if os.environ.get(CACHE_ENV) else "fitmap's cache"
+    fix = f"point {CACHE_ENV} at a directory you can write to"
+    return writable_dir(cache_dir(), where, fix)
+
+
+def writable_dir(path: Path, what: str, fix: str) -> Path:
+    """``path``, made with its parents if missing, when this process can create files in it; else one
+    :class:`BadInput` line: ``what`` and ``path``, why not, then ``fix``."""
+    from fitmap.errors import BadInput
+
+    shown = shorten(str(path))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise BadInput(f"{what} {shown} is not a directory (a file is in the way); {fix}") from None
+    except OSError as e:
+        raise BadInput(f"cannot make {what} {shown}: {e.strerror or e}; {fix}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise BadInput(f"cannot write in {what} {shown} (permission denied); {fix}")
+    return path
+
+
+def shorten(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters for a message (a value is never echoed whole when huge)."""
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
 def code_fingerprint() -> str:
     """A hash of fitmap's measuring code, computed once per process."""
     global _code_hash

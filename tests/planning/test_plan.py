@@ -236,3 +236,27 @@ def test_simulated_costs_are_kept_for_the_next_plan(checkpoints, tmp_path, monke
     assert gpus(third) == gpus(first) and len(runs) == 1
     fitmap.plan(d, gpus="2x1GiB", prompt=32, new=8)  # another workload: measured
     assert len(runs) == 2
+
+
+@pytest.mark.parametrize(("gpus", "whole"), [("8x12GiB", True), ("16x9GiB", False)])
+def test_an_input_side_larger_than_one_gpu_is_placed_apart_not_refused(gpus, whole, tmp_path):
+    """InternVL-78B's input side (InternViT-6B + projector + a 128k-vocab embedding, 13 GiB) fits no
+    12 GiB card: the tower and projector go to a GPU of their own (or, on 9 GiB cards, are split at their
+    own blocks), apart from the embeddings, and the plan says so; the check replays it clean."""
+    from fitmap.cli import main
+
+    plan = fitmap.plan("internvl-78b", gpus, "200GiB", prompt=1024, new=128, images=((448, 448),), estimate="analytic")
+    assert plan.fits and len(plan.notes) == 1 and "larger than one GPU" in plan.notes[0]
+    tower = {plan.device_map[u] for u in plan.groups["vision"]}
+    embeddings = {plan.device_map[u] for u in plan.groups["input"]}
+    assert len(embeddings) == 1 and not tower & embeddings and (len(tower) == 1) == whole
+    out = tmp_path / "plan.json"
+    plan.save(out)
+    assert Plan.load(out).notes == plan.notes
+    assert main(["check", "internvl-78b", "--plan", str(out)]) == 0
+
+
+def test_an_input_side_that_fits_stays_together():
+    plan = fitmap.plan("internvl-78b", "8x24GiB", "200GiB", prompt=1024, new=128, estimate="analytic")
+    assert plan.fits and not plan.notes and "vision" not in plan.groups
+    assert len({plan.device_map[u] for u in plan.groups["input"]}) == 1

@@ -60,6 +60,8 @@ def server(tmp_path_factory):
             str(NEW),
             "--prompt",
             "256",
+            "--image",
+            "64x48",  # room for the one image a request below carries
             "--port",
             str(port),
             "--api-key",

@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     _quantize_arg(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--port", type=int, default=8000, help="TCP port to listen on, 1-65535 (default 8000)")
     g.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health")
     g.add_argument("--max-queue", type=int, default=64, help="requests waiting or running before 429 (default 64)")
     g.add_argument(
@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_VALUE_OPTIONS = ("--cpu", "--gpus", "--reserve", "--batch", "--prompt", "--new", "--size")
+_VALUE_OPTIONS = ("--cpu", "--gpus", "--reserve", "--batch", "--prompt", "--new", "--size", "--port")
 
 
 def negative_values_attached(argv: Sequence[str]) -> list[str]:

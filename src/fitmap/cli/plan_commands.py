@@ -114,7 +114,7 @@ def _print_serve_plan(req, prep, args) -> int:
 
     sp = serve_plan(req, concurrency(args, req.machine), args.replicas, prep)
     if args.out:
-        Path(args.out).write_text(json.dumps(sp.to_json(), indent=2) + "\n")
+        _write_plan(args.out, json.dumps(sp.to_json(), indent=2) + "\n")
     if args.json:
         print(json.dumps(sp.to_json(), indent=2))
         return 0
@@ -125,6 +125,17 @@ def _print_serve_plan(req, prep, args) -> int:
         report.console.print(f"[bold]replica {i}[/] (GPUs {', '.join(map(str, r.gpus)) or 'none: CPU'})")
         report.print_plan(r.plan)
     return 0
+
+
+def _write_plan(path: str, text: str) -> None:
+    """``text`` to ``--out``; one line, as :meth:`Plan.save` says it, when it cannot be written there."""
+    p = Path(path)
+    try:
+        p.write_text(text)
+    except OSError as e:
+        raise BadInput(
+            f"cannot write the plan to {p}: {e.strerror or e}; give --out a file path in a directory you can write to"
+        ) from None
 
 
 def _replan_with_headroom(req, prep, planned, checked, args):
@@ -256,23 +267,25 @@ def cmd_check(args: argparse.Namespace) -> int:
     prep = pipeline.prepare(req)  # weights sized as the plan's (quantized ones too); the simulation runs bf16
     out = args.out or args.plan
     modules = None
-    if bare is None and set(plan.device_map) != {u.name for u in prep.skeleton.units}:
+    if bare is None and plan is not None and set(plan.device_map) != {u.name for u in prep.skeleton.units}:
         modules = _modules(prep, args.trust_remote_code)
         if usermap.fits_model(plan.device_map, prep.skeleton, modules[0]):
             bare = dict(plan.device_map)  # a plan whose map names other modules (a split block)
     if bare is not None:
         plan, out = _check_user_map(args, prep, bare, modules or _modules(prep, args.trust_remote_code), plan)
+    assert plan is not None  # the saved plan, or the one made from the user's map
     pipeline.require_matching(plan, prep)
     checked = _check(prep, plan, args.trust_remote_code)
-    checked.plan.save(out)
+    if checked.fits:  # a plan that fails its check is not written: nothing half-done
+        checked.plan.save(out)
     if args.json:
         print(json.dumps(checked.plan.to_json() | _check_json(checked), indent=2))
     else:
         report.print_check(checked)
-        if bare is not None:
+        if bare is not None and checked.fits:
             report.console.print(f"fitmap plan (whole units) written to {out}")
     if not checked.fits:
-        raise DoesNotFit(_check_failure(checked))
+        raise DoesNotFit(_check_failure(checked) + f"; nothing was written to {out}")
     return 0
 
 
@@ -324,9 +337,11 @@ def _check_user_map(args: argparse.Namespace, prep, raw: dict, modules: tuple[li
     dm = usermap.normalized(raw, [p for u in sk.units for p in u.params], names)
     dm = usermap.expanded(dm, containers, names)
     if given is not None and args.gpus is None:
-        machine = usermap.machine_of(given)
+        machine, gpus_from = usermap.machine_of(given), "the plan it came in lists"
     else:
         machine = make_machine(args.gpus, args.cpu, args.disk, args.reserve)
+        gpus_from = "without --gpus fitmap has" if args.gpus is None else f"--gpus {_shorten(args.gpus)} gives"
+    usermap.check_devices(dm, machine, gpus_from)
     user = usermap.as_plan(prep.inventory.name, sk, dm, machine, given.workload if given else _map_workload(args))
     found = _check(prep, user, args.trust_remote_code)
     if not args.json:
@@ -337,6 +352,10 @@ def _check_user_map(args: argparse.Namespace, prep, raw: dict, modules: tuple[li
     if given is not None and args.out is None:
         out = args.plan
     return replace(user, device_map=units, repairs=(), policy="from user map"), out
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def concurrency(args, machine) -> int:

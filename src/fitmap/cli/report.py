@@ -93,6 +93,8 @@ def print_plan(plan: Plan) -> None:
     console.print(t)
     for r in plan.repairs:
         console.print(escape(f"repair: {r.kind} {r.module} -> {r.device} ({r.reason})"))
+    for note in plan.notes:
+        console.print(escape(f"note: {note}"))
     console.print(
         "[green]fits[/]" if plan.fits else f"[red]does not fit[/]: short by {fmt_bytes(plan.shortfall_bytes)}"
     )

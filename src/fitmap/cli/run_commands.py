@@ -26,9 +26,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise BadInput(
             "fitmap serve needs FastAPI and uvicorn: pip install -e '.[serve]' (or pip install fastapi uvicorn)"
         ) from None
-    for name in ("prompt", "new", "port", "max_queue", "max_batch"):
+    for name in ("prompt", "new", "max_queue", "max_batch"):
         if getattr(args, name) < 1:
             raise BadInput(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    _port_in_range(args.port)
     _port_free(args.host, args.port)
     machine = make_machine(args.gpus, args.cpu, args.disk, args.reserve)
     req = pipeline.PlanRequest(
@@ -55,6 +56,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         sp = serve_plan(req, concurrency(args, machine), args.replicas, prep)
     return _serve(model_dir, sp, args)
+
+
+def _port_in_range(port: int) -> None:
+    """A TCP port is 1-65535 (the socket layer would take 70000 as 70000 mod 65536, silently)."""
+    if not 1 <= port <= 65535:
+        raise BadInput(f"--port {port} is not a TCP port; give one from 1 to 65535 (default 8000)")
 
 
 def _port_free(host: str, port: int) -> None:
@@ -146,7 +153,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         size = parse_size(args.size)
         if size < 16 << 20:
             raise BadInput(f"--size {args.size} is too small to time a disk read; use at least 16MiB")
-        cal = calibrate.measure(Path(args.disk) if args.disk else None, size)
+        disk = calibrate.disk_dir(args.disk)  # a bad --disk or cache is one line before anything is measured
+        cal = calibrate.measure(disk, size)
         path = calibrate.save(cal)
     if args.json:
         print(json.dumps(cal.to_json(), indent=2))

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fitmap.cache import cache_dir
+from fitmap.cache import cache_dir, writable_cache_dir, writable_dir
 from fitmap.errors import BadInput
 from fitmap.sizes import MiB, fmt_bytes
 
@@ -103,20 +103,41 @@ def load() -> Calibration | None:
 
 
 def save(cal: Calibration) -> Path:
-    path = saved_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = writable_cache_dir() / FILE
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(cal.to_json(), indent=2) + "\n")
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(cal.to_json(), indent=2) + "\n")
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise BadInput(
+            f"cannot save the calibration to {path}: {e.strerror or e}; set FITMAP_CACHE to a directory "
+            "you can write to"
+        ) from None
     return path
 
 
+def disk_dir(text: str | None) -> Path:
+    """``--disk`` as given, checked before anything is measured: None is fitmap's cache; otherwise a
+    directory that exists or can be made, and that this process can write a test file in."""
+    if text is None:
+        return writable_cache_dir()
+    if not text.strip():
+        raise BadInput(
+            "--disk is empty; give the directory on the disk to measure (e.g. --disk /nvme/offload), "
+            "or leave --disk out to measure the disk of fitmap's cache"
+        )
+    return writable_dir(Path(text), "--disk", "give --disk a directory you can write to")
+
+
 # --------------------------------------------------------------------------- measuring
-def measure(disk_dir: Path | None = None, size: int = 512 * MiB) -> Calibration:
-    """Measure every visible GPU, the disk under ``disk_dir`` (default: fitmap's cache) and RAM."""
+def measure(directory: Path | None = None, size: int = 512 * MiB) -> Calibration:
+    """Measure every visible GPU, the disk under ``directory`` (default: fitmap's cache) and RAM.
+    The directory and the cache are checked first: a bad one fails before anything is measured."""
     import torch
 
-    disk = Path(disk_dir) if disk_dir is not None else cache_dir()
+    disk = disk_dir(None if directory is None else str(directory))
+    writable_cache_dir()  # where the result is saved
     notes: list[str] = []
     gpus: list[GpuCalibration] = []
     if torch.cuda.is_available():
@@ -183,8 +204,9 @@ def _measure_gpu(index: int, nvml: _Nvml) -> GpuCalibration:
         torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
         reserved = torch.cuda.memory_reserved(dev)
-        if before is not None:
-            fixed = nvml.used(index) - before - reserved
+        after = nvml.used(index) if before is not None else None  # NVML answers both times, or neither
+        if before is not None and after is not None:
+            fixed = after - before - reserved
         else:
             free, total = torch.cuda.mem_get_info(dev)
             fixed = total - free - reserved
@@ -240,9 +262,7 @@ def h2d_rates(dev, nbytes: int = 256 * MiB) -> tuple[float, float]:
 def disk_read_rate(directory: Path, size: int, repeats: int = 3) -> float:
     """Bytes/s of a cold sequential read in ``directory``: a file of ``size`` bytes written,
     flushed, evicted from the page cache, read back; the median of ``repeats`` reads."""
-    directory.mkdir(parents=True, exist_ok=True)
-    if not os.access(directory, os.W_OK):
-        raise BadInput(f"cannot write a test file in {directory}; give --disk a directory you can write to")
+    writable_dir(directory, "--disk", "give --disk a directory you can write to")
     block = 16 * MiB
     fd, name = tempfile.mkstemp(prefix=".fitmap-calibrate-", dir=directory)
     path = Path(name)

@@ -9,7 +9,7 @@ format: ``{module path: GPU index | "cpu" | "disk"}``.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from fitmap.errors import BadInput
@@ -18,6 +18,7 @@ from fitmap.planning.devices import Machine
 from fitmap.planning.profile import Profile
 from fitmap.planning.solver import Assignment, Gpu, Item, Policy, Tiers, solve
 from fitmap.planning.workload import Workload
+from fitmap.sizes import fmt_bytes
 
 UNLIMITED = 1 << 62
 
@@ -65,24 +66,29 @@ class Plan:
     repairs: tuple[Repair, ...] = ()
     execution_device: str = "cpu"  # where offloaded units run
     quantize: str | None = None  # quantized while loading (``--quantize``), e.g. "nf4"
+    notes: tuple[str, ...] = ()  # what the planner chose beyond the usual, and what it costs
 
     def to_json(self) -> dict:
-        return {
-            "fitmap_plan": 1,
-            "model": self.model,
-            "fits": self.fits,
-            "policy": self.policy,
-            "dtype": self.dtype,
-            "estimate": self.estimate,
-            "workload": self.workload.to_json(),
-            "device_map": self.device_map,
-            "devices": [asdict(d) | {"units": list(d.units)} for d in self.devices],
-            "shortfall_bytes": self.shortfall_bytes,
-            "advice": self.advice,
-            "groups": self.groups,
-            "repairs": [asdict(r) for r in self.repairs],
-            "execution_device": self.execution_device,
-        } | ({"quantize": self.quantize} if self.quantize else {})
+        return (
+            {
+                "fitmap_plan": 1,
+                "model": self.model,
+                "fits": self.fits,
+                "policy": self.policy,
+                "dtype": self.dtype,
+                "estimate": self.estimate,
+                "workload": self.workload.to_json(),
+                "device_map": self.device_map,
+                "devices": [asdict(d) | {"units": list(d.units)} for d in self.devices],
+                "shortfall_bytes": self.shortfall_bytes,
+                "advice": self.advice,
+                "groups": self.groups,
+                "repairs": [asdict(r) for r in self.repairs],
+                "execution_device": self.execution_device,
+            }
+            | ({"quantize": self.quantize} if self.quantize else {})
+            | ({"notes": list(self.notes)} if self.notes else {})
+        )
 
     @classmethod
     def from_json(cls, d: dict) -> Plan:
@@ -102,6 +108,7 @@ class Plan:
                 repairs=tuple(Repair(**r) for r in d.get("repairs", [])),
                 execution_device=d.get("execution_device", "cpu"),
                 quantize=d.get("quantize"),
+                notes=tuple(str(n) for n in d.get("notes", ())),
             ).validated()
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise BadInput(f"not a fitmap plan (missing or wrong field {e}); make one with fitmap plan --out") from None
@@ -250,7 +257,49 @@ def make_plan(
     gpus = [Gpu(str(g.index), g.capacity, g.reserve) for g in machine.gpus]
     tiers = Tiers(cpu=machine.cpu, disk=machine.disk_bytes if machine.disk is not None else None)
     result = solve(items(sk, profile, comps), gpus, tiers, policy)
+    if not result.fits and gpus:
+        apart = _vision_apart(sk, profile, comps, max(g.capacity - g.reserve for g in gpus))
+        if apart is not None:
+            split, note, groups = apart
+            again = solve(items(sk, profile, split), gpus, tiers, policy)
+            if again.fits:
+                plan = _to_plan(model, sk, profile, machine, policy, split, again)
+                return replace(plan, notes=(note,), groups=plan.groups | groups)
     return _to_plan(model, sk, profile, machine, policy, comps, result)
+
+
+def _bytes(profile: Profile, units: tuple[str, ...]) -> int:
+    costs = {c.name: c for c in profile.costs}
+    return sum(costs[n].weight_bytes + costs[n].kv_bytes for n in units) + max(costs[n].act_bytes for n in units)
+
+
+def _vision_apart(
+    sk: Skeleton, profile: Profile, comps: list[_Component], usable: int
+) -> tuple[list[_Component], str, dict[str, list[str]]] | None:
+    """When the input side (vision tower + projector + text embeddings) is larger than any one GPU
+    (``usable`` bytes): the tower and projector placed apart from the embeddings, as one unit when they
+    fit a GPU, else split at the tower's own blocks; None when that is not the obstacle. Image features
+    then cross to the embeddings' GPU, once per image (the check adds the moves it needs)."""
+    kinds = {u.name: u.kind for u in sk.units}
+    i = next((i for i, c in enumerate(comps) if any(kinds[n] == "vision" for n in c.units)), None)
+    if i is None or comps[i].pin is not None or _bytes(profile, comps[i].units) <= usable:
+        return None
+    comp = comps[i]
+    tower = tuple(n for n in comp.units if kinds[n] == "vision")
+    rest = tuple(n for n in comp.units if kinds[n] != "vision")
+    side, whole = fmt_bytes(_bytes(profile, comp.units)), fmt_bytes(_bytes(profile, tower))
+    if _bytes(profile, tower) <= usable:
+        parts = [_Component(tower, None, False)]
+        how = f"the vision tower and projector ({whole}) on a GPU of their own"
+    else:
+        parts = [_Component((n,), None, False) for n in tower]
+        how = f"the vision tower and projector ({whole}) split at their own blocks across GPUs"
+    note = (
+        f"the input side ({side}) is larger than one GPU ({fmt_bytes(usable)} usable): {how}, apart from the "
+        "text embeddings; image features cross to the embeddings' GPU once per image"
+    )
+    split = comps[:i] + parts + ([_Component(rest, None, False)] if rest else []) + comps[i + 1 :]
+    return split, note, {"vision": list(tower), "input": list(rest)}
 
 
 def _to_plan(

@@ -47,8 +47,15 @@ def device_of(value: object, key: str) -> int | str:
         if v.isdigit():
             return int(v)
     raise BadInput(
-        f"device map entry {key!r}: {value!r} is not a device; use a GPU index (0, 'cuda:0'), 'cpu' or 'disk'"
+        f"device map entry {_shown(key)}: {_shown(value)} is not a device; use a GPU index (0, 'cuda:0'), "
+        "'cpu' or 'disk'"
     )
+
+
+def _shown(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a message never echoes a huge key or value whole."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def normalized(
@@ -63,7 +70,8 @@ def normalized(
     if unknown:
         raise BadInput(
             f"the device map names {len(unknown)} module(s) this model does not have "
-            f"(e.g. {', '.join(unknown[:3])}); make it for this model (fitmap inspect lists its units)"
+            f"(e.g. {', '.join(_shown(k) for k in unknown[:3])}); make it for this model (fitmap inspect "
+            "lists its units)"
         )
     unplaced = [n for n in param_names if owner_key(n, dm) is None]
     if unplaced:
@@ -72,6 +80,35 @@ def normalized(
             f"{', '.join(unplaced[:3])}); add their modules to the map"
         )
     return dm
+
+
+def check_devices(dm: Mapping[str, int | str], machine: Machine, gpus_from: str) -> None:
+    """Every device ``dm`` names is one of ``machine``'s: its GPUs (``gpus_from`` says where they
+    came from, e.g. ``"--gpus 2x24GiB gives"``), and a disk tier for ``"disk"``."""
+    have = sorted(g.index for g in machine.gpus)
+    missing = sorted({d for d in dm.values() if type(d) is int} - set(have))
+    if missing:
+        key = next(k for k, d in dm.items() if d == missing[-1])
+        want = missing[-1] + 1
+        instead = f"name GPUs {_indices(have)} in the map" if have else "map those modules to 'cpu'"
+        raise BadInput(
+            f"the device map places {_shown(key)} on GPU {missing[-1]} but {gpus_from} {len(have)} GPU(s)"
+            f"{f' ({_indices(have)})' if have else ''}; {instead}, or give --gpus with {want} GPUs "
+            f"(e.g. --gpus {want}x24GiB)"
+        )
+    on_disk = [k for k, d in dm.items() if d == "disk"]
+    if on_disk and machine.disk is None:
+        raise BadInput(
+            f"the device map places {len(on_disk)} module(s) on 'disk' (e.g. {_shown(on_disk[0])}) but no "
+            "disk tier was given; give --disk DIR (a directory for the offloaded weights), or map them to 'cpu'"
+        )
+
+
+def _indices(gpus: list[int]) -> str:
+    """``[0, 1, 2]`` -> ``"0-2"``; ``[0, 2]`` -> ``"0, 2"``."""
+    if len(gpus) > 1 and gpus == list(range(gpus[0], gpus[-1] + 1)):
+        return f"{gpus[0]}-{gpus[-1]}"
+    return ", ".join(map(str, gpus))
 
 
 def expanded(dm: dict[str, int | str], containers: Iterable[str], module_names: Iterable[str]) -> dict[str, int | str]:
@@ -110,6 +147,7 @@ def as_plan(model: str, sk: Skeleton, dm: dict[str, int | str], machine: Machine
         )
     ledgers.append(DeviceLedger("cpu", machine.cpu, 0, 0, 0, 0, 0, 0))
     if machine.disk is not None:
+        assert machine.disk_bytes is not None  # every Machine with a disk has its free bytes (make_machine)
         ledgers.append(DeviceLedger("disk", machine.disk_bytes, 0, 0, 0, 0, 0, 0))
     return Plan(
         model=model,
@@ -135,7 +173,7 @@ def to_units(sk: Skeleton, dm: Mapping[str, int | str]) -> dict[str, int | str]:
             if key is not None:
                 votes[dm[key]] = votes.get(dm[key], 0) + 1
         key = owner_key(u.name, dm)
-        out[u.name] = max(votes, key=votes.get) if votes else (dm[key] if key is not None else "cpu")
+        out[u.name] = max(votes, key=votes.__getitem__) if votes else (dm[key] if key is not None else "cpu")
     return out
 
 

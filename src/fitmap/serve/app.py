@@ -11,9 +11,13 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from fitmap.errors import BadInput
 from fitmap.serve.engine import END, Engine, QueueFull, Request
+from fitmap.serve.requests import ApiError, check_options, number, parse_body, seed, shown
+
+__all__ = ["ApiError", "Limits", "create_app"]
 
 
 @dataclass(frozen=True)
@@ -21,22 +25,6 @@ class Limits:
     body_bytes: int = 16 << 20  # a request body, images included
     image_pixels: int = 4096 * 4096  # per image
     queue: int = 64  # requests waiting or running, all replicas
-
-
-class ApiError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        kind: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.kind, self.param, self.code = status, kind, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
 
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, limits: Limits = Limits()):
@@ -130,7 +118,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, limi
         if model != model_name:
             raise ApiError(
                 404,
-                f"model {model!r} is not served here; this server serves {model_name!r}",
+                f"model {shown(model)} is not served here; this server serves {model_name!r}",
                 code="model_not_found",
                 param="model",
             )
@@ -189,6 +177,7 @@ async def _stream(request, job: Request, ident: str, created: int, model: str, k
     try:
         if kind == "chat.completion":
             yield event({"role": "assistant", "content": ""}, None)
+        assert job.chunks is not None  # _respond sets it before it submits the job
         while True:
             try:
                 item = await asyncio.wait_for(job.chunks.get(), timeout=0.5)
@@ -227,39 +216,16 @@ async def _json(request, limits: Limits) -> dict:
     raw = await request.body()
     if len(raw) > limits.body_bytes:
         raise ApiError(413, f"the request body has {len(raw)} bytes, over the server's limit of {limits.body_bytes}")
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ApiError(400, "the request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
+    body = parse_body(raw)
+    check_options(body)
     return body
-
-
-def _number(body: dict, name: str, default, low, high, kind=float):
-    """``body[name]`` as a number in [low, high], else a 400 naming it."""
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or (kind is int and not float(value).is_integer())
-    ):
-        raise ApiError(400, f"'{name}' must be a number, not {value!r}", param=name)
-    value = kind(value)
-    if value < low:
-        raise ApiError(400, f"'{name}' is {value}; it must be at least {low}", param=name)
-    if value > high:
-        raise ApiError(400, f"'{name}' is {value}; it must be at most {high}", param=name)
-    return value
 
 
 def _job(body: dict, engine: Engine, messages: list[dict] | None = None, prompt: str | None = None) -> Request:
     plan_prompt, plan_new = engine.context
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     max_tokens = (
-        plan_new if max_tokens is None else _number({"max_tokens": max_tokens}, "max_tokens", plan_new, 1, 10**9, int)
+        plan_new if max_tokens is None else number({"max_tokens": max_tokens}, "max_tokens", plan_new, 1, 10**9, int)
     )
     if max_tokens > plan_new:
         raise ApiError(
@@ -274,16 +240,13 @@ def _job(body: dict, engine: Engine, messages: list[dict] | None = None, prompt:
         stop = (stop,)
     if not isinstance(stop, (list, tuple)) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, "'stop' must be a string or a list of at most 4 non-empty strings", param="stop")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ApiError(400, f"'seed' must be an integer, not {seed!r}", param="seed")
     job = Request(
         messages,
         prompt,
         max_tokens,
-        _number(body, "temperature", 0.0, 0.0, 2.0),
-        _number(body, "top_p", 1.0, 0.0, 1.0),
-        seed,
+        number(body, "temperature", 0.0, 0.0, 2.0),
+        number(body, "top_p", 1.0, 0.0, 1.0),
+        seed(body),
         tuple(stop),
     )
     tokens = _prompt_tokens(engine, messages, prompt)
@@ -300,7 +263,11 @@ def _job(body: dict, engine: Engine, messages: list[dict] | None = None, prompt:
 
 def _prompt_tokens(engine: Engine, messages: list[dict] | None, prompt: str | None) -> int:
     tok = engine.base.tokenizer
-    text = prompt if prompt is not None else "\n".join(m["text"] for m in messages)
+    if prompt is not None:
+        text = prompt
+    else:
+        assert messages is not None  # _job is given the messages or the prompt
+        text = "\n".join(m["text"] for m in messages)
     return len(tok(text, add_special_tokens=False)["input_ids"])
 
 
@@ -308,42 +275,58 @@ def _messages(raw, engine: Engine, limits: Limits) -> list[dict]:
     """OpenAI messages -> [{"role", "text", "images"}] (images decoded from data URLs)."""
     if not isinstance(raw, list) or not raw:
         raise ApiError(400, "'messages' must be a non-empty list", param="messages")
-    out = []
-    for i, m in enumerate(raw):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
-            raise ApiError(400, f"messages[{i}] needs a role of system, user or assistant", param=f"messages[{i}]")
-        content = m.get("content")
-        texts, images = [], []
-        if isinstance(content, str):
-            texts.append(content)
-        elif isinstance(content, list):
-            for j, part in enumerate(content):
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind == "text" and isinstance(part.get("text"), str):
-                    texts.append(part["text"])
-                elif kind == "image_url":
-                    images.append(_image(part.get("image_url"), f"messages[{i}].content[{j}]", limits))
-                else:
-                    raise ApiError(
-                        400,
-                        f"messages[{i}].content[{j}] must be a text or image_url part",
-                        param=f"messages[{i}].content[{j}]",
-                    )
-        else:
-            raise ApiError(
-                400, f"messages[{i}].content must be a string or a list of parts", param=f"messages[{i}].content"
-            )
-        role = "system" if m["role"] == "developer" else m["role"]
-        if images and role != "user":
-            raise ApiError(400, f"messages[{i}]: only user messages may carry images", param=f"messages[{i}]")
-        out.append({"role": role, "text": "".join(texts), "images": images})
+    out = [_message(i, m, limits) for i, m in enumerate(raw)]
     if out[-1]["role"] != "user" or not out[-1]["text"].strip():
         raise ApiError(400, "the last message must be a user message with text", param="messages")
+    images = [img for m in out for img in m["images"]]
     try:
-        engine.check_images([img for m in out for img in m["images"]])
+        engine.check_images(images)
     except BadInput as e:
         raise ApiError(400, str(e), param="messages") from None
+    _check_image_count(len(images), engine)
     return out
+
+
+def _message(i: int, m, limits: Limits) -> dict[str, Any]:
+    if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
+        raise ApiError(400, f"messages[{i}] needs a role of system, user or assistant", param=f"messages[{i}]")
+    content = m.get("content")
+    texts, images = [], []
+    if isinstance(content, str):
+        texts.append(content)
+    elif isinstance(content, list):
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif kind == "image_url":
+                images.append(_image(part.get("image_url"), f"messages[{i}].content[{j}]", limits))
+            else:
+                raise ApiError(
+                    400,
+                    f"messages[{i}].content[{j}] must be a text or image_url part",
+                    param=f"messages[{i}].content[{j}]",
+                )
+    else:
+        raise ApiError(
+            400, f"messages[{i}].content must be a string or a list of parts", param=f"messages[{i}].content"
+        )
+    role = "system" if m["role"] == "developer" else m["role"]
+    if images and role != "user":
+        raise ApiError(400, f"messages[{i}]: only user messages may carry images", param=f"messages[{i}]")
+    return {"role": role, "text": "".join(texts), "images": images}
+
+
+def _check_image_count(count: int, engine: Engine) -> None:
+    """At most as many images as the plan holds memory for (``fitmap serve --image``, once per image)."""
+    room = len(engine.plan.replicas[0].plan.workload.images)
+    if count > room:
+        raise ApiError(
+            400,
+            f"the request carries {count} image(s); this server was planned for {room} per request "
+            f"(restart fitmap serve with --image WxH given {count} times to allow {count})",
+            param="messages",
+        )
 
 
 def _image(spec, where: str, limits: Limits):
