@@ -292,6 +292,27 @@ def test_internvl_check_and_the_check_of_a_naive_map(internvl, tmp_path):
     assert "language_model.model.layers.0" in json.loads((tmp_path / "map.fitmap.json").read_text())["device_map"]
 
 
+def test_internvl_generate_loop_on_two_gpus_appends_on_the_input_device(internvl, monkeypatch):
+    """InternVL's own generate() decodes on its language model, whose lm_head the plan puts on the last GPU;
+    transformers 4.x's greedy loop appends each token to ids on the input device, taking the logits where
+    lm_head left them. fitmap gives the language model the top model's outputs hook, so the replay of that
+    step is clean; without the hook the check names generate's line (on 5.x the loop moves the logits)."""
+    from fitmap.dispatch import hooks
+    from fitmap.simulation.simulate import simulate
+
+    req = request(internvl, Workload(1, 64, 8, ((112, 56),)), gpus="2x1GiB")
+    prep = pipeline.prepare(req)
+    plan = pipeline.plan(req, prep)
+    assert plan.device_map["language_model.lm_head"] != plan.device_map["language_model.model.embed_tokens"]
+    sk = prep.skeleton
+    sim = simulate(sk.config, prep.inventory.task, sk, plan, trust_remote_code=True)
+    assert sim.mismatch is None and sim.stage == "done"
+    if TF4:
+        monkeypatch.setattr(hooks, "generation_owner", lambda model: model)
+        sim = simulate(sk.config, prep.inventory.task, sk, plan, trust_remote_code=True)
+        assert sim.mismatch is not None and sim.stage == "next token" and "generate()" in sim.mismatch.code
+
+
 def test_internvl_run_on_cpu_and_disk_with_an_image_answers_like_the_unsplit_model(internvl, tmp_path):
     from PIL import Image
 

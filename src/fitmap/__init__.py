@@ -54,13 +54,18 @@ def plan(
     **options,
 ) -> Plan:
     """Plan ``model`` on the given devices for a workload; see :class:`fitmap.pipeline.PlanRequest`
-    for ``options`` (dtype, policy, pins, trust_remote_code, estimate, quantize, reserve)."""
+    for ``options`` (dtype, policy, pins, trust_remote_code, estimate, quantize, reserve). ``quantize``:
+    "nf4", "int8", a ``transformers.BitsAndBytesConfig`` or a dict of its fields."""
     from fitmap import pipeline
     from fitmap.planning.devices import make_machine
     from fitmap.planning.solver import Policy
     from fitmap.planning.workload import Dtype
 
     machine = make_machine(gpus, cpu, disk, options.pop("reserve", None))
+    if "quantize" in options:  # "nf4", "int8", a transformers.BitsAndBytesConfig or a dict of its fields
+        from fitmap.model.quant import method_of
+
+        options["quantize"] = method_of(options["quantize"])
     for name, kind in (("dtype", Dtype), ("policy", Policy)):
         if name in options:
             try:

@@ -46,7 +46,7 @@ class PlanRequest:
 
     def __post_init__(self) -> None:
         remote_code_flag(self.trust_remote_code)
-        if self.quantize is not None and self.quantize not in METHODS:
+        if self.quantize is not None and (not isinstance(self.quantize, str) or self.quantize not in METHODS):
             raise BadInput(f"quantize must be one of {', '.join(METHODS)}, not {self.quantize!r}")
         if self.estimate not in ("simulate", "analytic"):
             raise BadInput(f"estimate must be 'simulate' or 'analytic', not {self.estimate!r}")

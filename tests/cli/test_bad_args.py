@@ -30,3 +30,15 @@ def test_plan_serve_out_fails_as_plain_plan_out_does(tmp_path, capsys):
 def test_serve_port_out_of_range_is_one_line(capsys, port):
     pytest.importorskip("fastapi")  # serve says first when it is missing
     _one_line(capsys, ["serve", "llama-3.1-8b", "--port", port], f"--port {port} is not a TCP port")
+
+
+def test_a_huge_gpus_value_is_not_echoed_whole(capsys):
+    err = _one_line(capsys, ["plan", "llama-3.1-8b", "--gpus", "x" * 100_000, "--estimate", "analytic"], "--gpus")
+    assert len(err) < 400
+
+
+def test_demo_with_the_cache_pointing_at_a_file_is_one_line(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("FITMAP_CACHE", str(blocker))
+    _one_line(capsys, ["demo"], "is not a directory")

@@ -39,6 +39,8 @@ def quiet_third_parties() -> None:
 
     warnings.filterwarnings("ignore")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "pip install kernels" notes at import
+    logging.getLogger("kernels").setLevel(logging.ERROR)  # bitsandbytes' import fetches a CPU kernel through
+    # the kernels package, whose hf_hub logs "Skipping publisher trust check for ..." (offline) as a warning
     logging.getLogger("torch._subclasses.fake_tensor").setLevel(logging.CRITICAL)  # a fake op's own traceback:
     # the simulation says in one line which op and source line stopped it
     build.MODEL_PRINTS = False  # remote code's print()s while it is built ("Flash attention is not ...")

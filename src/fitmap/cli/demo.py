@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from fitmap.cache import cache_dir
+from fitmap.cache import cache_dir, writable_cache_dir
 
 CATALOG_MODEL = "qwen2-vl-7b"
 DEMO_NAME = "qwen2-vl-tiny-random-v1"
@@ -157,6 +157,8 @@ def run_demo() -> int:
     from fitmap.runtime.run import answer
     from fitmap.simulation.check import check
     from fitmap.sizes import fmt_bytes
+
+    writable_cache_dir()  # the demo's checkpoint, image and offload folder live there: one line if it cannot
 
     c = report.console
     c.rule(f"1. Plan + check {CATALOG_MODEL} (full size, no weights) on 2 x 16 GiB GPUs, one 1344x1344 image")

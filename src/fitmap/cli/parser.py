@@ -46,6 +46,17 @@ def _serve_args(p: argparse.ArgumentParser, flag: bool) -> None:
     g.add_argument("--replicas", type=int, default=None, help="this many replicas instead of fitmap's choice")
 
 
+def _threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads torch computes with (default: from the work a token gives the CPU, one when "
+        "the model runs on GPUs; OMP_NUM_THREADS, if set, is kept)",
+    )
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model directory, cached Hugging Face id, or catalog name")
     p.add_argument(
@@ -163,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--plan", metavar="PLAN.json", help="run this plan (made by fitmap plan --out)")
         _machine_args(p)
         _quantize_arg(p)
+        _threads_arg(p)
     p = sub.add_parser(
         "serve", help="an OpenAI-compatible server: one split copy or several replicas, each loaded once"
     )
@@ -189,7 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _serve_args(p, flag=False)
     _quantize_arg(p)
+    _threads_arg(p)
     g = p.add_argument_group("server")
+    g.add_argument(
+        "--served-model-name",
+        metavar="NAME",
+        help="the model id /v1/models lists and responses carry; requests may name it or the model as "
+        "given here (default: the model directory's name, or the Hugging Face id / catalog name as given)",
+    )
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     g.add_argument("--port", type=int, default=8000, help="TCP port to listen on, 1-65535 (default 8000)")
     g.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health")
@@ -210,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_VALUE_OPTIONS = ("--cpu", "--gpus", "--reserve", "--batch", "--prompt", "--new", "--size", "--port")
+_VALUE_OPTIONS = ("--cpu", "--gpus", "--reserve", "--batch", "--prompt", "--new", "--size", "--port", "--threads")
 
 
 def negative_values_attached(argv: Sequence[str]) -> list[str]:

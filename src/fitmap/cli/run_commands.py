@@ -29,6 +29,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for name in ("prompt", "new", "max_queue", "max_batch"):
         if getattr(args, name) < 1:
             raise BadInput(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    _threads_in_range(args.threads)
+    name = served_name(args.model, args.served_model_name)
     _port_in_range(args.port)
     _port_free(args.host, args.port)
     machine = make_machine(args.gpus, args.cpu, args.disk, args.reserve)
@@ -55,7 +57,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
             ) from None
     else:
         sp = serve_plan(req, concurrency(args, machine), args.replicas, prep)
-    return _serve(model_dir, sp, args)
+    return _serve(model_dir, sp, args, name)
+
+
+def served_name(model: str, given: str | None = None) -> str:
+    """The id ``fitmap serve`` answers to: ``--served-model-name``, else the model directory's name
+    (its last path component), else the Hugging Face id or catalog name as given."""
+    if given is not None:
+        if not given.strip():
+            raise BadInput("--served-model-name must not be empty")
+        return given
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path.resolve().name or model
+    return model
+
+
+def _threads_in_range(threads: int | None) -> None:
+    if threads is not None and threads < 1:
+        raise BadInput(f"--threads must be at least 1 (got {threads})")
+
+
+def _fix_threads(threads: int | None) -> None:
+    from fitmap.runtime import threads as torch_threads
+
+    _threads_in_range(threads)
+    torch_threads.fix(torch_threads.Threads(threads, "--threads") if threads is not None else None)
 
 
 def _port_in_range(port: int) -> None:
@@ -85,21 +112,25 @@ def _port_free(host: str, port: int) -> None:
             ) from None
 
 
-def _serve(model_dir, sp, args) -> int:
+def _serve(model_dir, sp, args, name: str) -> int:
     import uvicorn
 
+    from fitmap.runtime import threads
     from fitmap.serve.app import Limits, create_app
     from fitmap.serve.engine import Engine
 
+    # before the replicas' threads start: each keeps the count it first ran with
+    chosen = threads.choose([r.plan for r in sp.replicas], args.threads)
+    threads.fix(chosen)
     engine = Engine(model_dir, sp, args.trust_remote_code, args.max_queue, args.max_batch)
     engine.start()
-    name = args.model
     print(
         f"fitmap serve: {name} on http://{args.host}:{args.port}/v1 — {sp.choice}; {len(sp.replicas)} "
-        f"replica(s) loaded",
+        f"replica(s) loaded; {chosen.count} CPU thread(s) each ({chosen.why})",
         flush=True,
     )
-    app = create_app(engine, name, args.api_key, Limits(queue=args.max_queue))
+    aliases = (args.model,) if args.model != name else ()
+    app = create_app(engine, name, args.api_key, Limits(queue=args.max_queue), aliases=aliases)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
@@ -115,6 +146,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.new < 1:
         raise BadInput(f"--new must be at least 1 (got {args.new})")
+    _fix_threads(args.threads)
     images = [open_image(p) for p in args.image]
     machine = make_machine(args.gpus, args.cpu, args.disk, args.reserve)
     result = answer(
@@ -130,6 +162,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from fitmap.cli.chat import chat
     from fitmap.planning.devices import make_machine
 
+    _fix_threads(args.threads)
     machine = make_machine(args.gpus, args.cpu, args.disk, args.reserve)
     return chat(args.model, args.image, args.new, machine, args.plan, args.trust_remote_code, quantize=args.quantize)
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from fitmap.model.modules import has_state
+from fitmap.model.modules import generation_owner, has_state
 
 Placement = Mapping[str, torch.device]  # unit module path -> device it executes on
 
@@ -78,6 +78,12 @@ def attach(
         hooked.append(path)
     if hooked:  # outputs may come from another device; the memo of copies is dropped at the end of each forward
         handles.append(model.register_forward_hook(OutputsTo(torch.device(input_device), mover), always_call=True))
+        owner = generation_owner(model)
+        if owner is not model and not every_unit:
+            # a model whose own generate() hands its embeddings to its language model (InternVL, MiniCPM-V):
+            # generate's loop appends each token to ids on the input device, and transformers 4.x takes the
+            # logits where the language model left them (InternVL's split_model keeps lm_head on GPU 0 for it)
+            handles.append(owner.register_forward_hook(OutputsTo(torch.device(input_device), mover), always_call=True))
     return Hooks(handles, tuple(hooked), mover)
 
 

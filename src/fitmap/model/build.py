@@ -36,6 +36,9 @@ def load_config(inv: Inventory, trust_remote_code: bool = False):
             "only when you pass --trust-remote-code, after reading that code"
         )
     assert inv.path is not None  # only catalog inventories (returned above) have no directory
+    from fitmap.model.quant import check_config_json
+
+    check_config_json(inv.config)  # transformers' parsing raises AttributeError on a string quantization_config
     try:
         return transformers.AutoConfig.from_pretrained(inv.path, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError, OSError, TypeError) as e:

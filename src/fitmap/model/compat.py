@@ -54,6 +54,22 @@ def cache_of(output: Any) -> Any:
     return getattr(output, "past_key_values", None)
 
 
+@cache
+def generate_moves_logits() -> bool:
+    """Whether greedy ``generate`` moves the last logits to the ids' device before it appends the next
+    token (transformers 5's ``_sample``); 4.x's ``_greedy_search`` takes them where the model left them."""
+    from transformers import GenerationMixin
+
+    method = getattr(GenerationMixin, "_greedy_search", None) or getattr(GenerationMixin, "_sample", None)
+    if method is None:
+        return False
+    try:
+        lines = inspect.getsource(method).splitlines()
+    except (OSError, TypeError):
+        return False
+    return any("next_token_logits =" in line and "input_ids.device" in line for line in lines)
+
+
 def auto_classes(task: str) -> list[Any]:
     """The Auto classes to try for ``task``, most specific first, that this transformers has."""
     import transformers

@@ -15,3 +15,17 @@ def tied_parameters(model: nn.Module) -> tuple[tuple[str, ...], ...]:
 def has_state(module: nn.Module) -> bool:
     """The module or one under it holds a parameter or a buffer."""
     return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+
+
+def generation_owner(model: nn.Module) -> nn.Module:
+    """The module ``generate`` runs decode steps on. Remote-code VLMs (InternVL) define their
+    own ``generate`` that merges image features into the embeddings once and hands
+    ``inputs_embeds`` to their language model's ``generate``: decoding runs there."""
+    own = getattr(type(model), "generate", None)
+    if own is None or not getattr(own, "__module__", "").startswith("transformers_modules"):
+        return model
+    for name in ("language_model", "llm", "text_model"):
+        child = getattr(model, name, None)
+        if isinstance(child, nn.Module) and callable(getattr(child, "prepare_inputs_for_generation", None)):
+            return child
+    return model

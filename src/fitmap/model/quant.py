@@ -26,6 +26,7 @@ Needs transformers 5 (its conversion API) and the quantizer's library.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -53,14 +54,140 @@ def method_config(name: str, dtype: torch.dtype):
 
 
 def declared(config) -> dict | None:
-    """The checkpoint's ``quantization_config`` (from config.json, or its text config's), as a dict."""
-    q = getattr(config, "quantization_config", None)
+    """The checkpoint's ``quantization_config`` (from config.json, or its text config's), as a dict.
+    Raises :class:`BadInput` where it is not one transformers can read (a string, a list, no
+    ``quant_method``) or names a method transformers has no quantizer for: planned as plain
+    weights, such a checkpoint would be sized and loaded wrong."""
+    q, where = getattr(config, "quantization_config", None), "quantization_config"
     if q is None:
         text = getattr(config, "text_config", None)
         q = getattr(text, "quantization_config", None) if text is not None else None
+        where = "text_config.quantization_config"
     if q is None:
         return None
-    return q if isinstance(q, dict) else q.to_dict()
+    return _readable(q if isinstance(q, dict) or not callable(getattr(q, "to_dict", None)) else q.to_dict(), where)
+
+
+def check_config_json(d: Mapping) -> None:
+    """config.json's ``quantization_config`` (and its text config's) as :func:`declared` takes it,
+    checked before transformers parses the file: its config classes call ``.to_dict()`` on it and
+    raise AttributeError for a string or a list."""
+    if d.get("quantization_config") is not None:
+        _readable(d["quantization_config"], "quantization_config")
+    text = d.get("text_config")
+    if isinstance(text, Mapping) and text.get("quantization_config") is not None:
+        _readable(text["quantization_config"], "text_config.quantization_config")
+
+
+_JSON_KINDS = {"str": "a string", "list": "an array", "int": "a number", "float": "a number", "bool": "a boolean"}
+
+
+def _readable(q: object, where: str) -> dict:
+    if not isinstance(q, dict):
+        raise BadInput(
+            f"config.json's {where} is {_JSON_KINDS.get(type(q).__name__, type(q).__name__)} ({_short(q)}), "
+            "not an object; it should be a dict with quant_method (as transformers saves it), or absent "
+            "for full-precision weights"
+        )
+    _check_method(q, where)
+    return q
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def loadable_methods() -> list[str] | None:
+    """The ``quant_method`` names transformers has a quantization config for (its own registry,
+    ``AUTO_QUANTIZATION_CONFIG_MAPPING``; bitsandbytes' 4- and 8-bit entries as the one
+    ``bitsandbytes`` a config.json names); None where this transformers has no registry."""
+    try:
+        from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING
+    except ImportError:
+        return None
+    return sorted(
+        {"bitsandbytes" if k.startswith("bitsandbytes_") else str(k) for k in AUTO_QUANTIZATION_CONFIG_MAPPING}
+    )
+
+
+def _check_method(q: dict, where: str) -> None:
+    """``q``'s method as transformers' ``AutoQuantizationConfig.from_dict`` resolves it."""
+    if q.get("load_in_4bit") or q.get("load_in_8bit"):
+        return  # bitsandbytes, whatever quant_method says (transformers' own rule)
+    known = loadable_methods()
+    method = q.get("quant_method")
+    if method is None:
+        raise BadInput(
+            f"config.json's {where} has no quant_method; it should name how the weights were quantized"
+            + (f" (one of: {', '.join(known)})" if known else "")
+        )
+    method = getattr(method, "value", method)  # a QuantizationMethod enum
+    if known is not None and (not isinstance(method, str) or method not in known):
+        import transformers
+
+        raise BadInput(
+            f"fitmap does not load quant_method {_short(method)} (it loads: {', '.join(known)}); transformers "
+            f"{transformers.__version__} has no quantizer by that name: check {where} in config.json"
+        )
+
+
+def method_of(value: object) -> str | None:
+    """``quantize`` as a transformers user passes it -> a key of :data:`METHODS` (or None): the
+    strings, a ``transformers.BitsAndBytesConfig`` (``load_in_4bit`` with ``bnb_4bit_quant_type="nf4"``:
+    "nf4"; ``load_in_8bit``: "int8") or a dict of its fields. Its compute dtype is the plan's
+    dtype; a field fitmap would not honour (double quantization, skipped modules, ...) is refused."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value not in METHODS:
+            raise BadInput(f"quantize must be one of {', '.join(METHODS)}, not {value!r}")
+        return value
+    from transformers import BitsAndBytesConfig
+
+    choices = f"{', '.join(repr(m) for m in METHODS)}, a transformers.BitsAndBytesConfig or a dict of its fields"
+    if isinstance(value, BitsAndBytesConfig):
+        cfg = value
+    elif isinstance(value, dict):
+        fields = set(BitsAndBytesConfig().to_dict())
+        unknown = sorted(str(k) for k in value if k not in fields)
+        if unknown:
+            raise BadInput(
+                f"quantize got a dict with field(s) {', '.join(unknown)} that BitsAndBytesConfig does not "
+                f"have; give {choices}"
+            )
+        given = {k: v for k, v in value.items() if not k.startswith("_") and k != "quant_method"}
+        if getattr(value.get("quant_method"), "value", value.get("quant_method")) not in (None, "bitsandbytes"):
+            raise BadInput(
+                f"quantize: fitmap quantizes while loading with bitsandbytes only, not quant_method "
+                f"{_short(value['quant_method'])}; give {choices}"
+            )
+        try:
+            cfg = BitsAndBytesConfig(**given)
+        except (TypeError, ValueError) as e:
+            raise BadInput(f"quantize: {str(e).splitlines()[0][:200]}; give {choices}") from None
+    else:
+        raise BadInput(f"quantize must be {choices}, not {_short(value)} of type {type(value).__name__}")
+    if cfg.load_in_4bit == cfg.load_in_8bit:
+        raise BadInput("quantize: the BitsAndBytesConfig must set one of load_in_4bit=True (nf4) or load_in_8bit=True")
+    method = "nf4" if cfg.load_in_4bit else "int8"
+    if method == "nf4" and cfg.bnb_4bit_quant_type != "nf4":
+        raise BadInput(
+            f"quantize: fitmap quantizes 4-bit to nf4 only, not bnb_4bit_quant_type {cfg.bnb_4bit_quant_type!r} "
+            "(BitsAndBytesConfig's default); set bnb_4bit_quant_type='nf4' or pass quantize='nf4'"
+        )
+    want = BitsAndBytesConfig(load_in_4bit=method == "nf4", load_in_8bit=method == "int8").to_dict()
+    have = cfg.to_dict()
+    ignored = {"quant_method", "bnb_4bit_compute_dtype", "bnb_4bit_quant_type"}
+    ignored |= {"llm_int8_threshold", "llm_int8_has_fp16_weight"} if method == "nf4" else set()
+    ignored |= {k for k in want if k.startswith("bnb_4bit_")} if method == "int8" else set()
+    other = [f"{k}={have[k]!r}" for k in want if k not in ignored and have.get(k) != want[k]]
+    if other:
+        raise BadInput(
+            f"quantize: fitmap's {method} does not take {', '.join(other)}; drop it (fitmap quantizes as "
+            f"--quantize {method}: {METHODS[method]})"
+        )
+    return method
 
 
 def quantizer(config, requested: str | None, dtype: torch.dtype, purpose: str = "load"):
@@ -92,6 +219,8 @@ def quantizer(config, requested: str | None, dtype: torch.dtype, purpose: str = 
         q = AutoHfQuantizer.from_config(qconfig, pre_quantized=saved is not None)
     except (ValueError, KeyError, TypeError) as e:
         raise BadInput(f"fitmap cannot {purpose} {method} weights: {str(e).splitlines()[0][:200]}") from None
+    except ImportError as e:  # GPTQ's quantizer needs optimum as it is built
+        raise BadInput(f"{method} weights need a library this Python lacks: {str(e).splitlines()[0][:240]}") from None
     try:
         q.validate_environment(device_map=None, weights_only=True)
     except (ImportError, RuntimeError, ValueError) as e:
@@ -157,8 +286,14 @@ def _int_packed_bytes(model: nn.Module, saved: dict) -> dict[str, int]:
     Linear but the output head and ``modules_to_not_convert`` is quantized."""
     from transformers.quantizers.quantizers_utils import should_convert_module
 
-    bits = int(saved.get("bits") or saved.get("w_bit") or 4)
-    group = int(saved.get("group_size") or saved.get("q_group_size") or 128)
+    try:
+        bits = int(saved.get("bits") or saved.get("w_bit") or 4)
+        group = int(saved.get("group_size") or saved.get("q_group_size") or 128)
+    except (TypeError, ValueError):
+        raise BadInput(
+            f"config.json's quantization_config has bits {_short(saved.get('bits') or saved.get('w_bit'))} and "
+            f"group size {_short(saved.get('group_size') or saved.get('q_group_size'))}: both should be integers"
+        ) from None
     skip = list(saved.get("modules_to_not_convert") or []) + ["lm_head"]
     out = {}
     for path, module in model.named_modules():

@@ -23,6 +23,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from fitmap.cache import shorten
 from fitmap.errors import BadInput
 from fitmap.sizes import MiB, fmt_bytes, parse_size
 
@@ -124,7 +125,8 @@ def parse_gpus(text: str | None, reserve: int | None = None) -> tuple[GpuSpec, .
     """Parse ``--gpus``. ``reserve`` overrides the default per-GPU reserve (bytes)."""
     if text is not None and not isinstance(text, str):
         raise BadInput(
-            f"gpus must be a string such as '0,1', '0:10GiB,1:10GiB' or '4x24GiB', not {text!r} ({type(text).__name__})"
+            f"gpus must be a string such as '0,1', '0:10GiB,1:10GiB' or '4x24GiB', not {shorten(repr(text))} "
+            f"({type(text).__name__})"
         )
     if text is None or text.strip() in ("", "none"):
         return ()
@@ -132,13 +134,13 @@ def parse_gpus(text: str | None, reserve: int | None = None) -> tuple[GpuSpec, .
     hardware: list[tuple[str, int]] | None = None
     parts = [p.strip() for p in text.split(",")]
     if "" in parts:
-        raise BadInput(f"--gpus {text!r} has an empty entry; write e.g. 0,1 or 4x24GiB")
+        raise BadInput(f"--gpus {shorten(text)!r} has an empty entry; write e.g. 0,1 or 4x24GiB")
     for part in parts:
         m = _HYPO.match(part)
         if m:
             count, size = int(m.group(1)), parse_size(m.group(2))
             if count < 1 or len(specs) + count > MAX_GPUS:
-                raise BadInput(f"--gpus {part!r}: the count must be between 1 and {MAX_GPUS} GPUs in all")
+                raise BadInput(f"--gpus {shorten(part)!r}: the count must be between 1 and {MAX_GPUS} GPUs in all")
             for _ in range(count):
                 specs.append(
                     GpuSpec(
@@ -153,7 +155,7 @@ def parse_gpus(text: str | None, reserve: int | None = None) -> tuple[GpuSpec, .
         index_text, _, cap_text = part.partition(":")
         if not index_text.strip().isdigit():
             raise BadInput(
-                f"cannot read GPU {part!r} in --gpus {text!r}: write indices (0,1), "
+                f"cannot read GPU {shorten(part)!r} in --gpus {shorten(text)!r}: write indices (0,1), "
                 "budgets (0:10GiB,1:10GiB) or hypothetical GPUs (4x24GiB)"
             )
         index = int(index_text)
@@ -180,7 +182,8 @@ def _cap(part: str, cap_text: str) -> int:
         return parse_size(cap_text)
     except BadInput:
         raise BadInput(
-            f"--gpus {part!r}: {cap_text!r} is not a size; write a budget like {part.split(':')[0]}:10GiB"
+            f"--gpus {shorten(part)!r}: {shorten(cap_text)!r} is not a size; write a budget like "
+            f"{shorten(part.split(':')[0])}:10GiB"
         ) from None
 
 
@@ -220,9 +223,9 @@ def _missing_gpu_message(index: int, hardware: list[tuple[str, int]], cap_text: 
 def _reject_duplicates(specs: list[GpuSpec], text: str) -> None:
     detected = [g.index for g in specs if g.detected]
     if len(set(detected)) != len(detected):
-        raise BadInput(f"--gpus {text!r} names a GPU twice")
+        raise BadInput(f"--gpus {shorten(text)!r} names a GPU twice")
     if detected and len(detected) != len(specs):
-        raise BadInput(f"--gpus {text!r} mixes detected GPUs and hypothetical ones; use one kind")
+        raise BadInput(f"--gpus {shorten(text)!r} mixes detected GPUs and hypothetical ones; use one kind")
 
 
 def make_machine(

@@ -92,6 +92,14 @@ class Plan:
 
     @classmethod
     def from_json(cls, d: dict) -> Plan:
+        from fitmap.model.quant import METHODS
+
+        quantize = d.get("quantize") if isinstance(d, dict) else None
+        if quantize is not None and (not isinstance(quantize, str) or quantize not in METHODS):
+            raise BadInput(
+                f"not a fitmap plan (quantize must be {' or '.join(map(repr, METHODS))} or absent, not "
+                f"{repr(quantize)[:60]}); make one with fitmap plan --out"
+            )
         try:
             return cls(
                 model=d["model"],
@@ -107,7 +115,7 @@ class Plan:
                 groups=d.get("groups", {}),
                 repairs=tuple(Repair(**r) for r in d.get("repairs", [])),
                 execution_device=d.get("execution_device", "cpu"),
-                quantize=d.get("quantize"),
+                quantize=quantize,
                 notes=tuple(str(n) for n in d.get("notes", ())),
             ).validated()
         except (KeyError, TypeError, AttributeError, ValueError) as e:

@@ -22,6 +22,7 @@ from fitmap.planning.plan import Plan
 from fitmap.planning.workload import Workload
 from fitmap.runtime.loader import LoadedModel, load
 from fitmap.runtime.prompting import Prompter
+from fitmap.runtime.threads import apply as apply_threads
 from fitmap.sizes import fmt_bytes
 
 
@@ -112,6 +113,7 @@ def start(
     for d in plan.devices:
         if d.device.isdigit() and torch.cuda.is_available():
             devices.enforce_budget(int(d.device), d.capacity_bytes - d.reserve_bytes)
+    apply_threads(plan)  # before loading: torch keeps a thread's count once it has run an op
     sampler = devices.RssSampler().__enter__()
     try:
         return load(model_dir, plan, trust_remote_code=trust_remote_code, readahead=readahead), sampler

@@ -27,7 +27,15 @@ class Limits:
     queue: int = 64  # requests waiting or running, all replicas
 
 
-def create_app(engine: Engine, model_name: str, api_key: str | None = None, limits: Limits = Limits()):
+def create_app(
+    engine: Engine,
+    model_name: str,
+    api_key: str | None = None,
+    limits: Limits = Limits(),
+    aliases: tuple[str, ...] = (),
+):
+    """``model_name``: the id ``/v1/models`` lists and every response carries; a request's ``model``
+    may name it or one of ``aliases`` (``fitmap serve``: the model as given on its command line)."""
     from fastapi import FastAPI
     from fastapi import Request as HttpRequest
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -114,14 +122,15 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, limi
         return await _respond(request, body, job, "text_completion")
 
     async def _respond(request, body: dict, job: Request, kind: str):
-        model = body.get("model") or model_name
-        if model != model_name:
+        asked = body.get("model") or model_name
+        if asked != model_name and asked not in aliases:
             raise ApiError(
                 404,
-                f"model {shown(model)} is not served here; this server serves {model_name!r}",
+                f"model {shown(asked)} is not served here; this server serves {model_name!r}",
                 code="model_not_found",
                 param="model",
             )
+        model = model_name  # what the response carries, whichever accepted name was asked for
         job.loop, job.chunks = asyncio.get_running_loop(), asyncio.Queue()
         try:
             engine.submit(job)

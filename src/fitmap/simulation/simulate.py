@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -35,6 +35,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from fitmap.dispatch import hooks, repairs
 from fitmap.model import compat
 from fitmap.model.build import build_model, empty_weights
+from fitmap.model.modules import generation_owner
 from fitmap.model.skeleton import Skeleton
 from fitmap.planning.plan import Plan, Repair
 from fitmap.planning.workload import Workload
@@ -65,7 +66,6 @@ from fitmap.simulation.memory import (
 from fitmap.simulation.steps import (
     cache_bytes,
     decode_inputs,
-    generation_owner,
     grow_cache,
     prefill_inputs,
     set_image_token,
@@ -231,7 +231,9 @@ def _simulate_steps(run: _Run, config, task: str, sk: Skeleton, workload: Worklo
             full = workload.prompt + image_tokens + workload.new - 1
             cache = grow_cache(cache, full, text["input_ids"].shape[1])
             del out
-            decoder(**decode_inputs(decoder, text, cache, full))
+            step = decoder(**decode_inputs(decoder, text, cache, full))
+            stage = "next token"
+            _append_next_token(t, text["input_ids"], step)
             stage = "done"
             kv = cache_bytes(cache)
     except RuntimeError:
@@ -248,6 +250,25 @@ def _simulate_steps(run: _Run, config, task: str, sk: Skeleton, workload: Worklo
         if u.layer is not None and u.name in run.unit_device
     }
     return Simulation(peaks, dict(t.unit_peak), unit_kv, None, image_tokens, stage, dict(t.entry))
+
+
+GENERATE_APPENDS = "transformers' generate(): input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)"
+
+
+def _append_next_token(t: MemoryTracker, ids: torch.Tensor, output: Any) -> None:
+    """What ``generate``'s loop does between two steps: the greedy token taken from the last logits
+    of the module it decodes with, appended to the ids on the input device (transformers 4.x takes the
+    logits where that module left them; a mismatch there is named as generate's line)."""
+    logits = output["logits"] if isinstance(output, dict) else output[0]
+    last = logits[:, -1, :]
+    if compat.generate_moves_logits():
+        last = last.to(ids.device)
+    try:
+        torch.cat([ids, last.argmax(-1)[:, None]], dim=-1)
+    except RuntimeError:
+        if t.mismatch is not None:
+            t.mismatch = replace(t.mismatch, module="", unit=None, code=GENERATE_APPENDS)
+        raise
 
 
 def _order(device: str) -> tuple[int, int]:

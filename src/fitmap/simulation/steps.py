@@ -26,20 +26,6 @@ def _accepted(fn: Any, kwargs: dict) -> dict:
     return {k: v for k, v in kwargs.items() if k in params}
 
 
-def generation_owner(model: nn.Module) -> nn.Module:
-    """The module ``generate`` runs decode steps on. Remote-code VLMs (InternVL) define their
-    own ``generate`` that merges image features into the embeddings once and hands
-    ``inputs_embeds`` to their language model's ``generate``: decoding runs there."""
-    own = getattr(type(model), "generate", None)
-    if own is None or not getattr(own, "__module__", "").startswith("transformers_modules"):
-        return model
-    for name in ("language_model", "llm", "text_model"):
-        child = getattr(model, name, None)
-        if isinstance(child, nn.Module) and callable(getattr(child, "prepare_inputs_for_generation", None)):
-            return child
-    return model
-
-
 def set_image_token(model: nn.Module, inputs: dict) -> None:
     """InternVL's ``chat()`` sets ``img_context_token_id`` from the tokenizer before it generates."""
     token = inputs.pop("_image_token_id", None)

@@ -1,0 +1,105 @@
+"""How many CPU threads torch computes with, chosen from the work a token gives the CPU.
+
+torch starts one intra-op thread per core, and its OpenMP threads spin while they wait
+(libgomp spins for a while at every barrier and between parallel regions when a team has
+no more threads than there are cores). A decode step of a small model is hundreds of
+small parallel regions; when other processes hold the cores, a teammate is descheduled at
+nearly every barrier and the spinning threads take CPU time from the one doing the work:
+decode of the demo model fell from about 110 to 25 tokens/s on a 2-core machine with a
+busy loop per core, where one thread kept about 75 (docs/benchmarks.md, "CPU threads under
+load"). Threads pay only when each one has enough weights to stream per token, so:
+
+* ``--threads N`` (``fix``) or the user's own ``OMP_NUM_THREADS``: as given;
+* the model computes on GPUs (offloaded units run there too): one thread, the CPU only
+  launches kernels and prepares inputs (what ``transformers serve`` does on an accelerator);
+* on the CPU: one thread per ``BYTES_PER_THREAD`` of weights the CPU reads per token, at
+  least one, at most this process's cores shared among the copies (replicas) that run at once.
+
+torch's thread count is per OS thread once that thread has run an op, so the count is set
+before the threads that generate start (``fitmap serve``: before its replicas load).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fitmap.planning.plan import Plan
+from fitmap.sizes import fmt_bytes
+
+BYTES_PER_THREAD = 256 << 20  # weights one thread streams per token before a second one pays for its barriers
+
+
+@dataclass(frozen=True)
+class Threads:
+    count: int
+    why: str
+
+
+_fixed: Threads | None = None  # set by fix(): --threads, or fitmap serve's choice for all its replicas
+
+
+def cores() -> int:
+    """The cores this process may run on (its affinity mask, where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def cpu_work(plan: Plan) -> int:
+    """Bytes of weights the CPU computes with per token: those on ``cpu``/``disk`` when offloaded
+    units run on the CPU (with a GPU execution device they are copied there and run on it)."""
+    if plan.execution_device != "cpu":
+        return 0
+    return sum(d.weights_bytes for d in plan.devices if d.device in ("cpu", "disk"))
+
+
+def choose(
+    plans: Sequence[Plan],
+    requested: int | None = None,
+    available: int | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Threads:
+    """The intra-op threads for ``plans`` (the copies that decode at once, e.g. serve's replicas)."""
+    env = os.environ if env is None else env
+    if requested is not None:
+        return Threads(requested, "--threads")
+    if env.get("OMP_NUM_THREADS"):
+        return Threads(torch.get_num_threads(), "OMP_NUM_THREADS")
+    copies = max(1, len(plans))
+    share = max(1, (available or cores()) // copies)
+    work = max((cpu_work(p) for p in plans), default=0)
+    if work == 0:
+        return Threads(1, "the model computes on GPU(s); the CPU only launches its kernels")
+    count = max(1, min(share, work // BYTES_PER_THREAD))
+    each = f" per copy, {copies} copies" if copies > 1 else ""
+    return Threads(count, f"{fmt_bytes(work)} of weights computed on the CPU per token{each}")
+
+
+def fix(threads: Threads | None) -> None:
+    """Use ``threads`` from now on (``None``: choose per plan again); sets it for this OS thread."""
+    global _fixed
+    _fixed = threads
+    if threads is not None and threads.why != "OMP_NUM_THREADS":
+        _set(threads.count)
+
+
+def apply(plan: Plan) -> Threads:
+    """Set torch's threads for running ``plan`` in this OS thread (and for threads started after)."""
+    threads = _fixed or choose((plan,))
+    if threads.why != "OMP_NUM_THREADS":
+        _set(threads.count)
+    return threads
+
+
+def _set(count: int) -> None:
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+    try:  # allowed once, before any inter-op work; decode never uses the inter-op pool anyway
+        torch.set_num_interop_threads(count)
+    except RuntimeError:
+        pass

@@ -1,0 +1,85 @@
+"""torch's CPU threads for run, chat and serve: chosen from the work a token gives the CPU, the
+user's ``--threads`` / ``OMP_NUM_THREADS`` kept; set in the thread that generates."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from fitmap.planning.plan import DeviceLedger, Plan
+from fitmap.planning.workload import Workload
+from fitmap.runtime import threads
+
+MiB = 1 << 20
+
+
+def _plan(weights: dict[str, int], execution_device: str = "cpu") -> Plan:
+    ledgers = tuple(DeviceLedger(d, 64 << 30, w, 0, 0, 0, 0, w) for d, w in weights.items())
+    return Plan(
+        "m", True, "balanced", "float32", "analytic", Workload(1, 8, 8), {}, ledgers, execution_device=execution_device
+    )
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    count = torch.get_num_threads()
+    yield
+    threads.fix(None)
+    torch.set_num_threads(count)
+
+
+def test_a_small_model_on_the_cpu_gets_one_thread_a_large_one_a_thread_per_share_of_its_weights():
+    assert threads.choose([_plan({"cpu": 100 * MiB})], available=16, env={}).count == 1  # the demo's size
+    big = _plan({"cpu": 4 * threads.BYTES_PER_THREAD, "disk": 2 * threads.BYTES_PER_THREAD})
+    assert threads.choose([big], available=16, env={}).count == 6
+    assert threads.choose([big], available=4, env={}).count == 4  # at most the cores
+    assert threads.choose([big, big], available=4, env={}).count == 2  # replicas share the cores
+    assert threads.choose([big] * 8, available=4, env={}).count == 1
+
+
+def test_the_model_on_gpus_gets_one_thread_even_with_offloaded_weights():
+    gpu = _plan({"0": 10 << 30, "cpu": 8 << 30}, execution_device="0")  # the cpu tier runs on GPU 0
+    chosen = threads.choose([gpu], available=16, env={})
+    assert chosen.count == 1 and "GPU" in chosen.why
+
+
+def test_the_users_count_wins():
+    big = _plan({"cpu": 8 << 30})
+    assert threads.choose([big], requested=3, available=16, env={}) == threads.Threads(3, "--threads")
+    kept = threads.choose([big], available=16, env={"OMP_NUM_THREADS": "5"})
+    assert kept.why == "OMP_NUM_THREADS" and kept.count == torch.get_num_threads()
+
+
+def test_apply_sets_the_thread_that_runs_and_threads_started_after():
+    seen: dict[str, int] = {}
+
+    def run(plan: Plan, key: str) -> None:
+        torch.ones(4).sum()  # this thread has run an op: its count is its own from here on
+        threads.apply(plan)
+        seen[key] = torch.get_num_threads()
+
+    worker = threading.Thread(target=run, args=(_plan({"cpu": 10 * MiB}), "small"))
+    worker.start()
+    worker.join()
+    assert seen["small"] == 1
+    threads.fix(threads.Threads(2, "--threads"))  # serve's choice for all replicas, before they start
+    worker = threading.Thread(target=run, args=(_plan({"cpu": 10 * MiB}), "fixed"))
+    worker.start()
+    worker.join()
+    assert seen["fixed"] == 2 and torch.get_num_threads() == 2
+
+
+def test_run_with_threads_flag(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    from fitmap.cli import main
+    from fitmap.cli.demo import demo_checkpoint
+
+    path = demo_checkpoint(tmp_path)
+    assert main(["run", str(path), "--prompt", "describe this image .", "--new", "2", "--threads", "2"]) == 0
+    assert torch.get_num_threads() == 2
+    assert main(["run", str(path), "--prompt", "describe this image .", "--new", "2"]) == 0
+    assert torch.get_num_threads() == 1  # the demo's ~100 MiB of weights on the CPU: one thread
+    assert main(["run", str(path), "--prompt", "hi", "--threads", "0"]) == 2
+    assert "--threads must be at least 1" in capsys.readouterr().err
