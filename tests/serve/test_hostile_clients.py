@@ -9,10 +9,7 @@ a count."""
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,7 +19,8 @@ import pytest
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
-from tests.serve.test_serve import KEY, NEW, _free_port, _get, _metric  # noqa: E402
+from tests.serve.server import free_port, running_server  # noqa: E402
+from tests.serve.test_serve import KEY, NEW, _get, _metric  # noqa: E402
 
 MSGS = [{"role": "user", "content": "what is in this image ?"}]
 RSS_GROWTH = 200 << 20  # generous: allocator caches, the tokenizer's, Python's free lists
@@ -31,42 +29,15 @@ TIMEOUT = 20.0  # per socket operation
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """As test_serve.py's, with the process (its RSS is read from /proc)."""
     from fitmap.cli.demo import demo_checkpoint
 
     model = demo_checkpoint(tmp_path_factory.mktemp("hostile"))
-    port = _free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    args = ["serve", str(model), "--cpu", "4GiB", "--replicas", "2", "--new", str(NEW), "--prompt", "256"]
-    args += ["--host", "127.0.0.1", "--port", str(port), "--api-key", KEY, "--max-queue", "64"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fitmap.cli", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"fitmap serve exited: {proc.stdout.read()[-2000:]}")
-        try:
-            if _get(base + "/health", None)[0] == 200:
-                break
-        except OSError:
-            pass
-        time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("fitmap serve did not come up in 180 s")
-    client = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=120)
-    yield proc, port, client, str(model)
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    port = free_port()
+    args = [str(model), "--cpu", "4GiB", "--replicas", "2", "--new", str(NEW), "--prompt", "256"]
+    args += ["--host", "127.0.0.1", "--api-key", KEY, "--max-queue", "64"]
+    with running_server(args, port) as proc:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=120)
+        yield proc, port, client, str(model)
 
 
 def _rss(pid: int) -> int:

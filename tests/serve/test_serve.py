@@ -8,8 +8,6 @@ import io
 import json
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -19,14 +17,10 @@ import pytest
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
+from tests.serve.server import free_port, running_server  # noqa: E402  (after the skips)
+
 KEY = "test-key"
 NEW = 12
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str, key: str | None = KEY) -> tuple[int, str]:
@@ -43,58 +37,12 @@ def server(tmp_path_factory):
     from fitmap.cli.demo import demo_checkpoint
 
     model = demo_checkpoint(tmp_path_factory.mktemp("serve"))
-    port = _free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fitmap.cli",
-            "serve",
-            str(model),
-            "--cpu",
-            "4GiB",
-            "--replicas",
-            "2",
-            "--new",
-            str(NEW),
-            "--prompt",
-            "256",
-            "--image",
-            "64x48",  # room for the one image a request below carries
-            "--port",
-            str(port),
-            "--api-key",
-            KEY,
-            "--max-queue",
-            "40",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"fitmap serve exited: {proc.stdout.read()[-2000:]}")
-        try:
-            if _get(base + "/health", None)[0] == 200:
-                break
-        except OSError:
-            pass
-        time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("fitmap serve did not come up in 180 s")
-    client = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=120)
-    yield base, client, str(model)
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    port = free_port()
+    args = [str(model), "--cpu", "4GiB", "--replicas", "2", "--new", str(NEW), "--prompt", "256"]
+    args += ["--image", "64x48", "--api-key", KEY, "--max-queue", "40"]  # room for the one image a request carries
+    with running_server(args, port):
+        base = f"http://127.0.0.1:{port}"
+        yield base, openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=120), str(model)
 
 
 def _data_url(size=(64, 48)) -> str:

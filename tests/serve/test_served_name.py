@@ -3,25 +3,14 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-
 import pytest
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
+from tests.serve.server import free_port, running_server  # noqa: E402  (after the skips)
+
 NAME = "acme/tiny-chat"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -29,39 +18,11 @@ def server(tmp_path_factory):
     from fitmap.cli.demo import demo_checkpoint
 
     model = demo_checkpoint(tmp_path_factory.mktemp("named"))
-    port = _free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    env.pop("OMP_NUM_THREADS", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fitmap.cli", "serve", str(model), "--served-model-name", NAME, "--cpu", "4GiB"]
-        + ["--new", "8", "--prompt", "128", "--max-batch", "1", "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"fitmap serve exited: {proc.stdout.read()[-2000:]}")
-        try:
-            with urllib.request.urlopen(base + "/health", timeout=5) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("fitmap serve did not come up in 180 s")
-    client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
-    yield client, str(model), proc
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    port = free_port()
+    args = [str(model), "--served-model-name", NAME, "--cpu", "4GiB", "--new", "8", "--prompt", "128"]
+    with running_server([*args, "--max-batch", "1"], port, drop_env=("OMP_NUM_THREADS",)) as proc:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+        yield client, str(model), proc
 
 
 def test_models_lists_the_served_name_and_a_request_naming_it_is_answered(server):

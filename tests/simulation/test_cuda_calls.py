@@ -59,8 +59,8 @@ def test_plan_simulates_and_check_passes_from_the_command_line(model, tmp_path, 
     assert code == 0 and "no device mismatch" in text
 
 
-def test_cuda_calls_are_answered_on_fakes_and_restored():
-    before = (
+def _cuda_entry_points() -> tuple:
+    return (
         torch.cuda.device,
         torch.cuda.set_device,
         torch.cuda.current_device,
@@ -69,7 +69,12 @@ def test_cuda_calls_are_answered_on_fakes_and_restored():
         torch.cuda.Event,
         torch.cuda.stream,
         torch.Tensor.cuda,
+        torch.autocast,
     )
+
+
+def test_cuda_calls_are_answered_on_fakes_and_restored():
+    before = _cuda_entry_points()
     with FakeTensorMode(allow_non_fake_inputs=True) as mode, cuda_calls_on_fakes():
         x = mode.from_tensor(torch.ones(2, 3))
         assert x.cuda(1).device == torch.device("meta", 1)
@@ -84,14 +89,5 @@ def test_cuda_calls_are_answered_on_fakes_and_restored():
             torch.cuda.synchronize()
         assert event.query()
         assert torch.ones(2).cuda is not None  # a real tensor keeps torch's own .cuda
-    after = (
-        torch.cuda.device,
-        torch.cuda.set_device,
-        torch.cuda.current_device,
-        torch.cuda.synchronize,
-        torch.cuda.Stream,
-        torch.cuda.Event,
-        torch.cuda.stream,
-        torch.Tensor.cuda,
-    )
+    after = _cuda_entry_points()
     assert after == before
