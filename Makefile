@@ -20,7 +20,7 @@ VENVL := .venv-latest
 LATEST := transformers accelerate tokenizers safetensors huggingface_hub
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # pip prints a line for every extra index that lacks a package; only errors matter here.
-PIP = python -m pip install --quiet --disable-pip-version-check
+PIP = python -m pip install --quiet --quiet --disable-pip-version-check
 
 .PHONY: demo test test-tf4 test-latest check setup lock clean
 
