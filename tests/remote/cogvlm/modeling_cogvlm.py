@@ -17,6 +17,7 @@ The real code needs triton and xformers (GPU only); this one computes the same w
 Its padding id is a module constant, as the real one's 128002.
 """
 
+import contextlib
 import math
 from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
@@ -136,7 +137,11 @@ class RotaryEmbedding(nn.Module):
             x1, x2 = x[..., : self.dim // 2], x[..., self.dim // 2:]
             return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
-        return rotate(q), rotate(k)
+        # the real util.py launches its Triton kernel inside torch.cuda.device(x.device.index); on the CPU
+        # (where the reference runs here) that call fails, so it is made where the code assumes a GPU
+        on_gpu = q.device.type != "cpu"
+        with torch.cuda.device(q.device.index) if on_gpu else contextlib.nullcontext():
+            return rotate(q), rotate(k)
 
 
 class VisionExpertAttention(nn.Module):
