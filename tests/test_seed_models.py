@@ -1,5 +1,5 @@
 """The models the users' documents name, at tiny size and written the way their repositories are
-(tests/remote/seeds.py: MiniCPM-Llama3-V 2.5, InternVL2 with Llama 3, GLM-4V-9B), on the transformers
+(tests/remote/seeds.py: MiniCPM-Llama3-V 2.5, InternVL2 with Llama 3, GLM-4V-9B, CogVLM v1), on the transformers
 4.x their cards pin, through every step: inspect, a plan with an image (simulated, the vision side
 together), its check, a naive accelerate map checked and repaired, and a cpu + disk run that answers
 with the unsplit model's own tokens (its chat(), or its card's tokenizer + generate)."""
@@ -23,15 +23,21 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
 ]
 
-SEEDS = ["minicpmv25", "internvl_llama3", "glm4v"]
+SEEDS = ["minicpmv25", "internvl_llama3", "glm4v", "cogvlm1"]
 IMAGE = (56, 56)
 QUESTION = "What is in the image?"
 # the vision tower of each: on the input side, with the projector and the text embeddings
-TOWER = {"minicpmv25": "vpm", "internvl_llama3": "vision_model", "glm4v": "transformer.vision"}
+TOWER = {
+    "minicpmv25": "vpm",
+    "internvl_llama3": "vision_model",
+    "glm4v": "transformer.vision",
+    "cogvlm1": "model.vision",
+}
 LAYERS = {
     "minicpmv25": "llm.model.layers",
     "internvl_llama3": "language_model.model.layers",
     "glm4v": "transformer.encoder.layers",
+    "cogvlm1": "model.layers",
 }
 
 
@@ -127,6 +133,17 @@ def _own_answer(name: str, d, image, new: int) -> str:
         )
         out = ref.generate(**inputs, do_sample=False, max_new_tokens=new)
         return tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    if name == "cogvlm1":  # no chat(): its card builds the inputs with the model, then generate()
+        built = ref.build_conversation_input_ids(tok, query=QUESTION, history=[], images=[image])
+        inputs = {k: built[k][None] for k in ("input_ids", "token_type_ids", "attention_mask")}
+        out = ref.generate(
+            **inputs,
+            images=[[built["images"][0]]],
+            max_new_tokens=new,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+        )
+        return tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     from fitmap.runtime.prompting import internvl_tiles
 
     return ref.chat(tok, internvl_tiles(ref.config, image), QUESTION, dict(max_new_tokens=new, do_sample=False))
@@ -147,3 +164,15 @@ def test_a_cpu_and_disk_run_answers_with_the_models_own_tokens(seed, tmp_path):
     plan.save(tmp_path / "cd.json")
     got = answer(str(d), QUESTION, [image], 6, make_machine(**machine), str(tmp_path / "cd.json"), True, out=None)
     assert got.text == expected and expected
+
+
+def test_cogvlm_v1s_image_tokens_are_the_slots_its_own_inputs_hold(tmp_path):
+    """CogVLM v1 keeps one token per patch (CogVLM2 halves the grid with a conv): the tokens fitmap plans
+    for an image are the vision slots its own build_conversation_input_ids makes."""
+    from fitmap.planning.images import image_shape
+
+    d = make_remote("cogvlm1", tmp_path)
+    tok = transformers.AutoTokenizer.from_pretrained(d, trust_remote_code=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True)
+    built = model.build_conversation_input_ids(tok, query=QUESTION, history=[], images=[_image()])
+    assert image_shape(model.config, *IMAGE).tokens == int(built["token_type_ids"].sum())

@@ -9,6 +9,11 @@ names too):
   tower ``transformer.vision``; the prompt comes from the tokenizer's
   ``apply_chat_template([{"role", "image", "content"}], return_dict=True)`` (input_ids,
   attention_mask, position_ids, images) and the answer from ``model.generate(**inputs)``;
+* ``cogvlm1`` — CogVLM v1 (THUDM/cogvlm-chat-hf, ``tests/remote/cogvlm1``): a Vicuna / Llama-2 text
+  model with full multi-head attention and torch rotary, vision experts per token, the EVA2-CLIP-E
+  tower ``model.vision`` without CogVLM2's 2x2 conv (one token per patch); the prompt comes from
+  ``model.build_conversation_input_ids(tokenizer, query=..., history=..., images=[...])`` and the
+  answer from ``generate``; a Llama-2 style tokenizer (``<unk>`` 0, ``<s>`` 1, ``</s>`` 2);
 * ``internvl_llama3`` — InternVL2-Llama3-76B's layout on the existing ``internvl`` sources:
   ``llm_config.architectures = ["LlamaForCausalLM"]`` and InternViT-6B's flags
   (``qk_normalization``, ``norm_type="rms_norm"``, no qkv bias, an odd head count).
@@ -118,6 +123,44 @@ INTERNVL_LLAMA3["vision_config"] = {
     "hidden_act": "gelu", "dropout": 0.0, "attention_dropout": 0.0, "num_channels": 3}
 
 
+# CogVLM v1 (cogvlm-chat-hf): Vicuna-7B-v1.5 (32 layers, 4096 wide, 32 heads with their own keys and
+# values) and EVA2-CLIP-E (490 px, patch 14: 35 x 35 = 1225 image tokens + boi / eoi). Here 56 px / 14 =
+# 4 x 4 patches (+ cls = 17 positions), so 16 + 2 = 18 image slots.
+COGVLM1 = {
+    "architectures": ["CogVLMForCausalLM"],
+    "auto_map": {"AutoConfig": "configuration_cogvlm.CogVLMConfig",
+                 "AutoModelForCausalLM": "modeling_cogvlm.CogVLMForCausalLM"},
+    "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "hidden_act": "silu", "hidden_size": 64,
+    "initializer_range": 0.02, "intermediate_size": 128, "max_position_embeddings": 2048, "num_attention_heads": 4,
+    "num_hidden_layers": 2, "rms_norm_eps": 1e-05, "template_version": "chat", "tie_word_embeddings": False,
+    "torch_dtype": "float32", "transformers_version": "4.35.0", "use_cache": True, "vocab_size": 320,
+    "vision_config": {"dropout_prob": 0.0, "hidden_act": "gelu", "in_channels": 3, "num_hidden_layers": 2,
+                      "hidden_size": 32, "patch_size": 14, "num_heads": 2, "intermediate_size": 64,
+                      "layer_norm_eps": 1e-06, "num_positions": 17, "image_size": 56},
+}
+LLAMA2_SPECIAL = ["<unk>", "<s>", "</s>"]   # ids 0, 1, 2 as in Llama 2; the bytes follow from id 3
+
+
+def llama2_tokenizer(directory: Path) -> None:
+    """Byte-level fast tokenizer laid out as Llama 2's (``<unk>``, ``<s>``, ``</s>`` first, then the
+    bytes, as its byte-fallback pieces start at id 3), ``<s>`` put in front when special tokens are
+    added, ``<unk>`` as the pad token (Vicuna's); CogVLM v1's card loads Vicuna-7B-v1.5's tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(LLAMA2_SPECIAL)}
+    vocab.update({c: i + len(LLAMA2_SPECIAL) for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(LLAMA2_SPECIAL)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[
+        ("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<unk>")
+    fast.save_pretrained(directory)
+
+
 def minicpmv_tokenizer(directory: Path) -> None:
     """Byte-level fast tokenizer with Llama 3's and MiniCPM-V's special tokens, its class
     ``MiniCPMVTokenizerFast`` (tokenization_minicpmv_fast.py), the Llama-3 chat template,
@@ -153,4 +196,5 @@ SEEDS = {
     "minicpmv25": ("minicpmv25", MINICPMV25, minicpmv_tokenizer),
     "glm4v": ("glm4v", GLM4V, glm4v_tokenizer),
     "internvl_llama3": ("internvl", INTERNVL_LLAMA3, byte_tokenizer),
+    "cogvlm1": ("cogvlm1", COGVLM1, llama2_tokenizer),
 }

@@ -144,10 +144,12 @@ def closest_grid(w: int, h: int, size: int, max_tiles: int = 12) -> tuple[int, i
 
 
 def _cogvlm(cfg, w: int, h: int) -> ImageShape:
-    """CogVLM2: resized to the tower's square; a 2x2 conv halves the grid; boi and eoi around it."""
+    """CogVLM: resized to the tower's square, boi and eoi around its grid. CogVLM2 (its config has
+    ``num_multi_query_heads``) halves the grid with a 2x2 conv; CogVLM v1 keeps one token per patch."""
     vc = configs.vision_config(cfg)
     grid = vc.image_size // vc.patch_size
-    return ImageShape((grid // 2) ** 2 + 2, grid * grid + 1, 1)
+    side = grid // 2 if getattr(cfg, "num_multi_query_heads", None) is not None else grid
+    return ImageShape(side * side + 2, grid * grid + 1, 1)
 
 
 def _glm4v_chat(cfg, w: int, h: int) -> ImageShape:

@@ -199,7 +199,7 @@ def _internvl_chat(config, workload: Workload, device: torch.device, dtype: torc
 
 
 def _cogvlm(config, workload: Workload, device: torch.device, dtype: torch.dtype) -> Inputs:
-    """CogVLM2 (``build_conversation_input_ids``): ``images`` one list per sequence of (3, S, S);
+    """CogVLM and CogVLM2 (``build_conversation_input_ids``): ``images`` one list per sequence of (3, S, S);
     bos, then one pad slot per image feature (boi + grid + eoi) with ``token_type_ids`` 1, then text."""
     vc = configs.vision_config(config)
     shapes = _shapes(config, workload)
