@@ -252,8 +252,10 @@ def model_class(config: Any, task: str, trust_remote_code: bool = False) -> type
                 return get_class_from_dynamic_module(auto[key], getattr(config, "_name_or_path", ""))
     for cls in compat.auto_classes(task):
         mapping = getattr(cls, "_model_mapping", None)
+        if mapping is None:
+            continue
         try:
-            return mapping[type(config)] if mapping is not None else None
+            return mapping[type(config)]
         except KeyError:
             continue
     return None
