@@ -18,6 +18,7 @@ from fitmap.runtime import loader
 from fitmap.simulation.check import check
 from fitmap.simulation.vision_inputs import vision_inputs
 from tests.runtime.test_loader import plan_for
+from tests.tiny import OTHER_VLMS
 
 FAMILIES = [
     "qwen2_vl",
@@ -228,3 +229,39 @@ def test_run_with_an_image_on_a_vlm_without_processor_files_says_what_to_copy(ch
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "no image processor" in err and "copy the processor files" in err
+
+
+@pytest.mark.parametrize("family", OTHER_VLMS)
+def test_any_vlm_plans_with_an_image_through_its_processor_and_checks_clean(checkpoints, family):
+    """No per-family code: the image processor its type pairs with, fitted to the tower, and the count of
+    features its own get_image_features returns; the simulation then runs the model's placeholder check."""
+    d = checkpoints(family)
+    plan = fitmap.plan(str(d), gpus="2x1GiB", prompt=32, new=8, images=(IMAGE,))
+    assert plan.fits and plan.estimate == "simulate", plan.estimate
+    _vision_side_together_and_clean(d, plan)
+
+
+@pytest.mark.parametrize("family", OTHER_VLMS)
+def test_any_vlm_split_run_gives_from_pretraineds_tokens_with_the_inputs_fitmap_makes(checkpoints, family):
+    d = checkpoints(family)
+    want = transformers.AutoModelForImageTextToText.from_pretrained(d).eval()
+    config = want.config
+    inputs, tokens = vision_inputs(config, Workload(1, 12, 6, (IMAGE,)), torch.device("cpu"), model=want)
+    assert tokens > 0 and int((inputs["input_ids"] == _image_id(config)).sum()) == tokens
+    inputs["pixel_values"] = torch.randn(inputs["pixel_values"].shape, generator=torch.Generator().manual_seed(0))
+    expected = want.generate(**inputs, max_new_tokens=6, do_sample=False)
+    towers = ("visual", "vision", "encoder", "perceiver", "qformer", "connector")
+    layers = [u for u in plan_for(d).device_map if ".layers." in u and not any(t in u for t in towers)]
+    with loader.load(d, plan_for(d, {layers[-1]: "disk", layers[0]: "disk"}), progress=False) as lm:
+        got = lm.model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, expected)
+
+
+def _image_id(config) -> int:
+    return getattr(config, "image_token_id", None) or config.image_token_index
+
+
+def test_a_text_plan_of_a_model_that_requires_images_simulates_with_one(checkpoints):
+    """BLIP-2's forward has no text-only path: its plan is simulated with one image of its tower's size."""
+    plan = fitmap.plan(str(checkpoints("blip-2")), gpus="2x1GiB", prompt=32, new=8)
+    assert plan.estimate == "simulate", plan.estimate

@@ -322,7 +322,97 @@ def config(family: str) -> transformers.PretrainedConfig:
             vision_end_token_id=503,
             tie_word_embeddings=False,
         )
+    return _other_vlm(family)
+
+
+_CLIP = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14
+)
+
+
+def _other_vlm(family: str) -> transformers.PretrainedConfig:
+    """VLMs fitmap has no per-family code for: their images come from the image processor their type
+    pairs with, and the count of image tokens from the model's own get_image_features."""
+    if family == "llava_next":  # "anyres" tiles among grid pinpoints, unpadded features and row newlines
+        return transformers.LlavaNextConfig(
+            text_config=dict(TEXT, model_type="llama"),
+            vision_config=dict(_CLIP, model_type="clip_vision_model", projection_dim=32),
+            image_grid_pinpoints=[[28, 28], [28, 56], [56, 28]],
+            image_token_index=500,
+            tie_word_embeddings=False,
+        )
+    if family == "paligemma":  # SigLIP tower, one token per patch, Gemma text model
+        return transformers.PaliGemmaConfig(
+            text_config=dict(TEXT, model_type="gemma", head_dim=16, num_key_value_heads=1),
+            vision_config=dict(_CLIP, model_type="siglip_vision_model", projection_dim=64),
+            projection_dim=64,
+            image_token_index=500,
+        )
+    if family == "qwen3_5":  # Qwen2-VL's image processor, linear-attention and full-attention layers
+        return transformers.Qwen3_5Config(
+            text_config=dict(
+                TEXT,
+                head_dim=16,
+                linear_num_key_heads=2,
+                linear_num_value_heads=4,
+                linear_key_head_dim=8,
+                linear_value_head_dim=8,
+                layer_types=["linear_attention", "full_attention"] * 2,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+            ),
+            vision_config=dict(
+                depth=2,
+                hidden_size=32,
+                intermediate_size=64,
+                num_heads=2,
+                out_hidden_size=64,
+                patch_size=14,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+                num_position_embeddings=16,
+                deepstack_visual_indexes=[],
+            ),
+            image_token_id=500,
+            video_token_id=501,
+            vision_start_token_id=502,
+            vision_end_token_id=503,
+            tie_word_embeddings=False,
+        )
+    if family == "blip-2":  # a Q-Former between tower and text model; its forward requires pixel_values
+        return transformers.Blip2Config(
+            vision_config=_CLIP,
+            qformer_config=dict(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+                encoder_hidden_size=32,
+                vocab_size=512,
+            ),
+            text_config=dict(TEXT, model_type="opt", ffn_dim=128, word_embed_proj_dim=64),
+            num_query_tokens=4,
+            image_token_index=500,
+        )
+    if family == "idefics2":  # a perceiver resampler pools each image to a fixed count
+        return transformers.Idefics2Config(
+            text_config=dict(TEXT, model_type="mistral"),
+            vision_config=_CLIP,
+            perceiver_config=dict(
+                hidden_size=64,
+                resampler_n_latents=4,
+                resampler_depth=1,
+                resampler_n_heads=2,
+                resampler_head_dim=8,
+                num_key_value_heads=1,
+            ),
+            image_token_id=500,
+            tie_word_embeddings=False,
+        )
     raise ValueError(f"unknown tiny family {family!r}")
+
+
+# VLMs planned through their image processor and their own get_image_features (no family code)
+OTHER_VLMS = ("llava_next", "paligemma", "qwen3_5", "blip-2", "idefics2")
 
 
 VISION = (
@@ -339,6 +429,7 @@ VISION = (
     "llama4",
     "qwen3_vl",
     "qwen3_vl_moe",
+    *OTHER_VLMS,
 )
 
 

@@ -51,6 +51,10 @@ def test_catalog_lists_the_expected_models() -> None:
         "glm-4.1v-9b",
         "deepseek-v3.1",
         "llama-4-scout",
+        "qwen3.5-27b",
+        "qwen3.5-397b-a17b",
+        "gemma-4-31b",
+        "glm-4.6v",
     }
 
 
@@ -118,6 +122,40 @@ def test_qwen2_vl_sizes(name: str, hidden: int, layers: int, kv_heads: int) -> N
     assert (text.hidden_size, text.num_hidden_layers) == (hidden, layers)
     assert (text.num_key_value_heads, text.vocab_size) == (kv_heads, 152064)
     assert (vision.embed_dim, vision.depth, vision.hidden_size) == (1280, 32, hidden)
+
+
+@pytest.mark.parametrize(
+    ("name", "model_type", "layers", "hidden", "kv_heads", "vision_depth"),
+    [
+        ("qwen3.5-27b", "qwen3_5", 64, 5120, 4, 27),
+        ("qwen3.5-397b-a17b", "qwen3_5_moe", 60, 4096, 2, 27),
+        ("gemma-4-31b", "gemma4", 60, 5376, 16, 27),
+        ("glm-4.6v", "glm4v_moe", 46, 4096, 8, 24),
+    ],
+)
+def test_newest_flagship_sizes(
+    name: str, model_type: str, layers: int, hidden: int, kv_heads: int, vision_depth: int
+) -> None:
+    cfg = build_config(catalog_entry(name))
+    text, vision = cfg.text_config, cfg.vision_config
+    assert cfg.model_type == model_type
+    assert (text.num_hidden_layers, text.hidden_size) == (layers, hidden)
+    # first layer's: Gemma 4's global layers have their own KV heads, so transformers keeps them per layer
+    assert text.per_layer_config[0].num_key_value_heads == kv_heads
+    assert vision.num_hidden_layers == vision_depth
+
+
+def test_newest_flagship_layer_mix_and_experts() -> None:
+    qwen_moe = build_config(catalog_entry("qwen3.5-397b-a17b")).text_config
+    assert qwen_moe.layer_types.count("full_attention") == 15  # every 4th layer; the rest Gated DeltaNet
+    assert (qwen_moe.num_experts, qwen_moe.num_experts_per_tok, qwen_moe.linear_num_value_heads) == (512, 10, 64)
+    assert build_config(catalog_entry("qwen3.5-27b")).text_config.intermediate_size == 17408
+    gemma = build_config(catalog_entry("gemma-4-31b")).text_config
+    assert gemma.layer_types.count("full_attention") == 10 and gemma.sliding_window == 1024
+    assert gemma.attention_k_eq_v and gemma.tie_word_embeddings
+    assert (gemma.per_layer_config[5].num_key_value_heads, gemma.per_layer_config[5].head_dim) == (4, 512)
+    glm = build_config(catalog_entry("glm-4.6v")).text_config
+    assert (glm.n_routed_experts, glm.num_experts_per_tok, glm.first_k_dense_replace) == (128, 8, 1)
 
 
 def test_internvl_is_native_with_internvit_6b_and_untied_head() -> None:

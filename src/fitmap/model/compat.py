@@ -2,7 +2,7 @@
 
 * The KV cache: transformers 5.2x takes it as ``cache=`` and returns it as ``output.cache``;
   earlier 5.x and 4.x as ``past_key_values``. The old name still works on 5.2x but prints
-  a deprecation warning at the user.
+  a deprecation warning at the user. 4.x's Mamba models keep their states as ``cache_params``.
 * Building from a config: 5.x takes ``dtype=``, 4.x ``torch_dtype=``; the image-text Auto
   class is ``AutoModelForImageTextToText`` (4.45+) or ``AutoModelForVision2Seq``.
 * Weight initialisation: 5.x guards loaded tensors with ``initialization.guard_torch_init_functions``
@@ -37,7 +37,9 @@ def _cache_keyword(forward: Any) -> str:
         params = inspect.signature(forward).parameters
     except (TypeError, ValueError):
         return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
+    if "cache" in params:
+        return "cache"
+    return "cache_params" if "cache_params" in params and "past_key_values" not in params else "past_key_values"
 
 
 def cache_kwarg(model: Any) -> str:
@@ -48,7 +50,10 @@ def cache_kwarg(model: Any) -> str:
 def cache_of(output: Any) -> Any:
     """The KV cache a model output carries (None when it has none)."""
     if isinstance(output, dict):
-        return output["cache"] if "cache" in output else output.get("past_key_values")
+        for name in ("cache", "past_key_values", "cache_params"):
+            if output.get(name) is not None:
+                return output[name]
+        return None
     if isinstance(output, tuple):  # return_dict=False / remote code returning tuples: (logits, cache, ...)
         return output[1] if len(output) > 1 else None
     return getattr(output, "past_key_values", None)
@@ -86,7 +91,14 @@ def auto_classes(task: str) -> list[Any]:
 def from_config(auto: Any, config: Any, dtype: Any, trust_remote_code: bool) -> Any:
     """``auto.from_config`` at ``dtype`` on any transformers."""
     key = "dtype" if major() >= 5 else "torch_dtype"
-    return auto.from_config(config, trust_remote_code=trust_remote_code, **{key: dtype})
+    try:
+        return auto.from_config(config, trust_remote_code=trust_remote_code, **{key: dtype})
+    except ValueError as e:  # a model without SDPA (GOT-OCR2's tower): built as it runs, eager
+        if "scaled_dot_product_attention" not in str(e) and "attn_implementation" not in str(e):
+            raise
+        return auto.from_config(
+            config, trust_remote_code=trust_remote_code, attn_implementation="eager", **{key: dtype}
+        )
 
 
 @contextlib.contextmanager

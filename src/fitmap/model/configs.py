@@ -133,7 +133,57 @@ def names(config: Any) -> list[str]:
             for r in ref if isinstance(ref, (list, tuple)) else [ref]:
                 if isinstance(r, str):
                     out.append(r.rsplit("--", 1)[-1].rsplit(".", 1)[-1])
+    out += processor_names(str(_get(config, "model_type") or ""))
     return list(dict.fromkeys(out))
+
+
+# bases every processor shares: naming them would make every model one family
+_GENERIC_PROCESSORS = {
+    "ProcessorMixin",
+    "BaseImageProcessor",
+    "ImageProcessingMixin",
+    "TorchvisionBackend",
+    "PilBackend",
+}
+
+
+@lru_cache(maxsize=256)
+def processor_names(model_type: str) -> list[str]:
+    """The processor and image-processor classes transformers pairs with ``model_type``, with the
+    classes they derive from (``Glm46VImageProcessor`` is a ``Glm4vImageProcessor``; Qwen3.5 uses
+    ``Qwen2VLImageProcessor``): a model whose images are cut as another family's is that family
+    for its images. The PIL and torchvision variants go by one name."""
+    if not model_type:
+        return []
+    try:
+        from transformers.models.auto import image_processing_auto, processing_auto
+    except ImportError:
+        return []
+    found: list[str] = []
+    image = image_processing_auto.IMAGE_PROCESSOR_MAPPING_NAMES.get(model_type)
+    refs = [processing_auto.PROCESSOR_MAPPING_NAMES.get(model_type)]
+    refs += list(image.values()) if isinstance(image, dict) else [image]
+    for ref in refs:
+        for name in ref if isinstance(ref, (list, tuple)) else [ref]:
+            cls = processor_class(name) if isinstance(name, str) else None
+            chain = [c.__name__ for c in cls.__mro__] if isinstance(cls, type) else [name] if name else []
+            found += [n.removesuffix("Pil") for n in chain if n.endswith(("Processor", "ProcessorPil"))]
+    return [n for n in dict.fromkeys(found) if n not in _GENERIC_PROCESSORS]
+
+
+def processor_class(name: str) -> Any:
+    """transformers' class named ``name``: its PIL variant when there is one (the torchvision one
+    warns where torchvision is missing, and both derive from the same classes); None if missing."""
+    import transformers
+
+    for candidate in (name if name.endswith("Pil") else f"{name}Pil", name):
+        try:
+            cls = getattr(transformers, candidate)
+        except Exception:  # no such class, or a backend it needs is missing
+            continue
+        if isinstance(cls, type):
+            return cls
+    return None
 
 
 def family(config: Any, known: Collection[str]) -> str:

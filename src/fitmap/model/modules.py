@@ -18,14 +18,26 @@ def has_state(module: nn.Module) -> bool:
 
 
 def generation_owner(model: nn.Module) -> nn.Module:
-    """The module ``generate`` runs decode steps on. Remote-code VLMs (InternVL) define their
-    own ``generate`` that merges image features into the embeddings once and hands
-    ``inputs_embeds`` to their language model's ``generate``: decoding runs there."""
+    """The module ``generate`` runs decode steps on. Remote-code VLMs (InternVL) and BLIP-2 style
+    models (BLIP-2, InstructBLIP, Kosmos-2) define their own ``generate`` that merges image features
+    into the embeddings once and hands ``inputs_embeds`` to their language model's ``generate``:
+    decoding runs there."""
     own = getattr(type(model), "generate", None)
-    if own is None or not getattr(own, "__module__", "").startswith("transformers_modules"):
+    if own is None or not _own_generate(own):
         return model
     for name in ("language_model", "llm", "text_model"):
         child = getattr(model, name, None)
         if isinstance(child, nn.Module) and callable(getattr(child, "prepare_inputs_for_generation", None)):
             return child
     return model
+
+
+def _own_generate(fn) -> bool:
+    """Is ``fn`` a ``generate`` of the model's own (remote code, or a model class's override)?"""
+    if getattr(fn, "__module__", "").startswith("transformers_modules"):
+        return True
+    try:
+        from transformers import GenerationMixin
+    except ImportError:
+        return False
+    return fn is not GenerationMixin.generate and getattr(fn, "__module__", "").startswith("transformers.models.")

@@ -35,12 +35,15 @@ QWEN_PIXELS = {
     "qwen3_vl": (65536, 16777216),
     "qwen3_vl_moe": (65536, 16777216),
 }
+# model types that share Qwen3-VL's processor (Qwen3.5, Qwen3.5-MoE) take its published limits
+_QWEN_PROCESSORS = {"Qwen3VLProcessor": "qwen3_vl"}
 
 
 def qwen_pixel_limits(cfg) -> tuple[int, int]:
     """(min, max) pixels an image is resized between: the model's image processor settings when
     known (its files, or the catalog's copy), else its family's published ones."""
-    lo, hi = QWEN_PIXELS.get(configs.model_type(cfg), QWEN_PIXELS["qwen2_vl"])
+    kind = configs.family(cfg, QWEN_PIXELS.keys() | _QWEN_PROCESSORS.keys())
+    lo, hi = QWEN_PIXELS.get(_QWEN_PROCESSORS.get(kind, kind), QWEN_PIXELS["qwen2_vl"])
     proc = configs.image_processor_config(cfg) or {}
     size = proc.get("size")
     if not isinstance(size, dict):
@@ -238,9 +241,110 @@ IMAGE_SHAPES: dict[str, Callable] = {
 }
 
 
+# families known by the processor their model type shares (Qwen3.5 cuts images as Qwen2-VL does)
+IMAGE_SHAPES |= {
+    "Qwen2VLImageProcessor": _qwen2_vl,
+    "Glm4vProcessor": _glm4v,
+    "Glm4vImageProcessor": _glm4v,
+    "PixtralImageProcessor": _pixtral,
+}
+
+
 def image_shape(config, w: int, h: int) -> ImageShape:
-    fn = IMAGE_SHAPES.get(configs.family(config, IMAGE_SHAPES), _fixed_size)
+    kind = configs.family(config, IMAGE_SHAPES)
+    fn = IMAGE_SHAPES.get(kind)
+    if fn is None:
+        vc = configs.vision_config(config)
+        fixed = vc is not None and isinstance(getattr(vc, "image_size", None), int) and hasattr(vc, "patch_size")
+        fn = _fixed_size if fixed else _by_processor
     return fn(config, w, h)
+
+
+def _by_processor(cfg, w: int, h: int) -> ImageShape:
+    """A tower fitmap has no arithmetic for: its own image processor cuts a blank image, and the
+    patches are counted from what it returns (flattened patches, or tiles of a square); tokens are
+    the count the config declares, else one per merged patch. The simulator replaces this estimate
+    with the count the model's own ``get_image_features`` returns."""
+    processor = model_image_processor(cfg)
+    if processor is None:
+        raise configs.MissingConfigValue(
+            f"fitmap cannot size images for model type {configs.model_type(cfg)!r}: its vision config has no "
+            "image_size and its image processor is not available here (it may need torchvision); plan it "
+            "without --image"
+        )
+    enc = processed_images(processor, Workload(images=((w, h),)))
+    pixels = enc["pixel_values"]
+    vc = configs.vision_config(cfg)
+    patch = _side(getattr(vc, "patch_size", None) or 14)
+    merge = int(getattr(vc, "spatial_merge_size", None) or getattr(processor, "merge_size", None) or 1)
+    if pixels.dim() == 2:  # flattened patches, one row each (Qwen-style towers)
+        patches, tiles = int(pixels.shape[0]), 1
+    elif pixels.dim() == 3:  # (images, patches, pixels per patch), padded (Gemma 4)
+        patches, tiles = int(pixels.shape[1]), 1
+    else:  # (tiles, C, H, W), or (images, tiles, C, H, W)
+        tiles = int(pixels.shape[:-3].numel())
+        patches = tiles * (int(pixels.shape[-2]) // patch) * (int(pixels.shape[-1]) // patch)
+    declared = next((getattr(cfg, k) for k in DECLARED_IMAGE_TOKENS if isinstance(getattr(cfg, k, None), int)), None)
+    counted = next((v for k, v in enc.items() if k.startswith("num_") and k.endswith("tokens_per_image")), None)
+    if counted is not None:  # the processor counts them itself (Gemma 4's soft tokens)
+        declared = int(counted[0] if isinstance(counted, (list, tuple)) else counted.flatten()[0])
+    return ImageShape(declared or max(1, patches // (merge * merge)), patches, tiles)
+
+
+def _side(value) -> int:
+    return int(value[0] if isinstance(value, (list, tuple)) else value)
+
+
+def model_image_processor(config):
+    """The image processor transformers pairs with the model's type, with the model's own settings
+    (its files, the catalog's copy), else its class defaults fitted to the vision tower: the tower's
+    square where the processor resizes to a fixed size, its patch and merge sizes. None when the
+    model type has none, or it needs a library that is missing (torchvision)."""
+    from transformers.models.auto import image_processing_auto
+
+    names = image_processing_auto.IMAGE_PROCESSOR_MAPPING_NAMES.get(configs.model_type(config))
+    for name in names.values() if isinstance(names, dict) else [names] if names else []:
+        cls = configs.processor_class(name)
+        if cls is None:
+            continue
+        try:
+            saved = configs.image_processor_config(config)
+            if saved is not None:
+                return cls.from_dict(
+                    {k: v for k, v in saved.items() if k not in ("image_processor_type", "processor_class")}
+                )
+            return cls(**_tower_settings(cls(), config))
+        except Exception:  # a backend it needs (torchvision) is missing, or settings it refuses
+            continue
+    return None
+
+
+def _tower_settings(processor, config) -> dict:
+    """Settings that make ``processor`` (its class defaults) cut images for this config's tower."""
+    vc = configs.vision_config(config)
+    out: dict = {}
+    side = getattr(vc, "image_size", None)
+    side = _side(side) if side else None
+    size = getattr(processor, "size", None)
+    if side and size is not None:
+        if getattr(size, "height", None) and getattr(size, "width", None):
+            out["size"] = {"height": side, "width": side}
+        elif getattr(size, "shortest_edge", None) and not getattr(size, "longest_edge", None):
+            out["size"] = {"shortest_edge": side}
+            if getattr(processor, "crop_size", None) is not None:
+                out["crop_size"] = {"height": side, "width": side}
+    for attr, key in (
+        ("patch_size", "patch_size"),
+        ("merge_size", "spatial_merge_size"),
+        ("temporal_patch_size", "temporal_patch_size"),
+    ):
+        value = getattr(vc, key, None) or getattr(config, key, None)
+        if getattr(processor, attr, None) is not None and value:
+            out[attr] = _side(value)
+    pinpoints = getattr(config, "image_grid_pinpoints", None)
+    if pinpoints and getattr(processor, "image_grid_pinpoints", None) is not None:
+        out["image_grid_pinpoints"] = pinpoints
+    return out
 
 
 def idefics3_shape(config, w: int, h: int) -> ImageShape:

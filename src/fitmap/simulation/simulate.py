@@ -76,16 +76,44 @@ from fitmap.simulation.steps import (
 
 # --------------------------------------------------------------------------- inputs
 def make_inputs(
-    config, workload: Workload, device: torch.device, task: str, trust_remote_code: bool = False
+    config,
+    workload: Workload,
+    device: torch.device,
+    task: str,
+    trust_remote_code: bool = False,
+    model: nn.Module | None = None,
 ) -> tuple[dict, int]:
-    """Model inputs shaped as the processor makes them; (kwargs, image tokens per sequence)."""
+    """Model inputs shaped as the processor makes them; (kwargs, image tokens per sequence).
+    ``model`` (placed) counts its own image features where nothing else does."""
     b = workload.batch
+    if task == "image-text-to-text" and not workload.images and model is not None and _requires_images(model):
+        workload = replace(workload, images=(_native_size(config),))  # BLIP-2: no text-only forward
     if task != "image-text-to-text" or not workload.images:
         ids = torch.ones(b, max(workload.prompt, 1), dtype=torch.long, device=device)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, 0
     from fitmap.simulation.vision_inputs import vision_inputs
 
-    return vision_inputs(config, workload, device, trust_remote_code=trust_remote_code)
+    return vision_inputs(config, workload, device, trust_remote_code=trust_remote_code, model=model)
+
+
+def _requires_images(model: nn.Module) -> bool:
+    """Does the model's forward require ``pixel_values`` (BLIP-2, InstructBLIP)?"""
+    import inspect
+
+    try:
+        param = inspect.signature(model.forward).parameters.get("pixel_values")
+    except (TypeError, ValueError):
+        return False
+    return param is not None and param.default is inspect.Parameter.empty
+
+
+def _native_size(config) -> tuple[int, int]:
+    """One image at the vision tower's own square (224 where the config gives none)."""
+    from fitmap.model.configs import vision_config
+
+    side = getattr(vision_config(config), "image_size", None) or 224
+    side = int(side[0] if isinstance(side, (list, tuple)) else side)
+    return side, side
 
 
 # --------------------------------------------------------------------------- running
@@ -211,7 +239,8 @@ def _simulate_steps(run: _Run, config, task: str, sk: Skeleton, workload: Worklo
         t.track(p)
     weights = Counter(t.current)
     t.weights = weights
-    inputs, image_tokens = make_inputs(config, workload, run.input_device, task, run.trust_remote_code)
+    inputs, image_tokens = make_inputs(config, workload, run.input_device, task, run.trust_remote_code, run.model)
+    t.entry.clear()  # the model may have counted its image features: units are entered anew below
     stage = "prefill"
     model = run.model
     decoder = generation_owner(model)

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 
 from fitmap.errors import BadInput
 from fitmap.model import configs
@@ -35,6 +36,7 @@ from fitmap.planning.images import (
     idefics3_tiles,
     image_processor,
     image_shape,
+    model_image_processor,
     onevision_processor,
     onevision_tokens,
     processed_images,
@@ -54,26 +56,29 @@ class UnsupportedInputs(BadInput):
 
 
 def vision_inputs(
-    config, workload: Workload, device: torch.device, dtype: torch.dtype | None = None, trust_remote_code: bool = False
+    config,
+    workload: Workload,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    model: nn.Module | None = None,
 ) -> Inputs:
     """(model kwargs, image tokens per sequence) for ``workload`` with its images.
 
-    ``dtype`` is the model's floating dtype (default: the config's, else float32).
+    ``dtype`` is the model's floating dtype (default: the config's, else float32). ``model`` (placed
+    on the fake devices) counts the image features where no processor or family arithmetic does.
     """
     kind = configs.family(config, _OWN_PROCESSOR.keys() | _FAMILIES.keys())
+    dtype = dtype or _config_dtype(config)
     if kind in _OWN_PROCESSOR:
-        return _OWN_PROCESSOR[kind](config, workload, device, dtype or _config_dtype(config), trust_remote_code)
-    made = _from_processor(config, workload, device, dtype or _config_dtype(config), trust_remote_code)
+        return _OWN_PROCESSOR[kind](config, workload, device, dtype, trust_remote_code)
+    made = _from_processor(config, workload, device, dtype, trust_remote_code)
     if made is not None:
         return made
     build = _FAMILIES.get(kind)
-    if build is None:
-        raise UnsupportedInputs(
-            f"fitmap cannot yet make image inputs for model type {config.model_type!r} "
-            f"(it knows {', '.join(sorted(_FAMILIES) + sorted(_OWN_PROCESSOR))}); check it "
-            "without --image"
-        )
-    return build(config, workload, device, dtype or _config_dtype(config))
+    if build is not None:
+        return build(config, workload, device, dtype)
+    return _by_the_model(config, workload, device, dtype, model)
 
 
 def _config_dtype(config) -> torch.dtype:
@@ -336,6 +341,11 @@ _FAMILIES: dict[str, Callable[..., Inputs]] = {
     "internvl_chat": _internvl_chat,
     "CogVLMForCausalLM": _cogvlm,
     "chatglm": _glm4v_chat,
+    # model types whose images are cut by a processor these families use (Qwen3.5: Qwen2-VL's)
+    "Qwen2VLImageProcessor": _qwen2_vl,
+    "Glm4vProcessor": _glm4v,
+    "Glm4vImageProcessor": _glm4v,
+    "PixtralImageProcessor": _mistral3,
 }
 
 
@@ -453,3 +463,96 @@ def _processed(source: str, workload: Workload, trust_remote_code: bool) -> dict
         return dict(processor(text=[text] * workload.batch, images=[images] * workload.batch, return_tensors="pt"))
     except Exception:
         return None
+
+
+# --------------------------------------------------------------------------- any other VLM: its processor, its model
+# config keys of the tokens a processor puts around each image's run (Qwen's and Gemma's markers)
+_START_KEYS = ("vision_start_token_id", "image_start_token_id", "boi_token_id", "boi_token_index")
+_END_KEYS = ("vision_end_token_id", "image_end_token_id", "eoi_token_id", "eoi_token_index")
+_IMAGE_KEYS = ("image_token_id", "image_token_index", "image_token")
+
+
+def _by_the_model(config, workload: Workload, device: torch.device, dtype: torch.dtype, model) -> Inputs:
+    """Any VLM transformers ships: the image processor its type pairs with (settings from its files,
+    else fitted to the tower) makes the pixel inputs and whatever else it returns (sizes, grids,
+    masks), and the model's own ``get_image_features`` says how many features each image becomes:
+    that many placeholder tokens, between the config's image markers, where ``get_placeholder_mask``
+    looks for them. Inputs the forward does not take are dropped."""
+    what = f"model type {configs.model_type(config)!r}"
+    image_id = next((v for k in _IMAGE_KEYS if isinstance(v := getattr(config, k, None), int)), None)
+    processor = model_image_processor(config)
+    if model is None or image_id is None or processor is None or not hasattr(model, "get_image_features"):
+        missing = (
+            "an image token id in its config"
+            if image_id is None
+            else "an image processor available here (it may need torchvision)"
+            if processor is None
+            else "a get_image_features method"
+        )
+        raise UnsupportedInputs(
+            f"fitmap cannot make image inputs for {what}: it has no {missing}; check it without --image"
+        )
+    takes = _parameters(model.forward)
+    counts = [_feature_count(model, processor, (w, h), device, dtype, takes) for w, h in workload.images]
+    start = next((v for k in _START_KEYS if isinstance(v := getattr(config, k, None), int)), None)
+    end = next((v for k in _END_KEYS if isinstance(v := getattr(config, k, None), int)), None)
+    runs = [
+        [t for t in [start] if t is not None] + [image_id] * n + [t for t in [end] if t is not None] for n in counts
+    ]
+    inputs: dict[str, Any] = _text_inputs(_token_row(workload.prompt, runs, image_id), workload.batch, device)
+    images = [_blank(w, h) for w, h in workload.images]
+    inputs |= _pixel_inputs(processor, [images] * workload.batch, device, dtype, takes)
+    for key in ("mm_token_type_ids", "token_type_ids"):  # 1 on image tokens, as the processors mark them
+        if key in takes and key not in inputs:
+            inputs[key] = (inputs["input_ids"] == image_id).long()
+    return inputs, sum(counts)
+
+
+def _blank(w: int, h: int):
+    from PIL import Image
+
+    return Image.new("RGB", (w, h))
+
+
+def _parameters(fn) -> set[str]:
+    import inspect
+
+    try:
+        return set(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _pixel_inputs(processor, images: list, device: torch.device, dtype: torch.dtype, takes: set[str]) -> dict:
+    """The image processor's output for ``images`` (one list per sequence), made for real and moved to
+    ``device``: floating tensors in the model dtype, integer ones keep their values. Only what ``takes``."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        enc = dict(processor(images=images, return_tensors="pt"))
+    out: dict[str, Any] = {}
+    for k, v in enc.items():
+        if k not in takes:
+            continue
+        if isinstance(v, torch.Tensor):
+            out[k] = v.to(device, dtype) if v.is_floating_point() else v.to(device)
+        elif isinstance(v, list) and all(isinstance(x, torch.Tensor) for x in v):
+            out[k] = [x.to(device, dtype) if x.is_floating_point() else x.to(device) for x in v]
+        else:
+            out[k] = v
+    return out
+
+
+def _feature_count(model, processor, size: tuple[int, int], device, dtype, takes: set[str]) -> int:
+    """Tokens one image of ``size`` becomes: the features the model's own ``get_image_features`` makes
+    of its image processor's output, in units of the text model's hidden size."""
+    wanted = _parameters(model.get_image_features) or takes
+    inputs = _pixel_inputs(processor, [[_blank(*size)]], device, dtype, wanted)
+    out = model.get_image_features(**inputs)
+    features = getattr(out, "pooler_output", None)
+    if features is None:
+        features = out[0] if isinstance(out, (tuple, list)) or hasattr(out, "to_tuple") else out
+    hidden = model.get_input_embeddings().weight.shape[-1]
+    from torch.utils._pytree import tree_flatten
+
+    return sum(int(t.numel()) for t in tree_flatten(features)[0] if isinstance(t, torch.Tensor)) // hidden
