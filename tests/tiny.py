@@ -408,11 +408,29 @@ def _other_vlm(family: str) -> transformers.PretrainedConfig:
             image_token_id=500,
             tie_word_embeddings=False,
         )
+    if family == "mllama":  # Llama 3.2 Vision: tiles, and images reached through cross-attention layers
+        return transformers.MllamaConfig(
+            text_config=dict(TEXT, model_type="mllama_text_model", cross_attention_layers=[1]),
+            vision_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_global_layers=1,
+                attention_heads=2,
+                image_size=28,
+                patch_size=14,
+                max_num_tiles=4,
+                vision_output_dim=64,
+                intermediate_layers_indices=[0],
+            ),
+            image_token_index=500,
+        )
     raise ValueError(f"unknown tiny family {family!r}")
 
 
-# VLMs planned through their image processor and their own get_image_features (no family code)
-OTHER_VLMS = ("llava_next", "paligemma", "qwen3_5", "blip-2", "idefics2")
+# VLMs planned through their image processor and their own get_image_features (no family code; Llama 3.2
+# Vision's cross-attention mask is made by transformers' own functions)
+OTHER_VLMS = ("llava_next", "paligemma", "qwen3_5", "blip-2", "idefics2", "mllama")
 
 
 VISION = (

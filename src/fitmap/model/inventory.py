@@ -14,6 +14,7 @@ import struct
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from fitmap.errors import BadInput, CheckpointError
@@ -177,8 +178,22 @@ def _auto_map(data: dict) -> dict:
 
 
 def guess_task(config: Mapping) -> str:
-    """Vision-language models carry a ``vision_config``; everything else is a causal LM."""
-    return "image-text-to-text" if "vision_config" in config else "causal-lm"
+    """Vision-language models carry a ``vision_config``, or name an architecture transformers files
+    under image-text-to-text (Emu3 and Chameleon keep an image tokenizer under ``vq_config``, Fuyu
+    embeds patches in its decoder); everything else is a causal LM."""
+    if "vision_config" in config:
+        return "image-text-to-text"
+    arch = config.get("architectures")
+    return "image-text-to-text" if set(arch or ()) & _image_text_classes() else "causal-lm"
+
+
+@lru_cache(maxsize=1)
+def _image_text_classes() -> frozenset[str]:
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as names
+    except ImportError:  # an older transformers: only vision_config says so
+        return frozenset()
+    return frozenset(c for v in names.values() for c in ([v] if isinstance(v, str) else v))
 
 
 # --------------------------------------------------------------------------- weights

@@ -241,6 +241,16 @@ IMAGE_SHAPES: dict[str, Callable] = {
 }
 
 
+def _mllama(cfg, w: int, h: int) -> ImageShape:
+    """Llama 3.2 Vision: one ``<|image|>`` token in the text; the tower sees up to ``max_num_tiles``
+    tiles of its square (plus a CLS each), which the cross-attention layers attend to."""
+    vc = configs.vision_config(cfg)
+    tiles = int(getattr(vc, "max_num_tiles", 4))
+    return ImageShape(1, tiles * ((vc.image_size // vc.patch_size) ** 2 + 1), tiles)
+
+
+IMAGE_SHAPES["mllama"] = _mllama
+
 # families known by the processor their model type shares (Qwen3.5 cuts images as Qwen2-VL does)
 IMAGE_SHAPES |= {
     "Qwen2VLImageProcessor": _qwen2_vl,
@@ -341,6 +351,9 @@ def _tower_settings(processor, config) -> dict:
         value = getattr(vc, key, None) or getattr(config, key, None)
         if getattr(processor, attr, None) is not None and value:
             out[attr] = _side(value)
+    tiles = getattr(vc, "max_num_tiles", None)
+    if tiles and getattr(processor, "max_image_tiles", None) is not None:  # Llama 3.2 Vision
+        out["max_image_tiles"] = tiles
     pinpoints = getattr(config, "image_grid_pinpoints", None)
     if pinpoints and getattr(processor, "image_grid_pinpoints", None) is not None:
         out["image_grid_pinpoints"] = pinpoints

@@ -324,7 +324,40 @@ def _llava_onevision(config, workload: Workload, device: torch.device, dtype: to
     return inputs, sum(len(run) for run in runs)
 
 
+def _mllama(config, workload: Workload, device: torch.device, dtype: torch.dtype) -> Inputs:
+    """Llama 3.2 Vision: the images reach the text model through cross-attention, not as tokens. One
+    ``<|image|>`` token per image in the text; its image processor's tiles, aspect-ratio ids and masks;
+    the cross-attention mask its processor builds from where the image tokens are (transformers' own
+    functions for it)."""
+    from transformers.models.mllama.processing_mllama import (
+        convert_sparse_cross_attention_mask_to_dense,
+        get_cross_attention_token_mask,
+    )
+
+    processor = model_image_processor(config)
+    if processor is None:
+        raise UnsupportedInputs("fitmap cannot make image inputs for Llama 3.2 Vision: its image processor is missing")
+    image_id = config.image_token_index
+    row = _token_row(workload.prompt, [[image_id] for _ in workload.images], image_id)
+    inputs: dict[str, Any] = _text_inputs(row, workload.batch, device)
+    images = [_blank(w, h) for w, h in workload.images]
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        enc = dict(processor(images=[images] * workload.batch, return_tensors="pt"))
+        tiles = enc.pop("num_tiles")
+        mask = convert_sparse_cross_attention_mask_to_dense(
+            [get_cross_attention_token_mask(row, image_id)] * workload.batch, tiles, processor.max_image_tiles, len(row)
+        )
+    inputs["cross_attention_mask"] = torch.from_numpy(mask).to(device)
+    inputs["pixel_values"] = enc["pixel_values"].to(device, dtype)
+    inputs["aspect_ratio_ids"] = enc["aspect_ratio_ids"].to(device)
+    inputs["aspect_ratio_mask"] = enc["aspect_ratio_mask"].to(device)
+    return inputs, len(workload.images)
+
+
 _FAMILIES: dict[str, Callable[..., Inputs]] = {
+    "mllama": _mllama,
     "qwen2_vl": _qwen2_vl,
     "qwen2_5_vl": _qwen2_vl,
     "qwen3_vl": _qwen2_vl,
@@ -482,16 +515,14 @@ def _by_the_model(config, workload: Workload, device: torch.device, dtype: torch
     image_id = next((v for k in _IMAGE_KEYS if isinstance(v := getattr(config, k, None), int)), None)
     processor = model_image_processor(config)
     if model is None or image_id is None or processor is None or not hasattr(model, "get_image_features"):
-        missing = (
-            "an image token id in its config"
+        why = (
+            "its config names no image token"
             if image_id is None
-            else "an image processor available here (it may need torchvision)"
+            else "its image processor is not available here (it may need torchvision)"
             if processor is None
-            else "a get_image_features method"
+            else "its model has no get_image_features to count its image tokens"
         )
-        raise UnsupportedInputs(
-            f"fitmap cannot make image inputs for {what}: it has no {missing}; check it without --image"
-        )
+        raise UnsupportedInputs(f"fitmap cannot make image inputs for {what}: {why}; check it without --image")
     takes = _parameters(model.forward)
     counts = [_feature_count(model, processor, (w, h), device, dtype, takes) for w, h in workload.images]
     start = next((v for k in _START_KEYS if isinstance(v := getattr(config, k, None), int)), None)
