@@ -217,3 +217,12 @@ def test_awq_70b_from_the_catalog_fits_two_24gib_cards():
 
     plan = fitmap.plan("llama-3.1-70b-awq", gpus="2x24GiB", prompt=4096, new=512, estimate="analytic")
     assert plan.fits and 39.5e9 < sum(d.weights_bytes for d in plan.devices) < 40.0e9  # 39.8 GB as published
+
+
+def test_a_config_naming_an_image_text_architecture_is_a_vlm_without_vision_config() -> None:
+    """Emu3 keeps its image tokenizer under vq_config; transformers files its class as image-text-to-text."""
+    from fitmap.model.inventory import guess_task
+
+    assert guess_task({"model_type": "emu3", "architectures": ["Emu3ForConditionalGeneration"]}) == "image-text-to-text"
+    assert guess_task({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}) == "causal-lm"
+    assert guess_task({"model_type": "x", "vision_config": {}}) == "image-text-to-text"
