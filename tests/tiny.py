@@ -425,12 +425,48 @@ def _other_vlm(family: str) -> transformers.PretrainedConfig:
             ),
             image_token_index=500,
         )
+    if family == "qwen2_5_omni_thinker":  # an omni model's thinker: vision and audio towers beside the text model
+        return transformers.Qwen2_5OmniThinkerConfig(
+            text_config=dict(
+                TEXT,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+            ),
+            vision_config=dict(
+                depth=2,
+                hidden_size=32,
+                intermediate_size=64,
+                num_heads=2,
+                out_hidden_size=64,
+                patch_size=14,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+                fullatt_block_indexes=[1],
+                window_size=56,
+            ),
+            audio_config=dict(
+                d_model=32,
+                encoder_layers=2,
+                encoder_attention_heads=2,
+                encoder_ffn_dim=64,
+                output_dim=64,
+                num_mel_bins=16,
+                max_source_positions=100,
+                n_window=10,
+            ),
+            image_token_index=500,
+            audio_token_index=501,
+            video_token_index=502,
+            vision_start_token_id=503,
+            vision_end_token_id=504,
+            audio_start_token_id=505,
+            audio_end_token_id=506,
+        )
     raise ValueError(f"unknown tiny family {family!r}")
 
 
 # VLMs planned through their image processor and their own get_image_features (no family code; Llama 3.2
 # Vision's cross-attention mask is made by transformers' own functions)
-OTHER_VLMS = ("llava_next", "paligemma", "qwen3_5", "blip-2", "idefics2", "mllama")
+OTHER_VLMS = ("llava_next", "paligemma", "qwen3_5", "blip-2", "idefics2", "mllama", "qwen2_5_omni_thinker")
 
 
 VISION = (

@@ -160,6 +160,7 @@ def processor_names(model_type: str) -> list[str]:
     except ImportError:
         return []
     found: list[str] = []
+    model_type = processor_type(model_type)
     image = image_processing_auto.IMAGE_PROCESSOR_MAPPING_NAMES.get(model_type)
     refs = [processing_auto.PROCESSOR_MAPPING_NAMES.get(model_type)]
     refs += list(image.values()) if isinstance(image, dict) else [image]
@@ -169,6 +170,16 @@ def processor_names(model_type: str) -> list[str]:
             chain = [c.__name__ for c in cls.__mro__] if isinstance(cls, type) else [name] if name else []
             found += [n.removesuffix("Pil") for n in chain if n.endswith(("Processor", "ProcessorPil"))]
     return [n for n in dict.fromkeys(found) if n not in _GENERIC_PROCESSORS]
+
+
+def processor_type(model_type: str) -> str:
+    """The model type transformers files the processors of ``model_type`` under: an omni model's
+    thinker (``qwen2_5_omni_thinker``) takes the whole model's (``qwen2_5_omni``)."""
+    from transformers.models.auto import image_processing_auto, processing_auto
+
+    known = processing_auto.PROCESSOR_MAPPING_NAMES.keys() | image_processing_auto.IMAGE_PROCESSOR_MAPPING_NAMES.keys()
+    whole = model_type.removesuffix("_thinker")
+    return whole if model_type not in known and whole in known else model_type
 
 
 def processor_class(name: str) -> Any:

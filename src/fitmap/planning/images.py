@@ -312,7 +312,7 @@ def model_image_processor(config):
     model type has none, or it needs a library that is missing (torchvision)."""
     from transformers.models.auto import image_processing_auto
 
-    names = image_processing_auto.IMAGE_PROCESSOR_MAPPING_NAMES.get(configs.model_type(config))
+    names = image_processing_auto.IMAGE_PROCESSOR_MAPPING_NAMES.get(configs.processor_type(configs.model_type(config)))
     for name in names.values() if isinstance(names, dict) else [names] if names else []:
         cls = configs.processor_class(name)
         if cls is None:

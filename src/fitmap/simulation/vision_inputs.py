@@ -76,9 +76,12 @@ def vision_inputs(
     if made is not None:
         return made
     build = _FAMILIES.get(kind)
-    if build is not None:
-        return build(config, workload, device, dtype)
-    return _by_the_model(config, workload, device, dtype, model)
+    if build is None:
+        return _by_the_model(config, workload, device, dtype, model)
+    inputs, tokens = build(config, workload, device, dtype)
+    if model is not None and "mm_token_type_ids" in inputs and "mm_token_type_ids" not in _parameters(model.forward):
+        del inputs["mm_token_type_ids"]  # a model of the family that does not take them (Qwen2.5-Omni's thinker)
+    return inputs, tokens
 
 
 def _config_dtype(config) -> torch.dtype:
