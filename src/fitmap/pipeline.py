@@ -196,8 +196,9 @@ def require_window(prep: Prepared, workload: Workload) -> None:
 def require_matching(plan: Plan, prep: Prepared) -> None:
     """A plan made for another model names units this model does not have (or misses some)."""
     units = {u.name for u in prep.skeleton.units}
+    experts = {u.experts for u in prep.skeleton.units if u.experts}  # MoE experts placed apart from their block
     planned = set(plan.device_map)
-    unknown, missing = sorted(planned - units), sorted(units - planned)
+    unknown, missing = sorted(planned - units - experts), sorted(units - planned)
     if unknown or missing:
         detail = (
             f"{len(unknown)} unit(s) it names do not exist (e.g. {', '.join(unknown[:3])})"

@@ -71,11 +71,15 @@ def attach(
     handles = []
     hooked = []
     for path, device in targets:
-        module = module_or_none(model, path)
-        if module is None:  # a bare parameter unit: its owner's forward uses it
-            continue
-        handles.append(module.register_forward_pre_hook(inputs_to(device, mover), with_kwargs=True))
-        hooked.append(path)
+        called = _called(module_or_none(model, path), path, placement)
+        for module in called:
+            handles.append(module.register_forward_pre_hook(inputs_to(device, mover), with_kwargs=True))
+        if called:
+            hooked.append(path)
+    # MoE experts computed on the CPU inside a GPU block (a user's map replays as accelerate runs it: no return)
+    for path, back in [] if every_unit else nested_units(placement):
+        for module in _called(module_or_none(model, path), path, placement):
+            handles.append(module.register_forward_hook(ReturnTo(back, mover)))
     if hooked:  # outputs may come from another device; the memo of copies is dropped at the end of each forward
         handles.append(model.register_forward_hook(OutputsTo(torch.device(input_device), mover), always_call=True))
         owner = generation_owner(model)
@@ -113,6 +117,30 @@ def boundary_units(placement: Placement, input_device: torch.device) -> list[tup
         if strayed:
             out.append((path, device))
     return out
+
+
+def nested_units(placement: Placement) -> list[tuple[str, torch.device]]:
+    """Units inside another unit that run elsewhere (a MoE block's experts computed on the CPU), with the
+    device of the unit around them, where their outputs go back to."""
+    out = []
+    for path, device in placement.items():
+        parts = path.split(".")
+        around = next(
+            (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in placement), None
+        )
+        if around is not None and torch.device(placement[around]) != torch.device(device):
+            out.append((path, torch.device(placement[around])))
+    return out
+
+
+def _called(module: nn.Module | None, path: str, placement: Placement) -> list[nn.Module]:
+    """The modules a forward calls for this unit: the unit, or each module of a list no finer key places
+    (remote code keeps its experts in a ModuleList, called one by one); none for a bare parameter (its
+    owner uses it)."""
+    if module is None:
+        return []
+    finer = any(k.startswith(path + ".") for k in placement)
+    return list(module) if isinstance(module, nn.ModuleList) and not finer else [module]
 
 
 def module_or_none(model: nn.Module, path: str) -> nn.Module | None:
@@ -299,6 +327,18 @@ def _remember(table: dict[int, weakref.ref], value: Any) -> None:
 
 
 KV_KEYS = frozenset({"past_key_values", "cache"})
+
+
+class ReturnTo:
+    """Forward hook of a unit nested in another that runs elsewhere: its outputs go back to the device of
+    the unit around it, where the rest of that unit's forward computes."""
+
+    def __init__(self, device: torch.device, mover: Mover) -> None:
+        self.device = device
+        self.mover = mover
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        return None if on_device(output, self.device) else self.mover.to(output, self.device)
 
 
 class OutputsTo:

@@ -42,6 +42,8 @@ class Unit:
     numel: int  # elements of its floating parameters
     weight_bytes: int  # bytes at the planned dtype (exact header bytes when known)
     layer: int | None = None  # index of the text decoder layer (holds KV cache)
+    experts: str | None = None  # a MoE block's routed experts module (path), which may run where it lives
+    expert_bytes: int = 0  # of weight_bytes, those of ``experts``
 
 
 @dataclass(frozen=True)
@@ -194,7 +196,10 @@ def _to_json(sk: Skeleton) -> dict:
         "dtype": sk.dtype,
         "text_layers": sk.text_layers,
         "attn_implementation": _attn_of(sk.config),
-        "units": [[u.name, u.kind, list(u.params), u.numel, u.weight_bytes, u.layer] for u in sk.units],
+        "units": [
+            [u.name, u.kind, list(u.params), u.numel, u.weight_bytes, u.layer, u.experts, u.expert_bytes]
+            for u in sk.units
+        ],
         "groups": [[g.name, list(g.units)] for g in sk.groups],
         "tied": [list(t) for t in sk.tied],
         "no_split": list(sk.no_split),
@@ -218,8 +223,8 @@ def _from_json(d: dict, config) -> Skeleton:
         for c in {id(config): config, id(tc := object.__getattribute__(text_config(config), "_config")): tc}.values():
             c._attn_implementation = attn
     units = tuple(
-        Unit(n, k, tuple(p), int(e), int(b), None if layer is None else int(layer))
-        for n, k, p, e, b, layer in d["units"]
+        Unit(n, k, tuple(p), int(e), int(b), None if layer is None else int(layer), experts, int(eb))
+        for n, k, p, e, b, layer, experts, eb in d["units"]
     )
     return Skeleton(
         d["model_class"],
@@ -351,8 +356,28 @@ def _make_units(
         if path.startswith(layer_prefix) and path[len(layer_prefix) :].split(".")[0].isdigit():
             layer = int(path[len(layer_prefix) :].split(".")[0])
         kind = "block" if layer is not None else "other"
-        units.append(Unit(path, kind, owned, numel, nbytes, layer))
+        experts = routed_experts(model, path) if layer is not None else None
+        expert_bytes = (
+            sum(
+                quantized[n] if n in quantized else _tensor_bytes(n, params[n], inv, dtype)
+                for n in names
+                if n in params and n.startswith(experts + ".")
+            )
+            if experts
+            else 0
+        )
+        units.append(Unit(path, kind, owned, numel, nbytes, layer, experts, expert_bytes))
     return units
+
+
+def routed_experts(model: nn.Module, block: str) -> str | None:
+    """The routed experts of a MoE decoder block: the module named ``experts`` under it that holds
+    weights (transformers 5's fused 3-D experts, or a list of expert MLPs in remote code); shared
+    experts are not routed and stay with the block."""
+    for path, m in model.get_submodule(block).named_modules(prefix=block):
+        if path.rsplit(".", 1)[-1] == "experts" and any(True for _ in m.parameters()):
+            return path
+    return None
 
 
 LARGE_COMPUTED_BUFFER = 1 << 20

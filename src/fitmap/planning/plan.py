@@ -14,6 +14,7 @@ from pathlib import Path
 
 from fitmap.errors import BadInput
 from fitmap.model.skeleton import Skeleton
+from fitmap.planning import experts
 from fitmap.planning.devices import Machine
 from fitmap.planning.profile import Profile
 from fitmap.planning.solver import Assignment, Gpu, Item, Policy, Tiers, solve
@@ -163,7 +164,7 @@ class Plan:
         gpus = sorted(int(d.device) for d in self.devices if d.device.isdigit())
         bad = []
         for unit, dev in self.device_map.items():
-            if dev in ("cpu", "disk"):
+            if dev in ("cpu", "disk", experts.CPU_COMPUTE):
                 continue
             index = dev if type(dev) is int else int(dev) if isinstance(dev, str) and dev.isdigit() else None
             if index is None or index not in gpus:
@@ -264,7 +265,20 @@ def make_plan(
     comps = components(sk, unit_pins)
     gpus = [Gpu(str(g.index), g.capacity, g.reserve) for g in machine.gpus]
     tiers = Tiers(cpu=machine.cpu, disk=machine.disk_bytes if machine.disk is not None else None)
-    result = solve(items(sk, profile, comps), gpus, tiers, policy)
+    base = items(sk, profile, comps)
+    result = solve(base, gpus, tiers, policy)
+    if gpus and tiers.cpu is not None and (not result.fits or any(d in ("cpu", "disk") for d in result.devices)):
+        cpu_room = tiers.cpu
+
+        def with_ram_used(its: list[Item], ram: int) -> Assignment:
+            if ram > cpu_room:
+                return replace(result, fits=False)
+            return solve(its, gpus, replace(tiers, cpu=cpu_room - ram), policy)
+
+        choice = experts.choose(sk, base, [c.units for c in comps], result, with_ram_used, str(machine.gpus[0].index))
+        if choice is not None:
+            plan = _to_plan(model, sk, profile, machine, policy, comps, choice.result)
+            return _with_cpu_experts(plan, choice)
     if not result.fits and gpus:
         apart = _vision_apart(sk, profile, comps, max(g.capacity - g.reserve for g in gpus))
         if apart is not None:
@@ -274,6 +288,30 @@ def make_plan(
                 plan = _to_plan(model, sk, profile, machine, policy, split, again)
                 return replace(plan, notes=(note,), groups=plan.groups | groups)
     return _to_plan(model, sk, profile, machine, policy, comps, result)
+
+
+def _with_cpu_experts(plan: Plan, choice: experts.Choice) -> Plan:
+    """``plan`` with the chosen blocks' routed experts computed on the CPU: each experts module after its
+    block in the device map, their bytes in the cpu ledger."""
+    device_map: dict[str, int | str] = {}
+    moved = {u.name: u.experts for u in choice.blocks}
+    for name, dev in plan.device_map.items():
+        device_map[name] = dev
+        if moved.get(name):
+            device_map[str(moved[name])] = experts.CPU_COMPUTE
+    ledgers = []
+    for d in plan.devices:
+        if d.device == "cpu":
+            extra = choice.expert_bytes
+            d = replace(
+                d,
+                capacity_bytes=d.capacity_bytes + extra,  # the solver saw RAM less the experts
+                weights_bytes=d.weights_bytes + extra,
+                total_bytes=d.total_bytes + extra,
+                units=d.units + tuple(str(e) for e in moved.values()),
+            )
+        ledgers.append(d)
+    return replace(plan, device_map=device_map, devices=tuple(ledgers), notes=plan.notes + (choice.note,))
 
 
 def _bytes(profile: Profile, units: tuple[str, ...]) -> int:

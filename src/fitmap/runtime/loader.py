@@ -43,6 +43,7 @@ from fitmap.model.build import build_model, empty_weights, load_config
 from fitmap.model.inventory import Inventory, TensorInfo, inventory
 from fitmap.model.keys import quantized_keys
 from fitmap.model.skeleton import share_parameter, tied_parameters
+from fitmap.planning.experts import CPU_COMPUTE
 from fitmap.planning.plan import Plan
 from fitmap.runtime import diskread, offload
 from fitmap.runtime.buffers import check_materialized, compute_buffers
@@ -178,11 +179,11 @@ def _return_gpu_memory() -> None:
 
 
 def _runs_on(value: int | str) -> torch.device:
-    if value == "cpu":
+    if value in ("cpu", CPU_COMPUTE):
         return torch.device("cpu")
     if isinstance(value, int) or str(value).isdigit():
         return gpu(int(value))
-    raise BadInput(f"unknown device {value!r} in the plan; expected a GPU index, 'cpu' or 'disk'")
+    raise BadInput(f"unknown device {value!r} in the plan; expected a GPU index, 'cpu', '{CPU_COMPUTE}' or 'disk'")
 
 
 @dataclass(frozen=True)
@@ -251,6 +252,8 @@ def _placed(name: str, value: int | str, execution: torch.device) -> Placed:
     if value == "disk":
         return Placed(name, "disk", execution, None)
     device = _runs_on(value)
+    if value == CPU_COMPUTE:  # MoE experts computed where they live
+        return Placed(name, "cpu", device, device)
     if device.type == "cpu":
         return Placed(name, "cpu", execution, device)
     return Placed(name, "gpu", device, device)

@@ -1,0 +1,164 @@
+"""Mixture-of-experts layers whose routed experts are computed where they live, in CPU RAM.
+
+A MoE decoder block holds attention, a router, maybe shared experts, and its routed experts,
+of which each token uses ``num_experts_per_tok`` of ``num_experts``. When the model does not fit
+the GPUs, streaming a block to the GPU copies *every* expert over PCIe for every token; computing
+the routed experts on the CPU reads only the ones the token picked, from RAM (what llama.cpp's
+``--cpu-moe`` / ``-ot exps=CPU`` and KTransformers do). The rest of the block stays on its GPU.
+
+:func:`choose` weighs the two per decode step: the bytes of the experts a token uses over the RAM
+bandwidth, against the bytes streamed over PCIe (and read from disk), with ``fitmap calibrate``'s
+measured rates or stated defaults, and moves the experts of as few layers as make the rest fit
+the GPUs without streaming. In the plan's ``device_map`` such an experts module says
+``"cpu-compute"``: its weights stay in RAM and it runs on the CPU; its inputs go there and its
+output comes back to its block's GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from fitmap.model import configs
+from fitmap.model.skeleton import Skeleton, Unit
+from fitmap.planning.solver import Assignment, Item
+from fitmap.sizes import fmt_bytes
+
+CPU_COMPUTE = "cpu-compute"  # device_map value: weights in RAM, computed on the CPU
+
+# Rates without `fitmap calibrate` (bytes/s): one PCIe 4.0 x16 link's pinned copies, and a desktop's
+# RAM copy rate. Said as defaults in the plan's note.
+DEFAULT_PCIE = 25e9
+DEFAULT_RAM = 20e9
+DEFAULT_DISK = 2e9
+
+_EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+_TOP_K = ("num_experts_per_tok", "moe_topk", "top_k", "experts_per_token")
+
+
+def used_fraction(config) -> float:
+    """The share of a layer's routed experts one token uses (``num_experts_per_tok / num_experts``)."""
+    tc = configs.text_config(config)
+    total = next((v for k in _EXPERT_COUNTS if isinstance(v := getattr(tc, k, None), int) and v > 0), None)
+    top = next((v for k in _TOP_K if isinstance(v := getattr(tc, k, None), int) and v > 0), None)
+    return min(1.0, top / total) if total and top else 1.0
+
+
+def moe_blocks(sk: Skeleton) -> list[Unit]:
+    return [u for u in sk.units if u.experts and u.expert_bytes]
+
+
+@dataclass(frozen=True)
+class Rates:
+    pcie: float  # bytes/s, pinned host -> execution GPU
+    ram: float  # bytes/s the CPU reads weights at
+    disk: float
+    measured: bool
+
+    def said(self) -> str:
+        how = "measured by fitmap calibrate" if self.measured else "defaults; fitmap calibrate measures this machine"
+        return f"RAM {self.ram / 1e9:.0f} GB/s, PCIe {self.pcie / 1e9:.0f} GB/s ({how})"
+
+
+def rates(execution: str) -> Rates:
+    from fitmap.planning import calibrate
+
+    cal = calibrate.load()
+    if cal is None:
+        return Rates(DEFAULT_PCIE, DEFAULT_RAM, DEFAULT_DISK, False)
+    g = next((g for g in cal.gpus if str(g.index) == execution), None)
+    return Rates(g.h2d_pinned if g else DEFAULT_PCIE, cal.ram_copy, cal.disk_read, True)
+
+
+def step_seconds(result: Assignment, items: Sequence[Item], r: Rates, cpu_expert_bytes: float = 0.0) -> float:
+    """Seconds one decode step spends on weights not resident on a GPU: streamed (PCIe and disk overlap:
+    the slower bounds) and routed experts read by the CPU; GPU compute not counted."""
+    cpu = sum(it.weight_bytes for it, d in zip(items, result.devices) if d == "cpu")
+    disk = sum(it.weight_bytes for it, d in zip(items, result.devices) if d == "disk")
+    return max(cpu / r.pcie, disk / r.disk) + cpu_expert_bytes / r.ram
+
+
+@dataclass(frozen=True)
+class Choice:
+    blocks: tuple[Unit, ...]  # blocks whose routed experts run on the CPU
+    result: Assignment
+    items: tuple[Item, ...]
+    note: str
+
+    @property
+    def expert_bytes(self) -> int:
+        return sum(u.expert_bytes for u in self.blocks)
+
+
+def choose(
+    sk: Skeleton,
+    items: Sequence[Item],
+    names: Sequence[tuple[str, ...]],
+    base: Assignment,
+    solve: Callable[[list[Item], int], Assignment],
+    execution: str,
+) -> Choice | None:
+    """The fewest MoE blocks (first ones first, as ``--n-cpu-moe`` counts) whose experts computed on the
+    CPU let the rest fit the GPUs without streaming, or all of them; kept when a decode step is faster
+    than ``base`` (or ``base`` does not fit). ``names``: each item's units; ``solve(items, ram_used)``
+    solves with that much RAM taken by experts."""
+    blocks = moe_blocks(sk)
+    if not blocks:
+        return None
+    share = used_fraction(sk.config)
+    r = rates(execution)
+    where = {n: i for i, units in enumerate(names) for n in units}
+
+    def attempt(k: int) -> tuple[Assignment, list[Item]]:
+        moved = blocks[:k]
+        less = {where[u.name]: 0 for u in moved}
+        for u in moved:
+            less[where[u.name]] += u.expert_bytes
+        trimmed = [_without(it, less.get(i, 0)) for i, it in enumerate(items)]
+        return solve(trimmed, sum(u.expert_bytes for u in moved)), trimmed
+
+    def streams(a: Assignment) -> bool:
+        return any(d in ("cpu", "disk") for d in a.devices)
+
+    lo, hi = 1, len(blocks)
+    best = attempt(hi)
+    if not best[0].fits:
+        return None
+    while lo < hi:  # the fewest blocks that fit without streaming (monotone: more moved, less on the GPUs)
+        mid = (lo + hi) // 2
+        tried = attempt(mid)
+        if tried[0].fits and not streams(tried[0]):
+            hi, best = mid, tried
+        else:
+            lo = mid + 1
+    if lo == len(blocks):
+        best = attempt(lo)
+    result, trimmed = best
+    moved = blocks[:lo]
+    used = sum(u.expert_bytes for u in moved) * share
+    mine = step_seconds(result, trimmed, r, used)
+    theirs = step_seconds(base, items, r) if base.fits else float("inf")
+    if mine >= theirs:
+        return None
+    layer_word = "layer" if lo == 1 else "layers"
+    note = (
+        f"experts of {lo} MoE {layer_word} ({fmt_bytes(sum(u.expert_bytes for u in moved))}) computed on the CPU where "
+        f"they live: a token reads {share:.1%} of them ({fmt_bytes(int(used))}) per step; decode bound "
+        f"{_rate(mine)} against {_rate(theirs)} streaming them to the GPU ({r.said()}). Prefill reads every "
+        "expert once per layer on the CPU too; long prompts favour the GPU"
+    )
+    return Choice(tuple(moved), result, tuple(trimmed), note)
+
+
+def _without(it: Item, nbytes: int) -> Item:
+    if not nbytes:
+        return it
+    from dataclasses import replace
+
+    return replace(it, weight_bytes=it.weight_bytes - nbytes, offloadable=False)
+
+
+def _rate(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "no fit"
+    return "GPU-bound" if seconds <= 0 else f"{1 / seconds:.1f} tok/s"

@@ -1,0 +1,85 @@
+"""MoE experts computed where they live: a block's routed experts placed ``cpu-compute`` stay in RAM and
+run there while the rest of the block is streamed (here from disk); the tokens are from_pretrained's, and a
+step reads only the experts its tokens are routed to."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fitmap.planning.experts import CPU_COMPUTE
+from fitmap.runtime import loader
+from tests.runtime.test_loader import IDS, plan_for, reference
+
+MOE = ["qwen3_moe", "mixtral", "deepseek_v3"]
+
+
+def _experts_plan(d):
+    """Every block with experts on disk, its experts computed on the CPU, the rest on the cpu tier."""
+    from fitmap.model.inventory import inventory
+    from fitmap.model.skeleton import skeleton
+
+    sk = skeleton(inventory(d), torch.float32)
+    moe = [u for u in sk.units if u.experts]
+    plan = plan_for(d, {u.name: "disk" for u in moe})
+    device_map: dict[str, int | str] = {}
+    for name, dev in plan.device_map.items():
+        device_map[name] = dev
+        experts = next((u.experts for u in moe if u.name == name), None)
+        if experts:
+            device_map[experts] = CPU_COMPUTE
+    from dataclasses import replace
+
+    return replace(plan, device_map=device_map), moe
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_experts_computed_on_the_cpu_give_from_pretraineds_tokens(checkpoints, family):
+    d = checkpoints(family)
+    plan, moe = _experts_plan(d)
+    assert moe, "the tiny model has MoE blocks"
+    want = reference(d).generate(input_ids=IDS, max_new_tokens=8, do_sample=False)
+    with loader.load(d, plan, progress=False) as lm:
+        block = lm.model.get_submodule(moe[-1].name)
+        experts = lm.model.get_submodule(str(moe[-1].experts))
+        resident = list(experts.parameters())
+        assert resident and all(p.device.type == "cpu" and not p.is_meta for p in resident)  # in RAM, not streamed
+        rest = [p for n, p in block.named_parameters() if ".experts." not in f".{n}"]
+        assert all(p.is_meta for p in rest)  # the rest of the block comes from disk per forward
+        got = lm.model.generate(input_ids=IDS, max_new_tokens=8, do_sample=False)
+    assert torch.equal(got, want)
+
+
+def test_a_step_reads_only_the_experts_its_tokens_are_routed_to(checkpoints):
+    """After a decode step, every expert no token was routed to is made NaN: the same step gives the same
+    logits, so those experts' weights were never read (a dense expert computation would spread the NaN)."""
+    d = checkpoints("qwen3_moe")
+    plan, moe = _experts_plan(d)
+    with loader.load(d, plan, progress=False) as lm, torch.no_grad():
+        routed: dict[str, set[int]] = {}
+
+        def record(name):
+            def hook(module, args, kwargs):
+                index = kwargs.get("top_k_index", args[1] if len(args) > 1 else None)
+                routed.setdefault(name, set()).update(int(i) for i in index.flatten())
+
+            return hook
+
+        handles = [
+            lm.model.get_submodule(str(u.experts)).register_forward_pre_hook(record(u.name), with_kwargs=True)
+            for u in moe
+        ]
+        step = IDS[:, :1]
+        before = lm.model(input_ids=step).logits
+        for h in handles:
+            h.remove()
+        untouched = 0
+        for u in moe:
+            experts = lm.model.get_submodule(str(u.experts))
+            for p in experts.parameters():
+                idle = [e for e in range(p.shape[0]) if e not in routed[u.name]]
+                p.data[idle] = float("nan")
+                untouched += len(idle)
+        assert untouched > 0  # some experts were not routed to
+        after = lm.model(input_ids=step).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
