@@ -1,0 +1,64 @@
+"""The planner computes MoE experts on the CPU where streaming them would be slower, and says why."""
+
+from __future__ import annotations
+
+import pytest
+
+import fitmap
+from fitmap.model.catalog_models import build_config, catalog_entry
+from fitmap.planning.experts import CPU_COMPUTE, used_fraction
+
+
+def _cpu_experts(plan) -> list[str]:
+    return [u for u, d in plan.device_map.items() if d == CPU_COMPUTE]
+
+
+@pytest.mark.parametrize(("name", "share"), [("mixtral-8x7b", 2 / 8), ("gpt-oss-120b", 4 / 128)])
+def test_the_share_of_experts_a_token_uses_is_the_configs(name, share):
+    assert used_fraction(build_config(catalog_entry(name))) == pytest.approx(share)
+
+
+@pytest.mark.parametrize(
+    ("name", "gpus", "cpu"), [("mixtral-8x7b", "1x24GiB", "96GiB"), ("gpt-oss-120b", "1x24GiB", "128GiB")]
+)
+def test_a_moe_model_bigger_than_its_gpu_runs_its_experts_on_the_cpu(name, gpus, cpu):
+    plan = fitmap.plan(name, gpus, cpu, prompt=4096, new=512, estimate="analytic")
+    assert plan.fits
+    moved = _cpu_experts(plan)
+    assert moved and all(m.endswith(".experts") for m in moved)
+    blocks = [u for u in plan.device_map if u.startswith("model.layers.") and u.count(".") == 2]
+    assert all(plan.device_map[b] == 0 for b in blocks)  # nothing streamed: every block's rest on the GPU
+    cpu_ledger = next(d for d in plan.devices if d.device == "cpu")
+    assert set(moved) <= set(cpu_ledger.units) and cpu_ledger.weights_bytes > 0
+    assert any("computed on the CPU where they live" in n and "tok/s" in n for n in plan.notes)
+
+
+def test_gpt_oss_120b_on_one_24gib_gpu_checks_clean(capsys):
+    from fitmap.cli import main
+
+    code = main(
+        ["plan", "gpt-oss-120b", "--gpus", "1x24GiB", "--cpu", "128GiB", "--prompt", "4096", "--new", "512", "--check"]
+    )
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 0, out
+    assert "no device mismatch" in out and "computed on the CPU" in out
+
+
+def test_a_moe_model_that_fits_its_gpus_keeps_its_experts_there():
+    plan = fitmap.plan("mixtral-8x7b", "2x80GiB", "96GiB", prompt=512, new=64, estimate="analytic")
+    assert plan.fits and not _cpu_experts(plan)
+
+
+def test_a_tiny_moe_with_experts_on_the_cpu_replays_clean(checkpoints):
+    """Fake GPU too small for the experts: they run on the CPU in the replay, no device mismatch."""
+    from fitmap.pipeline import prepare_for
+    from fitmap.simulation.check import check
+
+    d = str(checkpoints("qwen3_moe"))
+    plan = fitmap.plan(d, "1x523.2MiB", "1GiB", prompt=16, new=4)
+    assert plan.fits and _cpu_experts(plan)
+    prep = prepare_for(d, plan)
+    report = check(prep.skeleton.config, prep.inventory.task, prep.skeleton, plan)
+    assert report.clean and not report.mismatches
+    cpu = next(p for p in report.devices if p.device == "cpu")
+    assert cpu.weights_bytes == sum(u.expert_bytes for u in prep.skeleton.units if u.experts in _cpu_experts(plan))
