@@ -84,6 +84,7 @@ class Choice:
     result: Assignment
     items: tuple[Item, ...]
     note: str
+    token_bytes: int  # of the moved experts, those one token uses
 
     @property
     def expert_bytes(self) -> int:
@@ -147,7 +148,7 @@ def choose(
         f"{_rate(mine)} against {_rate(theirs)} streaming them to the GPU ({r.said()}). Prefill reads every "
         "expert once per layer on the CPU too; long prompts favour the GPU"
     )
-    return Choice(tuple(moved), result, tuple(trimmed), note)
+    return Choice(tuple(moved), result, tuple(trimmed), note, int(used))
 
 
 def _without(it: Item, nbytes: int) -> Item:

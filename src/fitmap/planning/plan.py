@@ -68,6 +68,7 @@ class Plan:
     execution_device: str = "cpu"  # where offloaded units run
     quantize: str | None = None  # quantized while loading (``--quantize``), e.g. "nf4"
     notes: tuple[str, ...] = ()  # what the planner chose beyond the usual, and what it costs
+    cpu_token_bytes: int = 0  # weights the CPU computes with per token besides offloaded units (routed experts)
 
     def to_json(self) -> dict:
         return (
@@ -89,6 +90,7 @@ class Plan:
             }
             | ({"quantize": self.quantize} if self.quantize else {})
             | ({"notes": list(self.notes)} if self.notes else {})
+            | ({"cpu_token_bytes": self.cpu_token_bytes} if self.cpu_token_bytes else {})
         )
 
     @classmethod
@@ -118,6 +120,7 @@ class Plan:
                 execution_device=d.get("execution_device", "cpu"),
                 quantize=quantize,
                 notes=tuple(str(n) for n in d.get("notes", ())),
+                cpu_token_bytes=int(d.get("cpu_token_bytes", 0)),
             ).validated()
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise BadInput(f"not a fitmap plan (missing or wrong field {e}); make one with fitmap plan --out") from None
@@ -311,7 +314,13 @@ def _with_cpu_experts(plan: Plan, choice: experts.Choice) -> Plan:
                 units=d.units + tuple(str(e) for e in moved.values()),
             )
         ledgers.append(d)
-    return replace(plan, device_map=device_map, devices=tuple(ledgers), notes=plan.notes + (choice.note,))
+    return replace(
+        plan,
+        device_map=device_map,
+        devices=tuple(ledgers),
+        notes=plan.notes + (choice.note,),
+        cpu_token_bytes=choice.token_bytes,
+    )
 
 
 def _bytes(profile: Profile, units: tuple[str, ...]) -> int:

@@ -52,9 +52,10 @@ def cores() -> int:
 
 def cpu_work(plan: Plan) -> int:
     """Bytes of weights the CPU computes with per token: those on ``cpu``/``disk`` when offloaded
-    units run on the CPU (with a GPU execution device they are copied there and run on it)."""
+    units run on the CPU (with a GPU execution device they are copied there and run on it), and the
+    routed experts a token uses of those computed where they live."""
     if plan.execution_device != "cpu":
-        return 0
+        return plan.cpu_token_bytes
     return sum(d.weights_bytes for d in plan.devices if d.device in ("cpu", "disk"))
 
 

@@ -1,0 +1,125 @@
+"""MoE experts computed on the CPU where they live, against the RAM-bandwidth bound.
+
+A decode step reads, per MoE layer, only the experts its token is routed to. This bench builds a
+Qwen3-MoE shape with random weights (its experts in RAM, as a ``cpu-compute`` plan leaves them), decodes
+greedily, and times the experts modules alone with forward hooks; the bound is the bytes of the experts
+the step used over the RAM read bandwidth measured in the same run (a large tensor summed).
+
+    .venv/bin/python bench/moe.py                       # bf16, 4 layers of 64 experts (top 8)
+    .venv/bin/python bench/moe.py --dtype float32 --tokens 32 --threads 1
+
+On a GPU machine the same experts run on the CPU beside the GPU part; a GPU section (streamed tier vs
+CPU experts) is not in this script yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import transformers
+
+
+def ram_read_rate(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes/s of reading one large tensor (a sum: read once, nothing written back)."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    x.sum()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t)
+    return nbytes / statistics.median(times)
+
+
+def build(args) -> torch.nn.Module:
+    cfg = transformers.Qwen3MoeConfig(
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 2,
+        moe_intermediate_size=args.expert_size,
+        num_experts=args.experts,
+        num_experts_per_tok=args.top_k,
+        num_hidden_layers=args.layers,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        head_dim=args.hidden // 16,
+        vocab_size=1024,
+        max_position_embeddings=4096,
+    )
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, args.dtype))
+    return model.eval()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--expert-size", type=int, default=768)
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--tokens", type=int, default=16)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = build(args)
+    blocks = [m for m in model.modules() if type(m).__name__.endswith("Experts")]
+    per_expert = sum(p[0].numel() * p.element_size() for p in blocks[0].parameters())
+    spent = [0.0]
+    used = [0]
+    started: dict[int, float] = {}
+
+    def before(module, args_, kwargs):
+        index = kwargs.get("top_k_index", args_[1] if len(args_) > 1 else None)
+        used[0] += len(set(index.flatten().tolist())) * per_expert
+        started[id(module)] = time.perf_counter()
+
+    def after(module, args_, output):
+        spent[0] += time.perf_counter() - started.pop(id(module))
+
+    for b in blocks:
+        b.register_forward_pre_hook(before, with_kwargs=True)
+        b.register_forward_hook(after)
+    ids = torch.randint(0, 1024, (1, 8))
+    with torch.no_grad():
+        model.generate(input_ids=ids, max_new_tokens=2, do_sample=False)  # warm-up
+        spent[0], used[0] = 0.0, 0
+        t = time.perf_counter()
+        prefill = model(input_ids=ids, use_cache=True)
+        prefill_experts, prefill_bytes = spent[0], used[0]
+        spent[0], used[0] = 0.0, 0
+        cache = prefill.past_key_values
+        token = prefill.logits[:, -1:].argmax(-1)
+        for _ in range(args.tokens):
+            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        total = time.perf_counter() - t
+    rate = ram_read_rate()
+    experts_bytes = sum(sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks)
+    step_bytes = used[0] / args.tokens
+    step_time = spent[0] / args.tokens
+    bound = step_bytes / rate
+    print(
+        f"shape: {args.layers} MoE layers x {args.experts} experts (top {args.top_k}), hidden {args.hidden}, "
+        f"expert {args.expert_size}, {args.dtype}; experts in RAM {experts_bytes / 2**30:.2f} GiB; "
+        f"threads {torch.get_num_threads()}"
+    )
+    print(f"RAM read bandwidth (1 GiB summed, median of 5): {rate / 1e9:.1f} GB/s")
+    print(
+        f"decode, experts computed on the CPU: {step_bytes / 2**20:.1f} MiB of routed experts read per token, "
+        f"{step_time * 1e3:.1f} ms per token in the experts -> {step_bytes / step_time / 1e9:.1f} GB/s, "
+        f"{bound / step_time:.0%} of the RAM bound ({bound * 1e3:.1f} ms)"
+    )
+    print(
+        f"prefill of {ids.shape[1]} tokens: {prefill_bytes / 2**20:.0f} MiB of experts read, "
+        f"{prefill_experts * 1e3:.0f} ms in the experts; whole run {total:.2f} s for {args.tokens} tokens"
+    )
+
+
+if __name__ == "__main__":
+    main()
