@@ -74,3 +74,47 @@ def test_a_declared_image_token_count_is_used():
     assert image_shape(cfg, 896, 896).tokens == 256
     assert image_shape(cfg, 1344, 448).tokens == 256  # resized to the tower's square, whatever it is
     assert image_shape(transformers.LlavaConfig(), 336, 336).tokens == 576
+
+
+@pytest.mark.parametrize(
+    "config,kinds",
+    [  # as transformers 4.x configs say which layers attend (transformers 5 says layer_types)
+        ({"layers_block_type": ["mamba", "attention"]}, ["linear_attention", "full_attention"]),  # Jamba, Granite
+        ({"layers_block_type": ["mamba", "hybrid"]}, ["linear_attention", "hybrid"]),  # Zamba
+        ({"hybrid_override_pattern": "M-*E"}, ["linear_attention", "mlp", "full_attention", "moe"]),  # Nemotron-H
+        ({"attn_layer_indices": [1]}, ["linear_attention", "full_attention"]),  # Bamba
+        ({"attn_layer_period": 2, "attn_layer_offset": 1}, ["linear_attention", "full_attention"]),  # Jamba
+        ({"state_size": 16, "num_heads": 8, "head_dim": 64}, ["linear_attention", "linear_attention"]),  # Mamba-2
+        ({"num_attention_heads": 8}, ["full_attention", "full_attention"]),
+    ],
+)
+def test_which_layers_attend_and_which_keep_a_state(config, kinds):
+    from fitmap.model.configs import ConfigView
+    from fitmap.planning.profile import layer_caches, layer_type
+
+    tc = ConfigView(config)
+    assert [layer_type(tc, i) for i in range(len(kinds))] == kinds
+    caches = {"linear_attention": (False, True), "full_attention": (True, False), "hybrid": (True, True)}
+    caches |= {"mlp": (False, False), "moe": (False, False)}
+    assert [layer_caches(tc, i) for i in range(len(kinds))] == [caches[k] for k in kinds]
+
+
+def test_qwen3_5_keeps_a_state_on_its_linear_attention_layers_and_kv_on_the_others():
+    """Qwen3.5-27B: 48 Gated DeltaNet layers (conv over q, k, v: (2 x 16 x 128 + 48 x 128) x 4 in bf16;
+    state 48 heads x 128 x 128 in fp32) the same at any context, 16 attention layers with 4 KV heads of 256."""
+    prep = _prep("qwen3.5-27b")
+    state = (2 * 16 * 128 + 48 * 128) * 4 * 2 + 48 * 128 * 128 * 4
+    for prompt in (1000, 100_000):
+        costs = estimate(prep.skeleton, Workload(2, prompt, 24)).costs
+        blocks = [c.kv_bytes for c in costs if ".layers." in c.name]
+        assert blocks[0] == blocks[1] == blocks[2] == 2 * state
+        assert blocks[3] == 2 * (prompt + 24) * 2 * 4 * 256 * 2
+
+
+def test_a_state_layer_whose_size_the_config_does_not_give_is_one_line():
+    from fitmap.model.configs import ConfigView, MissingConfigValue
+    from fitmap.planning.profile import state_bytes
+
+    with pytest.raises(MissingConfigValue, match="layer 0 of the model keeps a linear_attention state") as e:
+        state_bytes(ConfigView({"layer_types": ["linear_attention"], "hidden_size": 64}), 0, 2)
+    assert "\n" not in str(e.value)

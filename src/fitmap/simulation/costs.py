@@ -1,6 +1,8 @@
 """Per-unit costs measured on fake devices, for the planner: the whole model simulated on one
 fake device at two prompt lengths (with one block of each kind where the model repeats them), each
-unit's activation and KV per token read off, and interpolated to any workload's prompt."""
+unit's activation and cache read off, and interpolated to any workload's prompt. A block's cache is
+split by the two points into what grows with each cached token (KV) and what does not (the conv and
+recurrent states of a state-space or linear-attention layer)."""
 
 from __future__ import annotations
 
@@ -20,20 +22,20 @@ from fitmap.simulation.simulate import simulate
 class _Point:
     tokens: int  # prefill tokens (batch x (prompt + image tokens))
     act: Mapping[str, int]  # unit -> activation bytes
-    kv_per_token: Mapping[str, float]  # unit -> KV bytes per cached token per sequence
+    cache: Mapping[str, float]  # block -> cache bytes per sequence (KV and states) at full context
+    cached: Mapping[str, int]  # block -> tokens its KV holds at full context
 
 
 def measure_units(prep, workload: Workload, trust_remote_code: bool = False) -> tuple[_Point, int]:
-    """Simulate everything on one fake device; per-unit activation and KV at ``workload``."""
+    """Simulate everything on one fake device; per-unit activation and cache at ``workload``."""
     from fitmap.planning.devices import GpuSpec, Machine
     from fitmap.planning.plan import make_plan
-    from fitmap.planning.profile import estimate
 
     sk = prep.skeleton
     small, rep = fewer_layers(sk, trust_remote_code)
     run = small or sk
     big = Machine((GpuSpec(0, 1 << 60, 0, "simulated"),), 0, None, None)
-    one = make_plan(prep.inventory.name, run, estimate(run, workload), big)
+    one = make_plan(prep.inventory.name, run, _any_costs(run, workload), big)
     sim = simulate(run.config, prep.inventory.task, run, one, workload, trust_remote_code=trust_remote_code)
     if sim.mismatch is not None:  # on one device this is a bug in the model code or in fitmap
         raise RuntimeError(sim.mismatch.message())
@@ -48,7 +50,7 @@ def measure_units(prep, workload: Workload, trust_remote_code: bool = False) -> 
             return u.name, u.layer
         return f"{sk.text_layers}.{rep[u.layer]}", rep[u.layer]
 
-    act, kv = {}, {}
+    act, held_cache, cached = {}, {}, {}
     first_block = next((i for i, u in enumerate(sk.units) if u.layer is not None), len(sk.units))
     at_blocks = (
         max(carried, sim.unit_entry.get(source(sk.units[first_block])[0], 0))
@@ -65,8 +67,22 @@ def measure_units(prep, workload: Workload, trust_remote_code: bool = False) -> 
         act[u.name] = sim.unit_activation.get(name, 0) + held
         if u.layer is not None:
             assert layer is not None  # source() stands a block for a block
-            kv[u.name] = sim.unit_kv.get(name, 0) / max(1, workload.batch * cached_tokens(tc, layer, seq))
-    return _Point(workload.batch * (workload.prompt + sim.image_tokens), act, kv), sim.image_tokens
+            held_cache[u.name] = sim.unit_kv.get(name, 0) / max(1, workload.batch)
+            cached[u.name] = cached_tokens(tc, layer, seq)
+    return _Point(workload.batch * (workload.prompt + sim.image_tokens), act, held_cache, cached), sim.image_tokens
+
+
+def _any_costs(sk: Skeleton, workload: Workload) -> Profile:
+    """Costs to place everything on one unbounded fake device: the analytic ones, or none where the
+    config does not give what they need (the simulation measures them)."""
+    from fitmap.model.configs import MissingConfigValue
+    from fitmap.planning.profile import estimate
+
+    try:
+        return estimate(sk, workload)
+    except MissingConfigValue:
+        costs = tuple(UnitCost(u.name, u.weight_bytes, 0, 0) for u in sk.units)
+        return Profile("analytic", workload, costs, 0, workload.prompt + workload.new, 0)
 
 
 def fewer_layers(sk: Skeleton, trust_remote_code: bool = False) -> tuple[Skeleton | None, dict[int, int]]:
@@ -138,9 +154,26 @@ class SimulatedCosts:
         point = lambda p: _Point(
             int(p["tokens"]),
             {k: int(v) for k, v in p["act"].items()},  # noqa: E731
-            {k: float(v) for k, v in p["kv_per_token"].items()},
+            {k: float(v) for k, v in p["cache"].items()},
+            {k: int(v) for k, v in p["cached"].items()},
         )
         return cls(point(d["a"]), point(d["b"]), int(d["image_tokens"]))
+
+    def cache_split(self, sk: Skeleton, unit: Unit) -> tuple[float, float]:
+        """Block ``unit``'s cache per sequence as (bytes per cached token, bytes at any length): the line
+        through the two measured points. Where both points cached as many tokens (a window both prompts
+        fill, a 1-token prompt), what the config says the layer keeps decides: a state or KV."""
+        from fitmap.planning.profile import layer_caches
+
+        a, b = self.a.cache[unit.name], self.b.cache[unit.name]
+        ta, tb = self.a.cached[unit.name], self.b.cached[unit.name]
+        if ta != tb:
+            per_token = max(0.0, (a - b) / (ta - tb))
+            return per_token, max(0.0, a - per_token * ta)
+        assert unit.layer is not None  # blocks only
+        if not layer_caches(text_config(sk.config), unit.layer)[0]:
+            return 0.0, a
+        return a / max(1, ta), 0.0
 
     def profile(self, sk: Skeleton, workload: Workload) -> Profile:
         from fitmap.planning.profile import peak_cached_tokens
@@ -153,11 +186,9 @@ class SimulatedCosts:
             act = _linear(self.a.tokens, self.a.act[u.name], self.b.tokens, self.b.act[u.name], tokens)
             kv = 0
             if u.layer is not None:
-                kv = int(
-                    self.a.kv_per_token[u.name]
-                    * workload.batch
-                    * peak_cached_tokens(tc, u.layer, seq, seq - workload.new)
-                )
+                per_token, state = self.cache_split(sk, u)
+                held = peak_cached_tokens(tc, u.layer, seq, seq - workload.new)
+                kv = round(workload.batch * (per_token * held + state))
             costs.append(UnitCost(u.name, u.weight_bytes, kv, max(0, int(act))))
         boundary = tokens * tc.hidden_size * getattr(torch, sk.dtype).itemsize
         return Profile("simulate", workload, tuple(costs), self.image_tokens, seq, boundary)

@@ -119,7 +119,8 @@ def grow_cache(cache: Any, length: int, prefill: int) -> Any:
     """Give every cache layer ``length`` tokens (sliding layers keep their window). Cache
     objects are grown in place; tuple caches (remote code written for transformers 4.x:
     per layer ``(key, value)``, the sequence on the axis that had ``prefill`` entries) are
-    returned anew."""
+    returned anew. State-space and linear-attention layers (their conv and recurrent states)
+    are the same size at any length: they stay as the prefill left them."""
     if isinstance(cache, (tuple, list)):
         return type(cache)(grow_cache(c, length, prefill) for c in cache)
     if isinstance(cache, torch.Tensor):
@@ -153,18 +154,37 @@ def grow_cache(cache: Any, length: int, prefill: int) -> Any:
 
 
 def _cache_layers(cache: Any) -> list[list[torch.Tensor]]:
-    """Per text layer, the KV tensors of ``cache`` (any of the layouts above)."""
+    """Per text layer, the tensors ``cache`` keeps for it (any of the layouts above): keys and values,
+    and the conv and recurrent states of a state-space or linear-attention layer (transformers 5:
+    per layer, ``conv_states`` / ``recurrent_states`` by state index; 4.x's ``MambaCache`` and
+    hybrid caches: ``conv_states`` / ``ssm_states`` by layer)."""
     if isinstance(cache, (tuple, list)):
         return [
             [t for t in layer if isinstance(t, torch.Tensor)] if isinstance(layer, (tuple, list)) else [layer]
             for layer in cache
         ]
     if isinstance(getattr(cache, "key_cache", None), list):
-        return [[k, v] for k, v in zip(cache.key_cache, cache.value_cache)]
-    return [
-        [t for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if isinstance(t, torch.Tensor)]
-        for layer in getattr(cache, "layers", [])
-    ]
+        layers = [[k, v] for k, v in zip(cache.key_cache, cache.value_cache)]
+    else:
+        layers = [
+            [getattr(layer, "keys", None), getattr(layer, "values", None)]
+            + _by_index(getattr(layer, "conv_states", None))
+            + _by_index(getattr(layer, "recurrent_states", None))
+            for layer in getattr(cache, "layers", [])
+        ]
+    for name in ("conv_states", "ssm_states"):  # transformers 4.x: one tensor per layer
+        per_layer = _by_index(getattr(cache, name, None))
+        layers += [[] for _ in range(len(per_layer) - len(layers))]
+        for i, t in enumerate(per_layer):
+            layers[i].append(t)
+    return [[t for t in layer if isinstance(t, torch.Tensor) and t.numel() > 0] for layer in layers]
+
+
+def _by_index(states: Any) -> list:
+    """A dict keyed 0, 1, ... or a list, as a list (anything else: none)."""
+    if isinstance(states, dict):
+        return [states.get(i) for i in range(max((k + 1 for k in states if isinstance(k, int)), default=0))]
+    return list(states) if isinstance(states, (list, tuple)) else []
 
 
 def cache_bytes(cache: Any) -> dict[tuple[str, int], int]:
