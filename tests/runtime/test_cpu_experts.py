@@ -83,3 +83,19 @@ def test_a_step_reads_only_the_experts_its_tokens_are_routed_to(checkpoints):
         assert untouched > 0  # some experts were not routed to
         after = lm.model(input_ids=step).logits
     torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_gpt_oss_mxfp4_experts_computed_on_the_cpu_give_from_pretraineds_tokens(tmp_path):
+    """The released layout (MXFP4 experts): without MXFP4 kernels (this CPU) transformers unpacks them on load,
+    and the unpacked experts run where they live."""
+    from tests.runtime.test_loader import _gpt_oss_mxfp4
+
+    d = _gpt_oss_mxfp4(tmp_path / "gpt-oss")
+    plan, moe = _experts_plan(d)
+    assert moe
+    want = reference(d).generate(input_ids=IDS, max_new_tokens=8, do_sample=False)
+    with loader.load(d, plan, progress=False) as lm:
+        experts = lm.model.get_submodule(str(moe[-1].experts))
+        assert all(p.device.type == "cpu" and not p.is_meta for p in experts.parameters())
+        got = lm.model.generate(input_ids=IDS, max_new_tokens=8, do_sample=False)
+    assert torch.equal(got, want)
