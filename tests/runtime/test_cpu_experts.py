@@ -99,3 +99,20 @@ def test_gpt_oss_mxfp4_experts_computed_on_the_cpu_give_from_pretraineds_tokens(
         assert all(p.device.type == "cpu" and not p.is_meta for p in experts.parameters())
         got = lm.model.generate(input_ids=IDS, max_new_tokens=8, do_sample=False)
     assert torch.equal(got, want)
+
+
+def test_a_vlm_moe_with_its_experts_on_the_cpu_gives_from_pretraineds_tokens_with_an_image(checkpoints):
+    """Qwen3-VL-MoE: the vision tower and the rest of each block as planned, the routed experts in RAM."""
+    from fitmap.planning.workload import Workload
+    from fitmap.simulation.vision_inputs import vision_inputs
+
+    d = checkpoints("qwen3_vl_moe")
+    plan, moe = _experts_plan(d)
+    assert moe
+    want_model = reference(d)
+    inputs, _ = vision_inputs(want_model.config, Workload(1, 12, 6, ((100, 80),)), torch.device("cpu"))
+    inputs["pixel_values"] = torch.randn(inputs["pixel_values"].shape, generator=torch.Generator().manual_seed(0))
+    want = want_model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    with loader.load(d, plan, progress=False) as lm:
+        got = lm.model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, want)
