@@ -63,13 +63,15 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--tokens", type=int, default=16)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: fitmap's choice for these experts)")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     model = build(args)
     blocks = [m for m in model.modules() if type(m).__name__.endswith("Experts")]
     per_expert = sum(p[0].numel() * p.element_size() for p in blocks[0].parameters())
+    from fitmap.runtime.threads import BYTES_PER_THREAD, cores
+
+    token_bytes = len(blocks) * args.top_k * per_expert  # what fitmap's plan records as cpu_token_bytes
+    torch.set_num_threads(args.threads or max(1, min(cores(), token_bytes // BYTES_PER_THREAD)))
     spent = [0.0]
     used = [0]
     started: dict[int, float] = {}
