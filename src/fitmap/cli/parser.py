@@ -128,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     _machine_args(p)
     _workload_args(p)
     _plan_args(p)
+    p.add_argument(
+        "--hosts",
+        help="several machines, in pipeline order: 2x(8x80GiB) (alike) | a:4x24GiB,b:2x48GiB (named); "
+        "each host a contiguous stage",
+    )
     p.add_argument("--out", metavar="PLAN.json", help="write the plan to a file")
     p.add_argument("--check", action="store_true", help="replay the plan on fake devices and repair mismatches")
     p.add_argument(
@@ -229,7 +234,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_VALUE_OPTIONS = ("--cpu", "--gpus", "--reserve", "--batch", "--prompt", "--new", "--size", "--port", "--threads")
+_VALUE_OPTIONS = (
+    "--cpu",
+    "--gpus",
+    "--hosts",
+    "--reserve",
+    "--batch",
+    "--prompt",
+    "--new",
+    "--size",
+    "--port",
+    "--threads",
+)
 
 
 def negative_values_attached(argv: Sequence[str]) -> list[str]:

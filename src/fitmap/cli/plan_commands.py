@@ -26,11 +26,18 @@ def parse_pins(pins: Sequence[str]) -> dict[str, str]:
 
 def request_from(args: argparse.Namespace):
     from fitmap.pipeline import PlanRequest
-    from fitmap.planning.devices import make_machine
+    from fitmap.planning.devices import make_hosts, make_machine
     from fitmap.planning.solver import Policy
 
     workload = Workload(args.batch, args.prompt, args.new, tuple(parse_image(i) for i in args.image))
-    machine = make_machine(args.gpus, args.cpu, args.disk, args.reserve)
+    hosts = getattr(args, "hosts", None)
+    if hosts and args.gpus:
+        raise BadInput("give --gpus (one machine) or --hosts (several), not both")
+    machine = (
+        make_hosts(hosts, args.cpu, args.disk, args.reserve)
+        if hosts
+        else make_machine(args.gpus, args.cpu, args.disk, args.reserve)
+    )
     return PlanRequest(
         args.model,
         machine,

@@ -93,6 +93,9 @@ def print_plan(plan: Plan) -> None:
     console.print(t)
     for r in plan.repairs:
         console.print(escape(f"repair: {r.kind} {r.module} -> {r.device} ({r.reason})"))
+    if plan.hosts:
+        spans = [f"{h}: cuda:{g[0]}-{g[-1]}" if len(g) > 1 else f"{h}: cuda:{g[0]}" for h, g in plan.hosts.items() if g]
+        console.print(escape(f"hosts ({'; '.join(spans)}): GPUs numbered across hosts, each host's from 0 on it"))
     for note in plan.notes:
         console.print(escape(f"note: {note}"))
     console.print(

@@ -20,7 +20,7 @@ import os
 import re
 import shutil
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fitmap.cache import shorten
@@ -59,10 +59,21 @@ class Machine:
     cpu: int  # bytes of RAM the plan may use for weights
     disk: Path | None  # offload directory, if any
     disk_bytes: int | None  # free bytes there
+    hosts: tuple[tuple[str, int], ...] = ()  # several machines: (name, its GPU count), GPUs numbered across them
+
+    def host_of(self, gpu: int) -> str:
+        """The host GPU ``gpu`` (numbered across hosts, in their order) is on; "" on one machine."""
+        for name, count in self.hosts:
+            if gpu < count:
+                return name
+            gpu -= count
+        return ""
 
     def describe(self) -> str:
         sizes = [fmt_bytes(g.capacity) for g in self.gpus]
         parts = [f"{n} x {size} GPU{'s' if n > 1 else ''}" for size, n in Counter(sizes).items()]
+        if self.hosts:
+            parts.insert(0, f"{len(self.hosts)} hosts ({', '.join(f'{h}: {n} GPUs' for h, n in self.hosts)})")
         parts.append(f"CPU: {fmt_bytes(self.cpu)}")
         if self.disk is not None:
             parts.append(f"disk {self.disk}: {fmt_bytes(self.disk_bytes or 0)} free")
@@ -241,6 +252,59 @@ def make_machine(
     cpu_bytes = available_ram() if cpu_bytes is None else cpu_bytes
     disk_path, disk_bytes = _disk(disk)
     return Machine(gpu_specs, cpu_bytes, disk_path, disk_bytes)
+
+
+_HOSTS_ALIKE = re.compile(r"^\s*(\d+)\s*x\s*\((.+)\)\s*$")
+
+
+def parse_hosts(text: str, reserve: int | None = None) -> tuple[tuple[str, tuple[GpuSpec, ...]], ...]:
+    """``--hosts``: ``2x(8x80GiB)`` (alike hosts, named host0, host1, ...) or ``a:4x24GiB,b:2x48GiB``
+    (named, in pipeline order). Each host's GPUs are hypothetical, as ``--gpus 4x24GiB``."""
+    if not isinstance(text, str) or not text.strip():
+        raise BadInput("--hosts needs hosts such as 2x(8x80GiB) or a:4x24GiB,b:2x48GiB")
+    alike = _HOSTS_ALIKE.match(text)
+    if alike:
+        count = int(alike.group(1))
+        if count < 1:
+            raise BadInput(f"--hosts {text!r}: at least one host")
+        parts = [(f"host{i}", alike.group(2).strip()) for i in range(count)]
+    else:
+        parts = []
+        for part in text.split(","):
+            name, sep, gpus = part.partition(":")
+            if not sep or not name.strip() or not _HYPO.match(gpus.strip()):
+                raise BadInput(
+                    f"cannot read host {part.strip()!r} in --hosts {text!r}: write NAME:COUNTxSIZE per host "
+                    "(a:4x24GiB,b:2x48GiB) or COUNTx(COUNTxSIZE) for alike hosts (2x(8x80GiB))"
+                )
+            parts.append((name.strip(), gpus.strip()))
+    names = [n for n, _ in parts]
+    if len(set(names)) != len(names):
+        raise BadInput(f"--hosts {text!r} names a host twice; give each host its own name")
+    if len(parts) < 2:
+        raise BadInput(f"--hosts {text!r} is one machine: use --gpus for it")
+    out = []
+    for name, gpus in parts:
+        if not _HYPO.match(gpus):
+            raise BadInput(f"--hosts: host {name}'s GPUs {gpus!r} must read COUNTxSIZE, e.g. 8x80GiB")
+        out.append((name, parse_gpus(gpus, reserve)))
+    return tuple(out)
+
+
+def make_hosts(
+    hosts: str, cpu: str | int | None = None, disk: str | Path | None = None, reserve: str | int | None = None
+) -> Machine:
+    """A :class:`Machine` of several hosts: their GPUs numbered across them in pipeline order."""
+    reserve_bytes = _size_or_bytes("reserve", reserve, allow_zero=True)
+    specs: list[GpuSpec] = []
+    counts = []
+    for name, gpus in parse_hosts(hosts, reserve_bytes):
+        specs += [replace(g, index=len(specs) + i) for i, g in enumerate(gpus)]
+        counts.append((name, len(gpus)))
+    if len(specs) > MAX_GPUS:
+        raise BadInput(f"--hosts {hosts!r}: {len(specs)} GPUs in all; at most {MAX_GPUS}")
+    machine = make_machine(None, cpu, disk, reserve)
+    return replace(machine, gpus=tuple(specs), hosts=tuple(counts))
 
 
 def _size_or_bytes(name: str, value: str | int | None, allow_zero: bool = False) -> int | None:

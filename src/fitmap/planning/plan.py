@@ -69,6 +69,13 @@ class Plan:
     quantize: str | None = None  # quantized while loading (``--quantize``), e.g. "nf4"
     notes: tuple[str, ...] = ()  # what the planner chose beyond the usual, and what it costs
     cpu_token_bytes: int = 0  # weights the CPU computes with per token besides offloaded units (routed experts)
+    hosts: dict[str, list[int]] = field(default_factory=dict)  # several machines: host -> its GPUs, pipeline order
+
+    def host_of(self, unit: str) -> str:
+        """The host ``unit`` runs on ("" on one machine; offloaded units run on the execution device's)."""
+        dev = str(self.device_map.get(unit))
+        dev = dev if dev.isdigit() else self.execution_device
+        return next((h for h, gpus in self.hosts.items() if dev.isdigit() and int(dev) in gpus), "")
 
     def to_json(self) -> dict:
         return (
@@ -91,6 +98,7 @@ class Plan:
             | ({"quantize": self.quantize} if self.quantize else {})
             | ({"notes": list(self.notes)} if self.notes else {})
             | ({"cpu_token_bytes": self.cpu_token_bytes} if self.cpu_token_bytes else {})
+            | ({"hosts": self.hosts} if self.hosts else {})
         )
 
     @classmethod
@@ -121,6 +129,7 @@ class Plan:
                 quantize=quantize,
                 notes=tuple(str(n) for n in d.get("notes", ())),
                 cpu_token_bytes=int(d.get("cpu_token_bytes", 0)),
+                hosts={str(h): [int(g) for g in gpus] for h, gpus in d.get("hosts", {}).items()},
             ).validated()
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise BadInput(f"not a fitmap plan (missing or wrong field {e}); make one with fitmap plan --out") from None
@@ -289,7 +298,7 @@ def make_plan(
             again = solve(items(sk, profile, split), gpus, tiers, policy)
             if again.fits:
                 plan = _to_plan(model, sk, profile, machine, policy, split, again)
-                return replace(plan, notes=(note,), groups=plan.groups | groups)
+                return replace(plan, notes=plan.notes + (note,), groups=plan.groups | groups)
     return _to_plan(model, sk, profile, machine, policy, comps, result)
 
 
@@ -401,4 +410,46 @@ def _to_plan(
         groups={g.name: list(g.units) for g in sk.groups},
         execution_device=str(machine.gpus[0].index) if machine.gpus else "cpu",
         quantize=sk.quantize,
+        hosts=_hosts(machine),
+        notes=_links(machine, sk, profile, device_map),
+    )
+
+
+# Between hosts: activations of each stage boundary cross the network once per step. Without a measured
+# link (not yet measured by fitmap calibrate), a 25 Gb/s Ethernet link and 50 us per message are assumed.
+LINK_BYTES_PER_S = 25e9 / 8
+LINK_LATENCY_S = 50e-6
+
+
+def _hosts(machine: Machine) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    start = 0
+    for name, count in machine.hosts:
+        out[name] = [g.index for g in machine.gpus[start : start + count]]
+        start += count
+    return out
+
+
+def _links(machine: Machine, sk: Skeleton, profile: Profile, device_map: dict[str, int | str]) -> tuple[str, ...]:
+    """Where the plan crosses from host to host, and what a step pays there."""
+    if not machine.hosts:
+        return ()
+    order = [machine.host_of(int(d)) for d in device_map.values() if isinstance(d, int)]
+    boundaries = [(a, b) for a, b in zip(order, order[1:]) if a != b]
+    import torch
+
+    from fitmap.model.configs import text_config
+
+    w = profile.workload
+    hidden = int(text_config(sk.config).hidden_size) * getattr(torch, sk.dtype).itemsize
+    prefill = w.batch * (w.prompt + profile.image_tokens) * hidden
+    decode = w.batch * hidden
+    per = (
+        f"{fmt_bytes(prefill)} per prefill ({prefill / LINK_BYTES_PER_S * 1e3:.1f} ms), {fmt_bytes(decode)} per "
+        f"token ({(decode / LINK_BYTES_PER_S + LINK_LATENCY_S) * 1e6:.0f} us)"
+    )
+    path = " -> ".join(dict.fromkeys(order))
+    return (
+        f"{len(boundaries)} stage boundar{'y' if len(boundaries) == 1 else 'ies'} between hosts ({path}): the hidden "
+        f"states cross each once per step, {per} at an assumed 25 Gb/s link with 50 us latency",
     )
