@@ -65,9 +65,12 @@ class LoadedModel:
     bytes_read: int = 0  # checkpoint bytes placed at load (disk units excluded)
     _hooks: hooks.Hooks | None = field(default=None, repr=False)
     _offload: offload.Offload | None = field(default=None, repr=False)
+    on_close: list[Callable[[], None]] = field(default_factory=list, repr=False)  # run first by close()
 
     def close(self) -> None:
         """Detach hooks, stop read-ahead, and drop every weight (back to ``meta``)."""
+        while self.on_close:
+            self.on_close.pop()()
         if self._offload is not None:
             self._offload.close()
         if self._hooks is not None:
@@ -88,7 +91,13 @@ class LoadedModel:
 
 
 def load(
-    model_dir: Path | str, plan: Plan, *, trust_remote_code: bool = False, readahead: bool = True, progress: bool = True
+    model_dir: Path | str,
+    plan: Plan,
+    *,
+    trust_remote_code: bool = False,
+    readahead: bool = True,
+    progress: bool = True,
+    remote: frozenset[str] = frozenset(),
 ) -> LoadedModel:
     """Build ``model_dir``'s model on meta and place its weights per ``plan``.
 
@@ -96,7 +105,8 @@ def load(
     they run). ``progress``: a bar with bytes, rate and ETA for loads of 256 MiB
     or more. Raises :class:`BadInput` (plan does not fit this model or machine),
     :class:`CheckpointError` (missing or corrupt files), :class:`MissingWeights`
-    (tensors the checkpoint lacks), all before anything stays allocated.
+    (tensors the checkpoint lacks), all before anything stays allocated. ``remote``: units another
+    process runs (:mod:`fitmap.runtime.distributed`), left unloaded on ``meta``.
     """
     start = time.perf_counter()
     remote_code_flag(trust_remote_code)
@@ -105,7 +115,7 @@ def load(
         raise BadInput(f"{model_dir} has no weights to load; fitmap load needs a model directory with a checkpoint")
     dtype = _dtype(plan.dtype)
     model = _skeleton_model(inv, dtype, trust_remote_code, plan.quantize)
-    layout = Layout.of(model, plan)
+    layout = Layout.of(model, plan, remote)
     ckpt = Checkpoint.index(inv, model, dtype)
     ckpt.check_complete(model)
     targets = load_targets(model, layout, ckpt)
@@ -189,7 +199,7 @@ def _runs_on(value: int | str) -> torch.device:
 @dataclass(frozen=True)
 class Placed:
     unit: str
-    tier: str  # "gpu" | "cpu" | "disk"
+    tier: str  # "gpu" | "cpu" | "disk" | "remote" (another process runs it)
     runs_on: torch.device  # where it executes
     stored_on: torch.device | None  # where its weights live after load (None: read per forward)
 
@@ -203,10 +213,15 @@ class Layout:
     ties: tuple[tuple[str, ...], ...] = ()  # parameter names sharing one tensor (found on meta)
 
     @classmethod
-    def of(cls, model: nn.Module, plan: Plan) -> Layout:
+    def of(cls, model: nn.Module, plan: Plan, remote: frozenset[str] = frozenset()) -> Layout:
         device_map = repairs.colocated(plan.device_map, plan.repairs)
         execution = _runs_on(plan.execution_device)
-        units = {name: _placed(name, value, execution) for name, value in device_map.items()}
+        units = {
+            name: Placed(name, "remote", torch.device("cpu"), None)
+            if name in remote
+            else _placed(name, value, execution)
+            for name, value in device_map.items()
+        }
         layout = cls(units, execution, tied_parameters(model))
         layout.check_covers(model)
         return layout
@@ -268,6 +283,9 @@ def load_targets(model: nn.Module, layout: Layout, ckpt: Checkpoint) -> dict[str
     for key, _ in named_tensors(model):
         p = layout.unit_of(key)
         assert p is not None  # Layout.of checked that every tensor of the model has a unit
+        if p.tier == "remote":
+            out[key] = None
+            continue
         stored = key in ckpt.where or key in ckpt.merged
         if key in persistent and p.unit in streamed and (stored or p.stored_on is not None):
             out[key] = p.stored_on
@@ -414,7 +432,7 @@ def _runtime(
 ) -> LoadedModel:
     """Hooks for device boundaries and repairs, then offload hooks for cpu/disk units."""
     input_device = layout.input_device(model)
-    placement = {name: p.runs_on for name, p in layout.units.items()}
+    placement = {name: p.runs_on for name, p in layout.units.items() if p.tier != "remote"}
     boundary = hooks.attach(model, placement, input_device)
     try:
         boundary.handles.extend(repairs.apply(model, plan.repairs, _runs_on))

@@ -20,6 +20,7 @@ from fitmap.errors import BadInput, DoesNotFit, OutOfBudget
 from fitmap.planning import devices
 from fitmap.planning.plan import Plan
 from fitmap.planning.workload import Workload
+from fitmap.runtime import distributed
 from fitmap.runtime.loader import LoadedModel, load
 from fitmap.runtime.prompting import Prompter
 from fitmap.runtime.threads import apply as apply_threads
@@ -116,6 +117,9 @@ def start(
     apply_threads(plan)  # before loading: torch keeps a thread's count once it has run an op
     sampler = devices.RssSampler().__enter__()
     try:
+        ranks = distributed.Ranks.from_env()
+        if ranks is not None:  # started by torchrun: this process runs one stage of the plan
+            return distributed.load_stage(str(model_dir), model_dir, plan, ranks, trust_remote_code, readahead), sampler
         return load(model_dir, plan, trust_remote_code=trust_remote_code, readahead=readahead), sampler
     except torch.OutOfMemoryError as e:
         sampler.__exit__(None, None, None)

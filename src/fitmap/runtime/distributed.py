@@ -1,0 +1,317 @@
+"""One plan across processes (hosts): pipeline stages on torch.distributed, launched by torchrun.
+
+Each rank loads only its stage's units (the others stay on ``meta``). Rank 0 owns the model's own
+forward and its generation: tokenizer, processor, images, sampling and stop conditions, so every model
+that generates in one process generates here through the same code. On rank 0 a remote stage's units
+are replaced by proxies: the first block of a run of blocks on another rank sends its inputs there
+(hidden states and the keyword arguments the model hands every block: mask, positions, rotary tables),
+that rank runs all of its consecutive blocks with its own KV cache and sends the last one's output
+back, and the run's other blocks pass it on; any other unit placed on another rank (the output head)
+is called there the same way. Hidden states cross each stage boundary once per step each way.
+
+Which rank runs a unit: with a plan across hosts (``fitmap plan --hosts``), the rank of its GPU's host
+(rank r is the r-th host); for a plan of one machine run on several processes (the CPU here), the
+decoder blocks are cut into as many contiguous stages as there are ranks, the rest on rank 0.
+
+Messages are Python objects over a gloo group (tensors travel on the CPU); a rank that fails or
+disappears ends every rank within ``TIMEOUT`` with one line naming it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from fitmap.errors import FitmapError
+from fitmap.planning.plan import Plan
+
+TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("FITMAP_DIST_TIMEOUT", "30")))
+KV_NAMES = ("past_key_values", "cache", "past_key_value", "layer_past")
+
+
+class RankFailed(FitmapError):
+    """Another rank of the run failed or is gone."""
+
+    exit_code = 1
+
+
+class StageDone(FitmapError):
+    """A rank > 0 ran its stage until rank 0 finished: nothing to say, exit 0."""
+
+    exit_code = 0
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int
+    world: int
+
+    @classmethod
+    def from_env(cls) -> Ranks | None:
+        """This process's rank when torchrun started several, else None."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return cls(int(os.environ.get("RANK", "0")), world) if world > 1 else None
+
+
+def stages(plan: Plan, blocks: list[str], world: int) -> dict[str, int]:
+    """Unit -> rank running it."""
+    if plan.hosts:
+        hosts = list(plan.hosts)
+        if len(hosts) != world:
+            raise FitmapError(
+                f"the plan spans {len(hosts)} hosts ({', '.join(hosts)}) but torchrun started {world} processes: "
+                f"start one process per host (--nnodes {len(hosts)} --nproc-per-node 1)"
+            )
+        return {u: hosts.index(plan.host_of(u)) if plan.host_of(u) else 0 for u in plan.device_map}
+    if len(blocks) < world:
+        raise FitmapError(f"the model has {len(blocks)} decoder blocks, fewer than the {world} processes started")
+    out = {u: 0 for u in plan.device_map}
+    for i, b in enumerate(blocks):
+        out[b] = i * world // len(blocks)
+    return out
+
+
+def local_plan(plan: Plan, stage: Mapping[str, int], rank: int) -> tuple[Plan, frozenset[str]]:
+    """The plan as rank ``rank`` loads it: its GPUs numbered from 0 on its host; the units other ranks
+    run named apart (left unloaded)."""
+    remote = frozenset(u for u, r in stage.items() if r != rank)
+    if not plan.hosts:
+        return plan, remote
+    first = min(list(plan.hosts.values())[rank])
+
+    def local(dev: int | str) -> int | str:
+        return int(dev) - first if isinstance(dev, int) or str(dev).isdigit() else dev
+
+    device_map = {u: (local(d) if u not in remote else "cpu") for u, d in plan.device_map.items()}
+    execution = str(local(plan.execution_device)) if rank == 0 else str(local(min(list(plan.hosts.values())[rank])))
+    return replace(plan, device_map=device_map, execution_device=execution, devices=(), hosts={}), remote
+
+
+# --------------------------------------------------------------------------- messages
+def init(ranks: Ranks) -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=TIMEOUT)
+
+
+def _send(obj: Any, dst: int) -> None:
+    import torch.distributed as dist
+
+    try:
+        dist.send_object_list([tree_map(_to_cpu, obj)], dst=dst)
+    except RuntimeError as e:
+        raise RankFailed(f"rank {dst} is gone: {_first_line(e)}") from None
+
+
+def _recv(src: int, device: torch.device) -> Any:
+    import torch.distributed as dist
+
+    box: list[Any] = [None]
+    try:
+        dist.recv_object_list(box, src=src)
+    except RuntimeError as e:
+        raise RankFailed(f"rank {src} is gone: {_first_line(e)}") from None
+    return tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, box[0])
+
+
+def _to_cpu(x: Any) -> Any:
+    return x.detach().cpu() if isinstance(x, torch.Tensor) else x
+
+
+def _first_line(e: BaseException) -> str:
+    """The reason in a transport's error, without the source path it starts with."""
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    line = line.split("] ", 1)[-1] if line.startswith("[") else line
+    return line.split(". This is typically")[0][:160]
+
+
+# --------------------------------------------------------------------------- rank 0: proxies
+def _strip_cache(args: tuple, kwargs: dict) -> tuple[dict, bool]:
+    """The keyword arguments without the KV cache (each rank keeps its own layers'), and whether this
+    step starts a generation: rank 0's cache (its own blocks ran first) holds no earlier tokens."""
+    fresh = True
+    out = {}
+    for k, v in kwargs.items():
+        if k in KV_NAMES:
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            length = getattr(v, "get_seq_length", None)
+            if callable(length) and isinstance(hidden, torch.Tensor) and hidden.dim() >= 2:
+                fresh = int(length()) <= int(hidden.shape[-2])
+            continue
+        out[k] = v
+    return out, fresh
+
+
+class _RunProxy(nn.Module):
+    """Stands for blocks ``names`` of rank ``rank``: the first call of a step runs them all there."""
+
+    def __init__(self, rank: int, names: list[str], device: torch.device, shared: dict) -> None:
+        super().__init__()
+        self.rank, self.names, self.device, self.shared = rank, names, device, shared
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        rest, fresh = _strip_cache(args, kwargs)
+        try:
+            _send(("run", self.names, args, rest, fresh), self.rank)
+            out = _recv(self.rank, self.device)
+        except RankFailed as e:
+            raise _named(e, self.rank, self.names, self.shared) from None
+        self.shared[self.names[-1]] = out
+        return out
+
+
+def _named(e: RankFailed, rank: int, names: list[str], shared: dict) -> RankFailed:
+    """The failure with the rank's host and stage: what a user reads first."""
+    host = shared.get("hosts", {}).get(rank)
+    units = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}"
+    where = f"rank {rank}" + (f" on host {host}" if host else "") + f" (stage {units})"
+    reason = str(e).split(": ", 1)[-1]
+    return RankFailed(f"{where} is gone: {reason}; this run stops (restart every rank)")
+
+
+class _PassOn(nn.Module):
+    """A block of a remote run after its first: what the run returned."""
+
+    def __init__(self, last: str, shared: dict) -> None:
+        super().__init__()
+        self.last, self.shared = last, shared
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.shared[self.last]
+
+
+class _CallProxy(nn.Module):
+    """Any other unit run on rank ``rank`` (the output head on the last host)."""
+
+    def __init__(self, rank: int, name: str, device: torch.device) -> None:
+        super().__init__()
+        self.rank, self.name, self.device = rank, name, device
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        rest, _ = _strip_cache(args, kwargs)
+        try:
+            _send(("call", [self.name], args, rest, False), self.rank)
+            return _recv(self.rank, self.device)
+        except RankFailed as e:
+            raise _named(e, self.rank, [self.name], {}) from None
+
+
+def attach_proxies(
+    model: nn.Module,
+    stage: Mapping[str, int],
+    blocks: list[str],
+    device: torch.device,
+    hosts: Mapping[int, str] | None = None,
+) -> None:
+    """On rank 0: every unit another rank runs replaced by its proxy (see the module's docstring).
+    ``hosts``: rank -> host name, for what a failure says."""
+    shared: dict = {"hosts": dict(hosts or {})}
+    runs: list[tuple[int, list[str]]] = []
+    for b in blocks:
+        r = stage.get(b, 0)
+        if r == 0:
+            continue
+        if runs and runs[-1][0] == r and blocks.index(runs[-1][1][-1]) == blocks.index(b) - 1:
+            runs[-1][1].append(b)
+        else:
+            runs.append((r, [b]))
+    for r, names in runs:
+        _put(model, names[0], _RunProxy(r, names, device, shared))
+        for n in names[1:]:
+            _put(model, n, _PassOn(names[-1], shared))
+    for u, r in stage.items():
+        if r != 0 and u not in blocks:
+            _put(model, u, _CallProxy(r, u, device))
+
+
+def _put(model: nn.Module, path: str, module: nn.Module) -> None:
+    owner, _, name = path.rpartition(".")
+    parent = model.get_submodule(owner) if owner else model
+    if isinstance(parent, nn.ModuleList):
+        parent[int(name)] = module
+    else:
+        setattr(parent, name, module)
+
+
+def stop(world: int) -> None:
+    """Rank 0: the others leave their loops."""
+    for r in range(1, world):
+        try:
+            _send(("stop", [], (), {}, False), r)
+        except RankFailed:
+            pass
+
+
+# --------------------------------------------------------------------------- other ranks: a stage
+def serve_stage(model: nn.Module, device: torch.device, config: Any) -> None:
+    """Ranks > 0: run what rank 0 sends until it says stop. Each generation (a new cache on rank 0) gets
+    a new cache here, for this rank's layers."""
+    cache: Any = None
+    while True:
+        op, names, args, kwargs, fresh = _recv(0, device)
+        if op == "stop":
+            return
+        if op == "run" and (fresh or cache is None):
+            cache = _new_cache(config)
+        with torch.no_grad():
+            if op == "call":
+                out = model.get_submodule(names[0])(*args, **kwargs)
+            else:
+                out = None
+                hidden = args[0] if args else kwargs.pop("hidden_states")
+                rest = args[1:]
+                for name in names:
+                    extra = {_cache_name(model.get_submodule(name)): cache} if cache is not None else {}
+                    out = model.get_submodule(name)(hidden, *rest, **kwargs, **extra)
+                    hidden = out[0] if isinstance(out, tuple) else out
+        _send(out, 0)
+
+
+def _new_cache(config: Any) -> Any:
+    try:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=config)
+    except (ImportError, TypeError):
+        return None
+
+
+def _cache_name(block: nn.Module) -> str:
+    import inspect
+
+    params = inspect.signature(block.forward).parameters
+    return next((k for k in KV_NAMES if k in params), "past_key_values")
+
+
+# --------------------------------------------------------------------------- loading a stage
+def load_stage(model: str, model_dir: Any, plan: Plan, ranks: Ranks, trust_remote_code: bool, readahead: bool) -> Any:
+    """Rank 0: its stage loaded, the others' units as proxies (close() stops the other ranks).
+    Other ranks: their stage loaded and run until rank 0 is done; then :class:`StageDone`."""
+    from fitmap.pipeline import prepare_for
+    from fitmap.runtime.loader import load
+
+    init(ranks)
+    sk = prepare_for(model, plan, trust_remote_code).skeleton
+    blocks = [u.name for u in sk.units if u.layer is not None]
+    stage = stages(plan, blocks, ranks.world)
+    mine, remote = local_plan(plan, stage, ranks.rank)
+    loaded = load(model_dir, mine, trust_remote_code=trust_remote_code, readahead=readahead, remote=remote)
+    if ranks.rank == 0:
+        attach_proxies(loaded.model, stage, blocks, loaded.input_device, dict(enumerate(plan.hosts)))
+        loaded.on_close.append(lambda: stop(ranks.world))
+        return loaded
+    own = [b for b in blocks if stage[b] == ranks.rank]
+    device = next(loaded.model.get_submodule(own[0]).parameters()).device if own else torch.device("cpu")
+    try:
+        serve_stage(loaded.model, device, sk.config)
+    finally:
+        loaded.close()
+    raise StageDone("")

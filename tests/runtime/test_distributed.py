@@ -1,0 +1,76 @@
+"""One plan run as pipeline stages in several processes started by torchrun (gloo on loopback): the
+same greedy tokens as from_pretrained in one process; a rank that dies ends every rank with one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from tests.runtime.test_loader import IDS, plan_for
+from tests.serve.server import free_port
+
+DRIVER = Path(__file__).with_name("stages_driver.py")
+
+
+def _torchrun(procs: int, model: Path, plan: Path, out: Path, new: int = 8, env: dict | None = None, timeout=240):
+    cmd = [
+        str(Path(sys.executable).with_name("torchrun")),
+        f"--nproc-per-node={procs}",
+        f"--master-port={free_port()}",
+        str(DRIVER),
+        str(model),
+        str(plan),
+        str(out),
+        str(new),
+    ]
+    environment = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path), "FITMAP_DIST_TIMEOUT": "20"} | (env or {})
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=environment)
+
+
+@pytest.mark.parametrize("procs", [2, 3])
+def test_stages_in_several_processes_give_from_pretraineds_tokens(checkpoints, tmp_path, procs):
+    d = checkpoints("llama")
+    plan_for(d).save(tmp_path / "plan.json")
+    done = _torchrun(procs, d, tmp_path / "plan.json", tmp_path / "out.json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    want = transformers.AutoModelForCausalLM.from_pretrained(d).eval()
+    expected = want.generate(input_ids=IDS, max_new_tokens=8, do_sample=False)
+    got = json.loads((tmp_path / "out.json").read_text())
+    assert torch.equal(torch.tensor(got["tokens"]), expected)
+    assert torch.equal(torch.tensor(got["again"]), expected[:1])  # a second generation gets a fresh cache
+
+
+def test_a_vlm_split_across_processes_gives_from_pretraineds_tokens_with_an_image(checkpoints, tmp_path):
+    """Qwen2-VL: vision tower and embeddings on rank 0, the text blocks cut in two; the mrope positions and
+    the rotary tables the model hands its blocks travel with the hidden states."""
+    from tests.runtime.stages_driver import image_inputs
+
+    d = checkpoints("qwen2_vl")
+    plan_for(d).save(tmp_path / "plan.json")
+    done = _torchrun(2, d, tmp_path / "plan.json", tmp_path / "out.json", new=6)
+    assert done.returncode == 0, done.stderr[-2000:]
+    want = transformers.AutoModelForImageTextToText.from_pretrained(d).eval()
+    expected = want.generate(**image_inputs(want.config), max_new_tokens=6, do_sample=False)
+    got = json.loads((tmp_path / "out.json").read_text())
+    assert torch.equal(torch.tensor(got["tokens"]), expected)
+    assert torch.equal(torch.tensor(got["again"]), expected)
+
+
+def test_a_rank_that_dies_ends_every_rank_with_one_line(checkpoints, tmp_path):
+    d = checkpoints("llama")
+    plan_for(d).save(tmp_path / "plan.json")
+    start = time.monotonic()
+    done = _torchrun(2, d, tmp_path / "plan.json", tmp_path / "out.json", new=32, env={"STAGES_DRIVER_KILL_RANK": "1"})
+    assert time.monotonic() - start < 60
+    assert done.returncode != 0
+    said = [line for line in done.stderr.splitlines() if line.startswith("fitmap: ")]
+    assert len(said) == 1 and said[0].startswith("fitmap: rank 1 (stage model.layers.2 .. model.layers.3) is gone:")
+    assert not (tmp_path / "out.json").exists()
