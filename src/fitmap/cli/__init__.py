@@ -58,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return HANDLERS[args.command](args)
     except FitmapError as e:
-        print(f"fitmap {args.command}: {e}", file=sys.stderr)
+        if e.exit_code or str(e):  # exit 0 with nothing to say: a pipeline stage that ran to the end
+            print(f"fitmap {args.command}: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
