@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,6 +27,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise BadInput(
             "fitmap serve needs FastAPI and uvicorn: pip install -e '.[serve]' (or pip install fastapi uvicorn)"
         ) from None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise BadInput(
+            "fitmap serve does not run as pipeline stages across processes yet; under torchrun use fitmap run "
+            "or fitmap chat, or serve on one machine"
+        )
     for name in ("prompt", "new", "max_queue", "max_batch"):
         if getattr(args, name) < 1:
             raise BadInput(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
