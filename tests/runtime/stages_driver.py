@@ -46,6 +46,7 @@ def _die_after(steps: int) -> None:
 def main(model_dir: str, plan_file: str, out: str, new: int) -> int:
     import os
 
+    plan_file = os.environ.get(f"STAGES_DRIVER_PLAN_{os.environ.get('RANK')}", plan_file)  # a rank's own file
     die = os.environ.get("STAGES_DRIVER_KILL_RANK")
     if die is not None and os.environ.get("RANK") == die:
         _die_after(3)

@@ -74,3 +74,20 @@ def test_a_rank_that_dies_ends_every_rank_with_one_line(checkpoints, tmp_path):
     said = [line for line in done.stderr.splitlines() if line.startswith("fitmap: ")]
     assert len(said) == 1 and said[0].startswith("fitmap: rank 1 (stage model.layers.2 .. model.layers.3) is gone:")
     assert not (tmp_path / "out.json").exists()
+
+
+def test_a_rank_with_another_plan_file_stops_every_rank_before_loading(checkpoints, tmp_path):
+    from dataclasses import replace
+
+    from fitmap.planning.workload import Workload
+
+    d = checkpoints("llama")
+    plan = plan_for(d)
+    plan.save(tmp_path / "plan.json")
+    replace(plan, workload=Workload(1, 99, 9)).save(tmp_path / "other.json")
+    done = _torchrun(
+        2, d, tmp_path / "plan.json", tmp_path / "out.json", env={"STAGES_DRIVER_PLAN_1": str(tmp_path / "other.json")}
+    )
+    assert done.returncode != 0
+    said = [line for line in done.stderr.splitlines() if line.startswith("fitmap: ")]
+    assert said and all("rank 1's plan file differs from rank 0's" in line for line in said)

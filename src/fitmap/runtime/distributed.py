@@ -291,6 +291,37 @@ def _cache_name(block: nn.Module) -> str:
     return next((k for k in KV_NAMES if k in params), "past_key_values")
 
 
+# --------------------------------------------------------------------------- before loading
+def agree(ranks: Ranks, plan: Plan, model_dir: Any) -> None:
+    """Every rank has the same plan and a checkpoint it can read, before any rank loads a weight: else
+    every rank stops with the same line, naming the rank that cannot."""
+    import hashlib
+    import json
+
+    import torch.distributed as dist
+
+    from fitmap.model.inventory import inventory
+
+    digest = hashlib.sha256(json.dumps(plan.to_json(), sort_keys=True).encode()).hexdigest()
+    try:
+        inv = inventory(model_dir)
+        problem = "" if inv.weight_format != "none" else f"{model_dir} holds no weights"
+    except FitmapError as e:
+        problem = str(e)
+    status: list[Any] = [None] * ranks.world
+    try:
+        dist.all_gather_object(status, (digest, problem))
+    except RuntimeError as e:
+        raise RankFailed(f"the ranks did not all arrive: {_first_line(e)}") from None
+    for r, (theirs, why) in enumerate(status):
+        if why:
+            raise RankFailed(f"rank {r} cannot load: {why}; nothing was loaded")
+        if theirs != status[0][0]:
+            raise RankFailed(
+                f"rank {r}'s plan file differs from rank 0's: give every rank the same plan (one file for all hosts)"
+            )
+
+
 # --------------------------------------------------------------------------- loading a stage
 def load_stage(model: str, model_dir: Any, plan: Plan, ranks: Ranks, trust_remote_code: bool, readahead: bool) -> Any:
     """Rank 0: its stage loaded, the others' units as proxies (close() stops the other ranks).
@@ -299,6 +330,7 @@ def load_stage(model: str, model_dir: Any, plan: Plan, ranks: Ranks, trust_remot
     from fitmap.runtime.loader import load
 
     init(ranks)
+    agree(ranks, plan, model_dir)
     sk = prepare_for(model, plan, trust_remote_code).skeleton
     blocks = [u.name for u in sk.units if u.layer is not None]
     stage = stages(plan, blocks, ranks.world)
