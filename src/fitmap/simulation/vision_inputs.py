@@ -43,16 +43,18 @@ from fitmap.planning.images import (
     qwen_pixel_limits,
 )
 from fitmap.planning.workload import Workload
+from fitmap.simulation.any_vlm import blank, by_the_model, parameters
+from fitmap.simulation.token_layout import (
+    HEAD,
+    IMAGE_CONTEXT,
+    TEXT_TOKEN,
+    Inputs,
+    UnsupportedInputs,
+    text_inputs,
+    token_row,
+)
 
-TEXT_TOKEN = 100  # an ordinary vocabulary id for text tokens (never a special token)
-IMAGE_CONTEXT = 101  # the image placeholder id for models whose tokenizer, not config, knows it
-_HEAD = 4  # text tokens before the first image (the chat template's role header)
-
-Inputs = tuple[dict[str, Any], int]  # the model's keyword arguments (tensors, ids, lists), image tokens
-
-
-class UnsupportedInputs(BadInput):
-    """No input builder for this model type: the planner falls back to the analytic estimate."""
+__all__ = ["IMAGE_CONTEXT", "TEXT_TOKEN", "HEAD", "Inputs", "UnsupportedInputs", "vision_inputs"]
 
 
 def vision_inputs(
@@ -77,9 +79,9 @@ def vision_inputs(
         return made
     build = _FAMILIES.get(kind)
     if build is None:
-        return _by_the_model(config, workload, device, dtype, model)
+        return by_the_model(config, workload, device, dtype, model)
     inputs, tokens = build(config, workload, device, dtype)
-    if model is not None and "mm_token_type_ids" in inputs and "mm_token_type_ids" not in _parameters(model.forward):
+    if model is not None and "mm_token_type_ids" in inputs and "mm_token_type_ids" not in parameters(model.forward):
         del inputs["mm_token_type_ids"]  # a model of the family that does not take them (Qwen2.5-Omni's thinker)
     return inputs, tokens
 
@@ -87,26 +89,6 @@ def vision_inputs(
 def _config_dtype(config) -> torch.dtype:
     dtype = getattr(config, "dtype", None)
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
-
-
-# --------------------------------------------------------------------------- token layout
-def _token_row(prompt: int, runs: list[list[int]], image_token: int) -> list[int]:
-    """One sequence: a text head, each image's run (markers included), the rest of the text.
-
-    Markers are text tokens of the prompt; a prompt too short to hold them grows.
-    """
-    markers = sum(1 for run in runs for t in run if t != image_token)
-    text = max(prompt - markers, 0)
-    head = min(_HEAD, text)
-    row = [TEXT_TOKEN] * head
-    for run in runs:
-        row += run
-    return row + [TEXT_TOKEN] * (text - head)
-
-
-def _text_inputs(rows: list[int], batch: int, device: torch.device) -> dict[str, torch.Tensor]:
-    ids = torch.tensor([rows] * batch, dtype=torch.long, device=device)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 def _shapes(config, workload: Workload) -> list[ImageShape]:
@@ -144,7 +126,7 @@ def _grid_inputs(
     channels = getattr(vc, "in_channels", None) or getattr(vc, "in_chans", 3)
     image, merge = config.image_token_id, vc.spatial_merge_size
     runs = [[start] + [image] * (t * h * w // (merge * merge)) + [end] for t, h, w in grids]
-    inputs = _text_inputs(_token_row(workload.prompt, runs, image), workload.batch, device)
+    inputs = text_inputs(token_row(workload.prompt, runs, image), workload.batch, device)
     inputs["mm_token_type_ids"] = (inputs["input_ids"] == image).long()  # the processor marks image tokens only
     patches = workload.batch * sum(t * h * w for t, h, w in grids)
     inputs["pixel_values"] = torch.zeros(
@@ -182,7 +164,7 @@ def _internvl(config, workload: Workload, device: torch.device, dtype: torch.dty
         if per_tile is not None and s.tokens != s.tiles * per_tile:
             raise AssertionError(f"InternVL image tokens {s.tokens} != {s.tiles} tiles x {per_tile}")
     runs = [[TEXT_TOKEN] + [config.image_token_id] * s.tokens + [TEXT_TOKEN] for s in shapes]
-    inputs = _text_inputs(_token_row(workload.prompt, runs, config.image_token_id), workload.batch, device)
+    inputs = text_inputs(token_row(workload.prompt, runs, config.image_token_id), workload.batch, device)
     tiles = workload.batch * sum(s.tiles for s in shapes)
     inputs["pixel_values"] = torch.zeros(tiles, vc.num_channels, size, size, dtype=dtype, device=device)
     return inputs, sum(s.tokens for s in shapes)
@@ -198,7 +180,7 @@ def _internvl_chat(config, workload: Workload, device: torch.device, dtype: torc
     shapes = _shapes(config, workload)
     image = IMAGE_CONTEXT
     runs = [[TEXT_TOKEN] + [image] * s.tokens + [TEXT_TOKEN] for s in shapes]
-    inputs: dict[str, Any] = _text_inputs(_token_row(workload.prompt, runs, image), workload.batch, device)
+    inputs: dict[str, Any] = text_inputs(token_row(workload.prompt, runs, image), workload.batch, device)
     tiles = workload.batch * sum(s.tiles for s in shapes)
     inputs["pixel_values"] = torch.zeros(tiles, getattr(vc, "num_channels", 3), size, size, dtype=dtype, device=device)
     inputs["image_flags"] = torch.ones(tiles, 1, dtype=torch.long, device=device)
@@ -214,7 +196,7 @@ def _cogvlm(config, workload: Workload, device: torch.device, dtype: torch.dtype
     vision, pad = 1, int(getattr(config, "pad_token_id", None) or TEXT_TOKEN)
     row = [TEXT_TOKEN] + [pad] * sum(s.tokens for s in shapes) + [TEXT_TOKEN] * max(workload.prompt - 1, 0)
     types = [0] + [vision] * sum(s.tokens for s in shapes) + [0] * max(workload.prompt - 1, 0)
-    inputs: dict[str, Any] = _text_inputs(row, workload.batch, device)
+    inputs: dict[str, Any] = text_inputs(row, workload.batch, device)
     inputs["token_type_ids"] = torch.tensor([types] * workload.batch, dtype=torch.long, device=device)
     inputs["images"] = [
         [torch.zeros(vc.in_channels, vc.image_size, vc.image_size, dtype=dtype, device=device) for _ in shapes]
@@ -236,8 +218,8 @@ def _glm4v_chat(config, workload: Workload, device: torch.device, dtype: torch.d
         )
     if len(workload.images) != 1:
         raise BadInput(f"GLM-4V takes one image per conversation, not {len(workload.images)}: give one --image")
-    row = _token_row(workload.prompt, [[boi, TEXT_TOKEN, eoi]], -1)
-    inputs: dict[str, Any] = _text_inputs(row, workload.batch, device)
+    row = token_row(workload.prompt, [[boi, TEXT_TOKEN, eoi]], -1)
+    inputs: dict[str, Any] = text_inputs(row, workload.batch, device)
     side = vc.image_size
     inputs["images"] = torch.zeros(workload.batch, vc.in_channels, side, side, dtype=dtype, device=device)
     return inputs, _shapes(config, workload)[0].tokens
@@ -251,7 +233,7 @@ def _llava(config, workload: Workload, device: torch.device, dtype: torch.dtype)
     shapes = _shapes(config, workload)
     image_id = getattr(config, "image_token_id", None) or config.image_token_index
     runs = [[image_id] * s.tokens for s in shapes]
-    inputs = _text_inputs(_token_row(workload.prompt, runs, image_id), workload.batch, device)
+    inputs = text_inputs(token_row(workload.prompt, runs, image_id), workload.batch, device)
     images = workload.batch * len(shapes)
     inputs["pixel_values"] = torch.zeros(
         images, vc.num_channels, vc.image_size, vc.image_size, dtype=dtype, device=device
@@ -275,7 +257,7 @@ def _mistral3(config, workload: Workload, device: torch.device, dtype: torch.dty
         [t for _ in range(h // step) for t in [image_id] * (w // step) + [TEXT_TOKEN]]
         for h, w in enc["image_sizes"].tolist()
     ]
-    inputs = _text_inputs(_token_row(workload.prompt, runs, image_id), workload.batch, device)
+    inputs = text_inputs(token_row(workload.prompt, runs, image_id), workload.batch, device)
     inputs["pixel_values"] = enc["pixel_values"].repeat(workload.batch, 1, 1, 1).to(device, dtype)
     inputs["image_sizes"] = enc["image_sizes"].repeat(workload.batch, 1).to(device)
     return inputs, sum(run.count(image_id) for run in runs)
@@ -288,7 +270,7 @@ def _idefics3(config, workload: Workload, device: torch.device, dtype: torch.dty
     enc = processed_images(idefics3_processor(config), workload, nested=True)
     image_id = config.image_token_id
     runs = [[TEXT_TOKEN] + [image_id] * (n * idefics3_per_tile(config)) + [TEXT_TOKEN] for n in idefics3_tiles(enc)]
-    inputs = _text_inputs(_token_row(workload.prompt, runs, image_id), workload.batch, device)
+    inputs = text_inputs(token_row(workload.prompt, runs, image_id), workload.batch, device)
     inputs["pixel_values"] = enc["pixel_values"].repeat(workload.batch, 1, 1, 1, 1).to(device, dtype)
     inputs["pixel_attention_mask"] = enc["pixel_attention_mask"].repeat(workload.batch, 1, 1, 1).to(device)
     return inputs, sum(run.count(image_id) for run in runs)
@@ -305,7 +287,7 @@ def _llama4(config, workload: Workload, device: torch.device, dtype: torch.dtype
         [TEXT_TOKEN] + [t for _ in range(s.tiles) for t in [image_id] * (s.tokens // s.tiles) + [TEXT_TOKEN]]
         for s in shapes
     ]
-    inputs = _text_inputs(_token_row(workload.prompt, runs, image_id), workload.batch, device)
+    inputs = text_inputs(token_row(workload.prompt, runs, image_id), workload.batch, device)
     tiles = workload.batch * sum(s.tiles for s in shapes)
     inputs["pixel_values"] = torch.zeros(
         tiles, vc.num_channels, vc.image_size, vc.image_size, dtype=dtype, device=device
@@ -320,7 +302,7 @@ def _llava_onevision(config, workload: Workload, device: torch.device, dtype: to
     enc = processed_images(onevision_processor(config), workload)
     image_id = config.image_token_index
     runs = [[image_id] * onevision_tokens(config, enc, i) for i in range(len(workload.images))]
-    inputs = _text_inputs(_token_row(workload.prompt, runs, image_id), workload.batch, device)
+    inputs = text_inputs(token_row(workload.prompt, runs, image_id), workload.batch, device)
     inputs["pixel_values"] = enc["pixel_values"].repeat(workload.batch, 1, 1, 1, 1).to(device, dtype)
     inputs["image_sizes"] = enc["image_sizes"].repeat(workload.batch, 1).to(device)
     inputs["batch_num_images"] = torch.full((workload.batch,), len(workload.images), dtype=torch.long, device=device)
@@ -341,9 +323,9 @@ def _mllama(config, workload: Workload, device: torch.device, dtype: torch.dtype
     if processor is None:
         raise UnsupportedInputs("fitmap cannot make image inputs for Llama 3.2 Vision: its image processor is missing")
     image_id = config.image_token_index
-    row = _token_row(workload.prompt, [[image_id] for _ in workload.images], image_id)
-    inputs: dict[str, Any] = _text_inputs(row, workload.batch, device)
-    images = [_blank(w, h) for w, h in workload.images]
+    row = token_row(workload.prompt, [[image_id] for _ in workload.images], image_id)
+    inputs: dict[str, Any] = text_inputs(row, workload.batch, device)
+    images = [blank(w, h) for w, h in workload.images]
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     with unset_fake_temporarily():
@@ -499,94 +481,3 @@ def _processed(source: str, workload: Workload, trust_remote_code: bool) -> dict
         return dict(processor(text=[text] * workload.batch, images=[images] * workload.batch, return_tensors="pt"))
     except Exception:
         return None
-
-
-# --------------------------------------------------------------------------- any other VLM: its processor, its model
-# config keys of the tokens a processor puts around each image's run (Qwen's and Gemma's markers)
-_START_KEYS = ("vision_start_token_id", "image_start_token_id", "boi_token_id", "boi_token_index")
-_END_KEYS = ("vision_end_token_id", "image_end_token_id", "eoi_token_id", "eoi_token_index")
-_IMAGE_KEYS = ("image_token_id", "image_token_index", "image_token")
-
-
-def _by_the_model(config, workload: Workload, device: torch.device, dtype: torch.dtype, model) -> Inputs:
-    """Any VLM transformers ships: the image processor its type pairs with (settings from its files,
-    else fitted to the tower) makes the pixel inputs and whatever else it returns (sizes, grids,
-    masks), and the model's own ``get_image_features`` says how many features each image becomes:
-    that many placeholder tokens, between the config's image markers, where ``get_placeholder_mask``
-    looks for them. Inputs the forward does not take are dropped."""
-    what = f"model type {configs.model_type(config)!r}"
-    image_id = next((v for k in _IMAGE_KEYS if isinstance(v := getattr(config, k, None), int)), None)
-    processor = model_image_processor(config)
-    if model is None or image_id is None or processor is None or not hasattr(model, "get_image_features"):
-        why = (
-            "its config names no image token"
-            if image_id is None
-            else "its image processor is not available here (it may need torchvision)"
-            if processor is None
-            else "its model has no get_image_features to count its image tokens"
-        )
-        raise UnsupportedInputs(f"fitmap cannot make image inputs for {what}: {why}; check it without --image")
-    takes = _parameters(model.forward)
-    counts = [_feature_count(model, processor, (w, h), device, dtype, takes) for w, h in workload.images]
-    start = next((v for k in _START_KEYS if isinstance(v := getattr(config, k, None), int)), None)
-    end = next((v for k in _END_KEYS if isinstance(v := getattr(config, k, None), int)), None)
-    runs = [
-        [t for t in [start] if t is not None] + [image_id] * n + [t for t in [end] if t is not None] for n in counts
-    ]
-    inputs: dict[str, Any] = _text_inputs(_token_row(workload.prompt, runs, image_id), workload.batch, device)
-    images = [_blank(w, h) for w, h in workload.images]
-    inputs |= _pixel_inputs(processor, [images] * workload.batch, device, dtype, takes)
-    for key in ("mm_token_type_ids", "token_type_ids"):  # 1 on image tokens, as the processors mark them
-        if key in takes and key not in inputs:
-            inputs[key] = (inputs["input_ids"] == image_id).long()
-    return inputs, sum(counts)
-
-
-def _blank(w: int, h: int):
-    from PIL import Image
-
-    return Image.new("RGB", (w, h))
-
-
-def _parameters(fn) -> set[str]:
-    import inspect
-
-    try:
-        return set(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        return set()
-
-
-def _pixel_inputs(processor, images: list, device: torch.device, dtype: torch.dtype, takes: set[str]) -> dict:
-    """The image processor's output for ``images`` (one list per sequence), made for real and moved to
-    ``device``: floating tensors in the model dtype, integer ones keep their values. Only what ``takes``."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-    with unset_fake_temporarily():
-        enc = dict(processor(images=images, return_tensors="pt"))
-    out: dict[str, Any] = {}
-    for k, v in enc.items():
-        if k not in takes:
-            continue
-        if isinstance(v, torch.Tensor):
-            out[k] = v.to(device, dtype) if v.is_floating_point() else v.to(device)
-        elif isinstance(v, list) and all(isinstance(x, torch.Tensor) for x in v):
-            out[k] = [x.to(device, dtype) if x.is_floating_point() else x.to(device) for x in v]
-        else:
-            out[k] = v
-    return out
-
-
-def _feature_count(model, processor, size: tuple[int, int], device, dtype, takes: set[str]) -> int:
-    """Tokens one image of ``size`` becomes: the features the model's own ``get_image_features`` makes
-    of its image processor's output, in units of the text model's hidden size."""
-    wanted = _parameters(model.get_image_features) or takes
-    inputs = _pixel_inputs(processor, [[_blank(*size)]], device, dtype, wanted)
-    out = model.get_image_features(**inputs)
-    features = getattr(out, "pooler_output", None)
-    if features is None:
-        features = out[0] if isinstance(out, (tuple, list)) or hasattr(out, "to_tuple") else out
-    hidden = model.get_input_embeddings().weight.shape[-1]
-    from torch.utils._pytree import tree_flatten
-
-    return sum(int(t.numel()) for t in tree_flatten(features)[0] if isinstance(t, torch.Tensor)) // hidden

@@ -1,0 +1,102 @@
+"""Image inputs of any VLM transformers ships, without per-family code: the image processor its type
+pairs with makes the pixel inputs, and the model's own ``get_image_features`` counts the tokens."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fitmap.model import configs
+from fitmap.planning.images import model_image_processor
+from fitmap.planning.workload import Workload
+from fitmap.simulation.token_layout import Inputs, UnsupportedInputs, text_inputs, token_row
+
+# config keys of the tokens a processor puts around each image's run (Qwen's and Gemma's markers)
+_START_KEYS = ("vision_start_token_id", "image_start_token_id", "boi_token_id", "boi_token_index")
+_END_KEYS = ("vision_end_token_id", "image_end_token_id", "eoi_token_id", "eoi_token_index")
+_IMAGE_KEYS = ("image_token_id", "image_token_index", "image_token")
+
+
+def by_the_model(config, workload: Workload, device: torch.device, dtype: torch.dtype, model) -> Inputs:
+    """Any VLM transformers ships: the image processor its type pairs with (settings from its files,
+    else fitted to the tower) makes the pixel inputs and whatever else it returns (sizes, grids,
+    masks), and the model's own ``get_image_features`` says how many features each image becomes:
+    that many placeholder tokens, between the config's image markers, where ``get_placeholder_mask``
+    looks for them. Inputs the forward does not take are dropped."""
+    what = f"model type {configs.model_type(config)!r}"
+    image_id = next((v for k in _IMAGE_KEYS if isinstance(v := getattr(config, k, None), int)), None)
+    processor = model_image_processor(config)
+    if model is None or image_id is None or processor is None or not hasattr(model, "get_image_features"):
+        why = (
+            "its config names no image token"
+            if image_id is None
+            else "its image processor is not available here (it may need torchvision)"
+            if processor is None
+            else "its model has no get_image_features to count its image tokens"
+        )
+        raise UnsupportedInputs(f"fitmap cannot make image inputs for {what}: {why}; check it without --image")
+    takes = parameters(model.forward)
+    counts = [_feature_count(model, processor, (w, h), device, dtype, takes) for w, h in workload.images]
+    start = next((v for k in _START_KEYS if isinstance(v := getattr(config, k, None), int)), None)
+    end = next((v for k in _END_KEYS if isinstance(v := getattr(config, k, None), int)), None)
+    runs = [
+        [t for t in [start] if t is not None] + [image_id] * n + [t for t in [end] if t is not None] for n in counts
+    ]
+    inputs: dict[str, Any] = text_inputs(token_row(workload.prompt, runs, image_id), workload.batch, device)
+    images = [blank(w, h) for w, h in workload.images]
+    inputs |= _pixel_inputs(processor, [images] * workload.batch, device, dtype, takes)
+    for key in ("mm_token_type_ids", "token_type_ids"):  # 1 on image tokens, as the processors mark them
+        if key in takes and key not in inputs:
+            inputs[key] = (inputs["input_ids"] == image_id).long()
+    return inputs, sum(counts)
+
+
+def blank(w: int, h: int):
+    from PIL import Image
+
+    return Image.new("RGB", (w, h))
+
+
+def parameters(fn) -> set[str]:
+    import inspect
+
+    try:
+        return set(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _pixel_inputs(processor, images: list, device: torch.device, dtype: torch.dtype, takes: set[str]) -> dict:
+    """The image processor's output for ``images`` (one list per sequence), made for real and moved to
+    ``device``: floating tensors in the model dtype, integer ones keep their values. Only what ``takes``."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        enc = dict(processor(images=images, return_tensors="pt"))
+    out: dict[str, Any] = {}
+    for k, v in enc.items():
+        if k not in takes:
+            continue
+        if isinstance(v, torch.Tensor):
+            out[k] = v.to(device, dtype) if v.is_floating_point() else v.to(device)
+        elif isinstance(v, list) and all(isinstance(x, torch.Tensor) for x in v):
+            out[k] = [x.to(device, dtype) if x.is_floating_point() else x.to(device) for x in v]
+        else:
+            out[k] = v
+    return out
+
+
+def _feature_count(model, processor, size: tuple[int, int], device, dtype, takes: set[str]) -> int:
+    """Tokens one image of ``size`` becomes: the features the model's own ``get_image_features`` makes
+    of its image processor's output, in units of the text model's hidden size."""
+    wanted = parameters(model.get_image_features) or takes
+    inputs = _pixel_inputs(processor, [[blank(*size)]], device, dtype, wanted)
+    out = model.get_image_features(**inputs)
+    features = getattr(out, "pooler_output", None)
+    if features is None:
+        features = out[0] if isinstance(out, (tuple, list)) or hasattr(out, "to_tuple") else out
+    hidden = model.get_input_embeddings().weight.shape[-1]
+    from torch.utils._pytree import tree_flatten
+
+    return sum(int(t.numel()) for t in tree_flatten(features)[0] if isinstance(t, torch.Tensor)) // hidden
