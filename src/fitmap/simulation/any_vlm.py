@@ -27,7 +27,8 @@ def by_the_model(config, workload: Workload, device: torch.device, dtype: torch.
     what = f"model type {configs.model_type(config)!r}"
     image_id = next((v for k in _IMAGE_KEYS if isinstance(v := getattr(config, k, None), int)), None)
     processor = model_image_processor(config)
-    if model is None or image_id is None or processor is None or not hasattr(model, "get_image_features"):
+    counter = _feature_owner(model)
+    if model is None or image_id is None or processor is None or counter is None:
         why = (
             "its config names no image token"
             if image_id is None
@@ -90,9 +91,11 @@ def _pixel_inputs(processor, images: list, device: torch.device, dtype: torch.dt
 def _feature_count(model, processor, size: tuple[int, int], device, dtype, takes: set[str]) -> int:
     """Tokens one image of ``size`` becomes: the features the model's own ``get_image_features`` makes
     of its image processor's output, in units of the text model's hidden size."""
-    wanted = parameters(model.get_image_features) or takes
+    counter = _feature_owner(model)
+    assert counter is not None  # by_the_model checked
+    wanted = parameters(counter.get_image_features) or takes
     inputs = _pixel_inputs(processor, [[blank(*size)]], device, dtype, wanted)
-    out = model.get_image_features(**inputs)
+    out = counter.get_image_features(**inputs)
     features = getattr(out, "pooler_output", None)
     if features is None:
         features = out[0] if isinstance(out, (tuple, list)) or hasattr(out, "to_tuple") else out
@@ -100,3 +103,11 @@ def _feature_count(model, processor, size: tuple[int, int], device, dtype, takes
     from torch.utils._pytree import tree_flatten
 
     return sum(int(t.numel()) for t in tree_flatten(features)[0] if isinstance(t, torch.Tensor)) // hidden
+
+
+def _feature_owner(model):
+    """The module with ``get_image_features``: the model, or the base model it wraps (Janus keeps it there)."""
+    for m in (model, getattr(model, "model", None)):
+        if m is not None and callable(getattr(m, "get_image_features", None)):
+            return m
+    return None
