@@ -10,7 +10,7 @@ import torch
 from fitmap.model import configs
 from fitmap.planning.images import model_image_processor
 from fitmap.planning.workload import Workload
-from fitmap.simulation.token_layout import Inputs, UnsupportedInputs, text_inputs, token_row
+from fitmap.simulation.token_layout import TEXT_TOKEN, Inputs, UnsupportedInputs, text_inputs, token_row
 
 # config keys of the tokens a processor puts around each image's run (Qwen's and Gemma's markers)
 _START_KEYS = ("vision_start_token_id", "image_start_token_id", "boi_token_id", "boi_token_index")
@@ -50,7 +50,18 @@ def by_the_model(config, workload: Workload, device: torch.device, dtype: torch.
     for key in ("mm_token_type_ids", "token_type_ids"):  # 1 on image tokens, as the processors mark them
         if key in takes and key not in inputs:
             inputs[key] = (inputs["input_ids"] == image_id).long()
-    return inputs, sum(counts)
+    return inputs | _qformer_text(takes, workload.batch, device), sum(counts)
+
+
+def _qformer_text(takes: set[str], batch: int, device: torch.device) -> dict:
+    """InstructBLIP: its processor also gives the Q-Former the instruction, cut by its own tokenizer."""
+    if "qformer_input_ids" not in takes:
+        return {}
+    ids = torch.full((batch, QFORMER_TEXT), TEXT_TOKEN, dtype=torch.long, device=device)
+    return {"qformer_input_ids": ids, "qformer_attention_mask": torch.ones_like(ids)}
+
+
+QFORMER_TEXT = 32  # Q-Former text tokens (the instruction, as its own tokenizer cuts it)
 
 
 def blank(w: int, h: int):
@@ -95,7 +106,7 @@ def _feature_count(model, processor, size: tuple[int, int], device, dtype, takes
     assert counter is not None  # by_the_model checked
     wanted = parameters(counter.get_image_features) or takes
     inputs = _pixel_inputs(processor, [[blank(*size)]], device, dtype, wanted)
-    out = counter.get_image_features(**inputs)
+    out = counter.get_image_features(**inputs, **_qformer_text(wanted, 1, device))
     features = getattr(out, "pooler_output", None)
     if features is None:
         features = out[0] if isinstance(out, (tuple, list)) or hasattr(out, "to_tuple") else out
