@@ -62,3 +62,16 @@ def test_a_tiny_moe_with_experts_on_the_cpu_replays_clean(checkpoints):
     assert report.clean and not report.mismatches
     cpu = next(p for p in report.devices if p.device == "cpu")
     assert cpu.weights_bytes == sum(u.expert_bytes for u in prep.skeleton.units if u.experts in _cpu_experts(plan))
+
+
+def test_what_the_plan_expects_per_token_counts_the_routed_experts_not_a_stream():
+    """With a calibration, the offload speed of a plan with its experts on the CPU is the routed experts'
+    bytes over the RAM rate; none of those experts is counted as copied over PCIe."""
+    from fitmap.planning.calibrate import Calibration, GpuCalibration, offload_speeds
+
+    plan = fitmap.plan("mixtral-8x7b", "1x24GiB", "96GiB", prompt=4096, new=512, estimate="analytic")
+    gpu = GpuCalibration(0, "card", 24 << 30, 1 << 29, 0.05, 25e9, 10e9)
+    speeds = offload_speeds(plan, Calibration("h", "now", "2", (gpu,), "/d", 2e9, 40e9))
+    assert [(s.tier, s.bytes_per_token) for s in speeds] == [("cpu-compute", plan.cpu_token_bytes)]
+    cpu = next(d for d in plan.devices if d.device == "cpu")
+    assert plan.cpu_compute_bytes == cpu.weights_bytes and 0 < plan.cpu_token_bytes < plan.cpu_compute_bytes

@@ -108,7 +108,7 @@ def offload_speed(plan: Plan) -> dict:
     that bounds it (from ``fitmap calibrate``); ``{}`` when nothing is offloaded."""
     from fitmap.planning import calibrate
 
-    if not any(d.device in ("cpu", "disk") and d.weights_bytes for d in plan.devices):
+    if not any(d.device in ("cpu", "disk") and d.weights_bytes for d in plan.devices) and not plan.cpu_token_bytes:
         return {}
     cal = calibrate.load()
     if cal is None:

@@ -318,7 +318,7 @@ def ram_copy_rate(nbytes: int = 256 * MiB) -> float:
 # --------------------------------------------------------------------------- what a plan can expect
 @dataclass(frozen=True)
 class TierSpeed:
-    tier: str  # "cpu" | "disk"
+    tier: str  # "cpu" | "disk" | "cpu-compute"
     bytes_per_token: int  # weights streamed per decode step from this tier
     rate: float  # bytes/s it streams at (pinned copies, disk reads)
     via: str  # what the rate is
@@ -334,13 +334,16 @@ def offload_speeds(plan, cal: Calibration) -> list[TierSpeed]:
     execution = plan.execution_device
     out = []
     cpu = ledgers.get("cpu")
-    if cpu is not None and cpu.weights_bytes:
+    streamed = (cpu.weights_bytes - plan.cpu_compute_bytes) if cpu is not None else 0
+    if plan.cpu_token_bytes:  # MoE experts computed where they live: the routed ones read from RAM
+        out.append(TierSpeed("cpu-compute", plan.cpu_token_bytes, cal.ram_copy, "RAM reads of the routed experts"))
+    if cpu is not None and streamed > 0:
         if execution.isdigit():
             g = next((g for g in cal.gpus if g.index == int(execution)), None)
             if g is not None:
-                out.append(TierSpeed("cpu", cpu.weights_bytes, g.h2d_pinned, f"pinned copies to cuda:{execution}"))
+                out.append(TierSpeed("cpu", streamed, g.h2d_pinned, f"pinned copies to cuda:{execution}"))
         else:
-            out.append(TierSpeed("cpu", cpu.weights_bytes, cal.ram_copy, "RAM bandwidth"))
+            out.append(TierSpeed("cpu", streamed, cal.ram_copy, "RAM bandwidth"))
     disk = ledgers.get("disk")
     if disk is not None and disk.weights_bytes:
         out.append(TierSpeed("disk", disk.weights_bytes, cal.disk_read, f"cold reads of {cal.disk_dir}"))
