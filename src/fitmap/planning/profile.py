@@ -276,13 +276,18 @@ def _state_act(tc, tokens: int, b: int) -> int:
     return tokens * (2 * proj * b + (4 * inner + 3 * heads * d_state + 3 * chunk * heads) * 4)
 
 
+def _widest(value) -> int | float:
+    """A width given per stage (a list) counts at its largest."""
+    return max(value) if isinstance(value, (list, tuple)) else value
+
+
 def _vision_act(config, images: list[ImageShape], batch: int, b: int) -> int:
     """Peak inside one vision block, all images of the batch at once."""
     vc = configs.vision_config(config)
-    hv = getattr(vc, "embed_dim", None) or vc.hidden_size
-    inter = getattr(vc, "intermediate_size", None) or int(hv * getattr(vc, "mlp_ratio", 4))
+    hv = _widest(getattr(vc, "embed_dim", None) or vc.hidden_size)  # per stage in DaViT towers (Florence-2)
+    inter = _widest(getattr(vc, "intermediate_size", None) or int(hv * _widest(getattr(vc, "mlp_ratio", 4))))
     patches = batch * sum(i.patches for i in images)
-    return patches * (2 * hv + max(4 * hv, 2 * inter)) * b
+    return int(patches * (2 * hv + max(4 * hv, 2 * inter)) * b)
 
 
 def estimate(sk: Skeleton, workload: Workload) -> Profile:

@@ -80,7 +80,12 @@ def vision_inputs(
     build = _FAMILIES.get(kind)
     if build is None:
         return by_the_model(config, workload, device, dtype, model)
-    inputs, tokens = build(config, workload, device, dtype)
+    try:
+        inputs, tokens = build(config, workload, device, dtype)
+    except AttributeError:  # a model that shares the family's processor but not its config (Qwen-style towers
+        if model is None:  # without vision_start_token_id): counted by its own model instead
+            raise
+        return by_the_model(config, workload, device, dtype, model)
     if model is not None and "mm_token_type_ids" in inputs and "mm_token_type_ids" not in parameters(model.forward):
         del inputs["mm_token_type_ids"]  # a model of the family that does not take them (Qwen2.5-Omni's thinker)
     return inputs, tokens
