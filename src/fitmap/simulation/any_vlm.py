@@ -71,12 +71,14 @@ def blank(w: int, h: int):
 
 
 def parameters(fn) -> set[str]:
+    """The names ``fn`` takes (not its ``*args`` / ``**kwargs``: a wrapper passing everything on names none)."""
     import inspect
 
     try:
-        return set(inspect.signature(fn).parameters)
+        params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
         return set()
+    return {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
 
 def _pixel_inputs(processor, images: list, device: torch.device, dtype: torch.dtype, takes: set[str]) -> dict:
