@@ -355,3 +355,21 @@ def test_every_tensor_equals_from_pretrained(checkpoints, family):
         assert sorted(got) == sorted(ref)
         assert [k for k in ref if got[k].dtype != ref[k].dtype or not torch.equal(got[k], ref[k])] == []
         assert [n for n, b in want.named_buffers() if not torch.equal(lm.model.get_buffer(n), b)] == []
+
+
+@pytest.mark.parametrize("model_type", ["step3p7", "ernie4_5_vl_moe"])
+def test_a_tensor_stored_for_several_loads_as_transformers_splits_it(tmp_path, model_type):
+    """transformers saves some models with one tensor where the model has several (Step3's vision
+    ``in_proj`` for q, k and v; ERNIE-4.5-VL's experts for its text and vision experts) and splits it on
+    load by its converters; fitmap loads every tensor equal to from_pretrained's. Tiny configs as
+    bench/zoo.py makes them."""
+    from bench.zoo import tiny_config
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForImageTextToText.from_config(tiny_config(model_type))
+    model.save_pretrained(tmp_path)
+    want = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path).eval().state_dict()
+    with loader.load(tmp_path, plan_for(tmp_path), progress=False) as lm:
+        got = lm.model.state_dict()
+        assert sorted(got) == sorted(want)
+        assert [k for k in want if not torch.equal(got[k], want[k])] == []

@@ -10,8 +10,8 @@ tensor's destination.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 from torch import nn
@@ -78,22 +78,58 @@ class Merge:
     target: str
     converter: Any
     sources: tuple[tuple[str, tuple[str, ...]], ...]  # (source pattern, checkpoint keys in order)
+    first: str = ""  # a split (one stored tensor, several model tensors): the first target's key
+    config: Any = field(default=None, repr=False, compare=False)  # what some operations read (rotary permutes)
 
     def build(self, read: Callable[[str], Any], model: nn.Module | None = None) -> Any:
         """The target tensor from the checkpoint tensors ``read(key)`` gives, by the converter's
-        operations (a quantizer's deserialization needs the ``model`` whose module it fills)."""
+        operations (a quantizer's deserialization needs the ``model`` whose module it fills). A split
+        converter's outputs are named as transformers names them: the first target's key with its
+        pattern replaced by each target pattern."""
         collected = {pattern: [read(k) for k in keys] for pattern, keys in self.sources}
         patterns = list(self.converter.source_patterns)
+        first = self.first or self.target
         for op in self.converter.operations:
             collected = op.convert(
                 collected,
                 source_patterns=patterns,
                 model=model,
+                config=self.config if self.config is not None else getattr(model, "config", None),
                 target_patterns=list(self.converter.target_patterns),
-                full_layer_name=self.target,
+                full_layer_name=first,
+                missing_keys=None,
             )
-        (tensor,) = collected.values()
+        if len(collected) > 1:
+            prefix, suffix = next((first.partition(k)[0], first.partition(k)[2]) for k in collected if k in first)
+            tensor = collected[next(k for k in collected if prefix + k + suffix == self.target)]
+        else:
+            (tensor,) = collected.values()
         return tensor[0] if isinstance(tensor, list) else tensor
+
+
+def split_targets(model: nn.Module, ckpt_keys: list[str]) -> dict[str, list[str]]:
+    """First model key -> the other keys a split converter fills from the same stored tensors."""
+    found = _conversions(model)
+    if found is None:
+        return {}
+    renamings, converters, state, prefix, rename = found
+    out: dict[str, list[str]] = {}
+    for key in ckpt_keys:
+        target, pattern = rename(key, renamings, converters, prefix, state)
+        conv = next((c for c in converters if pattern in c.source_patterns), None) if pattern else None
+        siblings = split_siblings(conv, target, state) if conv is not None else []
+        if siblings:
+            out[target] = siblings
+    return out
+
+
+def split_siblings(converter: Any, target: str, state: Mapping[str, Any]) -> list[str]:
+    """The other model keys a split converter fills from the tensor that fills ``target`` (q, k and v from
+    one ``in_proj``), as transformers names them: ``target`` with its first target pattern replaced."""
+    patterns = list(getattr(converter, "target_patterns", ()) or ())
+    if len(patterns) < 2 or patterns[0] not in target:
+        return []
+    return [t for p in patterns[1:] if (t := target.replace(patterns[0], p)) in state and t != target]
 
 
 def merges(model: nn.Module, ckpt_keys: list[str]) -> dict[str, Merge]:
@@ -116,13 +152,18 @@ def merges(model: nn.Module, ckpt_keys: list[str]) -> dict[str, Merge]:
         groups.setdefault(target, {}).setdefault(pattern, []).append(key)
     out = {}
     for target, by_pattern in groups.items():
-        if [k for keys in by_pattern.values() for k in keys] == [target]:
+        if [k for keys in by_pattern.values() for k in keys] == [target] and not split_siblings(
+            owner[target], target, state
+        ):
             continue  # a quantizer's converter met a tensor stored as is (a norm, a skipped module)
         conv = owner[target]
         ordered = tuple(
             (p, tuple(sorted(by_pattern[p], key=_natural))) for p in conv.source_patterns if p in by_pattern
         )
-        out[target] = Merge(target, conv, ordered)
+        config = getattr(model, "config", None)
+        out[target] = Merge(target, conv, ordered, target, config)
+        for sibling in split_siblings(conv, target, state):
+            out[sibling] = Merge(sibling, conv, ordered, target, config)
     return out
 
 

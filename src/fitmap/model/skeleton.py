@@ -30,7 +30,7 @@ from fitmap.errors import BadInput, CheckpointError
 from fitmap.model import quant
 from fitmap.model.build import build_model, empty_weights, is_remote, load_config
 from fitmap.model.inventory import DTYPE_BYTES, Inventory, TensorInfo
-from fitmap.model.keys import key_mapper, quantized_keys
+from fitmap.model.keys import key_mapper, quantized_keys, split_targets
 from fitmap.model.modules import has_state, tied_parameters
 
 
@@ -252,6 +252,9 @@ def _with_model_keys(inv: Inventory, model: nn.Module) -> Inventory:
             renamed[target] = replace(prev, shape=(), nbytes=prev.nbytes + info.nbytes)
         else:
             renamed[target] = replace(info, name=target, shape=() if converted else info.shape)
+    for target, siblings in split_targets(model, list(inv.tensors)).items():  # q, k, v from one in_proj
+        for sibling in siblings:  # present; their bytes are counted in the first target's
+            renamed.setdefault(sibling, replace(renamed[target], name=sibling, shape=(), nbytes=0))
     return replace(inv, tensors=renamed)
 
 

@@ -241,11 +241,16 @@ def _attention_act(tc, tokens: int, ctx_tokens: int, batch: int, b: int) -> int:
 
 def _mlp_act(tc, tokens: int, b: int) -> int:
     h = tc.hidden_size
-    inter = getattr(tc, "intermediate_size", 4 * h)
+    inter = int(_widest(getattr(tc, "intermediate_size", 4 * h)))
     experts_per_tok = getattr(tc, "num_experts_per_tok", None)
-    if experts_per_tok:
-        moe_inter = getattr(tc, "moe_intermediate_size", None) or inter
-        n_experts: Any = getattr(tc, "num_local_experts", None) or getattr(tc, "n_routed_experts", 1)  # config value
+    if experts_per_tok:  # per-modality values (ERNIE-4.5-VL's text and vision experts) count at their largest
+        moe_inter = _widest(getattr(tc, "moe_intermediate_size", None) or inter)
+        n_experts: Any = _widest(  # config value
+            getattr(tc, "num_local_experts", None)
+            or getattr(tc, "n_routed_experts", None)
+            or getattr(tc, "moe_num_experts", None)
+            or 1
+        )
         mlp = tokens * (3 * moe_inter * experts_per_tok + n_experts * 4 + h * experts_per_tok) * b
         return max(mlp, tokens * 3 * inter * b)  # dense layers of a mostly-MoE model
     return tokens * 3 * inter * b
