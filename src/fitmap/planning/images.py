@@ -336,6 +336,10 @@ def _tower_settings(processor, config) -> dict:
     side = getattr(vc, "image_size", None)
     side = _side(side) if side else None
     size = getattr(processor, "size", None)
+    if isinstance(size, dict):  # an older image processor keeps a plain dict
+        from types import SimpleNamespace
+
+        size = SimpleNamespace(**size)
     if side and size is not None:
         if getattr(size, "height", None) and getattr(size, "width", None):
             out["size"] = {"height": side, "width": side}

@@ -107,7 +107,12 @@ def _feature_count(model, processor, size: tuple[int, int], device, dtype, takes
     counter = _feature_owner(model)
     assert counter is not None  # by_the_model checked
     wanted = parameters(counter.get_image_features) or takes
-    inputs = _pixel_inputs(processor, [[blank(*size)]], device, dtype, wanted)
+    inputs = _pixel_inputs(processor, [[blank(*size)]], device, dtype, wanted | takes)
+    if "pixel_values" in wanted and "pixel_values" not in inputs:  # named for the forward (Video-LLaVA's
+        named = next((k for k in inputs if k.startswith("pixel_values")), None)  # pixel_values_images)
+        if named is not None:
+            inputs["pixel_values"] = inputs.pop(named)
+    inputs = {k: v for k, v in inputs.items() if k in wanted}
     out = counter.get_image_features(**inputs, **_qformer_text(wanted, 1, device))
     features = getattr(out, "pooler_output", None)
     if features is None:
