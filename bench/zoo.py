@@ -924,12 +924,12 @@ def run_one(model_type: str, work: Path, result: Path, new: int, tests: Path | N
             ["plan", str(d), "--gpus", gpus, "--reserve", "0MiB", *work_args, "--out", str(plan_json)], env, left()
         )
         short = re.search(r"needs ([\d.]+ ?\w+) more than 2 x ([\d.]+ ?\w+) GPUs", err)
-        if rc == 0 or not short or tries == 2:
+        if rc == 0 or not short or tries == 3:
             break
         # one unit group (tied embeddings and head, a vision tower with them) is most of the model:
-        # half the shortfall more per GPU, then all of it
+        # half the shortfall more per GPU, then all of it, then twice it (the sizes it prints are rounded)
         first = first or cli_error(rc, out, err)
-        per_gpu = _bytes(short.group(2)) + _bytes(short.group(1)) * (1 + tries) // 2 + 4096
+        per_gpu += _bytes(short.group(1)) * (1 + tries) // 2 + 64 * 1024
         tries += 1
     if rc != 0 or not plan_json.is_file():
         row.update(plan="error", step="done")
@@ -1044,7 +1044,7 @@ def _text_blocks(plan: dict) -> list[str]:
     blocks = [
         u
         for u in plan["device_map"]
-        if u not in ends and not re.search(r"vision|visual|image|encoder|tower|projector|merger|audio|rotary", u)
+        if u not in ends and not re.search(r"vision|visual|image|tower|projector|merger|audio|rotary", u)
     ]
     return sorted({blocks[0], blocks[-1]}, key=blocks.index) if blocks else []
 
