@@ -48,6 +48,25 @@ def moe_blocks(sk: Skeleton) -> list[Unit]:
     return [u for u in sk.units if u.experts and u.expert_bytes]
 
 
+def ram_bytes(sk: Skeleton, u: Unit) -> int:
+    """Bytes block ``u``'s routed experts take in RAM computed there. MXFP4 experts (gpt-oss as released)
+    are unpacked to the model's dtype: no CPU kernel computes them packed, and transformers unpacks them
+    on load where its MXFP4 kernels cannot run. Sized packed, they are counted again unpacked."""
+    from fitmap.model import quant
+
+    if (quant.declared(sk.config) or {}).get("quant_method") != "mxfp4":
+        return u.expert_bytes
+    tc = configs.text_config(sk.config)
+    count = next((v for k in _EXPERT_COUNTS if isinstance(v := getattr(tc, k, None), int) and v > 0), 0)
+    inter = getattr(tc, "moe_intermediate_size", None) or getattr(tc, "intermediate_size", None) or 0
+    values = count * 3 * int(tc.hidden_size) * int(inter)
+    unpacked = values * UNPACKED_BYTES
+    return unpacked if u.expert_bytes < values * 1.5 else u.expert_bytes
+
+
+UNPACKED_BYTES = 2  # bf16, gpt-oss's dtype
+
+
 @dataclass(frozen=True)
 class Rates:
     pcie: float  # bytes/s, pinned host -> execution GPU
@@ -85,10 +104,7 @@ class Choice:
     items: tuple[Item, ...]
     note: str
     token_bytes: int  # of the moved experts, those one token uses
-
-    @property
-    def expert_bytes(self) -> int:
-        return sum(u.expert_bytes for u in self.blocks)
+    expert_bytes: int  # of the moved experts, in RAM
 
 
 def choose(
@@ -116,7 +132,7 @@ def choose(
         for u in moved:
             less[where[u.name]] += u.expert_bytes
         trimmed = [_without(it, less.get(i, 0)) for i, it in enumerate(items)]
-        return solve(trimmed, sum(u.expert_bytes for u in moved)), trimmed
+        return solve(trimmed, sum(ram_bytes(sk, u) for u in moved)), trimmed
 
     def streams(a: Assignment) -> bool:
         return any(d in ("cpu", "disk") for d in a.devices)
@@ -136,19 +152,28 @@ def choose(
         best = attempt(lo)
     result, trimmed = best
     moved = blocks[:lo]
-    used = sum(u.expert_bytes for u in moved) * share
+    in_ram = sum(ram_bytes(sk, u) for u in moved)
+    used = in_ram * share
     mine = step_seconds(result, trimmed, r, used)
     theirs = step_seconds(base, items, r) if base.fits else float("inf")
     if mine >= theirs:
         return None
     layer_word = "layer" if lo == 1 else "layers"
     note = (
-        f"experts of {lo} MoE {layer_word} ({fmt_bytes(sum(u.expert_bytes for u in moved))}) computed on the CPU where "
+        f"experts of {lo} MoE {layer_word} ({fmt_bytes(in_ram)}{_unpacked(sk, moved)}) computed on the CPU where "
         f"they live: a token reads {share:.1%} of them ({fmt_bytes(int(used))}) per step; decode bound "
         f"{_rate(mine)} against {_rate(theirs)} streaming them to the GPU ({r.said()}). Prefill reads every "
         "expert once per layer on the CPU too; long prompts favour the GPU"
     )
-    return Choice(tuple(moved), result, tuple(trimmed), note, int(used))
+    return Choice(tuple(moved), result, tuple(trimmed), note, int(used), in_ram)
+
+
+def _unpacked(sk: Skeleton, moved: Sequence[Unit]) -> str:
+    packed = sum(u.expert_bytes for u in moved)
+    unpacked = sum(ram_bytes(sk, u) for u in moved)
+    return (
+        f", unpacked from {fmt_bytes(packed)} of MXFP4: no CPU kernel computes it packed" if unpacked != packed else ""
+    )
 
 
 def _without(it: Item, nbytes: int) -> Item:
