@@ -1124,10 +1124,22 @@ def sweep_one(model_type: str, args: argparse.Namespace, base: Path) -> dict:
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TQDM_DISABLE="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
     env["PYTHONPATH"] = os.pathsep.join(x for x in (str(SRC), env.get("PYTHONPATH", "")) if x)
     start = time.time()
+    limit = int(args.memory * 2**30)
+
+    def cap() -> None:  # the type's process and the fitmap commands it starts: at most --memory each
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+
+    p = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=cap, start_new_session=True
+    )
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout + 30)
-        rc, err = p.returncode, p.stderr
+        _, err = p.communicate(timeout=args.timeout + 30)
+        rc = p.returncode
     except subprocess.TimeoutExpired:
+        os.killpg(p.pid, 9)  # its own process group: the type's process and the commands it started
+        p.communicate()
         rc, err = 124, ""
     row = json.loads(result.read_text()) if result.is_file() else {"type": model_type, "step": "start"}
     row["seconds"] = round(time.time() - start, 1)
@@ -1240,7 +1252,7 @@ def write(path: Path, rows: list[dict], args: argparse.Namespace, seconds: float
         f"tokens; two GPUs of {int(GPU_SHARE * 100)}% of the checkpoint each (more where fitmap says so); "
         "cpu + disk with the first and last text blocks pinned to disk, --cpu "
         f"{int(CPU_SHARE * 100)}% of the checkpoint or what fitmap's advice names; one image {IMAGE}. "
-        f"{len(rows)} types in {seconds / 60:.0f} min.",
+        f"{len(rows)} types, {sum(r.get('seconds', 0) for r in rows) / 60:.0f} min of runs.",
         "",
         *summary(rows),
         "",
@@ -1270,6 +1282,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=int, default=240, help="seconds per type (default 240)")
     ap.add_argument("--new", type=int, default=4, help="new tokens generated (default 4)")
     ap.add_argument("--tests", type=Path, help="a transformers source checkout of the installed release")
+    ap.add_argument("--memory", type=float, default=8, help="GiB of memory a type's processes may take (default 8)")
+    ap.add_argument("--resume", action="store_true", help="keep the types already in --out's .json; run the others")
     ap.add_argument("--keep", type=Path, help="keep each type's checkpoint and plans under this directory")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -1293,14 +1307,19 @@ def main(argv: list[str] | None = None) -> int:
     base.mkdir(parents=True, exist_ok=True)
     start = time.time()
     rows: dict[str, dict] = {}
+    done = args.out.with_suffix(".json")
+    if args.resume and done.is_file():  # a sweep cut short: what it measured stays
+        rows = {r["type"]: r for r in json.loads(done.read_text()) if r["type"] in types}
+        print(f"{len(rows)} types from {done}", flush=True)
+    todo = [t for t in types if t not in rows]
     with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        futures = {pool.submit(sweep_one, t, args, base): t for t in types}
+        futures = {pool.submit(sweep_one, t, args, base): t for t in todo}
         for i, fut in enumerate(concurrent.futures.as_completed(futures), 1):
             r = fut.result()
             rows[r["type"]] = r
             mark = "pass" if passed(r) else "-"
             print(
-                f"[{i}/{len(types)}] {r['type']}: {mark} ({r['seconds']} s) {'; '.join(r.get('reasons', []))[:150]}",
+                f"[{i}/{len(todo)}] {r['type']}: {mark} ({r['seconds']} s) {'; '.join(r.get('reasons', []))[:150]}",
                 flush=True,
             )
             write(args.out, [rows[t] for t in types if t in rows], args, time.time() - start)
