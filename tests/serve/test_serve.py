@@ -225,7 +225,7 @@ def test_serving_placement_replicas_or_one_split_copy(model, gpus, replicas, cap
 
 
 def test_a_request_that_fails_in_its_replica_is_a_500_and_nothing_leaks(tmp_path, monkeypatch):
-    """In process (FastAPI's TestClient): a replica whose generate raises answers that request with a
+    """In process (FastAPI's TestClient): a replica whose prefill raises answers that request with a
     server_error and serves the next; twenty requests leave no tensor behind."""
     import gc
 
@@ -238,20 +238,21 @@ def test_a_request_that_fails_in_its_replica_is_a_500_and_nothing_leaks(tmp_path
     from fitmap.planning.workload import Workload
     from fitmap.serve import engine as eng
     from fitmap.serve.app import create_app
+    from fitmap.serve.batcher import Batch
     from fitmap.serve.placement import serve_plan
 
     model = demo_checkpoint(tmp_path)
     req = pipeline.PlanRequest(str(model), make_machine(None, "4GiB"), Workload(1, 128, 4), estimate="analytic")
     engine = eng.Engine(model, serve_plan(req), max_queue=4)
     engine.start()
-    real = eng.Worker._answer
+    real = Batch.join
 
-    def sometimes(self, job):
+    def sometimes(self, job, inputs):
         if job.messages and "boom" in job.messages[-1]["text"]:
             raise RuntimeError("CUDA out of memory (simulated)")
-        return real(self, job)
+        return real(self, job, inputs)
 
-    monkeypatch.setattr(eng.Worker, "_answer", sometimes)
+    monkeypatch.setattr(Batch, "join", sometimes)
     try:
         client = TestClient(create_app(engine, "m"))
         ask = {"model": "m", "max_tokens": 3, "messages": [{"role": "user", "content": "boom"}]}
@@ -279,9 +280,10 @@ def test_a_request_that_fails_in_its_replica_is_a_500_and_nothing_leaks(tmp_path
 
 
 def test_requests_decoded_together_answer_as_they_would_alone(tmp_path):
-    """Greedy text requests queued at one replica share one generate (prompts of different lengths,
-    left-padded; max_tokens 3-5 each): every request gets the text, token count and finish reason
-    it gets alone."""
+    """Greedy text requests queued at one replica decode in one continuous batch (prompts of
+    different lengths, left-padded; max_tokens 3-5 each): every request gets the text, token count
+    and finish reason ``generate`` gives it alone (``--max-batch 1``), in fewer decode steps than
+    tokens."""
     import asyncio
 
     from fitmap import pipeline
@@ -321,14 +323,15 @@ def test_requests_decoded_together_answer_as_they_would_alone(tmp_path):
             deadline = time.time() + 10
             while engine.queued and time.time() < deadline:
                 time.sleep(0.05)
-            return got, engine.workers[0].batches
+            w = engine.workers[0]
+            return got, (w.batches if w.batch is None else w.batch.steps)
         finally:
             engine.stop()
             loop.close()
 
     alone, calls_alone = answers(1)
     together, calls_together = answers(8)
-    assert together == alone and calls_alone == 8 and calls_together < 8
+    assert together == alone and calls_alone == 8 and calls_together < sum(n for _, n, _ in alone)
 
 
 def test_a_serve_plan_written_by_plan_is_read_back(tmp_path, capsys):

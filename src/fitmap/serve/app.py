@@ -46,7 +46,7 @@ def create_app(
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
         counters["errors"] += 1
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     from starlette.exceptions import HTTPException as RoutingError
 
@@ -135,7 +135,9 @@ def create_app(
         try:
             engine.submit(job)
         except QueueFull as e:
-            raise ApiError(429, str(e), "rate_limit_error") from None
+            raise ApiError(
+                429, str(e), "rate_limit_error", headers={"Retry-After": str(engine.retry_after())}
+            ) from None
         counters["requests"] += 1
         ident = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
@@ -390,6 +392,15 @@ def _prometheus(engine: Engine, counters: dict) -> str:
         *(f'fitmap_replica_loads_total{{replica="{w.index}"}} {w.loads}' for w in engine.workers),
         "# TYPE fitmap_replica_pending gauge",
         *(f'fitmap_replica_pending{{replica="{w.index}"}} {w.pending}' for w in engine.workers),
+        "# HELP fitmap_replica_running requests in the replica's running batch",
+        "# TYPE fitmap_replica_running gauge",
+        *(f'fitmap_replica_running{{replica="{w.index}"}} {w.running}' for w in engine.workers),
+        "# HELP fitmap_replica_tokens_in_flight cache tokens the running batch holds or may still generate",
+        "# TYPE fitmap_replica_tokens_in_flight gauge",
+        *(f'fitmap_replica_tokens_in_flight{{replica="{w.index}"}} {w.in_flight}' for w in engine.workers),
+        "# HELP fitmap_replica_tokens_budget cache tokens its plan holds: sequences x (prompt + images + new)",
+        "# TYPE fitmap_replica_tokens_budget gauge",
+        *(f'fitmap_replica_tokens_budget{{replica="{w.index}"}} {w.budget}' for w in engine.workers),
     ]
     if torch.cuda.is_available():
         lines.append("# TYPE fitmap_gpu_memory_allocated_bytes gauge")

@@ -1,17 +1,21 @@
 """Replicas and their requests: each replica is loaded exactly once, by fitmap's loader, and
-runs its requests one at a time on a thread of its own; a request goes to the replica with
-the fewest requests waiting or running. Text streams out token by token (transformers'
-``TextStreamer`` decoding) into the request's asyncio queue; a request whose client went
-away is stopped at its next token and frees the replica.
+serves its requests on a thread of its own; a request goes to the replica with the fewest
+requests waiting or running. A replica batches continuously (:mod:`fitmap.serve.batcher`):
+requests join its running batch between two decode steps while the plan's cache-token budget has
+room, and leave when done. Models whose cache cannot be batched step by step answer one
+``generate`` at a time (greedy text requests queued together share one). Text streams out token
+by token into the request's asyncio queue; a request whose client went away is stopped at its
+next token and frees its place.
 """
 
 from __future__ import annotations
 
-import asyncio
+import collections
+import math
 import queue
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,147 +23,18 @@ import torch
 
 from fitmap.errors import BadInput, FitmapError
 from fitmap.runtime.prompting import Prompter
+from fitmap.serve.jobs import END, AllDone, Cancelled, Push, PushRows, Request
 from fitmap.serve.placement import ServePlan
 
 if TYPE_CHECKING:
     from fitmap.runtime.loader import LoadedModel
+    from fitmap.serve.batcher import Batch
 
-END = object()  # the last item of a request's stream
 _LOADING = threading.Lock()  # one replica loads at a time: building on meta patches torch process-wide
 
 
 class QueueFull(FitmapError):
     """Every replica has as many requests waiting as the server allows."""
-
-
-@dataclass
-class Request:
-    """One completion: its conversation (OpenAI messages as fitmap's prompter takes them) or raw
-    prompt, its sampling settings, and where its text goes."""
-
-    messages: list[dict] | None
-    prompt: str | None
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    loop: asyncio.AbstractEventLoop | None = None
-    chunks: asyncio.Queue | None = None  # text pieces, then END (or an exception)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    finish_reason: str = "stop"
-    replica: int = -1
-    closed: bool = False  # END sent (a batch row finished before its batch)
-
-    def emit(self, item: Any) -> None:
-        assert self.loop is not None and self.chunks is not None  # set by the server before it submits the job
-        self.loop.call_soon_threadsafe(self.chunks.put_nowait, item)
-
-
-class _Push:
-    """transformers' ``TextStreamer`` decoding, each finished piece of text pushed to the request."""
-
-    def __init__(self, tokenizer, request: Request) -> None:
-        from transformers import TextStreamer
-
-        self.inner = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-
-        def push(text: str, stream_end: bool = False) -> None:
-            if text:
-                request.emit(text)
-
-        self.inner.on_finalized_text = push  # type: ignore[method-assign]  # text goes to the request
-        self.request = request
-        self.first = True
-
-    def put(self, value) -> None:
-        if self.first:  # the prompt
-            self.first = False
-            self.inner.put(value)
-            return
-        self.request.completion_tokens += int(value.numel())
-        self.inner.put(value)
-
-    def end(self) -> None:
-        self.inner.end()
-
-
-class _PushRows:
-    """A batch's streamer: row i's new tokens decoded and pushed to request i until its own
-    max_tokens or an end-of-sequence token; then its request is finished (END) at once."""
-
-    def __init__(self, tokenizer, jobs: list[Request], eos: set[int]) -> None:
-        self.tok, self.jobs, self.eos = tokenizer, jobs, eos
-        self.ids: list[list[int]] = [[] for _ in jobs]
-        self.sent = [""] * len(jobs)
-        self.done = [False] * len(jobs)
-        self.first = True
-
-    def put(self, value) -> None:
-        if self.first:  # the prompts
-            self.first = False
-            return
-        for i, token in enumerate(value.reshape(len(self.jobs), -1)[:, -1].tolist()):
-            if self.done[i]:
-                continue
-            job = self.jobs[i]
-            if token in self.eos:
-                self._close(i, "stop")
-                continue
-            self.ids[i].append(token)
-            job.completion_tokens = len(self.ids[i])
-            text = self.tok.decode(self.ids[i], skip_special_tokens=True)
-            if not text.endswith("\ufffd") and len(text) > len(self.sent[i]):
-                job.emit(text[len(self.sent[i]) :])
-                self.sent[i] = text
-            if len(self.ids[i]) >= job.max_tokens:
-                self._close(i, "length")
-
-    def _close(self, i: int, reason: str) -> None:
-        text = self.tok.decode(self.ids[i], skip_special_tokens=True)
-        if len(text) > len(self.sent[i]):
-            self.jobs[i].emit(text[len(self.sent[i]) :])
-        self.jobs[i].finish_reason = reason
-        self.jobs[i].completion_tokens = len(self.ids[i])
-        self.done[i] = True
-        self.jobs[i].closed = True
-        self.jobs[i].emit(END)  # this request is answered; the batch goes on for the others
-
-    @property
-    def all_done(self) -> bool:
-        return all(d or j.cancelled.is_set() for d, j in zip(self.done, self.jobs))
-
-    def end(self) -> None:
-        pass
-
-    def finish(self) -> None:
-        for i in range(len(self.jobs)):
-            if not self.done[i]:
-                self._close(i, "length" if len(self.ids[i]) >= self.jobs[i].max_tokens else "stop")
-
-
-class _AllDone:
-    """Stops a batch once every row is finished or its client gone (a StoppingCriteria)."""
-
-    def __init__(self, push: _PushRows) -> None:
-        self.push = push
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.push.all_done, dtype=torch.bool, device=input_ids.device)
-
-
-class _Cancelled:
-    """Stops generation once the client has gone (a StoppingCriteria)."""
-
-    def __init__(self, request: Request) -> None:
-        self.request = request
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return torch.full(
-            (input_ids.shape[0],), self.request.cancelled.is_set(), dtype=torch.bool, device=input_ids.device
-        )
 
 
 class Worker(threading.Thread):
@@ -185,7 +60,11 @@ class Worker(threading.Thread):
         self.error: BaseException | None = None
         self.loaded: LoadedModel | None = None
         self.own: str | None = None  # the model's own chat() form, if any (set once loaded)
-        self.batches = 0  # generate calls (a batch of requests counts once)
+        self.batches = 0  # forward passes of the batch (continuous), or generate calls
+        self.batch: Batch | None = None  # the running batch (continuous batching), once loaded
+        self.images_join = False  # image requests decode in the batch
+        # cache tokens its plan holds: sequences x (prompt + new); Engine adds the images' tokens
+        self.budget = plan.workload.batch * (plan.workload.prompt + plan.workload.new)
 
     def run(self) -> None:
         from fitmap.runtime.run import start
@@ -198,19 +77,36 @@ class Worker(threading.Thread):
             from fitmap.runtime.run import own_chat
 
             self.own = own_chat(self.loaded.model)
+            from fitmap.serve.batcher import Batch, cache_kind
+
+            kind = cache_kind(self.loaded.model) if self.own is None and self.max_batch > 1 else None
+            if kind is not None:
+                tok, model = self.base.tokenizer, self.loaded.model
+                self.images_join = kind[1]
+                self.batch = Batch(model, self.loaded.input_device, tok, _eos_ids(model, tok), kind[0])
         except BaseException as e:  # reported by Engine.wait_ready
             self.error = e
             self.ready.set()
             return
         self.ready.set()
+        if self.batch is None:
+            self._one_generate_at_a_time()
+        else:
+            self._continuously(self.batch)
+        self.loaded.close()
+
+    def _one_generate_at_a_time(self) -> None:
+        """Each request alone, or greedy text requests queued together in one ``generate`` (models
+        whose cache cannot be batched step by step)."""
         later: list[Request | None] = []  # taken from the queue, not batchable with the batch before them
         while True:
             job = later.pop(0) if later else self.jobs.get()
             if job is None:
                 break
             batch = [job]
-            if self.max_batch > 1 and self._batchable(job):
-                while len(batch) < self.max_batch and not later:
+            most = min(self.max_batch, self.plan.workload.batch)  # the sequences its plan holds
+            if most > 1 and self._batchable(job):
+                while len(batch) < most and not later:
                     try:
                         nxt = self.jobs.get_nowait()
                     except queue.Empty:
@@ -222,7 +118,118 @@ class Worker(threading.Thread):
             self._run(batch)
             if None in later:
                 break
-        self.loaded.close()
+
+    def _continuously(self, batch) -> None:
+        """Continuous batching: between two decode steps, the requests waiting join while the
+        plan's token budget has room (in arrival order; a request that must run alone waits for the
+        batch to empty, and those behind it wait too); finished rows leave at once."""
+        waiting: collections.deque[Request] = collections.deque()
+        stopping = False
+        while not stopping:
+            block = not waiting and not batch.rows
+            while True:
+                try:
+                    job = self.jobs.get(block=block)
+                except queue.Empty:
+                    break
+                block = False
+                if job is None:
+                    stopping = True
+                    break
+                waiting.append(job)
+            while waiting and not stopping:
+                job = waiting[0]
+                if job.cancelled.is_set():
+                    waiting.popleft()
+                    self._ended(job)
+                    continue
+                if not self._joins(job):
+                    if batch.rows:
+                        break
+                    waiting.popleft()
+                    self._run([job])
+                    continue
+                if len(batch.rows) >= self.max_batch or not self._room(batch, job):
+                    break
+                waiting.popleft()
+                if job.closed:  # its inputs could not be made, or it can never fit: answered already
+                    self._ended(job)
+                    continue
+                try:
+                    batch.join(job, job.inputs)
+                except BaseException as e:  # this request fails (4xx/5xx); the batch goes on
+                    job.emit(e)
+                    job.closed = True
+                    self._ended(job)
+                job.inputs = None
+                self.batches += 1
+                self._finished(batch)
+            if batch.rows and not stopping:
+                try:
+                    batch.step()
+                except BaseException as e:  # every request of the batch fails; the replica goes on
+                    batch.fail(e)
+                self.batches += 1
+                self._finished(batch)
+        gone = RuntimeError("the server is shutting down")
+        batch.fail(gone)
+        for job in waiting:
+            job.emit(gone)
+            job.closed = True
+        self._finished(batch)
+
+    def _joins(self, job: Request) -> bool:
+        """Whether ``job`` decodes in the batch (a model's own chat() and, where its forward needs
+        more than tokens per step, image requests run alone)."""
+        images = job.messages is not None and any(m["images"] for m in job.messages)
+        return not images or self.images_join
+
+    def _room(self, batch, job: Request) -> bool:
+        """``job``'s real inputs made (once); whether the batch's cache tokens with it stay within
+        the plan's budget. A request that fails here, or could never fit, is answered (4xx) and
+        closed: it leaves at once."""
+        if job.inputs is None:
+            try:
+                job.inputs = self._inputs(job)
+            except BaseException as e:
+                job.emit(e)
+                job.closed = True
+                return True
+        n = int(job.inputs["input_ids"].shape[1])
+        if n + job.max_tokens > self.budget:
+            job.emit(
+                BadInput(
+                    f"the request needs {n + job.max_tokens} tokens of cache ({n} prompt tokens as templated, "
+                    f"images included, + max_tokens {job.max_tokens}); this replica was planned for "
+                    f"{self.budget} (restart fitmap serve with a larger --prompt or --concurrency)"
+                )
+            )
+            job.closed = True
+            return True
+        return not batch.rows or batch.footprint(n, job.max_tokens) <= self.budget
+
+    @property
+    def running(self) -> int:
+        batch = self.batch
+        return len(batch.rows) if batch is not None else 0
+
+    @property
+    def in_flight(self) -> int:
+        batch = self.batch
+        return batch.footprint() if batch is not None else 0
+
+    def _finished(self, batch) -> None:
+        for row in batch.take_ended():
+            self._ended(row.job)
+
+    def _ended(self, job: Request) -> None:
+        if not job.closed:
+            job.emit(END)
+            job.closed = True
+        with self.lock:
+            self.pending -= 1
+        self.served += 1
+        self.tokens += job.completion_tokens
 
     def _run(self, batch: list[Request]) -> None:
         """Answer ``batch`` (one request, or greedy text requests decoded together); each request
@@ -303,7 +310,7 @@ class Worker(threading.Thread):
             mask[i, width - r.numel() :] = 1
         for j, r in zip(jobs, rows):
             j.prompt_tokens = int(r.numel())
-        push = _PushRows(tok, jobs, _eos_ids(self._replica.model, tok))
+        push = PushRows(tok, jobs, _eos_ids(self._replica.model, tok))
         with torch.inference_mode():
             self._replica.model.generate(  # type: ignore[operator]  # a PreTrainedModel method
                 input_ids=ids,
@@ -315,7 +322,7 @@ class Worker(threading.Thread):
                 top_k=None,
                 pad_token_id=pad,
                 streamer=push,
-                stopping_criteria=StoppingCriteriaList([_AllDone(push)]),
+                stopping_criteria=StoppingCriteriaList([AllDone(push)]),
             )
         push.finish()
 
@@ -354,13 +361,23 @@ class Worker(threading.Thread):
             out = model.generate(  # type: ignore[operator]  # a PreTrainedModel method
                 **inputs,
                 **settings,
-                streamer=_Push(tok, job),
-                stopping_criteria=StoppingCriteriaList([_Cancelled(job)]),
+                streamer=Push(tok, job),
+                stopping_criteria=StoppingCriteriaList([Cancelled(job)]),
             )
         new = out[0, job.prompt_tokens :]
         job.completion_tokens = int(new.numel())
         ended = new.numel() and int(new[-1]) in _eos_ids(model, tok)
         job.finish_reason = "length" if job.completion_tokens >= job.max_tokens and not ended else "stop"
+
+
+def _image_tokens(config, images) -> int:
+    """Tokens the plan's images add to a sequence (0 where their count cannot be made)."""
+    from fitmap.planning.images import image_shape
+
+    try:
+        return sum(image_shape(config, w, h).tokens for w, h in images)
+    except Exception:
+        return 0
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -383,9 +400,11 @@ class Engine:
         self.config = config
         # a replica decodes together at most the requests its plan holds KV and activations for
         self.workers = [
-            Worker(i, model_dir, r.plan, self.base, trust_remote_code, max(1, min(max_batch, r.plan.workload.batch)))
+            Worker(i, model_dir, r.plan, self.base, trust_remote_code, max(1, max_batch))
             for i, r in enumerate(plan.replicas)
         ]
+        for w in self.workers:  # the images each request may carry add their tokens to the budget
+            w.budget += w.plan.workload.batch * _image_tokens(config, w.plan.workload.images)
         self.started = time.time()
         self.rejected = 0
 
@@ -406,6 +425,13 @@ class Engine:
         for w in self.workers:
             if w.is_alive():
                 w.join(timeout=30)
+
+    def retry_after(self) -> int:
+        """Seconds a client turned away should wait: the time the server, at the rate it has
+        answered requests so far, takes to answer those waiting or running (1 to 60)."""
+        served = sum(w.served for w in self.workers)
+        each = (time.time() - self.started) / served if served else 1.0
+        return max(1, min(60, math.ceil(each * self.queued)))
 
     @property
     def queued(self) -> int:
