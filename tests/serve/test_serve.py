@@ -186,6 +186,67 @@ def test_two_replicas_loaded_once_share_concurrent_requests_with_identical_greed
     assert set(_metric(base, "fitmap_replica_loads_total").values()) == {1.0}
 
 
+def test_mixed_requests_arriving_at_random_times_get_what_they_get_alone(server):
+    """Continuous batching through the official openai client: greedy and seeded sampled requests,
+    a stop string, images, streamed or not, different lengths, sent at random moments so that they
+    join running batches; each gets the text and finish reason it gets when it is the only request."""
+    import random
+
+    base, client, model = server
+
+    def user(text: str, image: bool = False) -> list[dict]:
+        parts = [{"type": "text", "text": text}]
+        if image:
+            parts.insert(0, {"type": "image_url", "image_url": {"url": _data_url()}})
+        return [{"role": "user", "content": parts}]
+
+    asks = [
+        {"messages": user("what is in this image ?"), "max_tokens": NEW},
+        {"messages": user("hello there"), "max_tokens": 5, "temperature": 0.9, "seed": 11},
+        {"messages": user("what is in this image ?", image=True), "max_tokens": 9},
+        {"messages": user("describe the colour"), "max_tokens": NEW, "temperature": 1.0, "top_p": 0.8, "seed": 5},
+        {"messages": user("a b c", image=True), "max_tokens": 7, "temperature": 0.7, "seed": 3, "stream": True},
+        {"messages": user("is it red ?"), "max_tokens": 3, "stream": True},
+    ]
+    greedy = client.chat.completions.create(model=model, **asks[0]).choices[0].message.content
+    words = greedy.split()
+    asks.append({"messages": user("what is in this image ?"), "max_tokens": NEW, "stop": [words[len(words) // 2]]})
+
+    def send(ask: dict) -> tuple[str, str]:
+        if ask.get("stream"):
+            text, finish = "", None
+            for c in client.chat.completions.create(model=model, **ask):
+                text += c.choices[0].delta.content or ""
+                finish = c.choices[0].finish_reason or finish
+            return text, finish
+        r = client.chat.completions.create(model=model, **ask)
+        return r.choices[0].message.content, r.choices[0].finish_reason
+
+    alone = [send(a) for a in asks]
+    assert alone[-1][1] == "stop" and words[len(words) // 2] not in alone[-1][0]
+    assert alone[0] == send(asks[0])  # greedy twice: the same
+    before = sum(_metric(base, "fitmap_replica_batches_total").values())
+    rng = random.Random(0)
+    got: list[tuple[int, tuple[str, str]]] = []
+    delays = {k: rng.random() * 0.3 for k in range(2 * len(asks))}
+
+    def late(k: int, i: int) -> None:
+        time.sleep(delays[k])
+        got.append((i, send(asks[i])))
+
+    order = [i for i in range(len(asks)) for _ in range(2)]  # each one twice, so that batches form
+    threads = [threading.Thread(target=late, args=(k, i)) for k, i in enumerate(order)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert len(got) == len(order) and all(answer == alone[i] for i, answer in got)
+    assert sum(_metric(base, "fitmap_replica_batches_total").values()) - before < sum(a["max_tokens"] for a in asks) * 2
+    tokens = _metric(base, "fitmap_replica_tokens_budget")
+    assert len(tokens) == 2 and all(v > 0 for v in tokens.values())
+    assert set(_metric(base, "fitmap_replica_tokens_in_flight").values()) == {0.0}  # all answered, nothing held
+
+
 def test_a_client_that_disconnects_mid_stream_frees_its_replica(server):
     import http.client
 

@@ -132,7 +132,8 @@ def _serve(model_dir, sp, args, name: str) -> int:
     engine.start()
     print(
         f"fitmap serve: {name} on http://{args.host}:{args.port}/v1 — {sp.choice}; {len(sp.replicas)} "
-        f"replica(s) loaded; {chosen.count} CPU thread(s) each ({chosen.why})",
+        f"replica(s) loaded; {chosen.count} CPU thread(s) each ({chosen.why}); {engine.workers[0].batching}"
+        + (" each" if len(engine.workers) > 1 else ""),
         flush=True,
     )
     aliases = (args.model,) if args.model != name else ()

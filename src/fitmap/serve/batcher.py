@@ -102,6 +102,25 @@ class Batch:
         self.steps = 0
         self.ended: list[Row] = []  # rows done since the caller last looked (:meth:`take_ended`)
 
+    def probe(self) -> str | None:
+        """Whether this model decodes a left-padded batch: one forward of two rows of two tokens,
+        the first padded. None if it does, else why not (transformers 5.25's DeepSeek-V3, for one,
+        fails in its attention with a padding mask, in ``generate`` too)."""
+        from transformers.cache_utils import DynamicCache
+
+        ids = torch.zeros((2, 2), dtype=torch.long, device=self.device)
+        mask = torch.tensor([[0, 1], [1, 1]], device=self.device)
+        positions = torch.tensor([[0, 0], [0, 1]], device=self.device)
+        cache = DynamicCache(config=self.model.config)
+        try:
+            with torch.inference_mode():
+                self.model(
+                    input_ids=ids, attention_mask=mask, position_ids=positions, **{self.cache_arg: cache}, **self.keep
+                )
+        except Exception as e:
+            return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        return None
+
     @property
     def width(self) -> int:
         return 0 if self.mask is None else int(self.mask.shape[1])

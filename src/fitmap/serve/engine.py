@@ -63,6 +63,8 @@ class Worker(threading.Thread):
         self.batches = 0  # forward passes of the batch (continuous), or generate calls
         self.batch: Batch | None = None  # the running batch (continuous batching), once loaded
         self.images_join = False  # image requests decode in the batch
+        # how it serves, for the start-up line
+        self.batching = "one generate at a time (greedy text requests together)" if max_batch > 1 else "one at a time"
         # cache tokens its plan holds: sequences x (prompt + new); Engine adds the images' tokens
         self.budget = plan.workload.batch * (plan.workload.prompt + plan.workload.new)
 
@@ -83,7 +85,16 @@ class Worker(threading.Thread):
             if kind is not None:
                 tok, model = self.base.tokenizer, self.loaded.model
                 self.images_join = kind[1]
-                self.batch = Batch(model, self.loaded.input_device, tok, _eos_ids(model, tok), kind[0])
+                batch = Batch(model, self.loaded.input_device, tok, _eos_ids(model, tok), kind[0])
+                failed = batch.probe()
+                if failed is None:
+                    self.batch = batch
+                    self.batching = f"continuous batching, {self.budget} cache tokens"
+                else:
+                    self.max_batch = 1  # nor can generate decode it with padding
+                    self.batching = f"one request at a time: the model fails on a padded batch ({failed})"
+            elif self.own is not None:
+                self.batching = "one request at a time: the model's own chat()"
         except BaseException as e:  # reported by Engine.wait_ready
             self.error = e
             self.ready.set()
