@@ -1,13 +1,17 @@
-"""Serving throughput: fitmap serve with one replica (requests one at a time, and batched) and
-with two, against the server a user writes by hand (transformers ``generate`` behind a FastAPI
-handler, one request at a time).
+"""Serving throughput, side by side in one run: fitmap serve (continuous batching), transformers'
+own server (``transformers serve --continuous-batching``) and the server a user writes by hand
+(``generate`` behind a FastAPI handler, one request at a time), each quiet and under a background
+CPU load (one busy-loop process per core).
 
-Same model (the demo's tiny Qwen2-VL, random weights, on the CPU), same requests, one run:
-``--clients`` threads each send ``--requests`` chat completions (text, greedy,
-``max_tokens`` 16) as plain HTTP JSON requests; requests/s over the whole
-run, p50/p99 latency per request. Each server is a separate process on loopback.
+Model: a tiny Qwen2 text model with random weights (float32, the demo's tokenizer and chat
+template), made once under a temporary directory, on the CPU. ``c`` clients (1, 8, 32) each send
+``--requests`` chat completions one after another (greedy, ``max_tokens`` ``--new``) as plain HTTP
+JSON; completion tokens/s over the whole load, p50 latency per request. Each server is a separate
+process on loopback, started once and measured quiet, then loaded.
 
-    .venv/bin/python bench/serve.py                  # about 3 minutes on 2 cores
+    .venv/bin/python bench/serve.py                  # about 10 minutes on 2 cores
+    .venv/bin/python bench/serve.py --servers fitmap,transformers --clients 8,32
+    .venv/bin/python bench/serve.py --gpu            # the demo's Qwen2-VL on GPU 0 (fitmap and naive)
 """
 
 from __future__ import annotations
@@ -39,7 +43,9 @@ def naive_server(model: str, port: int, device: str = "cpu") -> None:
     from fastapi import FastAPI
 
     tok = transformers.AutoTokenizer.from_pretrained(model)
-    lm = transformers.AutoModelForImageTextToText.from_pretrained(model, dtype="auto").eval().to(device)  # as stored
+    vlm = hasattr(transformers.AutoConfig.from_pretrained(model), "vision_config")
+    auto = transformers.AutoModelForImageTextToText if vlm else transformers.AutoModelForCausalLM
+    lm = auto.from_pretrained(model, dtype="auto").eval().to(device)  # as stored
     lock = th.Lock()
     app = FastAPI()
 
@@ -86,11 +92,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def up(port: int, proc: subprocess.Popen, seconds: float = 300) -> None:
+def up(port: int, proc: subprocess.Popen, log, seconds: float = 300) -> None:
     deadline = time.time() + seconds
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read()[-2000:]}")
+            log.seek(0)
+            raise RuntimeError(f"server exited with {proc.returncode}: {log.read()[-2000:]}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
                 return
@@ -99,31 +106,70 @@ def up(port: int, proc: subprocess.Popen, seconds: float = 300) -> None:
     raise RuntimeError("server did not start")
 
 
-def load(port: int, model: str, clients: int, requests: int) -> dict:
+def tiny_qwen2(root: Path) -> Path:
+    """A Qwen2 text model with random weights and the demo's tokenizer and chat template."""
+    import shutil
+
+    import torch
+    import transformers
+
+    from fitmap.cli.demo import demo_checkpoint
+
+    target = root / "qwen2-tiny-random"
+    if (target / "config.json").is_file():
+        return target
+    demo = demo_checkpoint()
+    tok = transformers.AutoTokenizer.from_pretrained(demo)
+    cfg = transformers.Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)  # wide enough that greedy decoding does not settle on one token
+    model.save_pretrained(target)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(demo / name, target / name)
+    return target
+
+
+def load(port: int, model: str, clients: int, requests: int, new: int) -> dict:
     """``clients`` threads, each sending ``requests`` chat completions one after another (plain HTTP
     with JSON, so the script needs no client library on a bare GPU machine)."""
     import json
 
-    body = json.dumps({"model": model, "messages": PROMPT, "max_tokens": 16}).encode()
+    body = json.dumps({"model": model, "messages": PROMPT, "max_tokens": new, "temperature": 0}).encode()
 
-    def ask() -> str:
+    def ask() -> tuple[str, int]:
         req = urllib.request.Request(
             f"http://127.0.0.1:{port}/v1/chat/completions",
             data=body,
             method="POST",
             headers={"Content-Type": "application/json"},
         )
-        with urllib.request.urlopen(req, timeout=600) as r:
-            return json.loads(r.read())["choices"][0]["message"]["content"]
+        with urllib.request.urlopen(req, timeout=900) as r:
+            out = json.loads(r.read())
+        return out["choices"][0]["message"]["content"], int(out["usage"]["completion_tokens"])
 
-    ask()  # warm-up
-    latencies, texts, errors = [], [], []
+    latencies, texts, tokens, errors = [], [], [], []
 
     def one():
         for _ in range(requests):
             t = time.perf_counter()
             try:
-                texts.append(ask())
+                text, n = ask()
+                texts.append(text)
+                tokens.append(n)
             except Exception as e:  # noqa: BLE001  (counted)
                 errors.append(e)
             latencies.append(time.perf_counter() - t)
@@ -137,104 +183,96 @@ def load(port: int, model: str, clients: int, requests: int) -> dict:
     wall = time.perf_counter() - start
     latencies.sort()
     return {
-        "rps": len(texts) / wall,
+        "tok_s": sum(tokens) / wall,
         "p50": statistics.median(latencies),
-        "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
         "errors": len(errors),
         "distinct": len(set(texts)),
         "n": len(texts),
     }
 
 
+def busy() -> None:
+    while True:
+        pass
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--requests", type=int, default=4)
-    ap.add_argument("--gpu", action="store_true", help="servers on GPU 0 (naive: .to('cuda'); fitmap: --gpus 0)")
+    ap.add_argument("--clients", default="1,8,32", help="concurrent clients, comma-separated (default 1,8,32)")
+    ap.add_argument("--requests", type=int, default=2, help="requests per client (default 2)")
+    ap.add_argument("--new", type=int, default=32, help="max_tokens per request (default 32)")
+    ap.add_argument("--servers", default="fitmap,transformers,naive", help="which servers (default all three)")
+    ap.add_argument("--rounds", type=int, default=1, help="the servers one after another, this many times (default 1)")
+    ap.add_argument("--fitmap-args", default="", help="more arguments for fitmap serve, e.g. '--threads 2'")
+    ap.add_argument("--gpu", action="store_true", help="the demo's Qwen2-VL on GPU 0 (fitmap --gpus 0; naive .to)")
     ap.add_argument("--naive", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.naive:
         naive_server(args.naive[0], int(args.naive[1]), args.naive[2])
         return 0
+    import multiprocessing
+    import tempfile
+
     from fitmap.cli.demo import demo_checkpoint
 
-    model = str(demo_checkpoint())
+    clients = [int(c) for c in args.clients.split(",")]
+    model = str(demo_checkpoint() if args.gpu else tiny_qwen2(Path(tempfile.gettempdir()) / "fitmap-bench"))
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
     where = ["--gpus", "0"] if args.gpu else ["--cpu", "4GiB"]
-    variants = {
-        "naive: from_pretrained + generate behind FastAPI, one at a time": lambda p: [
-            sys.executable,
-            __file__,
-            "--naive",
-            model,
-            str(p),
-            "cuda" if args.gpu else "cpu",
+    most = max(clients)
+    commands = {
+        "fitmap": lambda p: [
+            *(sys.executable, "-m", "fitmap.cli", "serve", model, *where, "--replicas", "1"),
+            *("--new", str(args.new), "--prompt", "64", "--concurrency", str(most)),
+            *("--max-queue", str(4 * most), "--port", str(p), *args.fitmap_args.split()),
         ],
-        "fitmap serve, 1 replica, --max-batch 1 (one request at a time)": lambda p: [
-            sys.executable,
-            "-m",
-            "fitmap.cli",
-            "serve",
-            model,
-            *where,
-            "--replicas",
-            "1",
-            "--new",
-            "16",
-            "--max-batch",
-            "1",
-            "--port",
-            str(p),
+        "transformers": lambda p: [
+            *(str(Path(sys.executable).parent / "transformers"), "serve", model, "--continuous-batching"),
+            *("--device", "cuda:0" if args.gpu else "cpu", "--port", str(p), "--log-level", "warning"),
         ],
-        "fitmap serve, 1 replica": lambda p: [
-            sys.executable,
-            "-m",
-            "fitmap.cli",
-            "serve",
-            model,
-            *where,
-            "--replicas",
-            "1",
-            "--new",
-            "16",
-            "--port",
-            str(p),
-        ],
+        "naive": lambda p: [sys.executable, __file__, "--naive", model, str(p), "cuda" if args.gpu else "cpu"],
     }
-    if not args.gpu:  # one GPU holds one replica; on the CPU two replicas share the cores
-        variants["fitmap serve, 2 replicas"] = lambda p: [
-            sys.executable,
-            "-m",
-            "fitmap.cli",
-            "serve",
-            model,
-            *where,
-            "--replicas",
-            "2",
-            "--new",
-            "16",
-            "--port",
-            str(p),
-        ]
+    names = {
+        "fitmap": "fitmap serve (1 replica, continuous batching)",
+        "transformers": "transformers serve --continuous-batching",
+        "naive": "naive: generate behind FastAPI, one at a time",
+    }
+    chosen = [s for s in args.servers.split(",") if s]
     print(
-        f"{args.clients} clients x {args.requests} requests, max_tokens 16, greedy; {os.cpu_count()} CPU cores"
-        f"{'; servers on GPU 0' if args.gpu else ''}\n"
+        f"{model.rsplit('/', 1)[-1]}; clients x {args.requests} requests each, max_tokens {args.new}, greedy; "
+        f"{os.cpu_count()} CPU cores{'; servers on GPU 0' if args.gpu else ''}; loaded = one busy-loop process "
+        "per core beside the server\n"
     )
-    print("| server | requests/s | p50 latency | p99 latency | errors | distinct texts |")
-    print("|---|---|---|---|---|---|")
-    for name, cmd in variants.items():
+    print("| server | load | c | tok/s | p50 latency | errors | distinct texts |")
+    print("|---|---|---|---|---|---|---|")
+    for key in [k for _ in range(args.rounds) for k in chosen]:  # rounds interleaved: the machine drifts
         port = free_port()
-        proc = subprocess.Popen(cmd(port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        log = tempfile.TemporaryFile("w+")  # not a pipe: a chatty server must not block on a full one
+        proc = subprocess.Popen(commands[key](port), stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
         try:
-            up(port, proc)
-            r = load(port, model, args.clients, args.requests)
+            up(port, proc, log)
+            load(port, model, 1, 1, args.new)  # warm-up
+            for loaded in (False, True):
+                hogs = [multiprocessing.Process(target=busy, daemon=True) for _ in range(os.cpu_count() or 1) if loaded]
+                for h in hogs:
+                    h.start()
+                try:
+                    for c in clients:
+                        r = load(port, model, c, args.requests, args.new)
+                        print(
+                            f"| {names[key]} | {'loaded' if loaded else 'quiet'} | {c} | {r['tok_s']:.1f} | "
+                            f"{r['p50']:.2f} s | {r['errors']} | {r['distinct']} |",
+                            flush=True,
+                        )
+                finally:
+                    for h in hogs:
+                        h.terminate()
         finally:
             proc.terminate()
-            proc.wait(timeout=30)
-        print(
-            f"| {name} | {r['rps']:.2f} | {r['p50']:.2f} s | {r['p99']:.2f} s | {r['errors']} | {r['distinct']} |",
-            flush=True,
-        )
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     return 0
 
 

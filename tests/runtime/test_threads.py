@@ -83,3 +83,40 @@ def test_run_with_threads_flag(tmp_path, capsys, monkeypatch):
     assert torch.get_num_threads() == 1  # the demo's ~100 MiB of weights on the CPU: one thread
     assert main(["run", str(path), "--prompt", "hi", "--threads", "0"]) == 2
     assert "--threads must be at least 1" in capsys.readouterr().err
+
+
+def test_the_tuner_uses_the_cores_other_processes_leave_free(monkeypatch):
+    """Between decode steps: all of ``most`` on a quiet machine, one thread when other processes
+    keep the cores busy, shared among the copies that compute at once; a fixed count is kept."""
+    big = _plan({"cpu": 100 * MiB})
+    chosen = threads.choose([big], available=2, env={})
+    assert chosen.count == 1 and chosen.most == 2 and "up to 2" in chosen.why
+    clock = {"t": 0.0}
+    monkeypatch.setattr(threads.time, "monotonic", lambda: clock["t"])
+    samples = iter(
+        [
+            (0, 0, 0, 2),
+            (200, 20, 18, 2),  # quiet: others 2 of 200 ticks on 2 CPUs -> 0.02 cores busy
+            (400, 220, 118, 2),  # others 100 of 200 ticks -> 1 core busy, 1 free
+            (600, 420, 158, 2),  # others 160 of 200 ticks -> 1.6 cores busy
+            (0, 0, 0, 2),
+            (200, 20, 18, 2),  # quiet again, two copies computing at once: one thread each
+        ]
+    )
+    monkeypatch.setattr(threads, "_jiffies", lambda: next(samples))
+    monkeypatch.setattr(threads, "cores", lambda: 2)
+    seen = []
+
+    def run() -> None:
+        for copies, steps in ((1, 4), (2, 2)):
+            tune = threads.Tuner(chosen, copies=copies, every=0.5)
+            for _ in range(steps):
+                tune()
+                seen.append(torch.get_num_threads())
+                clock["t"] += 1.0
+
+    t = threading.Thread(target=run)  # the count is per OS thread: tuned where it computes
+    t.start()
+    t.join()
+    assert seen[1:4] == [2, 1, 1] and seen[5] == 1
+    assert threads.Tuner(threads.Threads(3, "--threads")).most == 0  # the user's count is left alone

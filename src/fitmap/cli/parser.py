@@ -221,9 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--max-batch",
         type=int,
-        default=8,
-        help="greedy text requests a replica decodes together (default 8, at most its plan's share of "
-        "--concurrency; 1: one at a time)",
+        help="at most this many requests in a replica's running batch (default: as many as its plan's "
+        "cache-token budget admits, --concurrency x (prompt + images + new) over the replicas; 1: one at a time)",
     )
     sub.add_parser("demo", help="plan + check a full-size VLM, then run a small random one with disk offload")
     p = sub.add_parser("calibrate", help="measure this machine once (GPU fixed cost, copy and disk rates) for plan")

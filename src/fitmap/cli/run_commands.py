@@ -33,7 +33,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "or fitmap chat, or serve on one machine"
         )
     for name in ("prompt", "new", "max_queue", "max_batch"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise BadInput(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
     _threads_in_range(args.threads)
     name = served_name(args.model, args.served_model_name)

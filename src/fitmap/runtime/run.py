@@ -147,6 +147,8 @@ def generate(loaded: LoadedModel, prompter: Prompter, new: int, out: TextIO | No
     own = own_chat(loaded.model)
     if own is not None and (own in OWN_IMAGE_FORMS or not prompter.has_images()):
         return _own_chat(loaded, own, prompter, new, out)
+    from transformers import StoppingCriteriaList
+
     inputs = prompter.inputs(loaded.input_device)
     streamer = _Streamer(prompter.tokenizer, out) if out is not None else None
     t = time.perf_counter()
@@ -158,12 +160,27 @@ def generate(loaded: LoadedModel, prompter: Prompter, new: int, out: TextIO | No
                 do_sample=False,
                 streamer=streamer,
                 pad_token_id=prompter.tokenizer.pad_token_id or prompter.tokenizer.eos_token_id,
+                stopping_criteria=StoppingCriteriaList([_Tuning(loaded.plan)]),
             )
     except torch.OutOfMemoryError as e:
         raise OutOfBudget(out_of_budget_message(loaded.plan, int(inputs["input_ids"].shape[1]), new, e)) from None
     seconds = time.perf_counter() - t
     new_ids = ids[0, inputs["input_ids"].shape[1] :]
     return prompter.decode(new_ids), int(new_ids.numel()), seconds
+
+
+class _Tuning:
+    """A stopping criterion that never stops: between two decode steps, torch's threads follow
+    the cores other processes leave free (:class:`fitmap.runtime.threads.Tuner`)."""
+
+    def __init__(self, plan: Plan) -> None:
+        from fitmap.runtime import threads
+
+        self.tune = threads.Tuner(threads.current() or threads.choose((plan,)))
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.tune()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 # the own paths that take images: every prompt goes through them (ChatGLM3's chat() is text only)

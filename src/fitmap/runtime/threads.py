@@ -17,11 +17,18 @@ load"). Threads pay only when each one has enough weights to stream per token, s
 
 torch's thread count is per OS thread once that thread has run an op, so the count is set
 before the threads that generate start (``fitmap serve``: before its replicas load).
+
+On the CPU the count is a starting point: between decode steps, :class:`Tuner` samples how many
+cores other processes keep busy (``/proc/stat`` less this process's own time) and uses up to
+``Threads.most`` threads while the cores are free, one when they are taken. A quiet machine
+gets all its cores (a batch of rows computes enough per weight for more threads to pay); a busy
+one never has threads spinning at barriers for a core they cannot get.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -37,6 +44,7 @@ BYTES_PER_THREAD = 256 << 20  # weights one thread streams per token before a se
 class Threads:
     count: int
     why: str
+    most: int = 0  # on the CPU: up to this many while other processes leave the cores free (0: fixed)
 
 
 _fixed: Threads | None = None  # set by fix(): --threads, or fitmap serve's choice for all its replicas
@@ -78,7 +86,8 @@ def choose(
         return Threads(1, "the model computes on GPU(s); the CPU only launches its kernels")
     count = max(1, min(share, work // BYTES_PER_THREAD))
     each = f" per copy, {copies} copies" if copies > 1 else ""
-    return Threads(count, f"{fmt_bytes(work)} of weights computed on the CPU per token{each}")
+    up = f"; up to {share} while other processes leave the cores free" if share > count else ""
+    return Threads(count, f"{fmt_bytes(work)} of weights computed on the CPU per token{each}{up}", most=share)
 
 
 def fix(threads: Threads | None) -> None:
@@ -95,6 +104,59 @@ def apply(plan: Plan) -> Threads:
     if threads.why != "OMP_NUM_THREADS":
         _set(threads.count)
     return threads
+
+
+def current() -> Threads | None:
+    """The count ``fix`` set for every thread that runs (``fitmap serve``'s replicas), if any."""
+    return _fixed
+
+
+class Tuner:
+    """Called between decode steps in the thread that computes: every ``every`` seconds, uses as
+    many threads as the cores other processes leave free, shared among ``copies`` copies that
+    compute at once, between 1 and ``threads.most`` (a fixed count is left alone). Linux only
+    (``/proc``); elsewhere the count stays."""
+
+    def __init__(self, threads: Threads | None, copies: int = 1, every: float = 0.5) -> None:
+        self.most = threads.most if threads is not None else 0
+        self.copies, self.every = max(1, copies), every
+        self.last: tuple[float, int, int, int] | None = None  # (time, all jiffies, busy jiffies, own jiffies)
+        self.others = 0.0  # cores other processes kept busy over the last interval
+
+    def __call__(self) -> None:
+        if self.most <= 1:
+            return
+        now = time.monotonic()
+        if self.last is not None and now - self.last[0] < self.every:
+            return
+        sample = _jiffies()
+        if sample is None:
+            self.most = 0
+            return
+        total, busy, own, cpus = sample
+        if self.last is not None and total > self.last[1]:
+            _, total0, busy0, own0 = self.last
+            self.others = max(0.0, (busy - busy0 - (own - own0)) / (total - total0) * cpus)
+            free = min(cores(), cpus - self.others)
+            want = max(1, min(self.most, int(free / self.copies + 0.5)))
+            if torch.get_num_threads() != want:
+                torch.set_num_threads(want)
+        self.last = (now, total, busy, own)
+
+
+def _jiffies() -> tuple[int, int, int, int] | None:
+    """(all CPU time, busy CPU time, this process's CPU time) in clock ticks, and the CPUs counted."""
+    try:
+        with open("/proc/stat") as f:
+            lines = f.read().splitlines()
+        with open("/proc/self/stat") as f:
+            mine = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    fields = [int(x) for x in lines[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    cpus = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
+    return sum(fields[:8]), sum(fields[:8]) - idle, int(mine[11]) + int(mine[12]), max(1, cpus)
 
 
 def _set(count: int) -> None:

@@ -162,7 +162,11 @@ class Batch:
         self._take(row, token)
         if row.done:
             return
-        self._stack(row, cache, token)
+        try:
+            self._stack(row, cache, token)
+        except BaseException as e:  # out of memory half-way through the layers: no row's cache is whole
+            self.fail(e)
+            raise
 
     def _stack(self, row: Row, cache, token: int) -> None:
         """``row``'s own cache under the batch's, both left-padded to the wider."""

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from fitmap.runtime.loader import LoadedModel
     from fitmap.serve.batcher import Batch
 
+UNCAPPED = 1 << 16  # rows of a batch when only the token budget limits them
 _LOADING = threading.Lock()  # one replica loads at a time: building on meta patches torch process-wide
 
 
@@ -63,6 +64,7 @@ class Worker(threading.Thread):
         self.batches = 0  # forward passes of the batch (continuous), or generate calls
         self.batch: Batch | None = None  # the running batch (continuous batching), once loaded
         self.images_join = False  # image requests decode in the batch
+        self.copies = 1  # replicas computing at once, this one included (they share the free cores)
         # how it serves, for the start-up line
         self.batching = "one generate at a time (greedy text requests together)" if max_batch > 1 else "one at a time"
         # cache tokens its plan holds: sequences x (prompt + new); Engine adds the images' tokens
@@ -134,6 +136,9 @@ class Worker(threading.Thread):
         """Continuous batching: between two decode steps, the requests waiting join while the
         plan's token budget has room (in arrival order; a request that must run alone waits for the
         batch to empty, and those behind it wait too); finished rows leave at once."""
+        from fitmap.runtime import threads
+
+        tune = threads.Tuner(threads.current() or threads.choose((self.plan,)), self.copies)
         waiting: collections.deque[Request] = collections.deque()
         stopping = False
         while not stopping:
@@ -176,6 +181,7 @@ class Worker(threading.Thread):
                 self.batches += 1
                 self._finished(batch)
             if batch.rows and not stopping:
+                tune()
                 try:
                     batch.step()
                 except BaseException as e:  # every request of the batch fails; the replica goes on
@@ -400,7 +406,12 @@ class Engine:
     """The replicas of one model and the router in front of them."""
 
     def __init__(
-        self, model_dir: Path, plan: ServePlan, trust_remote_code: bool = False, max_queue: int = 64, max_batch: int = 8
+        self,
+        model_dir: Path,
+        plan: ServePlan,
+        trust_remote_code: bool = False,
+        max_queue: int = 64,
+        max_batch: int | None = None,
     ) -> None:
         self.model_dir, self.plan, self.max_queue = model_dir, plan, max_queue
         from fitmap.model.build import load_config
@@ -411,10 +422,11 @@ class Engine:
         self.config = config
         # a replica decodes together at most the requests its plan holds KV and activations for
         self.workers = [
-            Worker(i, model_dir, r.plan, self.base, trust_remote_code, max(1, max_batch))
+            Worker(i, model_dir, r.plan, self.base, trust_remote_code, UNCAPPED if max_batch is None else max_batch)
             for i, r in enumerate(plan.replicas)
         ]
         for w in self.workers:  # the images each request may carry add their tokens to the budget
+            w.copies = len(self.workers)
             w.budget += w.plan.workload.batch * _image_tokens(config, w.plan.workload.images)
         self.started = time.time()
         self.rejected = 0

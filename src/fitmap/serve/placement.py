@@ -1,13 +1,14 @@
 """Placement for serving: one copy split across the GPUs, or k replicas on disjoint GPU groups.
 
 The throughput model is the server's own (:mod:`fitmap.serve.engine`): each copy of the
-model decodes one request at a time, its units one after another. A split copy over g
-GPUs therefore keeps one GPU busy at a time; k replicas decode k requests at once. So,
-for the same requests, k replicas give about k times the decode throughput of one
+model decodes its running batch one step at a time, its units one after another. A split
+copy over g GPUs therefore keeps one GPU busy at a time; k replicas decode k batches at
+once. So, for the same requests, k replicas give about k times the decode throughput of one
 split copy, provided each replica holds its share of the concurrent requests (batch =
-ceil(concurrency / k), the workload's prompt, new tokens and images) on its own GPUs
-without offloading. The most replicas that fit are chosen; the plan says, in numbers,
-why each larger count did not fit. ``replicas=`` overrides the choice (it must fit).
+ceil(concurrency / k), the workload's prompt, new tokens and images: its cache-token
+budget) on its own GPUs without offloading. The most replicas that fit are chosen; the plan
+says, in numbers, why each larger count did not fit. ``replicas=`` overrides the choice (it
+must fit).
 """
 
 from __future__ import annotations
