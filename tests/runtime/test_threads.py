@@ -109,7 +109,7 @@ def test_the_tuner_uses_the_cores_other_processes_leave_free(monkeypatch):
 
     def run() -> None:
         for copies, steps in ((1, 4), (2, 2)):
-            tune = threads.Tuner(chosen, copies=copies, every=0.5)
+            tune = threads.Tuner(chosen, copies=copies, every=0.5)  # sampled each call (1 s apart)
             for _ in range(steps):
                 tune()
                 seen.append(torch.get_num_threads())
@@ -119,4 +119,17 @@ def test_the_tuner_uses_the_cores_other_processes_leave_free(monkeypatch):
     t.start()
     t.join()
     assert seen[1:4] == [2, 1, 1] and seen[5] == 1
+    idle = threads.Tuner(chosen, every=0.5)
+    idle.last = (clock["t"] - 60.0, 0, 0, 0)  # a sample from before a minute idle
+    monkeypatch.setattr(threads, "_jiffies", lambda: (100, 10, 9, 2))
+    torch.set_num_threads(2)
+    idle()
+    assert idle.last is not None and idle.last[0] == clock["t"] and torch.get_num_threads() == chosen.count
     assert threads.Tuner(threads.Threads(3, "--threads")).most == 0  # the user's count is left alone
+    busy = threads.Tuner(chosen, work=32 * MiB, every=0.5)  # cores taken, but a step of many rows
+    busy.free = 0.4
+    busy.last = (clock["t"], 0, 0, 0)
+    busy(rows=4)
+    assert torch.get_num_threads() == 1  # 128 MiB a step: one thread
+    busy(rows=16)
+    assert torch.get_num_threads() == 2  # 512 MiB a step: threads pay even on taken cores

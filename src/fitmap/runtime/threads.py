@@ -112,35 +112,49 @@ def current() -> Threads | None:
 
 
 class Tuner:
-    """Called between decode steps in the thread that computes: every ``every`` seconds, uses as
-    many threads as the cores other processes leave free, shared among ``copies`` copies that
-    compute at once, between 1 and ``threads.most`` (a fixed count is left alone). Linux only
-    (``/proc``); elsewhere the count stays."""
+    """Called between decode steps in the thread that computes, with the rows the step decodes.
+    Every ``every`` seconds it samples the cores other processes keep busy; each call then uses,
+    between 1 and ``threads.most`` (a fixed count is left alone), the more of: the free cores
+    (shared among ``copies`` copies computing at once), and one thread per ``BYTES_PER_THREAD``
+    of the step's work (``work`` bytes of weights per row: a step that large keeps its threads
+    busy between barriers even on taken cores, and more threads get more of the CPU's time).
+    Linux only (``/proc``); elsewhere the count stays."""
 
-    def __init__(self, threads: Threads | None, copies: int = 1, every: float = 0.5) -> None:
+    def __init__(self, threads: Threads | None, copies: int = 1, work: int = 0, every: float = 0.2) -> None:
         self.most = threads.most if threads is not None else 0
-        self.copies, self.every = max(1, copies), every
+        self.start = threads.count if threads is not None else 1
+        self.copies, self.work, self.every = max(1, copies), work, every
         self.last: tuple[float, int, int, int] | None = None  # (time, all jiffies, busy jiffies, own jiffies)
-        self.others = 0.0  # cores other processes kept busy over the last interval
+        self.free: float | None = None  # cores the others left free over the last interval (None: not measured)
 
-    def __call__(self) -> None:
+    def __call__(self, rows: int = 1) -> None:
         if self.most <= 1:
             return
         now = time.monotonic()
-        if self.last is not None and now - self.last[0] < self.every:
+        if self.last is None or now - self.last[0] >= self.every:
+            self._sample(now)
+        if self.free is None:
             return
+        want = max(int(self.free / self.copies + 0.5), self.work * rows // BYTES_PER_THREAD)
+        want = max(1, min(self.most, want))
+        if torch.get_num_threads() != want:
+            torch.set_num_threads(want)
+
+    def _sample(self, now: float) -> None:
         sample = _jiffies()
         if sample is None:
             self.most = 0
             return
         total, busy, own, cpus = sample
+        if self.last is not None and now - self.last[0] > 5 * self.every:
+            # idle since: what the cores did then says nothing of now; the chosen count until measured
+            self.last, self.free = None, None
+            if torch.get_num_threads() != self.start:
+                torch.set_num_threads(self.start)
         if self.last is not None and total > self.last[1]:
             _, total0, busy0, own0 = self.last
-            self.others = max(0.0, (busy - busy0 - (own - own0)) / (total - total0) * cpus)
-            free = min(cores(), cpus - self.others)
-            want = max(1, min(self.most, int(free / self.copies + 0.5)))
-            if torch.get_num_threads() != want:
-                torch.set_num_threads(want)
+            others = max(0.0, (busy - busy0 - (own - own0)) / (total - total0) * cpus)
+            self.free = min(cores(), cpus - others)
         self.last = (now, total, busy, own)
 
 
