@@ -126,10 +126,7 @@ def test_the_tuner_uses_the_cores_other_processes_leave_free(monkeypatch):
     idle()
     assert idle.last is not None and idle.last[0] == clock["t"] and torch.get_num_threads() == chosen.count
     assert threads.Tuner(threads.Threads(3, "--threads")).most == 0  # the user's count is left alone
-    busy = threads.Tuner(chosen, work=32 * MiB, every=0.5)  # cores taken, but a step of many rows
-    busy.free = 0.4
-    busy.last = (clock["t"], 0, 0, 0)
-    busy(rows=4)
-    assert torch.get_num_threads() == 1  # 128 MiB a step: one thread
-    busy(rows=16)
-    assert torch.get_num_threads() == 2  # 512 MiB a step: threads pay even on taken cores
+    floor = threads.Tuner(threads.Threads(2, "6 GiB a token", most=4), every=0.5)  # cores taken
+    floor.free, floor.last = 0.4, (clock["t"], 0, 0, 0)
+    floor()
+    assert torch.get_num_threads() == 2  # never below the count the model's work chose

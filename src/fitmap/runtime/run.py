@@ -176,7 +176,7 @@ class _Tuning:
     def __init__(self, plan: Plan) -> None:
         from fitmap.runtime import threads
 
-        self.tune = threads.Tuner(threads.current() or threads.choose((plan,)), work=threads.cpu_work(plan))
+        self.tune = threads.Tuner(threads.current() or threads.choose((plan,)))
 
     def __call__(self, input_ids, scores, **kwargs):
         self.tune()

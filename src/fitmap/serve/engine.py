@@ -138,9 +138,7 @@ class Worker(threading.Thread):
         batch to empty, and those behind it wait too); finished rows leave at once."""
         from fitmap.runtime import threads
 
-        tune = threads.Tuner(
-            threads.current() or threads.choose((self.plan,)), self.copies, work=threads.cpu_work(self.plan)
-        )
+        tune = threads.Tuner(threads.current() or threads.choose((self.plan,)), self.copies)
         waiting: collections.deque[Request] = collections.deque()
         stopping = False
         while not stopping:
@@ -183,7 +181,7 @@ class Worker(threading.Thread):
                 self.batches += 1
                 self._finished(batch)
             if batch.rows and not stopping:
-                tune(len(batch.rows))
+                tune()
                 try:
                     batch.step()
                 except BaseException as e:  # every request of the batch fails; the replica goes on

@@ -110,9 +110,27 @@ def decode_inputs(model: nn.Module, inputs: dict, cache: Any, past: int) -> dict
             "use_cache": True,
             "cache_position": torch.arange(past, past + 1, device=device),
         }
-        if "image_grid_thw" in inputs:  # Qwen2-VL keeps its rope deltas from the prefill
+        after = _decode_positions(model, inputs, past)
+        if after is not None:
+            step["position_ids"] = after
+        elif "image_grid_thw" in inputs:  # Qwen2-VL keeps its rope deltas from the prefill
             step["position_ids"] = torch.full((3, b, 1), past, dtype=torch.long, device=device)
     return _accepted(model.forward, {**step, **_last_logit_only(model)})
+
+
+def _decode_positions(model: nn.Module, inputs: dict, past: int) -> torch.Tensor | None:
+    """The position ids of the token after ``past`` cached ones as ``generate`` makes them: the
+    model's own ``_prepare_position_ids_for_generation`` on the prompt (text positions, or the
+    3-D / 4-D multimodal ones of Qwen2-VL's kin), each axis counted on from its last prompt
+    position. None where the model has no such method (transformers 4.x) or no ``input_ids``."""
+    prepare = getattr(model, "_prepare_position_ids_for_generation", None)
+    ids = inputs.get("input_ids")
+    if prepare is None or ids is None or "position_ids" not in inspect.signature(model.forward).parameters:
+        return None
+    kwargs = {k: v for k, v in inputs.items() if k != "input_ids"}
+    kwargs.setdefault("attention_mask", torch.ones_like(ids))
+    positions = prepare(ids, kwargs)
+    return positions[..., -1:] + (past + 1 - ids.shape[1])
 
 
 def grow_cache(cache: Any, length: int, prefill: int) -> Any:
