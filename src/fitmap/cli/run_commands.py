@@ -18,7 +18,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from fitmap import pipeline
     from fitmap.planning.devices import make_machine
     from fitmap.runtime.run import local_model_dir
-    from fitmap.serve.placement import ServePlan, serve_plan
+    from fitmap.serve.placement import serve_plan
 
     try:
         import fastapi  # noqa: F401
@@ -27,18 +27,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise BadInput(
             "fitmap serve needs FastAPI and uvicorn: pip install -e '.[serve]' (or pip install fastapi uvicorn)"
         ) from None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise BadInput(
-            "fitmap serve does not run as pipeline stages across processes yet; under torchrun use fitmap run "
-            "or fitmap chat, or serve on one machine"
-        )
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
     for name in ("prompt", "new", "max_queue", "max_batch"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise BadInput(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
     _threads_in_range(args.threads)
     name = served_name(args.model, args.served_model_name)
     _port_in_range(args.port)
-    _port_free(args.host, args.port)
+    if rank == 0:  # under torchrun only rank 0 listens; the others run their stage
+        _port_free(args.host, args.port)
     machine = make_machine(args.gpus, args.cpu, args.disk, args.reserve)
     req = pipeline.PlanRequest(
         args.model,
@@ -56,14 +54,44 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model_dir = local_model_dir(prep)
     if args.plan:
         try:
-            sp = ServePlan.from_json(json.loads(Path(args.plan).read_text()))
+            sp = _read_serve_plan(json.loads(Path(args.plan).read_text()))
         except (OSError, ValueError) as e:
             raise BadInput(
                 f"cannot read the serve plan {args.plan}: {e}; write one with fitmap plan --serve --out"
             ) from None
     else:
-        sp = serve_plan(req, concurrency(args, machine), args.replicas, prep)
+        sp = serve_plan(req, concurrency(args, machine), 1 if ranks > 1 else args.replicas, prep)
+    if ranks > 1 and len(sp.replicas) != 1:
+        raise BadInput(
+            f"under torchrun fitmap serve runs one copy as pipeline stages across the {ranks} processes; "
+            f"the serve plan has {len(sp.replicas)} replicas (plan with --replicas 1)"
+        )
+    if ranks > 1 and rank > 0:
+        return _serve_stage(model_dir, sp, args)
     return _serve(model_dir, sp, args, name)
+
+
+def _read_serve_plan(d: dict):
+    """A serve plan (``fitmap plan --serve --out``), or a plain plan (``fitmap plan --out``) as one copy."""
+    from fitmap.planning.plan import Plan
+    from fitmap.serve.placement import Replica, ServePlan
+
+    if "fitmap_plan" in d and "replicas" not in d:
+        plan = Plan.from_json(d)
+        gpus = tuple(sorted({int(v) for v in plan.device_map.values() if str(v).isdigit()}))
+        return ServePlan((Replica(gpus, plan),), plan.workload.batch, "one copy (the plan given)", ())
+    return ServePlan.from_json(d)
+
+
+def _serve_stage(model_dir, sp, args: argparse.Namespace) -> int:
+    """A rank > 0 under torchrun: loads its stage of the one copy and runs it for rank 0's server
+    until rank 0 stops (then ``StageDone``: exit 0, nothing printed)."""
+    from fitmap.runtime import threads
+    from fitmap.runtime.run import start
+
+    threads.fix(threads.choose([sp.replicas[0].plan], args.threads))
+    start(model_dir, sp.replicas[0].plan, args.trust_remote_code)
+    return 0
 
 
 def served_name(model: str, given: str | None = None) -> str:
@@ -138,10 +166,18 @@ def _serve(model_dir, sp, args, name: str) -> int:
     )
     aliases = (args.model,) if args.model != name else ()
     app = create_app(engine, name, args.api_key, Limits(queue=args.max_queue), aliases=aliases)
+    import signal
+
+    # uvicorn stops on SIGTERM and raises it again when done: kept here, the replicas are closed and,
+    # under torchrun (which sends it when another rank ends), the rank that is gone is named
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
         engine.stop()
+        signal.signal(signal.SIGTERM, previous)
+    if engine.fatal is not None:  # a stage's rank failed: the server stopped; say why, exit 1
+        raise engine.fatal
     return 0
 
 

@@ -241,13 +241,19 @@ def _put(model: nn.Module, path: str, module: nn.Module) -> None:
         setattr(parent, name, module)
 
 
-def stop(world: int) -> None:
-    """Rank 0: the others leave their loops."""
+def stop(
+    world: int, stage: Mapping[str, int] | None = None, hosts: Mapping[int, str] | None = None
+) -> RankFailed | None:
+    """Rank 0: the others leave their loops. A rank found gone is returned, named with its host and
+    stage (``stage``: unit -> rank), for the line the user reads."""
+    failed = None
     for r in range(1, world):
         try:
             _send(("stop", [], (), {}, False), r)
-        except RankFailed:
-            pass
+        except RankFailed as e:
+            names = [u for u, x in (stage or {}).items() if x == r] or [f"rank {r}'s units"]
+            failed = failed or _named(e, r, names, {"hosts": dict(hosts or {})})
+    return failed
 
 
 # --------------------------------------------------------------------------- other ranks: a stage
@@ -337,8 +343,14 @@ def load_stage(model: str, model_dir: Any, plan: Plan, ranks: Ranks, trust_remot
     mine, remote = local_plan(plan, stage, ranks.rank)
     loaded = load(model_dir, mine, trust_remote_code=trust_remote_code, readahead=readahead, remote=remote)
     if ranks.rank == 0:
-        attach_proxies(loaded.model, stage, blocks, loaded.input_device, dict(enumerate(plan.hosts)))
-        loaded.on_close.append(lambda: stop(ranks.world))
+        hosts = dict(enumerate(plan.hosts))
+        attach_proxies(loaded.model, stage, blocks, loaded.input_device, hosts)
+        ordered = {b: stage[b] for b in blocks if b in stage} | {u: r for u, r in stage.items() if u not in blocks}
+
+        def stop_others() -> None:
+            loaded.closing_error = stop(ranks.world, ordered, hosts)
+
+        loaded.on_close.append(stop_others)
         return loaded
     own = [b for b in blocks if stage[b] == ranks.rank]
     device = next(loaded.model.get_submodule(own[0]).parameters()).device if own else torch.device("cpu")

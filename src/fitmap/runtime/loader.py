@@ -66,6 +66,7 @@ class LoadedModel:
     _hooks: hooks.Hooks | None = field(default=None, repr=False)
     _offload: offload.Offload | None = field(default=None, repr=False)
     on_close: list[Callable[[], None]] = field(default_factory=list, repr=False)  # run first by close()
+    closing_error: BaseException | None = field(default=None, repr=False)  # what close() found (a rank gone)
 
     def close(self) -> None:
         """Detach hooks, stop read-ahead, and drop every weight (back to ``meta``)."""

@@ -64,6 +64,7 @@ class Worker(threading.Thread):
         self.batches = 0  # forward passes of the batch (continuous), or generate calls
         self.batch: Batch | None = None  # the running batch (continuous batching), once loaded
         self.images_join = False  # image requests decode in the batch
+        self.fatal: BaseException | None = None  # a failure that ends the server (another rank gone)
         self.copies = 1  # replicas computing at once, this one included (they share the free cores)
         # how it serves, for the start-up line
         self.batching = "one generate at a time (greedy text requests together)" if max_batch > 1 else "one at a time"
@@ -81,9 +82,13 @@ class Worker(threading.Thread):
             from fitmap.runtime.run import own_chat
 
             self.own = own_chat(self.loaded.model)
+            from fitmap.runtime.distributed import Ranks
             from fitmap.serve.batcher import Batch, cache_kind
 
-            kind = cache_kind(self.loaded.model) if self.own is None and self.max_batch > 1 else None
+            staged = Ranks.from_env() is not None  # other ranks keep their layers' caches: no rows join them yet
+            kind = cache_kind(self.loaded.model) if self.own is None and self.max_batch > 1 and not staged else None
+            if staged:
+                self.batching = "one generate at a time across the ranks' stages (greedy text requests together)"
             if kind is not None:
                 tok, model = self.base.tokenizer, self.loaded.model
                 self.images_join = kind[1]
@@ -107,6 +112,8 @@ class Worker(threading.Thread):
         else:
             self._continuously(self.batch)
         self.loaded.close()
+        if self.loaded.closing_error is not None and self.fatal is None:  # a stage's rank found gone at the end
+            self.fatal = self.loaded.closing_error
 
     def _one_generate_at_a_time(self) -> None:
         """Each request alone, or greedy text requests queued together in one ``generate`` (models
@@ -186,6 +193,7 @@ class Worker(threading.Thread):
                     batch.step()
                 except BaseException as e:  # every request of the batch fails; the replica goes on
                     batch.fail(e)
+                    self._fatal(e)
                 self.batches += 1
                 self._finished(batch)
         gone = RuntimeError("the server is shutting down")
@@ -264,12 +272,24 @@ class Worker(threading.Thread):
             for j in batch:
                 if not j.closed:
                     j.emit(e)
+            self._fatal(e)
         finally:
             with self.lock:
                 self.pending -= len(batch)
             self.served += len(batch)
             self.tokens += sum(j.completion_tokens for j in batch)
             self.batches += 1
+
+    def _fatal(self, e: BaseException) -> None:
+        """A stage's rank that failed (torchrun) cannot serve again: the server stops, and says why."""
+        from fitmap.runtime.distributed import RankFailed
+
+        if isinstance(e, RankFailed) and self.fatal is None:
+            import os
+            import signal
+
+            self.fatal = e
+            os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's graceful shutdown; cmd_serve raises it then
 
     def _batchable(self, job: Request) -> bool:
         """Greedy text requests without stop strings share one generate (images and a model's own
@@ -448,6 +468,10 @@ class Engine:
         for w in self.workers:
             if w.is_alive():
                 w.join(timeout=30)
+
+    @property
+    def fatal(self) -> BaseException | None:
+        return next((w.fatal for w in self.workers if w.fatal is not None), None)
 
     def retry_after(self) -> int:
         """Seconds a client turned away should wait: the time the server, at the rate it has

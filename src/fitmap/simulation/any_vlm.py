@@ -107,6 +107,9 @@ def _feature_count(model, processor, size: tuple[int, int], device, dtype, takes
     counter = _feature_owner(model)
     assert counter is not None  # by_the_model checked
     wanted = parameters(counter.get_image_features) or takes
+    inner = getattr(counter, "model", None)  # a wrapper passing **kwargs on: what its base model names too
+    if inner is not None and callable(getattr(inner, "get_image_features", None)):
+        wanted |= parameters(inner.get_image_features)  # Video-LLaMA 3's image_merge_sizes
     inputs = _pixel_inputs(processor, [[blank(*size)]], device, dtype, wanted | takes)
     if "pixel_values" in wanted and "pixel_values" not in inputs:  # named for the forward (Video-LLaVA's
         named = next((k for k in inputs if k.startswith("pixel_values")), None)  # pixel_values_images)
