@@ -605,7 +605,22 @@ def tiny_config(model_type: str):
         small["is_decoder"] = True  # BERT-like encoders as causal LMs (BertLMHeadModel), as their docs say
     _code_defaults(small, model_type)
     _derived(small, model_type)
+    _token_ids(small, model_type)
     return cls.from_dict(small)
+
+
+def _token_ids(d: dict, model_type: str) -> None:
+    """The special token ids the model's code reads from its config (``self.config.vision_start_token_id``)
+    where the config class has no default for them (the published configs set them): ids from the top
+    of the vocabulary, each its own."""
+    vocab = next((c["vocab_size"] for c in _configs(d) if isinstance(c.get("vocab_size"), int)), None)
+    if not vocab:
+        return
+    taken = {v for c in _configs(d) for k, v in c.items() if k.endswith("_token_id") and isinstance(v, int)}
+    free = (i for i in range(vocab - 1, 0, -1) if i not in taken)
+    for name in sorted(set(re.findall(r"self\.config\.(\w+_token_id)\b", _modeling_source(model_type)))):
+        if d.get(name) is None:
+            d[name] = next(free)
 
 
 def _derived(d: dict, model_type: str) -> None:
