@@ -46,6 +46,14 @@ def test_stages_in_several_processes_give_from_pretraineds_tokens(checkpoints, t
     got = json.loads((tmp_path / "out.json").read_text())
     assert torch.equal(torch.tensor(got["tokens"]), expected)
     assert torch.equal(torch.tensor(got["again"]), expected[:1])  # a second generation gets a fresh cache
+    # before loading, each rank says which files it reads: the last stage, not every shard
+    said = {
+        int(line.split()[2].rstrip(":")): line for line in done.stderr.splitlines() if line.startswith("fitmap rank")
+    }
+    assert sorted(said) == list(range(procs))
+    shards = sorted(p.name for p in d.glob("*.safetensors"))
+    last = [name for name in shards if name in said[procs - 1]]
+    assert 0 < len(last) < len(shards)
 
 
 def test_a_vlm_split_across_processes_gives_from_pretraineds_tokens_with_an_image(checkpoints, tmp_path):

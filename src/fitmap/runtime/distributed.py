@@ -341,7 +341,23 @@ def load_stage(model: str, model_dir: Any, plan: Plan, ranks: Ranks, trust_remot
     blocks = [u.name for u in sk.units if u.layer is not None]
     stage = stages(plan, blocks, ranks.world)
     mine, remote = local_plan(plan, stage, ranks.rank)
-    loaded = load(model_dir, mine, trust_remote_code=trust_remote_code, readahead=readahead, remote=remote)
+
+    def announce(files: tuple[str, ...], nbytes: int) -> None:  # before this rank reads a weight
+        import sys
+
+        from fitmap.sizes import fmt_bytes
+
+        names = ", ".join(files[:6]) + (f", ... ({len(files)} in all)" if len(files) > 6 else "")
+        print(f"fitmap rank {ranks.rank}: reads {fmt_bytes(nbytes)} from {names}", file=sys.stderr, flush=True)
+
+    loaded = load(
+        model_dir,
+        mine,
+        trust_remote_code=trust_remote_code,
+        readahead=readahead,
+        remote=remote,
+        announce=announce,
+    )
     if ranks.rank == 0:
         hosts = dict(enumerate(plan.hosts))
         attach_proxies(loaded.model, stage, blocks, loaded.input_device, hosts)

@@ -99,6 +99,7 @@ def load(
     readahead: bool = True,
     progress: bool = True,
     remote: frozenset[str] = frozenset(),
+    announce: Callable[[tuple[str, ...], int], None] | None = None,
 ) -> LoadedModel:
     """Build ``model_dir``'s model on meta and place its weights per ``plan``.
 
@@ -107,7 +108,8 @@ def load(
     or more. Raises :class:`BadInput` (plan does not fit this model or machine),
     :class:`CheckpointError` (missing or corrupt files), :class:`MissingWeights`
     (tensors the checkpoint lacks), all before anything stays allocated. ``remote``: units another
-    process runs (:mod:`fitmap.runtime.distributed`), left unloaded on ``meta``.
+    process runs (:mod:`fitmap.runtime.distributed`), left unloaded on ``meta``; ``announce`` is
+    given the checkpoint files this process reads and their bytes for it, before any weight is read.
     """
     start = time.perf_counter()
     remote_code_flag(trust_remote_code)
@@ -121,6 +123,8 @@ def load(
     ckpt.check_complete(model)
     targets = load_targets(model, layout, ckpt)
     _check_quantized_resident(model, layout)
+    if announce is not None:
+        announce(*_files_read(model, layout, ckpt))
     try:
         loaded = place(model, layout, ckpt, targets, progress)
         compute_buffers(model, ckpt, targets)
@@ -293,6 +297,22 @@ def load_targets(model: nn.Module, layout: Layout, ckpt: Checkpoint) -> dict[str
         else:  # resident: non-persistent and computed buffers, units that offload cannot hook
             out[key] = p.runs_on
     return out
+
+
+def _files_read(model: nn.Module, layout: Layout, ckpt: Checkpoint) -> tuple[tuple[str, ...], int]:
+    """The checkpoint files the units this process runs are read from, and the bytes read from them."""
+    files: set[str] = set()
+    nbytes = 0
+    for key, _ in named_tensors(model):
+        p = layout.unit_of(key)
+        if p is None or p.tier == "remote":
+            continue
+        if key in ckpt.where:
+            files.add(ckpt.where[key][0])
+        elif key in ckpt.merged:
+            files |= {ckpt.files[c] for _, keys in ckpt.merged[key].sources for c in keys if c in ckpt.files}
+        nbytes += ckpt.nbytes.get(key, 0)
+    return tuple(sorted(files)), nbytes
 
 
 def streamed_units(model: nn.Module, layout: Layout) -> set[str]:
