@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -33,6 +35,9 @@ from fitmap.errors import FitmapError
 from fitmap.planning.plan import Plan
 
 TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("FITMAP_DIST_TIMEOUT", "30")))
+# rank 0's exchanges with the other ranks, one at a time; and when it last sent them anything
+_EXCHANGE = threading.RLock()
+_SENT = [time.monotonic()]
 KV_NAMES = ("past_key_values", "cache", "past_key_value", "layer_past")
 
 
@@ -109,6 +114,7 @@ def _send(obj: Any, dst: int) -> None:
         dist.send_object_list([tree_map(_to_cpu, obj)], dst=dst)
     except RuntimeError as e:
         raise RankFailed(f"rank {dst} is gone: {_first_line(e)}") from None
+    _SENT[0] = time.monotonic()
 
 
 def _recv(src: int, device: torch.device) -> Any:
@@ -134,10 +140,13 @@ def _first_line(e: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------- rank 0: proxies
-def _strip_cache(args: tuple, kwargs: dict) -> tuple[dict, bool]:
-    """The keyword arguments without the KV cache (each rank keeps its own layers'), and whether this
-    step starts a generation: rank 0's cache (its own blocks ran first) holds no earlier tokens."""
-    fresh = True
+def _strip_cache(args: tuple, kwargs: dict) -> tuple[dict, tuple[bool, int | None]]:
+    """The keyword arguments without the KV cache (each rank keeps its own layers'); whether this
+    step starts a generation (rank 0's cache, its own blocks having run first, holds no earlier
+    tokens) and the number naming rank 0's cache (the other ranks keep one cache per number)."""
+    from fitmap.runtime import kv
+
+    fresh, name = True, None
     out = {}
     for k, v in kwargs.items():
         if k in KV_NAMES:
@@ -145,9 +154,11 @@ def _strip_cache(args: tuple, kwargs: dict) -> tuple[dict, bool]:
             length = getattr(v, "get_seq_length", None)
             if callable(length) and isinstance(hidden, torch.Tensor) and hidden.dim() >= 2:
                 fresh = int(length()) <= int(hidden.shape[-2])
+            if v is not None:
+                name = kv.key(v)
             continue
         out[k] = v
-    return out, fresh
+    return out, (fresh, name)
 
 
 class _RunProxy(nn.Module):
@@ -160,8 +171,9 @@ class _RunProxy(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         rest, fresh = _strip_cache(args, kwargs)
         try:
-            _send(("run", self.names, args, rest, fresh), self.rank)
-            out = _recv(self.rank, self.device)
+            with _EXCHANGE:
+                _send(("run", self.names, args, rest, fresh), self.rank)
+                out = _recv(self.rank, self.device)
         except RankFailed as e:
             raise _named(e, self.rank, self.names, self.shared) from None
         self.shared[self.names[-1]] = out
@@ -198,8 +210,9 @@ class _CallProxy(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         rest, _ = _strip_cache(args, kwargs)
         try:
-            _send(("call", [self.name], args, rest, False), self.rank)
-            return _recv(self.rank, self.device)
+            with _EXCHANGE:
+                _send(("call", [self.name], args, rest, False), self.rank)
+                return _recv(self.rank, self.device)
         except RankFailed as e:
             raise _named(e, self.rank, [self.name], {}) from None
 
@@ -241,6 +254,43 @@ def _put(model: nn.Module, path: str, module: nn.Module) -> None:
         setattr(parent, name, module)
 
 
+class _KeepAlive(threading.Thread):
+    """Rank 0: while it sends nothing for a while (idle between requests or turns), a ping to every
+    other rank, so that their wait for the next step stays within ``TIMEOUT`` and a silent rank 0
+    (hung, or gone) is still noticed there within it."""
+
+    def __init__(self, world: int) -> None:
+        super().__init__(name="fitmap-keepalive", daemon=True)
+        self.world, self.done = world, threading.Event()
+
+    def run(self) -> None:
+        every = TIMEOUT.total_seconds() / 4
+        while not self.done.wait(every):
+            if time.monotonic() - _SENT[0] < every or not _EXCHANGE.acquire(blocking=False):
+                continue
+            try:
+                for r in range(1, self.world):
+                    _send(("ping", [], (), {}, None), r)
+            except RankFailed:
+                return  # the next exchange of the run says which rank, and stops
+            finally:
+                _EXCHANGE.release()
+
+
+def cache_ops(world: int) -> Any:
+    """Rank 0: what keeps the other ranks' caches in step with a continuous batch's
+    (:class:`fitmap.serve.batcher.Batch`): ``adopt`` a cache as the batch's, ``stack`` one under
+    another, ``select`` rows and columns, ``forget`` one. No answer is awaited: each rank applies
+    them in order, before the next step it is sent."""
+
+    def send(op: str, *params: Any) -> None:
+        with _EXCHANGE:
+            for r in range(1, world):
+                _send(("cache", [op], params, {}, None), r)
+
+    return send
+
+
 def stop(
     world: int, stage: Mapping[str, int] | None = None, hosts: Mapping[int, str] | None = None
 ) -> RankFailed | None:
@@ -249,7 +299,8 @@ def stop(
     failed = None
     for r in range(1, world):
         try:
-            _send(("stop", [], (), {}, False), r)
+            with _EXCHANGE:
+                _send(("stop", [], (), {}, False), r)
         except RankFailed as e:
             names = [u for u, x in (stage or {}).items() if x == r] or [f"rank {r}'s units"]
             failed = failed or _named(e, r, names, {"hosts": dict(hosts or {})})
@@ -258,15 +309,29 @@ def stop(
 
 # --------------------------------------------------------------------------- other ranks: a stage
 def serve_stage(model: nn.Module, device: torch.device, config: Any) -> None:
-    """Ranks > 0: run what rank 0 sends until it says stop. Each generation (a new cache on rank 0) gets
-    a new cache here, for this rank's layers."""
+    """Ranks > 0: run what rank 0 sends until it says stop. Each of rank 0's caches has one here, for
+    this rank's layers: a generation's, or a continuous batch's and the newcomer's being prefilled
+    (``cache`` operations keep their rows in step). A new generation drops the caches no batch keeps."""
+
+    caches: dict[Any, Any] = {}
+    kept: set[Any] = set()  # a continuous batch's
     cache: Any = None
     while True:
         op, names, args, kwargs, fresh = _recv(0, device)
         if op == "stop":
             return
-        if op == "run" and (fresh or cache is None):
-            cache = _new_cache(config)
+        if op == "ping":  # rank 0 is idle (a server between requests, a chat waiting for its user)
+            continue
+        if op == "cache":
+            _cache_op(caches, kept, names[0], args)
+            continue
+        if op == "run":
+            new, name = fresh if isinstance(fresh, tuple) else (fresh, None)
+            if new or name not in caches:
+                for k in [k for k in caches if k not in kept]:
+                    del caches[k]
+                caches[name] = _new_cache(config)
+            cache = caches[name]
         with torch.no_grad():
             if op == "call":
                 out = model.get_submodule(names[0])(*args, **kwargs)
@@ -279,6 +344,26 @@ def serve_stage(model: nn.Module, device: torch.device, config: Any) -> None:
                     out = model.get_submodule(name)(hidden, *rest, **kwargs, **extra)
                     hidden = out[0] if isinstance(out, tuple) else out
         _send(out, 0)
+
+
+def _cache_op(caches: dict, kept: set, op: str, params: tuple) -> None:
+    """One of :func:`cache_ops`'s operations on this rank's caches."""
+    from fitmap.runtime import kv
+
+    if op == "adopt":
+        kept.add(params[0])
+    elif op == "stack":
+        batch, newcomer, width = params
+        if caches.get(batch) is not None and caches.get(newcomer) is not None:
+            kv.stack(caches[batch], caches[newcomer], width)
+        caches.pop(newcomer, None)
+    elif op == "select":
+        name, rows, first = params
+        if caches.get(name) is not None:
+            kv.select(caches[name], rows, first)
+    elif op == "forget":
+        caches.pop(params[0], None)
+        kept.discard(params[0])
 
 
 def _new_cache(config: Any) -> Any:
@@ -363,10 +448,15 @@ def load_stage(model: str, model_dir: Any, plan: Plan, ranks: Ranks, trust_remot
         attach_proxies(loaded.model, stage, blocks, loaded.input_device, hosts)
         ordered = {b: stage[b] for b in blocks if b in stage} | {u: r for u, r in stage.items() if u not in blocks}
 
+        alive = _KeepAlive(ranks.world)
+        alive.start()
+
         def stop_others() -> None:
+            alive.done.set()
             loaded.closing_error = stop(ranks.world, ordered, hosts)
 
         loaded.on_close.append(stop_others)
+        loaded.cache_ops = cache_ops(ranks.world)
         return loaded
     own = [b for b in blocks if stage[b] == ranks.rank]
     device = next(loaded.model.get_submodule(own[0]).parameters()).device if own else torch.device("cpu")

@@ -67,6 +67,7 @@ class LoadedModel:
     _offload: offload.Offload | None = field(default=None, repr=False)
     on_close: list[Callable[[], None]] = field(default_factory=list, repr=False)  # run first by close()
     closing_error: BaseException | None = field(default=None, repr=False)  # what close() found (a rank gone)
+    cache_ops: Callable[..., None] | None = field(default=None, repr=False)  # other ranks' caches (torchrun)
 
     def close(self) -> None:
         """Detach hooks, stop read-ahead, and drop every weight (back to ``meta``)."""

@@ -20,10 +20,14 @@ and it has one seed for the whole manager.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from fitmap.runtime import kv
+from fitmap.runtime.kv import key
 
 if TYPE_CHECKING:
     from fitmap.serve.engine import Request
@@ -91,8 +95,13 @@ class Row:
 class Batch:
     """The rows one replica decodes together, and their cache."""
 
-    def __init__(self, model, device: torch.device, tokenizer, eos: set[int], cache_arg: str) -> None:
+    def __init__(
+        self, model, device: torch.device, tokenizer, eos: set[int], cache_arg: str, stages: Callable | None = None
+    ) -> None:
+        """``stages``: where other processes run some of the layers (torchrun), what keeps their caches'
+        rows in step with this one's (``LoadedModel.cache_ops``)."""
         self.model, self.device, self.tok, self.eos, self.cache_arg = model, device, tokenizer, eos, cache_arg
+        self.stages = stages
         params = inspect.signature(model.forward).parameters
         self.keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self.rows: list[Row] = []
@@ -124,6 +133,10 @@ class Batch:
     @property
     def width(self) -> int:
         return 0 if self.mask is None else int(self.mask.shape[1])
+
+    def _stages(self, op: str, *params) -> None:
+        if self.stages is not None:
+            self.stages(op, *params)
 
     def footprint(self, prompt: int = 0, new: int = 0) -> int:
         """Cache tokens the batch needs until its last row ends, with a request of ``prompt``
@@ -175,12 +188,12 @@ class Batch:
         nxt = torch.tensor([[token]], dtype=torch.long, device=self.device)
         if self.cache is None:
             self.cache, self.mask, self.next = cache, mask, nxt
+            self._stages("adopt", key(cache))
         else:
             assert self.mask is not None and self.next is not None  # set with the cache
-            for mine, theirs in zip(self.cache.layers, cache.layers):
-                mine.keys = torch.cat([_pad(mine.keys, width), _pad(theirs.keys, width)])
-                mine.values = torch.cat([_pad(mine.values, width), _pad(theirs.values, width)])
-            self.mask = torch.cat([_pad(self.mask, width, dim=1), _pad(mask, width, dim=1)])
+            kv.stack(self.cache, cache, width)
+            self._stages("stack", key(self.cache), key(cache), width)
+            self.mask = torch.cat([kv.pad(self.mask, width, dim=1), kv.pad(mask, width, dim=1)])
             self.next = torch.cat([self.next, nxt])
         self.rows.append(row)
 
@@ -225,15 +238,15 @@ class Batch:
         index = torch.tensor(keep, device=self.device)
         mask = self.mask.index_select(0, index)
         first = int(mask.any(dim=0).long().argmax())  # the first column a remaining row needs
-        for layer in self.cache.layers:
-            rows = index.to(layer.keys.device)
-            layer.keys = layer.keys.index_select(0, rows)[:, :, first:]
-            layer.values = layer.values.index_select(0, rows)[:, :, first:]
+        kv.select(self.cache, keep, first)
+        self._stages("select", key(self.cache), keep, first)
         self.mask, self.next = mask[:, first:], self.next.index_select(0, index)
         self.rows = [self.rows[i] for i in keep]
 
     def clear(self) -> None:
         self.ended += [r for r in self.rows if r not in self.ended]
+        if self.cache is not None:
+            self._stages("forget", key(self.cache))
         self.rows, self.cache, self.mask, self.next = [], None, None, None
 
     def take_ended(self) -> list[Row]:
@@ -293,13 +306,3 @@ class Batch:
         job.completion_tokens = len(row.ids)
         row.done = True
         self.ended.append(row)
-
-
-def _pad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
-    """``t`` left-padded with zeros along ``dim`` to ``width``."""
-    short = width - t.shape[dim]
-    if short <= 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = short
-    return torch.cat([t.new_zeros(shape), t], dim=dim)

@@ -82,17 +82,14 @@ class Worker(threading.Thread):
             from fitmap.runtime.run import own_chat
 
             self.own = own_chat(self.loaded.model)
-            from fitmap.runtime.distributed import Ranks
             from fitmap.serve.batcher import Batch, cache_kind
 
-            staged = Ranks.from_env() is not None  # other ranks keep their layers' caches: no rows join them yet
-            kind = cache_kind(self.loaded.model) if self.own is None and self.max_batch > 1 and not staged else None
-            if staged:
-                self.batching = "one generate at a time across the ranks' stages (greedy text requests together)"
+            kind = cache_kind(self.loaded.model) if self.own is None and self.max_batch > 1 else None
             if kind is not None:
                 tok, model = self.base.tokenizer, self.loaded.model
                 self.images_join = kind[1]
-                batch = Batch(model, self.loaded.input_device, tok, _eos_ids(model, tok), kind[0])
+                ops = self.loaded.cache_ops  # other ranks' stages (torchrun): their caches follow the batch's
+                batch = Batch(model, self.loaded.input_device, tok, _eos_ids(model, tok), kind[0], ops)
                 failed = batch.probe()
                 if failed is None:
                     self.batch = batch
