@@ -106,7 +106,7 @@ def up(port: int, proc: subprocess.Popen, log, seconds: float = 300) -> None:
     raise RuntimeError("server did not start")
 
 
-def tiny_qwen2(root: Path) -> Path:
+def tiny_qwen2(root: Path, hidden: int = 256, layers: int = 6) -> Path:
     """A Qwen2 text model with random weights and the demo's tokenizer and chat template."""
     import shutil
 
@@ -115,16 +115,16 @@ def tiny_qwen2(root: Path) -> Path:
 
     from fitmap.cli.demo import demo_checkpoint
 
-    target = root / "qwen2-tiny-random"
+    target = root / ("qwen2-tiny-random" if (hidden, layers) == (256, 6) else f"qwen2-random-h{hidden}-l{layers}")
     if (target / "config.json").is_file():
         return target
     demo = demo_checkpoint()
     tok = transformers.AutoTokenizer.from_pretrained(demo)
     cfg = transformers.Qwen2Config(
         vocab_size=len(tok),
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=6,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
         num_attention_heads=8,
         num_key_value_heads=4,
         max_position_embeddings=4096,

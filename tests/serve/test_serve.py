@@ -308,10 +308,10 @@ def test_a_request_that_fails_in_its_replica_is_a_500_and_nothing_leaks(tmp_path
     engine.start()
     real = Batch.join
 
-    def sometimes(self, job, inputs):
+    def sometimes(self, job, inputs, prefill=None):
         if job.messages and "boom" in job.messages[-1]["text"]:
             raise RuntimeError("CUDA out of memory (simulated)")
-        return real(self, job, inputs)
+        return real(self, job, inputs, prefill)
 
     monkeypatch.setattr(Batch, "join", sometimes)
     try:

@@ -34,7 +34,8 @@ def _ranks(torchrun: subprocess.Popen) -> dict[int, int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the ranks' processes through /proc")
-def test_serve_split_across_two_ranks_answers_the_openai_client_and_ends_when_a_rank_dies(tmp_path):
+@pytest.mark.parametrize("micro", [1, 2])
+def test_serve_split_across_two_ranks_answers_the_openai_client_and_ends_when_a_rank_dies(tmp_path, micro):
     import transformers
 
     from tests import tiny
@@ -47,6 +48,7 @@ def test_serve_split_across_two_ranks_answers_the_openai_client_and_ends_when_a_
     port = free_port()
     cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node=2", f"--master-port={free_port()}"]
     cmd += ["-m", "fitmap.cli", "serve", str(model), "--plan", str(tmp_path / "plan.json"), "--port", str(port)]
+    cmd += ["--micro-batches", str(micro)]  # 2: two continuous batches in flight, replies taken in order
     env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path), "FITMAP_DIST_TIMEOUT": "8"}
     env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

@@ -219,6 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health")
     g.add_argument("--max-queue", type=int, default=64, help="requests waiting or running before 429 (default 64)")
     g.add_argument(
+        "--micro-batches",
+        type=int,
+        default=1,
+        metavar="N",
+        help="under torchrun: N continuous batches in flight, so that one stage computes one while another "
+        "computes the next (default 1; pays where a step's compute, not its Python, dominates)",
+    )
+    g.add_argument(
         "--max-batch",
         type=int,
         help="at most this many requests in a replica's running batch (default: as many as its plan's "

@@ -29,7 +29,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ) from None
     ranks = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    for name in ("prompt", "new", "max_queue", "max_batch"):
+    for name in ("prompt", "new", "max_queue", "max_batch", "micro_batches"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise BadInput(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
     _threads_in_range(args.threads)
@@ -156,7 +156,7 @@ def _serve(model_dir, sp, args, name: str) -> int:
     # before the replicas' threads start: each keeps the count it first ran with
     chosen = threads.choose([r.plan for r in sp.replicas], args.threads)
     threads.fix(chosen)
-    engine = Engine(model_dir, sp, args.trust_remote_code, args.max_queue, args.max_batch)
+    engine = Engine(model_dir, sp, args.trust_remote_code, args.max_queue, args.max_batch, args.micro_batches)
     engine.start()
     print(
         f"fitmap serve: {name} on http://{args.host}:{args.port}/v1 — {sp.choice}; {len(sp.replicas)} "

@@ -35,8 +35,9 @@ from fitmap.errors import FitmapError
 from fitmap.planning.plan import Plan
 
 TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("FITMAP_DIST_TIMEOUT", "30")))
-# rank 0's exchanges with the other ranks, one at a time; and when it last sent them anything
-_EXCHANGE = threading.RLock()
+# rank 0's messages to the other ranks, one at a time (several threads may send: micro-batches in
+# flight); and when it last sent them anything
+_SEND = threading.RLock()
 _SENT = [time.monotonic()]
 KV_NAMES = ("past_key_values", "cache", "past_key_value", "layer_past")
 
@@ -161,6 +162,46 @@ def _strip_cache(args: tuple, kwargs: dict) -> tuple[dict, tuple[bool, int | Non
     return out, (fresh, name)
 
 
+class _Replies:
+    """A rank answers its requests in the order they came: each thread waiting for an answer from it
+    takes the next one when its request is the oldest unanswered, so several threads may have requests
+    in flight to the same rank (one micro-batch's stage runs there while rank 0 computes another's)."""
+
+    def __init__(self) -> None:
+        self.order: list[object] = []
+        self.turn = threading.Condition()
+
+    def exchange(self, rank: int, message: tuple, device: torch.device) -> Any:
+        ticket = object()
+        with _SEND:
+            with self.turn:
+                self.order.append(ticket)
+            try:
+                _send(message, rank)
+            except BaseException:
+                self._done(ticket)
+                raise
+        with self.turn:
+            while self.order[0] is not ticket:
+                self.turn.wait()
+        try:
+            return _recv(rank, device)
+        finally:
+            self._done(ticket)
+
+    def _done(self, ticket: object) -> None:
+        with self.turn:
+            self.order.remove(ticket)
+            self.turn.notify_all()
+
+
+_REPLIES: dict[int, _Replies] = {}
+
+
+def _exchange(rank: int, message: tuple, device: torch.device) -> Any:
+    return _REPLIES.setdefault(rank, _Replies()).exchange(rank, message, device)
+
+
 class _RunProxy(nn.Module):
     """Stands for blocks ``names`` of rank ``rank``: the first call of a step runs them all there."""
 
@@ -171,13 +212,19 @@ class _RunProxy(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         rest, fresh = _strip_cache(args, kwargs)
         try:
-            with _EXCHANGE:
-                _send(("run", self.names, args, rest, fresh), self.rank)
-                out = _recv(self.rank, self.device)
+            out = _exchange(self.rank, ("run", self.names, args, rest, fresh), self.device)
         except RankFailed as e:
             raise _named(e, self.rank, self.names, self.shared) from None
-        self.shared[self.names[-1]] = out
+        _outputs(self.shared)[self.names[-1]] = out
         return out
+
+
+def _outputs(shared: dict) -> dict:
+    """This thread's outputs of remote runs (each micro-batch's thread has its own)."""
+    local = shared.setdefault("outputs", threading.local())
+    if not hasattr(local, "by_name"):
+        local.by_name = {}
+    return local.by_name
 
 
 def _named(e: RankFailed, rank: int, names: list[str], shared: dict) -> RankFailed:
@@ -197,7 +244,7 @@ class _PassOn(nn.Module):
         self.last, self.shared = last, shared
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.shared[self.last]
+        return _outputs(self.shared)[self.last]
 
 
 class _CallProxy(nn.Module):
@@ -210,9 +257,7 @@ class _CallProxy(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         rest, _ = _strip_cache(args, kwargs)
         try:
-            with _EXCHANGE:
-                _send(("call", [self.name], args, rest, False), self.rank)
-                return _recv(self.rank, self.device)
+            return _exchange(self.rank, ("call", [self.name], args, rest, False), self.device)
         except RankFailed as e:
             raise _named(e, self.rank, [self.name], {}) from None
 
@@ -266,7 +311,7 @@ class _KeepAlive(threading.Thread):
     def run(self) -> None:
         every = TIMEOUT.total_seconds() / 4
         while not self.done.wait(every):
-            if time.monotonic() - _SENT[0] < every or not _EXCHANGE.acquire(blocking=False):
+            if time.monotonic() - _SENT[0] < every or not _SEND.acquire(blocking=False):
                 continue
             try:
                 for r in range(1, self.world):
@@ -274,19 +319,22 @@ class _KeepAlive(threading.Thread):
             except RankFailed:
                 return  # the next exchange of the run says which rank, and stops
             finally:
-                _EXCHANGE.release()
+                _SEND.release()
 
 
-def cache_ops(world: int) -> Any:
+def cache_ops(world: int, stage: Mapping[str, int] | None = None, hosts: Mapping[int, str] | None = None) -> Any:
     """Rank 0: what keeps the other ranks' caches in step with a continuous batch's
     (:class:`fitmap.serve.batcher.Batch`): ``adopt`` a cache as the batch's, ``stack`` one under
     another, ``select`` rows and columns, ``forget`` one. No answer is awaited: each rank applies
     them in order, before the next step it is sent."""
 
     def send(op: str, *params: Any) -> None:
-        with _EXCHANGE:
+        with _SEND:
             for r in range(1, world):
-                _send(("cache", [op], params, {}, None), r)
+                try:
+                    _send(("cache", [op], params, {}, None), r)
+                except RankFailed as e:
+                    raise _gone(e, r, stage, hosts) from None
 
     return send
 
@@ -299,12 +347,17 @@ def stop(
     failed = None
     for r in range(1, world):
         try:
-            with _EXCHANGE:
+            with _SEND:
                 _send(("stop", [], (), {}, False), r)
         except RankFailed as e:
-            names = [u for u, x in (stage or {}).items() if x == r] or [f"rank {r}'s units"]
-            failed = failed or _named(e, r, names, {"hosts": dict(hosts or {})})
+            failed = failed or _gone(e, r, stage, hosts)
     return failed
+
+
+def _gone(e: RankFailed, rank: int, stage: Mapping[str, int] | None, hosts: Mapping[int, str] | None) -> RankFailed:
+    """``e`` named with the rank's host and stage (``stage``: unit -> rank, in pipeline order)."""
+    names = [u for u, x in (stage or {}).items() if x == rank] or [f"rank {rank}'s units"]
+    return _named(e, rank, names, {"hosts": dict(hosts or {})})
 
 
 # --------------------------------------------------------------------------- other ranks: a stage
@@ -357,6 +410,7 @@ def _cache_op(caches: dict, kept: set, op: str, params: tuple) -> None:
         if caches.get(batch) is not None and caches.get(newcomer) is not None:
             kv.stack(caches[batch], caches[newcomer], width)
         caches.pop(newcomer, None)
+        kept.discard(newcomer)
     elif op == "select":
         name, rows, first = params
         if caches.get(name) is not None:
@@ -456,7 +510,7 @@ def load_stage(model: str, model_dir: Any, plan: Plan, ranks: Ranks, trust_remot
             loaded.closing_error = stop(ranks.world, ordered, hosts)
 
         loaded.on_close.append(stop_others)
-        loaded.cache_ops = cache_ops(ranks.world)
+        loaded.cache_ops = cache_ops(ranks.world, ordered, hosts)
         return loaded
     own = [b for b in blocks if stage[b] == ranks.rank]
     device = next(loaded.model.get_submodule(own[0]).parameters()).device if own else torch.device("cpu")

@@ -152,19 +152,29 @@ class Batch:
         """Real tokens in flight: every row's cache and what it may still generate."""
         return sum(r.length + r.job.max_tokens - len(r.ids) for r in self.rows)
 
-    def join(self, job: Request, inputs: dict) -> None:
-        """Prefill ``job`` alone, sample its first token; it joins the batch unless already done."""
+    def join(self, job: Request, inputs: dict, prefill: Any = None) -> None:
+        """Prefill ``job`` alone, sample its first token; it joins the batch unless already done.
+        ``prefill``: a lock held around the prefill (batches sharing a model in several threads: the
+        model keeps what its prefill leaves, multimodal RoPE's ``rope_deltas``)."""
+        import contextlib
+
         from transformers.cache_utils import DynamicCache
 
-        inner = getattr(self.model, "model", None)
-        if inner is not None and hasattr(inner, "rope_deltas"):
-            inner.rope_deltas = None  # what the last prefill left must not shift this one
         cache = DynamicCache(config=self.model.config)
+        self._stages("adopt", key(cache))  # another rank keeps its layers' rows of it until stacked
         n = int(inputs["input_ids"].shape[1])
         job.prompt_tokens = n
-        with torch.inference_mode():
-            out = self.model(**inputs, **{self.cache_arg: cache}, use_cache=True, **self.keep)
-        deltas = getattr(inner, "rope_deltas", None) if inner is not None else None
+        with prefill if prefill is not None else contextlib.nullcontext():
+            inner = getattr(self.model, "model", None)
+            if inner is not None and hasattr(inner, "rope_deltas"):
+                inner.rope_deltas = None  # what the last prefill left must not shift this one
+            try:
+                with torch.inference_mode():
+                    out = self.model(**inputs, **{self.cache_arg: cache}, use_cache=True, **self.keep)
+            except BaseException:
+                self._stages("forget", key(cache))
+                raise
+            deltas = getattr(inner, "rope_deltas", None) if inner is not None else None
         delta = int(deltas.reshape(-1)[0]) if isinstance(deltas, torch.Tensor) else 0
         row = Row(job, n, delta)
         if job.temperature > 0:
@@ -174,6 +184,7 @@ class Batch:
         del out
         self._take(row, token)
         if row.done:
+            self._stages("forget", key(cache))
             return
         try:
             self._stack(row, cache, token)
@@ -186,9 +197,8 @@ class Batch:
         width = max(self.width, row.length)
         mask = torch.ones((1, row.length), dtype=torch.long, device=self.device)
         nxt = torch.tensor([[token]], dtype=torch.long, device=self.device)
-        if self.cache is None:
+        if self.cache is None:  # adopted by the other ranks at its prefill
             self.cache, self.mask, self.next = cache, mask, nxt
-            self._stages("adopt", key(cache))
         else:
             assert self.mask is not None and self.next is not None  # set with the cache
             kv.stack(self.cache, cache, width)

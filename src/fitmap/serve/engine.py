@@ -62,9 +62,11 @@ class Worker(threading.Thread):
         self.loaded: LoadedModel | None = None
         self.own: str | None = None  # the model's own chat() form, if any (set once loaded)
         self.batches = 0  # forward passes of the batch (continuous), or generate calls
+        self.lanes: list[Batch] = []  # the running batches (one, or one per pipeline stage)
         self.batch: Batch | None = None  # the running batch (continuous batching), once loaded
         self.images_join = False  # image requests decode in the batch
         self.fatal: BaseException | None = None  # a failure that ends the server (another rank gone)
+        self.micro_batches = 1  # continuous batches in flight under torchrun (--micro-batches)
         self.copies = 1  # replicas computing at once, this one included (they share the free cores)
         # how it serves, for the start-up line
         self.batching = "one generate at a time (greedy text requests together)" if max_batch > 1 else "one at a time"
@@ -107,10 +109,34 @@ class Worker(threading.Thread):
         if self.batch is None:
             self._one_generate_at_a_time()
         else:
-            self._continuously(self.batch)
+            self._micro_batches(self.batch)
         self.loaded.close()
         if self.loaded.closing_error is not None and self.fatal is None:  # a stage's rank found gone at the end
             self.fatal = self.loaded.closing_error
+
+    def _micro_batches(self, first) -> None:
+        """One continuous batch; under torchrun with ``--micro-batches N``, N, each in a thread of its
+        own, so that a stage computes one while another stage computes the next (not where this rank
+        streams weights: its offload is not shared across threads)."""
+        from fitmap.runtime.distributed import Ranks
+        from fitmap.serve.batcher import Batch
+
+        ranks = Ranks.from_env()
+        count = self.micro_batches if ranks is not None and self._replica.offload_stats is None else 1
+        same = (first.model, first.device, first.tok, first.eos, first.cache_arg, first.stages)
+        self.lanes = [first] + [Batch(*same) for _ in range(count - 1)]
+        if count == 1:
+            self._continuously(first, self.budget)
+            return
+        self.batching += f", {count} micro-batches in flight"
+        prefill = threading.Lock()
+        share = (self.budget // count, prefill, -(-self.plan.workload.batch // count))
+        others = [threading.Thread(target=self._continuously, args=(b, *share), daemon=True) for b in self.lanes[1:]]
+        for t in others:
+            t.start()
+        self._continuously(first, *share)
+        for t in others:
+            t.join()
 
     def _one_generate_at_a_time(self) -> None:
         """Each request alone, or greedy text requests queued together in one ``generate`` (models
@@ -136,28 +162,30 @@ class Worker(threading.Thread):
             if None in later:
                 break
 
-    def _continuously(self, batch) -> None:
+    def _continuously(self, batch, budget: int, prefill: Any = None, rows: int | None = None) -> None:
         """Continuous batching: between two decode steps, the requests waiting join while the
-        plan's token budget has room (in arrival order; a request that must run alone waits for the
-        batch to empty, and those behind it wait too); finished rows leave at once."""
+        ``budget`` of cache tokens has room (in arrival order; a request that must run alone waits
+        for the batch to empty, and those behind it wait too); finished rows leave at once. Several
+        of these may run at once on one replica (micro-batches in flight across pipeline stages):
+        each takes a request from the queue only when it is about to admit one, and holds at most
+        ``rows`` of them, its share."""
         from fitmap.runtime import threads
 
         tune = threads.Tuner(threads.current() or threads.choose((self.plan,)), self.copies)
-        waiting: collections.deque[Request] = collections.deque()
+        waiting: collections.deque[Request] = collections.deque()  # at most the one being admitted
         stopping = False
         while not stopping:
-            block = not waiting and not batch.rows
-            while True:
-                try:
-                    job = self.jobs.get(block=block)
-                except queue.Empty:
-                    break
-                block = False
-                if job is None:
-                    stopping = True
-                    break
-                waiting.append(job)
-            while waiting and not stopping:
+            while not stopping:
+                if not waiting:
+                    try:
+                        job = self.jobs.get(block=not batch.rows)
+                    except queue.Empty:
+                        break
+                    if job is None:
+                        stopping = True
+                        self.jobs.put(None)  # for the replica's other micro-batches, if any
+                        break
+                    waiting.append(job)
                 job = waiting[0]
                 if job.cancelled.is_set():
                     waiting.popleft()
@@ -169,20 +197,21 @@ class Worker(threading.Thread):
                     waiting.popleft()
                     self._run([job])
                     continue
-                if len(batch.rows) >= self.max_batch or not self._room(batch, job):
+                if len(batch.rows) >= min(self.max_batch, rows or self.max_batch) or not self._room(batch, job, budget):
                     break
                 waiting.popleft()
                 if job.closed:  # its inputs could not be made, or it can never fit: answered already
                     self._ended(job)
                     continue
                 try:
-                    batch.join(job, job.inputs)
+                    batch.join(job, job.inputs, prefill)
                 except BaseException as e:  # this request fails (4xx/5xx); the batch goes on
                     job.emit(e)
                     job.closed = True
                     self._ended(job)
+                    self._fatal(e)
                 job.inputs = None
-                self.batches += 1
+                self._count()
                 self._finished(batch)
             if batch.rows and not stopping:
                 tune()
@@ -191,7 +220,7 @@ class Worker(threading.Thread):
                 except BaseException as e:  # every request of the batch fails; the replica goes on
                     batch.fail(e)
                     self._fatal(e)
-                self.batches += 1
+                self._count()
                 self._finished(batch)
         gone = RuntimeError("the server is shutting down")
         batch.fail(gone)
@@ -200,13 +229,17 @@ class Worker(threading.Thread):
             job.closed = True
         self._finished(batch)
 
+    def _count(self) -> None:
+        with self.lock:
+            self.batches += 1
+
     def _joins(self, job: Request) -> bool:
         """Whether ``job`` decodes in the batch (a model's own chat() and, where its forward needs
         more than tokens per step, image requests run alone)."""
         images = job.messages is not None and any(m["images"] for m in job.messages)
         return not images or self.images_join
 
-    def _room(self, batch, job: Request) -> bool:
+    def _room(self, batch, job: Request, budget: int) -> bool:
         """``job``'s real inputs made (once); whether the batch's cache tokens with it stay within
         the plan's budget. A request that fails here, or could never fit, is answered (4xx) and
         closed: it leaves at once."""
@@ -228,17 +261,15 @@ class Worker(threading.Thread):
             )
             job.closed = True
             return True
-        return not batch.rows or batch.footprint(n, job.max_tokens) <= self.budget
+        return not batch.rows or batch.footprint(n, job.max_tokens) <= budget
 
     @property
     def running(self) -> int:
-        batch = self.batch
-        return len(batch.rows) if batch is not None else 0
+        return sum(len(b.rows) for b in self.lanes)
 
     @property
     def in_flight(self) -> int:
-        batch = self.batch
-        return batch.footprint() if batch is not None else 0
+        return sum(b.footprint() for b in self.lanes)
 
     def _finished(self, batch) -> None:
         for row in batch.take_ended():
@@ -250,8 +281,8 @@ class Worker(threading.Thread):
             job.closed = True
         with self.lock:
             self.pending -= 1
-        self.served += 1
-        self.tokens += job.completion_tokens
+            self.served += 1
+            self.tokens += job.completion_tokens
 
     def _run(self, batch: list[Request]) -> None:
         """Answer ``batch`` (one request, or greedy text requests decoded together); each request
@@ -429,6 +460,7 @@ class Engine:
         trust_remote_code: bool = False,
         max_queue: int = 64,
         max_batch: int | None = None,
+        micro_batches: int = 1,
     ) -> None:
         self.model_dir, self.plan, self.max_queue = model_dir, plan, max_queue
         from fitmap.model.build import load_config
@@ -443,7 +475,7 @@ class Engine:
             for i, r in enumerate(plan.replicas)
         ]
         for w in self.workers:  # the images each request may carry add their tokens to the budget
-            w.copies = len(self.workers)
+            w.copies, w.micro_batches = len(self.workers), micro_batches
             w.budget += w.plan.workload.batch * _image_tokens(config, w.plan.workload.images)
         self.started = time.time()
         self.rejected = 0
