@@ -101,6 +101,8 @@ class Worker(threading.Thread):
                     self.batching = f"one request at a time: the model fails on a padded batch ({failed})"
             elif self.own is not None:
                 self.batching = "one request at a time: the model's own chat()"
+            if self.batch is not None:
+                self._lanes(self.batch)
         except BaseException as e:  # reported by Engine.wait_ready
             self.error = e
             self.ready.set()
@@ -109,15 +111,15 @@ class Worker(threading.Thread):
         if self.batch is None:
             self._one_generate_at_a_time()
         else:
-            self._micro_batches(self.batch)
+            self._micro_batches()
         self.loaded.close()
         if self.loaded.closing_error is not None and self.fatal is None:  # a stage's rank found gone at the end
             self.fatal = self.loaded.closing_error
 
-    def _micro_batches(self, first) -> None:
-        """One continuous batch; under torchrun with ``--micro-batches N``, N, each in a thread of its
-        own, so that a stage computes one while another stage computes the next (not where this rank
-        streams weights: its offload is not shared across threads)."""
+    def _lanes(self, first) -> None:
+        """One continuous batch; under torchrun with ``--micro-batches N``, N, each run in a thread of
+        its own, so that a stage computes one while another stage computes the next (not where this
+        rank streams weights: its offload is not shared across threads)."""
         from fitmap.runtime.distributed import Ranks
         from fitmap.serve.batcher import Batch
 
@@ -125,10 +127,14 @@ class Worker(threading.Thread):
         count = self.micro_batches if ranks is not None and self._replica.offload_stats is None else 1
         same = (first.model, first.device, first.tok, first.eos, first.cache_arg, first.stages)
         self.lanes = [first] + [Batch(*same) for _ in range(count - 1)]
+        if count > 1:
+            self.batching += f", {count} micro-batches in flight"
+
+    def _micro_batches(self) -> None:
+        first, count = self.lanes[0], len(self.lanes)
         if count == 1:
             self._continuously(first, self.budget)
             return
-        self.batching += f", {count} micro-batches in flight"
         prefill = threading.Lock()
         share = (self.budget // count, prefill, -(-self.plan.workload.batch // count))
         others = [threading.Thread(target=self._continuously, args=(b, *share), daemon=True) for b in self.lanes[1:]]
