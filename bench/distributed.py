@@ -68,20 +68,11 @@ def main() -> int:
     print("|---|---|---|---|---|---|")
     for name, cmd in variants.items():
         port = bench_serve.free_port()
-        log = tempfile.TemporaryFile("w+")
-        proc = subprocess.Popen(cmd(port), stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
-        try:
-            bench_serve.up(port, proc, log)
+        with bench_serve.running(cmd(port), port, env):
             bench_serve.load(port, model.name, 1, 1, args.new)  # warm-up
             for c in clients:
                 r = bench_serve.load(port, model.name, c, args.requests, args.new)
                 print(f"| {name} | {c} | {r['tok_s']:.1f} | {r['p50']:.2f} s | {r['errors']} | {r['distinct']} |")
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
     return 0
 
 

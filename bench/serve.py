@@ -17,11 +17,13 @@ process on loopback, started once and measured quiet, then loaded.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -104,6 +106,23 @@ def up(port: int, proc: subprocess.Popen, log, seconds: float = 300) -> None:
         except OSError:
             time.sleep(0.5)
     raise RuntimeError("server did not start")
+
+
+@contextlib.contextmanager
+def running(cmd: list[str], port: int, env: dict):
+    """The server ``cmd`` started (its output in a temporary file, not a pipe a chatty server could
+    fill), once ``/health`` answers; stopped after."""
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        up(port, proc, log)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def tiny_qwen2(root: Path, hidden: int = 256, layers: int = 6) -> Path:
@@ -211,7 +230,6 @@ def main() -> int:
         naive_server(args.naive[0], int(args.naive[1]), args.naive[2])
         return 0
     import multiprocessing
-    import tempfile
 
     from fitmap.cli.demo import demo_checkpoint
 
@@ -247,10 +265,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|")
     for key in [k for _ in range(args.rounds) for k in chosen]:  # rounds interleaved: the machine drifts
         port = free_port()
-        log = tempfile.TemporaryFile("w+")  # not a pipe: a chatty server must not block on a full one
-        proc = subprocess.Popen(commands[key](port), stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
-        try:
-            up(port, proc, log)
+        with running(commands[key](port), port, env):
             load(port, model, 1, 1, args.new)  # warm-up
             for loaded in (False, True):
                 hogs = [multiprocessing.Process(target=busy, daemon=True) for _ in range(os.cpu_count() or 1) if loaded]
@@ -267,12 +282,6 @@ def main() -> int:
                 finally:
                     for h in hogs:
                         h.terminate()
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
     return 0
 
 
