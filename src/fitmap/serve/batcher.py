@@ -30,7 +30,7 @@ from fitmap.runtime import kv
 from fitmap.runtime.kv import key
 
 if TYPE_CHECKING:
-    from fitmap.serve.engine import Request
+    from fitmap.serve.jobs import Request
 
 # forward parameters a decode step does without (prefill takes what the processor made); a model
 # whose forward takes anything else per step (cross-attention masks, ...) runs image requests alone
