@@ -35,6 +35,7 @@ def test_on_a_cpu_machine_it_measures_the_disk_and_says_there_is_no_gpu(cache, t
         (["calibrate", "--show"], "no calibration of this machine"),
         (["calibrate", "--size", "1MiB"], "too small"),
         (["calibrate", "--size", "lots"], "cannot read size"),
+        (["calibrate", "--peer"], "start it on every host with torchrun"),
     ],
 )
 def test_bad_input_is_one_line(cache, capsys, args, needle):
@@ -105,3 +106,38 @@ def test_gpu_measurements(cache, tmp_path):
     g = cal.gpus[0]
     assert 50 * MiB < g.fixed_bytes < 4 * GiB and 0 <= g.allocator_fraction < 0.5
     assert g.h2d_pinned > g.h2d_pageable / 2 > 0
+
+
+def test_the_link_to_another_host_is_measured_under_torchrun_and_costs_the_plans_boundaries(cache, tmp_path):
+    """Two processes on loopback (gloo): rank 0 saves the link; a plan across hosts then prices its stage
+    boundary at the measured rate instead of the assumed 25 Gb/s."""
+    import os
+    import subprocess
+    import sys
+    from dataclasses import replace
+    from pathlib import Path
+
+    from fitmap.pipeline import PlanRequest, plan
+    from fitmap.planning.devices import make_hosts
+    from fitmap.planning.workload import Workload
+    from tests.serve.server import free_port
+
+    def note() -> str:
+        req = PlanRequest("llama-3.1-70b-awq", make_hosts("a:2x24GiB,b:2x24GiB"), Workload(1, 1024, 128))
+        return next(n for n in plan(replace(req, estimate="analytic")).notes if "stage boundar" in n)
+
+    assert "assumed 25 Gb/s" in note()
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path), "FITMAP_CACHE": str(cache)}
+    done = subprocess.run(
+        [torchrun, "--nproc-per-node=2", f"--master-port={free_port()}", "-m", "fitmap.cli", "calibrate", "--peer"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    link = calibrate.load_link()
+    assert link is not None and link.bytes_per_s > 1e6 and 0 < link.latency_s < 1
+    assert f"{link.bytes_per_s * 8 / 1e9:.2f} Gb/s" in done.stdout
+    assert "fitmap calibrate --peer measured" in note()

@@ -237,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disk", metavar="DIR", help="directory on the disk to measure (default: fitmap's cache)")
     p.add_argument("--size", default="512MiB", help="test file size for the disk read (default 512MiB)")
     p.add_argument("--show", action="store_true", help="print the saved calibration, measure nothing")
+    p.add_argument(
+        "--peer",
+        action="store_true",
+        help="under torchrun, on every host: measure the link between the hosts (for plan --hosts)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     return parser
 

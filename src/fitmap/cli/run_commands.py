@@ -107,6 +107,30 @@ def served_name(model: str, given: str | None = None) -> str:
     return model
 
 
+def _calibrate_peer(args: argparse.Namespace) -> int:
+    """``fitmap calibrate --peer``, on every host under torchrun: the link to the other hosts."""
+    from fitmap.planning import calibrate
+
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise BadInput(
+            "fitmap calibrate --peer measures the link between hosts: start it on every host with torchrun, e.g. "
+            "torchrun --nnodes 2 --node-rank R --nproc-per-node 1 --master-addr HOST0 --master-port 29500 "
+            "-m fitmap.cli calibrate --peer"
+        )
+    link = calibrate.measure_link()
+    if link is None:  # another rank: it answered rank 0's messages
+        return 0
+    path = calibrate.save_link(link)
+    if args.json:
+        from dataclasses import asdict
+
+        print(json.dumps(asdict(link), indent=2))
+    else:
+        print(link.describe())
+        print(f"saved to {path}; fitmap plan --hosts uses it for what a stage boundary costs")
+    return 0
+
+
 def _threads_in_range(threads: int | None) -> None:
     if threads is not None and threads < 1:
         raise BadInput(f"--threads must be at least 1 (got {threads})")
@@ -219,6 +243,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from fitmap.planning import calibrate
 
+    if args.peer:
+        return _calibrate_peer(args)
     if args.show:
         cal = calibrate.load()
         if cal is None:

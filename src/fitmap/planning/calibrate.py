@@ -358,6 +358,100 @@ def expected_tokens_per_second(speeds: list[TierSpeed]) -> float | None:
     return 1.0 / max(s.seconds for s in speeds)
 
 
+# --------------------------------------------------------------------------- the link to other hosts
+LINK_FILE = "link.json"
+
+
+@dataclass(frozen=True)
+class Link:
+    """The network between this host and the others of a run, as ``fitmap calibrate --peer`` measured
+    it under torchrun over torch.distributed (the transport fitmap's stages use): the slowest peer's."""
+
+    host: str
+    peers: tuple[str, ...]
+    measured_at: str
+    bytes_per_s: float  # one way, large messages
+    latency_s: float  # one way, a small message
+
+    def describe(self) -> str:
+        return (
+            f"link {self.host} <-> {', '.join(self.peers)}: {self.bytes_per_s * 8 / 1e9:.2f} Gb/s, "
+            f"{self.latency_s * 1e6:.0f} us per message (measured {self.measured_at})"
+        )
+
+
+def save_link(link: Link) -> Path:
+    path = writable_cache_dir() / LINK_FILE
+    try:
+        path.write_text(json.dumps({"fitmap_link": VERSION, **asdict(link)}, indent=2) + "\n")
+    except OSError as e:
+        raise BadInput(
+            f"cannot save the link to {path}: {e.strerror or e}; set FITMAP_CACHE to a directory you can write to"
+        ) from None
+    return path
+
+
+def load_link() -> Link | None:
+    """The link this host measured last (None: never, or the file is from another host)."""
+    try:
+        d = json.loads((cache_dir() / LINK_FILE).read_text())
+        link = Link(d["host"], tuple(d["peers"]), d["measured_at"], float(d["bytes_per_s"]), float(d["latency_s"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return link if link.host == platform.node() and link.bytes_per_s > 0 else None
+
+
+def measure_link(size: int = 64 * MiB, repeats: int = 5) -> Link | None:
+    """Every rank of a torchrun job calls this; rank 0 measures the link to each other rank (a small
+    message's round trip, and a ``size`` message out with a small answer back) and returns the
+    slowest peer's numbers; the other ranks answer and return None."""
+    import socket
+
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    names: list = [None] * world
+    dist.all_gather_object(names, socket.gethostname())
+    small, big = torch.zeros(1), torch.zeros(size // 4)
+    worst: tuple[float, float] | None = None
+    for peer in range(1, world):
+        if rank not in (0, peer):
+            continue
+        other = peer if rank == 0 else 0
+        trips, sends = [], []
+        for _ in range(repeats * 4):
+            t = time.perf_counter()
+            if rank == 0:
+                dist.send(small, other)
+                dist.recv(small, other)
+            else:
+                dist.recv(small, other)
+                dist.send(small, other)
+            trips.append(time.perf_counter() - t)
+        for _ in range(repeats):
+            t = time.perf_counter()
+            if rank == 0:
+                dist.send(big, other)
+                dist.recv(small, other)
+            else:
+                dist.recv(big, other)
+                dist.send(small, other)
+            sends.append(time.perf_counter() - t)
+        if rank == 0:
+            latency = statistics.median(trips) / 2
+            rate = size / max(statistics.median(sends) - 2 * latency, 1e-9)
+            if worst is None or rate < worst[0]:
+                worst = (rate, latency)
+    dist.barrier()
+    if rank != 0 or worst is None:
+        return None
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return Link(platform.node(), tuple(str(n) for n in names[1:]), stamp, worst[0], worst[1])
+
+
 def describe(cal: Calibration) -> list[str]:
     """Lines for people."""
     lines = [f"calibration of {cal.host}, {cal.measured_at} (torch {cal.torch})"]

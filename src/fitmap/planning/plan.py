@@ -419,8 +419,8 @@ def _to_plan(
     )
 
 
-# Between hosts: activations of each stage boundary cross the network once per step. Without a measured
-# link (not yet measured by fitmap calibrate), a 25 Gb/s Ethernet link and 50 us per message are assumed.
+# Between hosts: activations of each stage boundary cross the network once per step. Without a link measured
+# by `fitmap calibrate --peer` (under torchrun), a 25 Gb/s Ethernet link and 50 us per message are assumed.
 LINK_BYTES_PER_S = 25e9 / 8
 LINK_LATENCY_S = 50e-6
 
@@ -443,17 +443,25 @@ def _links(machine: Machine, sk: Skeleton, profile: Profile, device_map: dict[st
     import torch
 
     from fitmap.model.configs import text_config
+    from fitmap.planning.calibrate import load_link
 
     w = profile.workload
     hidden = int(text_config(sk.config).hidden_size) * getattr(torch, sk.dtype).itemsize
     prefill = w.batch * (w.prompt + profile.image_tokens) * hidden
     decode = w.batch * hidden
+    link = load_link()
+    rate, latency = (link.bytes_per_s, link.latency_s) if link else (LINK_BYTES_PER_S, LINK_LATENCY_S)
     per = (
-        f"{fmt_bytes(prefill)} per prefill ({prefill / LINK_BYTES_PER_S * 1e3:.1f} ms), {fmt_bytes(decode)} per "
-        f"token ({(decode / LINK_BYTES_PER_S + LINK_LATENCY_S) * 1e6:.0f} us)"
+        f"{fmt_bytes(prefill)} per prefill ({(prefill / rate + latency) * 1e3:.1f} ms), {fmt_bytes(decode)} per "
+        f"token ({(decode / rate + latency) * 1e6:.0f} us)"
     )
     path = " -> ".join(dict.fromkeys(order))
+    how = (
+        f"the {rate * 8 / 1e9:.2f} Gb/s link with {latency * 1e6:.0f} us latency fitmap calibrate --peer measured"
+        if link
+        else "an assumed 25 Gb/s link with 50 us latency (fitmap calibrate --peer measures it)"
+    )
     return (
         f"{len(boundaries)} stage boundar{'y' if len(boundaries) == 1 else 'ies'} between hosts ({path}): the hidden "
-        f"states cross each once per step, {per} at an assumed 25 Gb/s link with 50 us latency",
+        f"states cross each once per step, {per} at {how}",
     )
