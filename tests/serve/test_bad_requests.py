@@ -65,7 +65,9 @@ def _with_images(count: int) -> dict:
 
 
 def test_a_valid_request_passes_every_check(client):
-    assert _post(client, _ask(n=1, stream=False, seed=2**63 - 1, temperature=0.5, top_p=1)).status_code == 429
+    full = _post(client, _ask(n=1, stream=False, seed=2**63 - 1, temperature=0.5, top_p=1))
+    assert full.status_code == 429 and 1 <= int(full.headers["retry-after"]) <= 60  # when to come back
+    assert full.json()["error"]["type"] == "rate_limit_error"
     assert _post(client, _with_images(1)).status_code == 429  # the one image the plan holds
 
 
