@@ -150,15 +150,19 @@ def test_a_model_that_fails_on_a_padded_batch_is_found_before_any_request():
         assert Batch(model, torch.device("cpu"), Ids(), set(), "cache").probe() is None
 
 
-def test_a_replica_streaming_blocks_from_disk_batches_continuously(tmp_path):
+def test_a_replica_streaming_blocks_from_disk_batches_continuously(tmp_path, monkeypatch):
     """The server's engine on a plan that streams blocks from disk: requests sent together decode
     in one batch through the offload hooks and answer as ``generate`` on the same replica alone."""
     from fitmap import pipeline
     from fitmap.planning.devices import make_machine
     from fitmap.planning.workload import Workload
+    from fitmap.runtime import threads
     from fitmap.serve import engine as eng
     from fitmap.serve.placement import serve_plan
     from tests.remote import byte_tokenizer
+
+    # one thread for both ways: greedy ties of a random model must not turn on the thread count
+    monkeypatch.setattr(threads, "_fixed", threads.Threads(1, "--threads"))
 
     path = tiny.make_checkpoint("llama", tmp_path / "m")
     byte_tokenizer(path)

@@ -340,7 +340,7 @@ def test_a_request_that_fails_in_its_replica_is_a_500_and_nothing_leaks(tmp_path
         engine.stop()
 
 
-def test_requests_decoded_together_answer_as_they_would_alone(tmp_path):
+def test_requests_decoded_together_answer_as_they_would_alone(tmp_path, monkeypatch):
     """Greedy text requests queued at one replica decode in one continuous batch (prompts of
     different lengths, left-padded; max_tokens 3-5 each): every request gets the text, token count
     and finish reason ``generate`` gives it alone (``--max-batch 1``), in fewer decode steps than
@@ -351,9 +351,12 @@ def test_requests_decoded_together_answer_as_they_would_alone(tmp_path):
     from fitmap.cli.demo import demo_checkpoint
     from fitmap.planning.devices import make_machine
     from fitmap.planning.workload import Workload
+    from fitmap.runtime import threads
     from fitmap.serve import engine as eng
     from fitmap.serve.placement import serve_plan
 
+    # one thread for both ways: greedy ties of a random model must not turn on the thread count
+    monkeypatch.setattr(threads, "_fixed", threads.Threads(1, "--threads"))
     model = demo_checkpoint(tmp_path)
     req = pipeline.PlanRequest(str(model), make_machine(None, "4GiB"), Workload(1, 128, 8), estimate="analytic")
     prompts = ["what is in this image ?", "hello there", "what is in this image ? and the colour ?", "a b c d"]

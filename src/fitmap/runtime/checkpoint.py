@@ -70,6 +70,18 @@ class Checkpoint:
             files={c: inv.tensors[c].file for c in from_merges},
         )
 
+    def files_of(self, keys) -> tuple[tuple[str, ...], int]:
+        """The files model tensors ``keys`` are read from, and the bytes read for them."""
+        files: set[str] = set()
+        nbytes = 0
+        for key in keys:
+            if key in self.where:
+                files.add(self.where[key][0])
+            elif key in self.merged:
+                files |= {self.files[c] for _, cs in self.merged[key].sources for c in cs if c in self.files}
+            nbytes += self.nbytes.get(key, 0)
+        return tuple(sorted(files)), nbytes
+
     def check_complete(self, model: nn.Module) -> None:
         """Every parameter (and persistent buffer we cannot compute) must be in the checkpoint, and
         every checkpoint tensor must belong to the model (else config.json and the weights disagree)."""

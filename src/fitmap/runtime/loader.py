@@ -124,8 +124,9 @@ def load(
     ckpt.check_complete(model)
     targets = load_targets(model, layout, ckpt)
     _check_quantized_resident(model, layout)
-    if announce is not None:
-        announce(*_files_read(model, layout, ckpt))
+    if announce is not None:  # the checkpoint files of the units this process runs
+        mine = [k for k, _ in named_tensors(model) if (p := layout.unit_of(k)) is not None and p.tier != "remote"]
+        announce(*ckpt.files_of(mine))
     try:
         loaded = place(model, layout, ckpt, targets, progress)
         compute_buffers(model, ckpt, targets)
@@ -298,22 +299,6 @@ def load_targets(model: nn.Module, layout: Layout, ckpt: Checkpoint) -> dict[str
         else:  # resident: non-persistent and computed buffers, units that offload cannot hook
             out[key] = p.runs_on
     return out
-
-
-def _files_read(model: nn.Module, layout: Layout, ckpt: Checkpoint) -> tuple[tuple[str, ...], int]:
-    """The checkpoint files the units this process runs are read from, and the bytes read from them."""
-    files: set[str] = set()
-    nbytes = 0
-    for key, _ in named_tensors(model):
-        p = layout.unit_of(key)
-        if p is None or p.tier == "remote":
-            continue
-        if key in ckpt.where:
-            files.add(ckpt.where[key][0])
-        elif key in ckpt.merged:
-            files |= {ckpt.files[c] for _, keys in ckpt.merged[key].sources for c in keys if c in ckpt.files}
-        nbytes += ckpt.nbytes.get(key, 0)
-    return tuple(sorted(files)), nbytes
 
 
 def streamed_units(model: nn.Module, layout: Layout) -> set[str]:

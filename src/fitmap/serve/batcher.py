@@ -164,6 +164,8 @@ class Batch:
         self._stages("adopt", key(cache))  # another rank keeps its layers' rows of it until stacked
         n = int(inputs["input_ids"].shape[1])
         job.prompt_tokens = n
+        if "attention_mask" not in inputs:  # as generate passes it: the same attention kernels
+            inputs = {**inputs, "attention_mask": torch.ones_like(inputs["input_ids"])}
         with prefill if prefill is not None else contextlib.nullcontext():
             inner = getattr(self.model, "model", None)
             if inner is not None and hasattr(inner, "rope_deltas"):
