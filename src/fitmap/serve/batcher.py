@@ -56,9 +56,10 @@ _STEP = {
 
 def cache_kind(model) -> tuple[str, bool] | None:
     """(the forward's cache argument, whether image requests may join a batch), or None where
-    this model cannot be batched step by step: its generation is its own code, its forward takes
-    no attention mask or positions, or its cache is not plain full-attention ``DynamicLayer``s
-    (sliding windows, state-space or quantized layers, transformers before 4.56)."""
+    this model cannot be batched step by step: its forward takes no attention mask or positions
+    (BLIP-2's kind), it is an encoder-decoder, or its cache is not plain full-attention
+    ``DynamicLayer``s (sliding windows, state-space or quantized layers, transformers before 4.56).
+    A model's own ``chat()`` (remote code) is the caller's to check."""
     try:
         from transformers.cache_utils import DynamicCache, DynamicLayer
     except ImportError:  # transformers of the remote-code era
