@@ -80,3 +80,29 @@ def test_what_the_plan_expects_per_token_counts_the_routed_experts_not_a_stream(
     assert [(s.tier, s.bytes_per_token) for s in speeds] == [("cpu-compute", plan.cpu_token_bytes)]
     cpu = next(d for d in plan.devices if d.device == "cpu")
     assert plan.cpu_compute_bytes == cpu.weights_bytes and 0 < plan.cpu_token_bytes < plan.cpu_compute_bytes
+
+
+def test_the_plan_says_what_a_prefill_costs_on_the_cpu_against_copying_the_experts():
+    """Per phase: a prefill's products on the CPU (at its matmul rate) or every expert some token picked
+    read from RAM, against all of them copied over PCIe; the note says which is faster, and from how
+    many tokens the copy wins."""
+    from fitmap.planning import experts
+
+    r = experts.Rates(pcie=25e9, ram=20e9, disk=2e9, measured=True, cpu_flops=1e12)
+    gib = 1 << 30
+    cpu1, gpu = experts.prefill_seconds(1, 64 * gib, 0.25, 2, r)
+    assert gpu == 64 * gib / 25e9 and cpu1 == 64 * gib * 0.25 / 20e9  # one token: its quarter, read once
+    cpu_long, _ = experts.prefill_seconds(4096, 64 * gib, 0.25, 2, r)
+    assert cpu_long == 2 * 4096 * 64 * gib * 0.25 / 2 / 1e12  # compute-bound
+    won = experts.copy_wins_from(64 * gib, 0.25, 2, r)
+    assert won is not None and 1 < won < 16
+    assert (
+        experts.prefill_seconds(won, 64 * gib, 0.25, 2, r)[0]
+        > gpu
+        >= experts.prefill_seconds(won - 1, 64 * gib, 0.25, 2, r)[0]
+    )
+    slow_link = experts.Rates(pcie=1e9, ram=200e9, disk=2e9, measured=True, cpu_flops=50e12)
+    assert experts.copy_wins_from(64 * gib, 0.25, 2, slow_link) > 100  # a fast CPU and slow link: the CPU, longer
+    plan = fitmap.plan("mixtral-8x7b", gpus="1x24GiB", cpu="96GiB", prompt=4096, new=256, estimate="analytic")
+    note = next(n for n in plan.notes if "computed on the CPU where they live" in n)
+    assert "A prefill of 4096 tokens" in note and "the copy wins from about" in note

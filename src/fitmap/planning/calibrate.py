@@ -64,6 +64,7 @@ class Calibration:
     disk_read: float  # bytes/s, cold sequential read
     ram_copy: float  # bytes/s, one large tensor copy in RAM
     notes: tuple[str, ...] = ()
+    cpu_matmul: float = 0.0  # FLOP/s of a bf16 matrix product on the CPU (0: not measured)
 
     def gpu(self, index: int, name: str) -> GpuCalibration | None:
         """The calibration of GPU ``index``, if it was measured on this card model."""
@@ -86,6 +87,7 @@ class Calibration:
             float(d["disk_read"]),
             float(d["ram_copy"]),
             tuple(d.get("notes", ())),
+            float(d.get("cpu_matmul", 0.0)),
         )
 
 
@@ -166,6 +168,7 @@ def measure(directory: Path | None = None, size: int = 512 * MiB) -> Calibration
         rate,
         ram_copy_rate(),
         tuple(notes),
+        cpu_matmul_rate(),
     )
 
 
@@ -313,6 +316,21 @@ def ram_copy_rate(nbytes: int = 256 * MiB) -> float:
         dst.copy_(src)
         times.append(time.perf_counter() - start)
     return nbytes / statistics.median(times[1:])
+
+
+def cpu_matmul_rate(n: int = 1024, dtype: str = "bfloat16") -> float:
+    """FLOP/s of an ``n`` x ``n`` matrix product on the CPU at torch's thread count (median of 5): what
+    routed experts computed there do per second when a prefill's many tokens make it compute-bound."""
+    import torch
+
+    a = torch.randn(n, n).to(getattr(torch, dtype))
+    b = torch.randn(n, n).to(getattr(torch, dtype))
+    times = []
+    for _ in range(6):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times[1:])
 
 
 # --------------------------------------------------------------------------- what a plan can expect
@@ -466,5 +484,7 @@ def describe(cal: Calibration) -> list[str]:
         lines.append("no GPU: nothing to measure there (plans for detected GPUs keep the default reserve)")
     lines.append(f"disk ({cal.disk_dir}): {cal.disk_read / GB:.2f} GB/s cold sequential read")
     lines.append(f"RAM: {cal.ram_copy / GB:.1f} GB/s copy")
+    if cal.cpu_matmul:
+        lines.append(f"CPU: {cal.cpu_matmul / 1e9:.0f} GFLOP/s bf16 matrix product")
     lines += [f"note: {n}" for n in cal.notes]
     return lines

@@ -31,6 +31,7 @@ CPU_COMPUTE = "cpu-compute"  # device_map value: weights in RAM, computed on the
 DEFAULT_PCIE = 25e9
 DEFAULT_RAM = 20e9
 DEFAULT_DISK = 2e9
+DEFAULT_CPU_FLOPS = 1e12  # bf16 matrix products of a 16-32 core AVX-512 server CPU
 
 _EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 _TOP_K = ("num_experts_per_tok", "moe_topk", "top_k", "experts_per_token")
@@ -73,6 +74,7 @@ class Rates:
     ram: float  # bytes/s the CPU reads weights at
     disk: float
     measured: bool
+    cpu_flops: float = DEFAULT_CPU_FLOPS  # FLOP/s of the CPU's bf16 matrix products
 
     def said(self) -> str:
         how = "measured by fitmap calibrate" if self.measured else "defaults; fitmap calibrate measures this machine"
@@ -86,7 +88,34 @@ def rates(execution: str) -> Rates:
     if cal is None:
         return Rates(DEFAULT_PCIE, DEFAULT_RAM, DEFAULT_DISK, False)
     g = next((g for g in cal.gpus if str(g.index) == execution), None)
-    return Rates(g.h2d_pinned if g else DEFAULT_PCIE, cal.ram_copy, cal.disk_read, True)
+    flops = cal.cpu_matmul or DEFAULT_CPU_FLOPS
+    return Rates(g.h2d_pinned if g else DEFAULT_PCIE, cal.ram_copy, cal.disk_read, True, flops)
+
+
+def prefill_seconds(tokens: int, in_ram: int, share: float, itemsize: float, r: Rates) -> tuple[float, float]:
+    """A prefill of ``tokens`` tokens through routed experts of ``in_ram`` bytes, of which a token uses
+    ``share``: (seconds computing them on the CPU: the tokens' products at the CPU's matmul rate, or the
+    experts some token picked read from RAM, whichever bounds; seconds copying them all to the GPU over
+    PCIe instead, where their products cost next to nothing)."""
+    flops = 2 * tokens * in_ram * share / itemsize
+    touched = in_ram * (1 - (1 - share) ** tokens)  # experts at least one of the tokens picked
+    return max(flops / r.cpu_flops, touched / r.ram), in_ram / r.pcie
+
+
+def copy_wins_from(in_ram: int, share: float, itemsize: float, r: Rates, most: int = 1 << 24) -> int | None:
+    """The fewest prefill tokens for which copying the experts to the GPU beats computing them on the CPU."""
+
+    def copy_wins(t: int) -> bool:
+        cpu, gpu = prefill_seconds(t, in_ram, share, itemsize, r)
+        return gpu < cpu
+
+    if not copy_wins(most):
+        return None
+    lo, hi = 1, most
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if copy_wins(mid) else (mid + 1, hi)
+    return lo
 
 
 def step_seconds(result: Assignment, items: Sequence[Item], r: Rates, cpu_expert_bytes: float = 0.0) -> float:
@@ -114,11 +143,13 @@ def choose(
     base: Assignment,
     solve: Callable[[list[Item], int], Assignment],
     execution: str,
+    prompt: int = 0,
 ) -> Choice | None:
     """The fewest MoE blocks (first ones first, as ``--n-cpu-moe`` counts) whose experts computed on the
     CPU let the rest fit the GPUs without streaming, or all of them; kept when a decode step is faster
     than ``base`` (or ``base`` does not fit). ``names``: each item's units; ``solve(items, ram_used)``
-    solves with that much RAM taken by experts."""
+    solves with that much RAM taken by experts. ``prompt``: the tokens of a prefill (batch x prompt), for
+    what the plan says of that phase."""
     blocks = moe_blocks(sk)
     if not blocks:
         return None
@@ -162,10 +193,37 @@ def choose(
     note = (
         f"experts of {lo} MoE {layer_word} ({fmt_bytes(in_ram)}{_unpacked(sk, moved)}) computed on the CPU where "
         f"they live: a token reads {share:.1%} of them ({fmt_bytes(int(used))}) per step; decode bound "
-        f"{_rate(mine)} against {_rate(theirs)} streaming them to the GPU ({r.said()}). Prefill reads every "
-        "expert once per layer on the CPU too; long prompts favour the GPU"
+        f"{_rate(mine)} against {_rate(theirs)} streaming them to the GPU ({r.said()}). "
+        + _prefill_note(prompt, in_ram, share, _itemsize(sk), r)
     )
     return Choice(tuple(moved), result, tuple(trimmed), note, int(used), in_ram)
+
+
+def _itemsize(sk: Skeleton) -> float:
+    import torch
+
+    try:
+        return float(getattr(torch, sk.dtype).itemsize)
+    except (AttributeError, TypeError):
+        return 2.0
+
+
+def _prefill_note(tokens: int, in_ram: int, share: float, itemsize: float, r: Rates) -> str:
+    """What a prefill of ``tokens`` tokens costs on the CPU against copying the experts to the GPU, and
+    from how many tokens the copy is faster. fitmap computes the prefill on the CPU too (the runtime
+    does not switch per phase yet): the note says what that costs."""
+    if tokens <= 0 or share <= 0:
+        return ""
+    cpu, gpu = prefill_seconds(tokens, in_ram, share, itemsize, r)
+    crossover = copy_wins_from(in_ram, share, itemsize, r)
+    rate = f"{r.cpu_flops / 1e12:.2f} TFLOP/s bf16 on the CPU{'' if r.measured else ', a default'}"
+    faster = "copying them to the GPU would be faster" if gpu < cpu else "the CPU is faster"
+    since = f"; the copy wins from about {crossover} tokens" if crossover else ""
+    return (
+        f"A prefill of {tokens} tokens computes them in about {cpu:.1f} s on the CPU against {gpu:.1f} s copying "
+        f"them to the GPU (at {rate}): {faster}{since}. fitmap computes prefill on the CPU as well (it does not "
+        "switch per phase yet)"
+    )
 
 
 def _unpacked(sk: Skeleton, moved: Sequence[Unit]) -> str:

@@ -290,7 +290,16 @@ def make_plan(
                 return replace(result, fits=False)
             return solve(its, gpus, replace(tiers, cpu=cpu_room - ram), policy)
 
-        choice = experts.choose(sk, base, [c.units for c in comps], result, with_ram_used, str(machine.gpus[0].index))
+        w = profile.workload
+        choice = experts.choose(
+            sk,
+            base,
+            [c.units for c in comps],
+            result,
+            with_ram_used,
+            str(machine.gpus[0].index),
+            prompt=w.batch * (w.prompt + profile.image_tokens),
+        )
         if choice is not None:
             plan = _to_plan(model, sk, profile, machine, policy, comps, choice.result)
             return _with_cpu_experts(plan, choice)
