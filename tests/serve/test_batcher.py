@@ -152,7 +152,7 @@ def test_a_model_that_fails_on_a_padded_batch_is_found_before_any_request():
 
 def test_a_replica_streaming_blocks_from_disk_batches_continuously(tmp_path, monkeypatch):
     """The server's engine on a plan that streams blocks from disk: requests sent together decode
-    in one batch through the offload hooks and answer as ``generate`` on the same replica alone."""
+    in one batch through the offload hooks and answer as ``from_pretrained``'s ``generate`` alone."""
     from fitmap import pipeline
     from fitmap.planning.devices import make_machine
     from fitmap.planning.workload import Workload
@@ -178,30 +178,36 @@ def test_a_replica_streaming_blocks_from_disk_batches_continuously(tmp_path, mon
     plan = serve_plan(req, concurrency=4)
     assert "disk" in plan.replicas[0].plan.device_map.values()
 
-    def answers(max_batch: int) -> list:
-        engine = eng.Engine(path, plan, max_batch=max_batch)
-        engine.start()
-        loop = asyncio.new_event_loop()
+    engine = eng.Engine(path, plan)
+    engine.start()
+    loop = asyncio.new_event_loop()
+    prompts = ("a b", "c d e f", "g", "h i j")
 
-        async def go():
-            jobs = [eng.Request(None, p, 6) for p in ("a b", "c d e f", "g", "h i j")]
-            for j in jobs:
-                j.loop, j.chunks = loop, asyncio.Queue()
-                engine.submit(j)
-            out = []
-            for j in jobs:
-                parts = []
-                while (item := await j.chunks.get()) is not eng.END:
-                    assert not isinstance(item, BaseException), item
-                    parts.append(item)
-                out.append(("".join(parts), j.completion_tokens))
-            return out
+    async def go():
+        jobs = [eng.Request(None, p, 6) for p in prompts]
+        for j in jobs:
+            j.loop, j.chunks = loop, asyncio.Queue()
+            engine.submit(j)
+        out = []
+        for j in jobs:
+            parts = []
+            while (item := await j.chunks.get()) is not eng.END:
+                assert not isinstance(item, BaseException), item
+                parts.append(item)
+            out.append(("".join(parts), j.completion_tokens))
+        return out
 
-        try:
-            return loop.run_until_complete(go())
-        finally:
-            engine.stop()
-            loop.close()
-
-    together, alone = answers(8), answers(1)
+    try:
+        together = loop.run_until_complete(go())
+        steps = engine.workers[0].batch.steps
+    finally:
+        engine.stop()
+        loop.close()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    alone = []
+    for p in prompts:  # from_pretrained's greedy answer to each prompt alone
+        ids = tok([p], return_tensors="pt")
+        new = lm.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, ids["input_ids"].shape[1] :]
+        alone.append((tok.decode(new, skip_special_tokens=True), int(new.numel())))
     assert together == alone and all(n == 6 for _, n in alone), alone
+    assert steps < 4 * 6  # decoded together, not one after another

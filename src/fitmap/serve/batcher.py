@@ -20,6 +20,7 @@ and it has one seed for the whole manager.
 from __future__ import annotations
 
 import inspect
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -182,7 +183,8 @@ class Batch:
         row = Row(job, n, delta)
         if job.temperature > 0:
             row.generator = torch.Generator(out.logits.device)
-            row.generator.manual_seed(job.seed % 2**63 if job.seed is not None else torch.seed())
+            # an unseeded request draws its seed from the OS, leaving torch's global generator alone
+            row.generator.manual_seed(job.seed % 2**63 if job.seed is not None else secrets.randbits(63))
         token = self._sample([row], out.logits[:, -1])[0]
         del out
         self._take(row, token)
