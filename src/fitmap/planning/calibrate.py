@@ -439,25 +439,8 @@ def measure_link(size: int = 64 * MiB, repeats: int = 5) -> Link | None:
         if rank not in (0, peer):
             continue
         other = peer if rank == 0 else 0
-        trips, sends = [], []
-        for _ in range(repeats * 4):
-            t = time.perf_counter()
-            if rank == 0:
-                dist.send(small, other)
-                dist.recv(small, other)
-            else:
-                dist.recv(small, other)
-                dist.send(small, other)
-            trips.append(time.perf_counter() - t)
-        for _ in range(repeats):
-            t = time.perf_counter()
-            if rank == 0:
-                dist.send(big, other)
-                dist.recv(small, other)
-            else:
-                dist.recv(big, other)
-                dist.send(small, other)
-            sends.append(time.perf_counter() - t)
+        trips = _exchanges(rank == 0, other, small, small, repeats * 4)
+        sends = _exchanges(rank == 0, other, big, small, repeats)
         if rank == 0:
             latency = statistics.median(trips) / 2
             rate = size / max(statistics.median(sends) - 2 * latency, 1e-9)
@@ -468,6 +451,24 @@ def measure_link(size: int = 64 * MiB, repeats: int = 5) -> Link | None:
         return None
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return Link(platform.node(), tuple(str(n) for n in names[1:]), stamp, worst[0], worst[1])
+
+
+def _exchanges(first: bool, other: int, out, back, times: int) -> list[float]:
+    """Seconds of each of ``times`` exchanges with rank ``other``: the ``first`` side sends ``out`` and
+    waits for ``back``; the other side receives ``out`` and answers ``back``."""
+    import torch.distributed as dist
+
+    took = []
+    for _ in range(times):
+        t = time.perf_counter()
+        if first:
+            dist.send(out, other)
+            dist.recv(back, other)
+        else:
+            dist.recv(out, other)
+            dist.send(back, other)
+        took.append(time.perf_counter() - t)
+    return took
 
 
 def describe(cal: Calibration) -> list[str]:
