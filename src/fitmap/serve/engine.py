@@ -63,7 +63,6 @@ class Worker(threading.Thread):
         self.own: str | None = None  # the model's own chat() form, if any (set once loaded)
         self.batches = 0  # forward passes of the batch (continuous), or generate calls
         self.lanes: list[Batch] = []  # the running batches (one, or one per pipeline stage)
-        self.batch: Batch | None = None  # the running batch (continuous batching), once loaded
         self.images_join = False  # image requests decode in the batch
         self.fatal: BaseException | None = None  # a failure that ends the server (another rank gone)
         self.micro_batches = 1  # continuous batches in flight under torchrun (--micro-batches)
@@ -94,15 +93,13 @@ class Worker(threading.Thread):
                 batch = Batch(model, self.loaded.input_device, tok, _eos_ids(model, tok), kind[0], ops)
                 failed = batch.probe()
                 if failed is None:
-                    self.batch = batch
                     self.batching = f"continuous batching, {self.budget} cache tokens"
+                    self._lanes(batch)
                 else:
                     self.max_batch = 1  # nor can generate decode it with padding
                     self.batching = f"one request at a time: the model fails on a padded batch ({failed})"
             elif self.own is not None:
                 self.batching = "one request at a time: the model's own chat()"
-            if self.batch is not None:
-                self._lanes(self.batch)
         except BaseException as e:  # reported by Engine.wait_ready
             self.error = e
             self.ready.set()
@@ -268,6 +265,11 @@ class Worker(threading.Thread):
             job.closed = True
             return True
         return not batch.rows or batch.footprint(n, job.max_tokens) <= budget
+
+    @property
+    def batch(self) -> Batch | None:
+        """The (first) running batch, once loaded with continuous batching."""
+        return self.lanes[0] if self.lanes else None
 
     @property
     def running(self) -> int:
