@@ -85,9 +85,10 @@ def test_a_step_reads_only_the_experts_its_tokens_are_routed_to(checkpoints):
     torch.testing.assert_close(after, before, rtol=0, atol=0)
 
 
-def test_gpt_oss_mxfp4_experts_computed_on_the_cpu_give_from_pretraineds_tokens(tmp_path):
-    """The released layout (MXFP4 experts): without MXFP4 kernels (this CPU) transformers unpacks them on load,
-    and the unpacked experts run where they live."""
+def test_gpt_oss_mxfp4_experts_computed_on_the_cpu_stay_packed_and_give_from_pretraineds_tokens(tmp_path):
+    """The released layout (MXFP4 experts): where transformers unpacks every expert to bf16 on load (no MXFP4
+    kernels), experts computed on the CPU keep the checkpoint's packed bytes in RAM and unpack, per forward,
+    only the experts its tokens are routed to; the tokens are from_pretrained's."""
     from tests.runtime.test_loader import _gpt_oss_mxfp4
 
     d = _gpt_oss_mxfp4(tmp_path / "gpt-oss")
@@ -96,9 +97,15 @@ def test_gpt_oss_mxfp4_experts_computed_on_the_cpu_give_from_pretraineds_tokens(
     want = reference(d).generate(input_ids=IDS, max_new_tokens=8, do_sample=False)
     with loader.load(d, plan, progress=False) as lm:
         experts = lm.model.get_submodule(str(moe[-1].experts))
-        assert all(p.device.type == "cpu" and not p.is_meta for p in experts.parameters())
+        assert experts.gate_up_proj.is_meta and experts.down_proj.is_meta  # never unpacked whole
+        assert experts.gate_up_proj_bias.device.type == "cpu" and not experts.gate_up_proj_bias.is_meta
+        unpacked: list[int] = []
+        experts.register_forward_pre_hook(lambda m, a, k: unpacked.append(m.num_experts), with_kwargs=True)
+        got = lm.model.generate(input_ids=IDS[:1, :1], max_new_tokens=1, do_sample=False)
+        assert got.shape[1] == 2 and unpacked == [2]  # one token, routed to 2 of the 4 experts
         got = lm.model.generate(input_ids=IDS, max_new_tokens=8, do_sample=False)
     assert torch.equal(got, want)
+    assert lm.bytes_read < sum(f.stat().st_size for f in d.glob("*.safetensors")) * 1.01  # packed, as stored
 
 
 def test_a_vlm_moe_with_its_experts_on_the_cpu_gives_from_pretraineds_tokens_with_an_image(checkpoints):

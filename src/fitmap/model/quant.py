@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from fitmap.errors import BadInput
+from fitmap.model import mxfp4
 
 # --quantize names -> transformers quantization configs (bitsandbytes: runs on CUDA and on the CPU)
 METHODS = {
@@ -252,9 +253,6 @@ def released(config):
         return None
 
 
-MXFP4_BLOCK = 32  # values per block: 4 bits each, plus one uint8 exponent per block
-
-
 def released_bytes(model: nn.Module, config) -> dict[str, int]:
     """Parameter name -> bytes in the checkpoint's released quantized layout, for formats whose
     layout follows from the parameter's size alone (MXFP4: 4.25 bits a value), where building
@@ -275,7 +273,7 @@ def released_bytes(model: nn.Module, config) -> dict[str, int]:
     for name, p in model.named_parameters():
         path, _, attr = name.rpartition(".")
         if attr in q.serialized_names and should_convert_module(path, skip):
-            out[name] = p.numel() // 2 + -(-p.numel() // MXFP4_BLOCK)
+            out[name] = p.numel() // 2 + -(-p.numel() // mxfp4.BLOCK)
     return out
 
 

@@ -65,6 +65,7 @@ class Calibration:
     ram_copy: float  # bytes/s, one large tensor copy in RAM
     notes: tuple[str, ...] = ()
     cpu_matmul: float = 0.0  # FLOP/s of a bf16 matrix product on the CPU (0: not measured)
+    cpu_unpack: float = 0.0  # MXFP4 values/s the CPU unpacks to bf16 (0: not measured)
 
     def gpu(self, index: int, name: str) -> GpuCalibration | None:
         """The calibration of GPU ``index``, if it was measured on this card model."""
@@ -88,6 +89,7 @@ class Calibration:
             float(d["ram_copy"]),
             tuple(d.get("notes", ())),
             float(d.get("cpu_matmul", 0.0)),
+            float(d.get("cpu_unpack", 0.0)),
         )
 
 
@@ -169,6 +171,7 @@ def measure(directory: Path | None = None, size: int = 512 * MiB) -> Calibration
         ram_copy_rate(),
         tuple(notes),
         cpu_matmul_rate(),
+        cpu_unpack_rate(),
     )
 
 
@@ -333,6 +336,24 @@ def cpu_matmul_rate(n: int = 1024, dtype: str = "bfloat16") -> float:
     return 2 * n**3 / statistics.median(times[1:])
 
 
+def cpu_unpack_rate(rows: int = 2048, columns: int = 2048) -> float:
+    """MXFP4 values/s unpacked to bf16 on the CPU at torch's thread count (median of 5): the work, beside
+    the RAM reads, of gpt-oss's routed experts computed packed on the CPU (one expert's matrix here)."""
+    import torch
+
+    from fitmap.model import mxfp4
+
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (1, rows, columns // mxfp4.BLOCK, 16), dtype=torch.uint8, generator=g)
+    scales = torch.randint(120, 130, (1, rows, columns // mxfp4.BLOCK), dtype=torch.uint8, generator=g)
+    times = []
+    for _ in range(6):
+        start = time.perf_counter()
+        mxfp4.unpack(blocks, scales, torch.bfloat16)
+        times.append(time.perf_counter() - start)
+    return rows * columns / statistics.median(times[1:])
+
+
 # --------------------------------------------------------------------------- what a plan can expect
 @dataclass(frozen=True)
 class TierSpeed:
@@ -355,6 +376,8 @@ def offload_speeds(plan, cal: Calibration) -> list[TierSpeed]:
     streamed = (cpu.weights_bytes - plan.cpu_compute_bytes) if cpu is not None else 0
     if plan.cpu_token_bytes:  # MoE experts computed where they live: the routed ones read from RAM
         out.append(TierSpeed("cpu-compute", plan.cpu_token_bytes, cal.ram_copy, "RAM reads of the routed experts"))
+    if plan.cpu_unpack_values and cal.cpu_unpack:  # MXFP4 ones unpacked per token (values / values a second)
+        out.append(TierSpeed("cpu-compute", plan.cpu_unpack_values, cal.cpu_unpack, "MXFP4 unpacking of them"))
     if cpu is not None and streamed > 0:
         if execution.isdigit():
             g = next((g for g in cal.gpus if g.index == int(execution)), None)
@@ -487,5 +510,7 @@ def describe(cal: Calibration) -> list[str]:
     lines.append(f"RAM: {cal.ram_copy / GB:.1f} GB/s copy")
     if cal.cpu_matmul:
         lines.append(f"CPU: {cal.cpu_matmul / 1e9:.0f} GFLOP/s bf16 matrix product")
+    if cal.cpu_unpack:
+        lines.append(f"CPU: {cal.cpu_unpack / 1e9:.2f} G values/s MXFP4 unpacked to bf16 (gpt-oss's experts)")
     lines += [f"note: {n}" for n in cal.notes]
     return lines

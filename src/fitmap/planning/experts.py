@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from fitmap.model import configs
+from fitmap.model import configs, mxfp4
 from fitmap.model.skeleton import Skeleton, Unit
 from fitmap.planning.solver import Assignment, Item
 from fitmap.sizes import fmt_bytes
@@ -32,6 +32,7 @@ DEFAULT_PCIE = 25e9
 DEFAULT_RAM = 20e9
 DEFAULT_DISK = 2e9
 DEFAULT_CPU_FLOPS = 1e12  # bf16 matrix products of a 16-32 core AVX-512 server CPU
+DEFAULT_UNPACK = 3e9  # MXFP4 values/s such a CPU unpacks to bf16 (about 0.3 G/s a core measured, 16 cores)
 
 _EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 _TOP_K = ("num_experts_per_tok", "moe_topk", "top_k", "experts_per_token")
@@ -49,23 +50,27 @@ def moe_blocks(sk: Skeleton) -> list[Unit]:
     return [u for u in sk.units if u.experts and u.expert_bytes]
 
 
-def ram_bytes(sk: Skeleton, u: Unit) -> int:
-    """Bytes block ``u``'s routed experts take in RAM computed there. MXFP4 experts (gpt-oss as released)
-    are unpacked to the model's dtype: no CPU kernel computes them packed, and transformers unpacks them
-    on load where its MXFP4 kernels cannot run. Sized packed, they are counted again unpacked."""
+def mxfp4_values(sk: Skeleton) -> int:
+    """Values in one MoE block's routed experts when the checkpoint stores them as MXFP4 (gpt-oss as
+    released), else 0."""
     from fitmap.model import quant
 
     if (quant.declared(sk.config) or {}).get("quant_method") != "mxfp4":
-        return u.expert_bytes
+        return 0
     tc = configs.text_config(sk.config)
     count = next((v for k in _EXPERT_COUNTS if isinstance(v := getattr(tc, k, None), int) and v > 0), 0)
     inter = getattr(tc, "moe_intermediate_size", None) or getattr(tc, "intermediate_size", None) or 0
-    values = count * 3 * int(tc.hidden_size) * int(inter)
-    unpacked = values * UNPACKED_BYTES
-    return unpacked if u.expert_bytes < values * 1.5 else u.expert_bytes
+    return count * 3 * int(tc.hidden_size) * int(inter)
 
 
-UNPACKED_BYTES = 2  # bf16, gpt-oss's dtype
+def ram_bytes(sk: Skeleton, u: Unit) -> int:
+    """Bytes block ``u``'s routed experts take in RAM computed there. MXFP4 experts stay packed as the
+    checkpoint stores them (fitmap unpacks a token's experts per forward), also where the plan sizes them
+    unpacked on a GPU (transformers unpacks them on load where its MXFP4 kernels cannot run)."""
+    values = mxfp4_values(sk)
+    if not values or u.expert_bytes < values * 1.5:  # not MXFP4, or already sized packed
+        return u.expert_bytes
+    return u.expert_bytes - int(values * _itemsize(sk)) + int(values * mxfp4.PACKED_BYTES_PER_VALUE)
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,13 @@ class Rates:
     disk: float
     measured: bool
     cpu_flops: float = DEFAULT_CPU_FLOPS  # FLOP/s of the CPU's bf16 matrix products
+    unpack: float = DEFAULT_UNPACK  # MXFP4 values/s the CPU unpacks
+    unpack_measured: bool = False
+
+    def cpu_experts(self, nbytes: float, values: float = 0.0) -> float:
+        """Seconds the CPU takes for routed experts of ``nbytes`` in RAM, ``values`` of them MXFP4 it unpacks
+        (the reads and the unpacking stream together: the slower bounds)."""
+        return max(nbytes / self.ram, values / self.unpack)
 
     def said(self) -> str:
         how = "measured by fitmap calibrate" if self.measured else "defaults; fitmap calibrate measures this machine"
@@ -89,24 +101,33 @@ def rates(execution: str) -> Rates:
         return Rates(DEFAULT_PCIE, DEFAULT_RAM, DEFAULT_DISK, False)
     g = next((g for g in cal.gpus if str(g.index) == execution), None)
     flops = cal.cpu_matmul or DEFAULT_CPU_FLOPS
-    return Rates(g.h2d_pinned if g else DEFAULT_PCIE, cal.ram_copy, cal.disk_read, True, flops)
+    unpack = cal.cpu_unpack or DEFAULT_UNPACK
+    return Rates(
+        g.h2d_pinned if g else DEFAULT_PCIE, cal.ram_copy, cal.disk_read, True, flops, unpack, bool(cal.cpu_unpack)
+    )
 
 
-def prefill_seconds(tokens: int, in_ram: int, share: float, itemsize: float, r: Rates) -> tuple[float, float]:
-    """A prefill of ``tokens`` tokens through routed experts of ``in_ram`` bytes, of which a token uses
-    ``share``: (seconds computing them on the CPU: the tokens' products at the CPU's matmul rate, or the
-    experts some token picked read from RAM, whichever bounds; seconds copying them all to the GPU over
-    PCIe instead, where their products cost next to nothing)."""
+def prefill_seconds(
+    tokens: int, in_ram: int, share: float, itemsize: float, r: Rates, packed: bool = False
+) -> tuple[float, float]:
+    """A prefill of ``tokens`` tokens through routed experts of ``in_ram`` bytes (``itemsize`` bytes a
+    value), of which a token uses ``share``: (seconds computing them on the CPU: the tokens' products at
+    the CPU's matmul rate, or the experts some token picked read from RAM (and unpacked, ``packed``),
+    whichever bounds; seconds copying them all to the GPU over PCIe instead, where their products cost
+    next to nothing)."""
     flops = 2 * tokens * in_ram * share / itemsize
     touched = in_ram * (1 - (1 - share) ** tokens)  # experts at least one of the tokens picked
-    return max(flops / r.cpu_flops, touched / r.ram), in_ram / r.pcie
+    reads = r.cpu_experts(touched, touched / itemsize if packed else 0.0)
+    return max(flops / r.cpu_flops, reads), in_ram / r.pcie
 
 
-def copy_wins_from(in_ram: int, share: float, itemsize: float, r: Rates, most: int = 1 << 24) -> int | None:
+def copy_wins_from(
+    in_ram: int, share: float, itemsize: float, r: Rates, most: int = 1 << 24, packed: bool = False
+) -> int | None:
     """The fewest prefill tokens for which copying the experts to the GPU beats computing them on the CPU."""
 
     def copy_wins(t: int) -> bool:
-        cpu, gpu = prefill_seconds(t, in_ram, share, itemsize, r)
+        cpu, gpu = prefill_seconds(t, in_ram, share, itemsize, r, packed)
         return gpu < cpu
 
     if not copy_wins(most):
@@ -118,12 +139,15 @@ def copy_wins_from(in_ram: int, share: float, itemsize: float, r: Rates, most: i
     return lo
 
 
-def step_seconds(result: Assignment, items: Sequence[Item], r: Rates, cpu_expert_bytes: float = 0.0) -> float:
+def step_seconds(
+    result: Assignment, items: Sequence[Item], r: Rates, cpu_expert_bytes: float = 0.0, unpacked: float = 0.0
+) -> float:
     """Seconds one decode step spends on weights not resident on a GPU: streamed (PCIe and disk overlap:
-    the slower bounds) and routed experts read by the CPU; GPU compute not counted."""
+    the slower bounds) and routed experts read (and ``unpacked`` values unpacked) by the CPU; GPU compute
+    not counted."""
     cpu = sum(it.weight_bytes for it, d in zip(items, result.devices) if d == "cpu")
     disk = sum(it.weight_bytes for it, d in zip(items, result.devices) if d == "disk")
-    return max(cpu / r.pcie, disk / r.disk) + cpu_expert_bytes / r.ram
+    return max(cpu / r.pcie, disk / r.disk) + (r.cpu_experts(cpu_expert_bytes, unpacked) if cpu_expert_bytes else 0)
 
 
 @dataclass(frozen=True)
@@ -134,6 +158,7 @@ class Choice:
     note: str
     token_bytes: int  # of the moved experts, those one token uses
     expert_bytes: int  # of the moved experts, in RAM
+    token_values: int = 0  # of the moved experts, MXFP4 values one token unpacks
 
 
 def choose(
@@ -185,18 +210,19 @@ def choose(
     moved = blocks[:lo]
     in_ram = sum(ram_bytes(sk, u) for u in moved)
     used = in_ram * share
-    mine = step_seconds(result, trimmed, r, used)
+    values = mxfp4_values(sk) * lo * share
+    mine = step_seconds(result, trimmed, r, used, values)
     theirs = step_seconds(base, items, r) if base.fits else float("inf")
     if mine >= theirs:
         return None
     layer_word = "layer" if lo == 1 else "layers"
     note = (
-        f"experts of {lo} MoE {layer_word} ({fmt_bytes(in_ram)}{_unpacked(sk, moved)}) computed on the CPU where "
+        f"experts of {lo} MoE {layer_word} ({fmt_bytes(in_ram)}{_packed(values, r)}) computed on the CPU where "
         f"they live: a token reads {share:.1%} of them ({fmt_bytes(int(used))}) per step; decode bound "
         f"{_rate(mine)} against {_rate(theirs)} streaming them to the GPU ({r.said()}). "
-        + _prefill_note(prompt, in_ram, share, _itemsize(sk), r)
+        + _prefill_note(prompt, in_ram, share, mxfp4.PACKED_BYTES_PER_VALUE if values else _itemsize(sk), r, values > 0)
     )
-    return Choice(tuple(moved), result, tuple(trimmed), note, int(used), in_ram)
+    return Choice(tuple(moved), result, tuple(trimmed), note, int(used), in_ram, int(values))
 
 
 def _itemsize(sk: Skeleton) -> float:
@@ -208,14 +234,14 @@ def _itemsize(sk: Skeleton) -> float:
         return 2.0
 
 
-def _prefill_note(tokens: int, in_ram: int, share: float, itemsize: float, r: Rates) -> str:
+def _prefill_note(tokens: int, in_ram: int, share: float, itemsize: float, r: Rates, packed: bool) -> str:
     """What a prefill of ``tokens`` tokens costs on the CPU against copying the experts to the GPU, and
     from how many tokens the copy is faster. fitmap computes the prefill on the CPU too (the runtime
     does not switch per phase yet): the note says what that costs."""
     if tokens <= 0 or share <= 0:
         return ""
-    cpu, gpu = prefill_seconds(tokens, in_ram, share, itemsize, r)
-    crossover = copy_wins_from(in_ram, share, itemsize, r)
+    cpu, gpu = prefill_seconds(tokens, in_ram, share, itemsize, r, packed)
+    crossover = copy_wins_from(in_ram, share, itemsize, r, packed=packed)
     rate = f"{r.cpu_flops / 1e12:.2f} TFLOP/s bf16 on the CPU{'' if r.measured else ', a default'}"
     faster = "copying them to the GPU would be faster" if gpu < cpu else "the CPU is faster"
     since = f"; the copy wins from about {crossover} tokens" if crossover else ""
@@ -226,12 +252,12 @@ def _prefill_note(tokens: int, in_ram: int, share: float, itemsize: float, r: Ra
     )
 
 
-def _unpacked(sk: Skeleton, moved: Sequence[Unit]) -> str:
-    packed = sum(u.expert_bytes for u in moved)
-    unpacked = sum(ram_bytes(sk, u) for u in moved)
-    return (
-        f", unpacked from {fmt_bytes(packed)} of MXFP4: no CPU kernel computes it packed" if unpacked != packed else ""
-    )
+def _packed(values: float, r: Rates) -> str:
+    """What the note says of MXFP4 experts: kept packed, and the unpacking a token costs."""
+    if not values:
+        return ""
+    rate = f"{r.unpack / 1e9:.1f} G/s{' (measured)' if r.unpack_measured else ', a default'}"
+    return f", kept packed as MXFP4; a token unpacks the {values / 1e6:.0f} M values it uses, at {rate}"
 
 
 def _without(it: Item, nbytes: int) -> Item:

@@ -70,6 +70,7 @@ class Plan:
     notes: tuple[str, ...] = ()  # what the planner chose beyond the usual, and what it costs
     cpu_token_bytes: int = 0  # weights the CPU computes with per token besides offloaded units (routed experts)
     cpu_compute_bytes: int = 0  # of the cpu ledger's weights, those computed where they live (not streamed)
+    cpu_unpack_values: int = 0  # of the routed experts a token uses there, MXFP4 values the CPU unpacks
     hosts: dict[str, list[int]] = field(default_factory=dict)  # several machines: host -> its GPUs, pipeline order
 
     def host_of(self, unit: str) -> str:
@@ -100,6 +101,7 @@ class Plan:
             | ({"notes": list(self.notes)} if self.notes else {})
             | ({"cpu_token_bytes": self.cpu_token_bytes} if self.cpu_token_bytes else {})
             | ({"cpu_compute_bytes": self.cpu_compute_bytes} if self.cpu_compute_bytes else {})
+            | ({"cpu_unpack_values": self.cpu_unpack_values} if self.cpu_unpack_values else {})
             | ({"hosts": self.hosts} if self.hosts else {})
         )
 
@@ -132,6 +134,7 @@ class Plan:
                 notes=tuple(str(n) for n in d.get("notes", ())),
                 cpu_token_bytes=int(d.get("cpu_token_bytes", 0)),
                 cpu_compute_bytes=int(d.get("cpu_compute_bytes", 0)),
+                cpu_unpack_values=int(d.get("cpu_unpack_values", 0)),
                 hosts={str(h): [int(g) for g in gpus] for h, gpus in d.get("hosts", {}).items()},
             ).validated()
         except (KeyError, TypeError, AttributeError, ValueError) as e:
@@ -342,6 +345,7 @@ def _with_cpu_experts(plan: Plan, choice: experts.Choice) -> Plan:
         notes=plan.notes + (choice.note,),
         cpu_token_bytes=choice.token_bytes,
         cpu_compute_bytes=choice.expert_bytes,
+        cpu_unpack_values=choice.token_values,
     )
 
 

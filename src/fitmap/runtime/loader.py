@@ -26,7 +26,7 @@ far is released before the error propagates.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -45,7 +45,7 @@ from fitmap.model.keys import quantized_keys
 from fitmap.model.skeleton import share_parameter, tied_parameters
 from fitmap.planning.experts import CPU_COMPUTE
 from fitmap.planning.plan import Plan
-from fitmap.runtime import diskread, offload
+from fitmap.runtime import diskread, offload, packed
 from fitmap.runtime.buffers import check_materialized, compute_buffers
 from fitmap.runtime.checkpoint import Checkpoint, named_tensors
 from fitmap.sizes import GiB
@@ -123,17 +123,20 @@ def load(
     ckpt = Checkpoint.index(inv, model, dtype)
     ckpt.check_complete(model)
     targets = load_targets(model, layout, ckpt)
+    kept = packed.kept_keys(ckpt, {n for n, v in plan.device_map.items() if v == CPU_COMPUTE})
     _check_quantized_resident(model, layout)
     if announce is not None:  # the checkpoint files of the units this process runs
         mine = [k for k, _ in named_tensors(model) if (p := layout.unit_of(k)) is not None and p.tier != "remote"]
         announce(*ckpt.files_of(mine))
     try:
-        loaded = place(model, layout, ckpt, targets, progress)
+        loaded = place(model, layout, ckpt, targets, progress, skip=kept)
+        packs, more = packed.keep(ckpt, kept)  # MXFP4 experts computed on the CPU: read packed, never unpacked
+        loaded += more
         compute_buffers(model, ckpt, targets)
-        check_materialized(model, targets)
+        check_materialized(model, {**targets, **dict.fromkeys(kept)})
         if quant.of(model) is not None:
             quant.of(model).postprocess_model(model)
-        result = _runtime(model, layout, ckpt, targets, plan, readahead)
+        result = _runtime(model, layout, ckpt, targets, plan, readahead, packs)
     except BaseException:
         release(model)
         raise
@@ -314,9 +317,14 @@ def streamed_units(model: nn.Module, layout: Layout) -> set[str]:
 
 
 def place(
-    model: nn.Module, layout: Layout, ckpt: Checkpoint, targets: Mapping[str, torch.device | None], progress: bool
+    model: nn.Module,
+    layout: Layout,
+    ckpt: Checkpoint,
+    targets: Mapping[str, torch.device | None],
+    progress: bool,
+    skip: Collection[str] = (),
 ) -> int:
-    """Read every tensor with a target device and assign it there; returns bytes read."""
+    """Read every tensor with a target device, but ``skip``, and assign it there; returns bytes read."""
     jobs = _jobs(model, ckpt, targets)
     total = sum(ckpt.nbytes[k] for ks in jobs.values() for k, _ in ks)
     with _progress(total, progress) as advance, ThreadPoolExecutor(min(MAX_READERS, max(1, len(jobs)))) as pool:
@@ -328,7 +336,7 @@ def place(
             for f in futures:
                 f.cancel()
             futures.clear()
-    total += _place_merged(model, ckpt, targets)
+    total += _place_merged(model, ckpt, {k: d for k, d in targets.items() if k not in skip})
     retie(model, layout.ties)
     return total
 
@@ -436,13 +444,16 @@ def _runtime(
     targets: Mapping[str, torch.device | None],
     plan: Plan,
     readahead: bool,
+    packs: Mapping[str, packed.Packed],
 ) -> LoadedModel:
-    """Hooks for device boundaries and repairs, then offload hooks for cpu/disk units."""
+    """Hooks for device boundaries and repairs, then offload hooks for cpu/disk units; experts computed
+    packed unpack theirs after the boundary hooks (which bring their routes to the CPU)."""
     input_device = layout.input_device(model)
     placement = {name: p.runs_on for name, p in layout.units.items() if p.tier != "remote"}
     boundary = hooks.attach(model, placement, input_device)
     try:
         boundary.handles.extend(repairs.apply(model, plan.repairs, _runs_on))
+        boundary.handles.extend(h for path, pack in packs.items() for h in pack.attach(model.get_submodule(path)))
         streamed, disk_ahead = offloaded_units(model, layout, ckpt, targets, plan, readahead)
         off = (
             offload.attach(

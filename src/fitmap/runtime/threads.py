@@ -61,9 +61,10 @@ def cores() -> int:
 def cpu_work(plan: Plan) -> int:
     """Bytes of weights the CPU computes with per token: those on ``cpu``/``disk`` when offloaded
     units run on the CPU (with a GPU execution device they are copied there and run on it), and the
-    routed experts a token uses of those computed where they live."""
+    routed experts a token uses of those computed where they live (MXFP4 ones count the bf16 bytes they
+    unpack to: unpacking is work per value)."""
     if plan.execution_device != "cpu":
-        return plan.cpu_token_bytes
+        return plan.cpu_token_bytes + 2 * plan.cpu_unpack_values
     return sum(d.weights_bytes for d in plan.devices if d.device in ("cpu", "disk"))
 
 
