@@ -21,7 +21,13 @@ checkout:
    same map, page cache cold and warm;
 6. ``hooks`` — per decode step on a small model (milliseconds per step): no hooks,
    fitmap's boundary hooks on every unit, a no-op torch pre-hook on the same units
-   (the floor), accelerate's ``dispatch_model`` hooks.
+   (the floor), accelerate's ``dispatch_model`` hooks;
+7. ``moe`` — a Qwen3-30B-A3B-shaped MoE (8 of its 48 layers: 128 experts of 768, top 8) with
+   everything on the GPU but the routed experts: decode tok/s with the experts computed on the
+   CPU where they live (``cpu-compute``), with the whole blocks on fitmap's streamed cpu tier, and
+   with accelerate's offload of that map; the bound is the routed experts' bytes per token over
+   the RAM read rate measured in the same run. Target: the CPU experts at least 5x the streamed
+   tier.
 
 Every section is timed and isolated: one that fails is reported with its error and
 the rest still run. Results go to the JSON file given with ``--out`` after every
@@ -62,7 +68,7 @@ from fitmap.model.compat import cache_kwarg  # noqa: E402  (no torch import: --h
 
 GB = 1e9
 GiB = 1 << 30
-SECTIONS = ("fidelity", "budget", "cpu_tier", "disk_tier", "startup", "hooks")
+SECTIONS = ("fidelity", "budget", "cpu_tier", "disk_tier", "startup", "hooks", "moe")
 
 # Llama-3.1-8B's published shape (bf16: 16.06 GB); the dry run's is tiny.
 LLAMA_8B = dict(
@@ -84,6 +90,33 @@ LLAMA_TINY = dict(
     vocab_size=1024,
     max_position_embeddings=32768,
     rope_theta=10000.0,
+)
+# Qwen3-30B-A3B's published shape, 8 of its 48 layers (bf16: about 10.6 GB, 9.7 GB of it routed experts).
+QWEN3_MOE = dict(
+    hidden_size=2048,
+    intermediate_size=6144,
+    moe_intermediate_size=768,
+    num_experts=128,
+    num_experts_per_tok=8,
+    num_hidden_layers=8,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    head_dim=128,
+    vocab_size=151936,
+    max_position_embeddings=32768,
+)
+QWEN3_MOE_TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    moe_intermediate_size=32,
+    num_experts=8,
+    num_experts_per_tok=2,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=1024,
+    max_position_embeddings=4096,
 )
 # Qwen2-VL-2B's published shape (bf16: 4.4 GB).
 QWEN2VL_2B = dict(
@@ -278,6 +311,21 @@ def write_qwen2_vl(b: Bench) -> Path:
         dtype="bfloat16",
     )
     _save_random(b, transformers.AutoModelForImageTextToText, cfg, path)
+    (path / "done").write_text("1")
+    return path
+
+
+def write_qwen3_moe(b: Bench) -> Path:
+    """Random bf16 Qwen3-MoE checkpoint of Qwen3-30B-A3B's layer shape (tiny in a dry run)."""
+    path = b.root / ("qwen3-moe-tiny" if b.dry else "qwen3-30b-a3b-8-layers-random")
+    if (path / "done").exists():
+        return path
+    import transformers
+
+    cfg = transformers.Qwen3MoeConfig(
+        **(QWEN3_MOE_TINY if b.dry else QWEN3_MOE), bos_token_id=1, eos_token_id=2, dtype="bfloat16"
+    )
+    _save_random(b, transformers.AutoModelForCausalLM, cfg, path)
     (path / "done").write_text("1")
     return path
 
@@ -839,6 +887,88 @@ def sec_disk_tier(b: Bench) -> dict:
     )
 
 
+def sec_moe(b: Bench) -> dict:
+    """Decoders in rotation from one prompt: fitmap with the routed experts on the CPU, fitmap streaming whole
+    blocks from pinned RAM, accelerate's cpu offload of that map. The threads are fitmap's choice."""
+    import torch
+
+    from fitmap.model.inventory import inventory
+    from fitmap.model.skeleton import skeleton
+    from fitmap.planning.experts import CPU_COMPUTE
+    from fitmap.planning.plan import Plan
+    from fitmap.planning.workload import Workload
+    from fitmap.runtime import threads
+    from fitmap.runtime.loader import load
+
+    path = write_qwen3_moe(b)
+    dims = QWEN3_MOE_TINY if b.dry else QWEN3_MOE
+    sk = skeleton(inventory(path), torch.bfloat16)
+    moe = [u for u in sk.units if u.experts]
+    gpu: int | str = "cpu" if b.dry else 0
+    on_cpu: dict[str, int | str] = {}
+    streamed: dict[str, int | str] = {}
+    for u in sk.units:
+        on_cpu[u.name] = gpu
+        streamed[u.name] = "cpu" if u.experts else gpu
+        if u.experts:
+            on_cpu[str(u.experts)] = CPU_COMPUTE
+    per_expert = 3 * dims["hidden_size"] * dims["moe_intermediate_size"] * 2
+    token_bytes = len(moe) * dims["num_experts_per_tok"] * per_expert
+    execution = "cpu" if b.dry else "0"
+
+    def plan(dm, **extra):
+        return Plan(str(path), True, "balanced", "bfloat16", "analytic", Workload(1, 64, 64), dm, (), **extra)
+
+    experts_plan = plan(on_cpu, execution_device=execution, cpu_token_bytes=token_bytes)
+    streamed_plan = plan(streamed, execution_device=execution)
+    chosen = threads.choose([experts_plan])
+    torch.set_num_threads(chosen.count)
+    x = torch.ones(b.scale(1 << 28, 1 << 20), dtype=torch.float32)
+    x.sum()
+    sums = []
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum()
+        sums.append(time.perf_counter() - t)
+    ram = x.nbytes / statistics.median(sums)
+    del x
+    bound = token_bytes / ram
+    vocab, tokens = dims["vocab_size"], b.scale(8, 2)
+    decoders = []
+    for name, p in (("fitmap, routed experts on the CPU", experts_plan), ("fitmap, blocks streamed", streamed_plan)):
+        lm = load(path, p, progress=False)
+        d = Decoder(name, lm.model, lm.input_device, vocab, 64)
+        _rotate(b, [d], tokens)
+        d.model = d.cache = None
+        lm.close()
+        free_all()
+        decoders.append(d)
+    acc = _accelerate_model(b, path, streamed_plan)
+    d = Decoder("transformers/accelerate, blocks offloaded", acc, b.device, vocab, 64)
+    _rotate(b, [d], b.scale(3, 2))
+    decoders.append(d)
+    del acc
+    d.model = d.cache = None
+    free_all()
+    out = _tier_rows(
+        b,
+        "moe",
+        decoders,
+        bound,
+        dict(routed_bytes_per_token=token_bytes, ram_read_rate=ram, threads=chosen.count, threads_why=chosen.why),
+    )
+    ratio = statistics.median(decoders[1].times) / statistics.median(decoders[0].times)
+    out["cpu_experts_vs_streamed"] = ratio
+    b.row(
+        "moe",
+        "CPU experts vs streamed tier",
+        f"{ratio:.1f}x; {token_bytes / GB:.2f} GB of routed experts per token, RAM read {ram / GB:.1f} GB/s, "
+        f"{chosen.count} threads",
+        "(target: 5x)" if b.dry else ("met" if ratio >= 5 else "NOT met (target 5x)"),
+    )
+    return out
+
+
 # --------------------------------------------------------------------------- 5. start-up
 def child_startup(variant: str, path: str, plan_file: str, device: str) -> None:
     """In a fresh process: load, generate one token, print timings as JSON."""
@@ -1117,6 +1247,7 @@ RUNNERS = {
     "disk_tier": sec_disk_tier,
     "startup": sec_startup,
     "hooks": sec_hooks,
+    "moe": sec_moe,
 }
 
 

@@ -8,8 +8,15 @@ the step used over the RAM read bandwidth measured in the same run (a large tens
     .venv/bin/python bench/moe.py                       # bf16, 4 layers of 64 experts (top 8)
     .venv/bin/python bench/moe.py --dtype float32 --tokens 32 --threads 1
 
-On a GPU machine the same experts run on the CPU beside the GPU part; a GPU section (streamed tier vs
-CPU experts) is not in this script yet.
+With ``--disk DIR`` a second section saves the model to DIR and loads it with fitmap, its experts left
+on disk (``disk-compute``: a token reads only its routed experts from the files), the rest in RAM; it decodes
+with the page cache dropped for the checkpoint before each token (``posix_fadvise``), and compares the bytes
+read per token with the routed experts' bytes, and the time with the disk's read bound (measured in the same
+run on the same file).
+
+    .venv/bin/python bench/moe.py --disk /tmp/moe-bench --tokens 8
+
+On a GPU machine the same experts run on the CPU beside the GPU part: see bench/gpu.py's moe section.
 """
 
 from __future__ import annotations
@@ -64,8 +71,12 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: fitmap's choice for these experts)")
+    p.add_argument("--disk", default=None, help="also measure the experts left on disk, saving the model here")
     args = p.parse_args()
     model = build(args)
+    if args.disk:
+        on_disk(model, args)
+        return
     blocks = [m for m in model.modules() if type(m).__name__.endswith("Experts")]
     per_expert = sum(p[0].numel() * p.element_size() for p in blocks[0].parameters())
     from fitmap.runtime.threads import BYTES_PER_THREAD, cores
@@ -120,6 +131,103 @@ def main() -> None:
     print(
         f"prefill of {ids.shape[1]} tokens: {prefill_bytes / 2**20:.0f} MiB of experts read, "
         f"{prefill_experts * 1e3:.0f} ms in the experts; whole run {total:.2f} s for {args.tokens} tokens"
+    )
+
+
+def _evict(directory) -> None:
+    import os
+
+    for f in directory.glob("*.safetensors"):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _cold_read_rate(directory) -> float:
+    """Bytes/s of reading the checkpoint's largest file after dropping it from the page cache."""
+    f = max(directory.glob("*.safetensors"), key=lambda p: p.stat().st_size)
+    _evict(directory)
+    t = time.perf_counter()
+    with open(f, "rb", buffering=0) as fh:
+        while fh.read(64 << 20):
+            pass
+    return f.stat().st_size / (time.perf_counter() - t)
+
+
+def on_disk(model: torch.nn.Module, args) -> None:
+    """The experts left on disk (``disk-compute``), loaded and run by fitmap: bytes read per token against the
+    routed experts' bytes, seconds per token against the disk's cold read bound."""
+    from pathlib import Path
+
+    from fitmap.model.inventory import inventory
+    from fitmap.model.skeleton import skeleton
+    from fitmap.planning.experts import DISK_COMPUTE
+    from fitmap.planning.plan import Plan
+    from fitmap.planning.workload import Workload
+    from fitmap.runtime import loader, routed
+
+    directory = Path(args.disk)
+    model.save_pretrained(directory)
+    sk = skeleton(inventory(directory), getattr(torch, args.dtype))
+    device_map: dict[str, int | str] = {}
+    for u in sk.units:  # every unit in RAM, the routed experts of each MoE block on disk
+        device_map[u.name] = "cpu"
+        if u.experts:
+            device_map[str(u.experts)] = DISK_COMPUTE
+    experts = [str(u.experts) for u in sk.units if u.experts]
+    plan = Plan(str(directory), True, "balanced", args.dtype, "analytic", Workload(), device_map, ())
+    del model
+    rate = _cold_read_rate(directory)
+    with loader.load(directory, plan, progress=False) as lm:
+        blocks = [lm.model.get_submodule(e) for e in experts]
+        per_expert = sum(p[0].numel() * p.element_size() for p in blocks[0].parameters())
+        torch.set_num_threads(args.threads or 1)
+        routed_bytes = [0]
+
+        def count(module, args_, kwargs):
+            index = kwargs.get("top_k_index", args_[1] if len(args_) > 1 else None)
+            routed_bytes[0] += len(set(index.flatten().tolist())) * per_expert
+
+        for b in blocks:
+            b.register_forward_pre_hook(count, with_kwargs=True)
+        read = [0]
+        original = routed.FromDisk.fetch
+
+        def fetch(self, name, chosen):
+            before = self.read_bytes
+            out = original(self, name, chosen)
+            read[0] += self.read_bytes - before
+            return out
+
+        routed.FromDisk.fetch = fetch  # type: ignore[method-assign]
+        ids = torch.randint(0, 1024, (1, 8))
+        with torch.no_grad():
+            out = lm.model(input_ids=ids, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            seconds, read[0], routed_bytes[0] = 0.0, 0, 0
+            for _ in range(args.tokens):
+                _evict(directory)
+                t = time.perf_counter()
+                out = lm.model(input_ids=token, past_key_values=cache, use_cache=True)
+                seconds += time.perf_counter() - t
+                cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        routed.FromDisk.fetch = original  # type: ignore[method-assign]
+    layer_bytes = per_expert * args.experts * len(experts)
+    print(
+        f"shape: {args.layers} MoE layers x {args.experts} experts (top {args.top_k}), hidden {args.hidden}, expert "
+        f"{args.expert_size}, {args.dtype}; experts on disk {layer_bytes / 2**30:.2f} GiB; threads "
+        f"{torch.get_num_threads()}"
+    )
+    print(f"disk cold read (the largest shard after fadvise DONTNEED): {rate / 1e9:.2f} GB/s")
+    per_token, routed_per_token = read[0] / args.tokens, routed_bytes[0] / args.tokens
+    bound = per_token / rate
+    print(
+        f"decode, experts read from disk per routed expert: {per_token / 2**20:.1f} MiB read per token, routed "
+        f"experts {routed_per_token / 2**20:.1f} MiB ({per_token / routed_per_token:.2f}x), of "
+        f"{layer_bytes / 2**20:.0f} MiB in the layers; {seconds / args.tokens * 1e3:.0f} ms per token, "
+        f"disk bound {bound * 1e3:.0f} ms ({bound / (seconds / args.tokens):.0%})"
     )
 
 

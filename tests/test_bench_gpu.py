@@ -30,8 +30,8 @@ def test_gpu_check_dry_run(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())
-    sections = ("fidelity", "budget", "cpu_tier", "disk_tier", "startup", "hooks")
+    sections = ("fidelity", "budget", "cpu_tier", "disk_tier", "startup", "hooks", "moe")
     assert all(name in results and "error" not in results[name] for name in sections)
-    assert results["cpu_tier"]["same_tokens"] and results["disk_tier"]["same_tokens"]
+    assert results["cpu_tier"]["same_tokens"] and results["disk_tier"]["same_tokens"] and results["moe"]["same_tokens"]
     assert results["budget"]["cli"]["exit_code"] == 0  # a CPU-only plan: the long prompt fits
     assert "| section | case | measured | verdict |" in proc.stdout

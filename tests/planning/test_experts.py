@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import fitmap
 from fitmap.model.catalog_models import build_config, catalog_entry
@@ -106,3 +107,43 @@ def test_the_plan_says_what_a_prefill_costs_on_the_cpu_against_copying_the_exper
     plan = fitmap.plan("mixtral-8x7b", gpus="1x24GiB", cpu="96GiB", prompt=4096, new=256, estimate="analytic")
     note = next(n for n in plan.notes if "computed on the CPU where they live" in n)
     assert "A prefill of 4096 tokens" in note and "the copy wins from about" in note
+
+
+def test_experts_that_do_not_fit_in_ram_are_left_on_disk_and_read_per_routed_expert(tmp_path, capsys):
+    """qwen3-235b-a22b in bf16 (438 GiB) on 2 x 24 GiB + 256 GiB: the experts of the first layers in RAM, those
+    of the last on disk, of which a token reads only its routed ones; a clean check."""
+    from fitmap.cli import main
+    from fitmap.planning.experts import DISK_COMPUTE
+
+    plan = fitmap.plan("qwen3-235b-a22b", "2x24GiB", "256GiB", disk=str(tmp_path), prompt=4096, new=512)
+    assert plan.fits
+    in_ram, on_disk = _cpu_experts(plan), [u for u, d in plan.device_map.items() if d == DISK_COMPUTE]
+    assert in_ram and on_disk and len(in_ram) + len(on_disk) == 94
+    order = list(plan.device_map)
+    assert max(map(order.index, in_ram)) < min(map(order.index, on_disk))  # the first layers in RAM
+    disk = next(d for d in plan.devices if d.device == "disk")
+    assert disk.weights_bytes == plan.disk_compute_bytes and set(on_disk) <= set(disk.units)
+    assert plan.disk_token_bytes == pytest.approx(plan.disk_compute_bytes * 8 / 128, rel=1e-6)
+    assert any("on disk, of which a token reads only its routed experts" in n for n in plan.notes)
+    again = type(plan).from_json(plan.to_json())
+    assert (again.disk_token_bytes, again.disk_compute_bytes) == (plan.disk_token_bytes, plan.disk_compute_bytes)
+    args = ["plan", "qwen3-235b-a22b", "--gpus", "2x24GiB", "--cpu", "256GiB", "--disk", str(tmp_path)]
+    assert main([*args, "--prompt", "4096", "--new", "512", "--check"]) == 0
+    assert "no device mismatch" in capsys.readouterr().out
+
+
+def test_a_tiny_moe_planned_with_experts_on_disk_runs_with_from_pretraineds_tokens(checkpoints, tmp_path):
+    from fitmap.runtime import loader
+    from tests.runtime.test_loader import IDS, reference
+
+    d = checkpoints("qwen3_moe")
+    plan = fitmap.plan(str(d), "1x523.2MiB", "128KiB", disk=str(tmp_path), prompt=16, new=4)
+    assert plan.fits and any(v == "disk-compute" for v in plan.device_map.values()), plan.notes
+    want = reference(d).generate(input_ids=IDS, max_new_tokens=6, do_sample=False)
+    from dataclasses import replace
+
+    # this machine has no GPU: GPU 0's units on the CPU, the experts where the plan put them
+    on_cpu = {u: "cpu" if v == 0 else v for u, v in plan.device_map.items()}
+    plan = replace(plan, device_map=on_cpu, devices=(), execution_device="cpu")
+    with loader.load(d, plan, progress=False) as lm:
+        assert torch.equal(lm.model.generate(input_ids=IDS, max_new_tokens=6, do_sample=False), want)

@@ -7,15 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fitmap.planning.experts import CPU_COMPUTE
+from fitmap.planning.experts import CPU_COMPUTE, DISK_COMPUTE
 from fitmap.runtime import loader
 from tests.runtime.test_loader import IDS, plan_for, reference
 
-MOE = ["qwen3_moe", "mixtral", "deepseek_v3"]
+MOE = ["qwen3_moe", "mixtral", "deepseek_v3", "llama4"]
 
 
-def _experts_plan(d):
-    """Every block with experts on disk, its experts computed on the CPU, the rest on the cpu tier."""
+def _experts_plan(d, where=CPU_COMPUTE):
+    """Every block on disk, its experts computed on the CPU (``where``: from RAM or from disk)."""
     from fitmap.model.inventory import inventory
     from fitmap.model.skeleton import skeleton
 
@@ -27,7 +27,7 @@ def _experts_plan(d):
         device_map[name] = dev
         experts = next((u.experts for u in moe if u.name == name), None)
         if experts:
-            device_map[experts] = CPU_COMPUTE
+            device_map[experts] = where
     from dataclasses import replace
 
     return replace(plan, device_map=device_map), moe
@@ -123,3 +123,54 @@ def test_a_vlm_moe_with_its_experts_on_the_cpu_gives_from_pretraineds_tokens_wit
     with loader.load(d, plan, progress=False) as lm:
         got = lm.model.generate(**inputs, max_new_tokens=6, do_sample=False)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v3", "llama4", "gpt_oss_mxfp4"])
+def test_experts_left_on_disk_read_only_the_routed_ones_and_give_from_pretraineds_tokens(checkpoints, tmp_path, family):
+    """``disk-compute``: nothing of the experts is loaded; each forward reads the rows of the experts its tokens
+    are routed to (per-expert tensors merged by transformers' converter, or a fused one's rows, MXFP4 included)."""
+    from fitmap.runtime import routed
+    from tests.runtime.test_loader import _gpt_oss_mxfp4
+
+    d = _gpt_oss_mxfp4(tmp_path / "gpt-oss") if family == "gpt_oss_mxfp4" else checkpoints(family)
+    plan, moe = _experts_plan(d, DISK_COMPUTE)
+    want = reference(d).generate(input_ids=IDS, max_new_tokens=8, do_sample=False)
+    fetched: list[tuple[int, int, int, int]] = []  # (experts chosen, experts in the layer, bytes read, stored)
+    original = routed.FromDisk.fetch
+
+    def fetch(self, name, chosen):
+        before = self.read_bytes
+        t = original(self, name, chosen)
+        layer = lm.model.get_submodule(self.keys[name].rpartition(".")[0]).num_experts
+        fetched.append((len(chosen), layer, self.read_bytes - before, self.ckpt.nbytes[self.keys[name]]))
+        return t
+
+    with loader.load(d, plan, progress=False) as lm:
+        experts = lm.model.get_submodule(str(moe[-1].experts))
+        assert all(p.is_meta for p in experts.parameters())  # nothing of them in RAM
+        routed.FromDisk.fetch = fetch
+        try:
+            got = lm.model.generate(input_ids=IDS, max_new_tokens=8, do_sample=False)
+        finally:
+            routed.FromDisk.fetch = original
+    assert torch.equal(got, want)
+    # each read is the chosen experts' share of what the checkpoint stores for the parameter, no more
+    assert fetched and all(read * layer == stored * n for n, layer, read, stored in fetched)
+    assert any(n < layer for n, layer, _, _ in fetched)  # decode steps chose fewer than all the experts
+
+
+def test_llama4s_experts_in_ram_compute_only_the_routed_ones(checkpoints):
+    """Llama 4's experts module is given one row block per expert and computes all of them; computed on the CPU,
+    fitmap narrows it to the experts some token is routed to (the rest give zero rows, as they would)."""
+    from fitmap.runtime import routed
+
+    d = checkpoints("llama4")
+    plan, moe = _experts_plan(d)
+    with loader.load(d, plan, progress=False) as lm, torch.no_grad():
+        experts = lm.model.get_submodule(str(moe[-1].experts))
+        assert routed.dense(experts)
+        seen: list[int] = []
+        experts.register_forward_pre_hook(lambda m, a, k: seen.append(m.num_experts), with_kwargs=True)
+        lm.model(input_ids=IDS[:1, :1])
+    top = lm.model.config.get_text_config().num_experts_per_tok
+    assert seen == [top] and top < experts.num_experts

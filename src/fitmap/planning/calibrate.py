@@ -357,7 +357,7 @@ def cpu_unpack_rate(rows: int = 2048, columns: int = 2048) -> float:
 # --------------------------------------------------------------------------- what a plan can expect
 @dataclass(frozen=True)
 class TierSpeed:
-    tier: str  # "cpu" | "disk" | "cpu-compute"
+    tier: str  # "cpu" | "disk" | "cpu-compute" | "disk-compute"
     bytes_per_token: int  # weights streamed per decode step from this tier
     rate: float  # bytes/s it streams at (pinned copies, disk reads)
     via: str  # what the rate is
@@ -386,8 +386,11 @@ def offload_speeds(plan, cal: Calibration) -> list[TierSpeed]:
         else:
             out.append(TierSpeed("cpu", streamed, cal.ram_copy, "RAM bandwidth"))
     disk = ledgers.get("disk")
-    if disk is not None and disk.weights_bytes:
-        out.append(TierSpeed("disk", disk.weights_bytes, cal.disk_read, f"cold reads of {cal.disk_dir}"))
+    if plan.disk_token_bytes:  # MoE experts left on disk: a token reads its routed ones
+        out.append(TierSpeed("disk-compute", plan.disk_token_bytes, cal.disk_read, "disk reads of the routed experts"))
+    if disk is not None and disk.weights_bytes > plan.disk_compute_bytes:
+        streamed_disk = disk.weights_bytes - plan.disk_compute_bytes
+        out.append(TierSpeed("disk", streamed_disk, cal.disk_read, f"cold reads of {cal.disk_dir}"))
     return out
 
 

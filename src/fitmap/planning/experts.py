@@ -25,6 +25,7 @@ from fitmap.planning.solver import Assignment, Item
 from fitmap.sizes import fmt_bytes
 
 CPU_COMPUTE = "cpu-compute"  # device_map value: weights in RAM, computed on the CPU
+DISK_COMPUTE = "disk-compute"  # device_map value: weights on disk, the routed ones read and computed on the CPU
 
 # Rates without `fitmap calibrate` (bytes/s): one PCIe 4.0 x16 link's pinned copies, and a desktop's
 # RAM copy rate. Said as defaults in the plan's note.
@@ -159,6 +160,9 @@ class Choice:
     token_bytes: int  # of the moved experts, those one token uses
     expert_bytes: int  # of the moved experts, in RAM
     token_values: int = 0  # of the moved experts, MXFP4 values one token unpacks
+    on_disk: tuple[Unit, ...] = ()  # blocks whose routed experts are computed on the CPU from disk
+    disk_bytes: int = 0  # of their experts, on disk
+    disk_token_bytes: int = 0  # of those, read per token (the routed ones)
 
 
 def choose(
@@ -169,12 +173,14 @@ def choose(
     solve: Callable[[list[Item], int], Assignment],
     execution: str,
     prompt: int = 0,
+    disk: bool = False,
 ) -> Choice | None:
     """The fewest MoE blocks (first ones first, as ``--n-cpu-moe`` counts) whose experts computed on the
     CPU let the rest fit the GPUs without streaming, or all of them; kept when a decode step is faster
     than ``base`` (or ``base`` does not fit). ``names``: each item's units; ``solve(items, ram_used)``
     solves with that much RAM taken by experts. ``prompt``: the tokens of a prefill (batch x prompt), for
-    what the plan says of that phase."""
+    what the plan says of that phase. ``disk``: with a disk tier, when the experts of all blocks do not fit
+    in RAM, those of the last blocks stay on disk and a token reads only its routed experts from there."""
     blocks = moe_blocks(sk)
     if not blocks:
         return None
@@ -182,21 +188,29 @@ def choose(
     r = rates(execution)
     where = {n: i for i, units in enumerate(names) for n in units}
 
-    def attempt(k: int) -> tuple[Assignment, list[Item]]:
+    def attempt(k: int, in_ram: int | None = None) -> tuple[Assignment, list[Item]]:
+        """Experts of the first ``k`` blocks off the GPUs, those of the first ``in_ram`` (all) of them in RAM."""
         moved = blocks[:k]
         less = {where[u.name]: 0 for u in moved}
         for u in moved:
             less[where[u.name]] += u.expert_bytes
         trimmed = [_without(it, less.get(i, 0)) for i, it in enumerate(items)]
-        return solve(trimmed, sum(ram_bytes(sk, u) for u in moved)), trimmed
+        return solve(trimmed, sum(ram_bytes(sk, u) for u in moved[:in_ram])), trimmed
 
     def streams(a: Assignment) -> bool:
         return any(d in ("cpu", "disk") for d in a.devices)
 
     lo, hi = 1, len(blocks)
     best = attempt(hi)
+    kept = hi  # blocks whose experts are in RAM; the rest of the moved ones on disk
     if not best[0].fits:
-        return None
+        if not disk or not attempt(hi, 0)[0].fits:
+            return None
+        low, high = 0, hi - 1
+        while low < high:  # the most blocks with their experts in RAM (monotone: more there, less room)
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if attempt(hi, mid)[0].fits else (low, mid - 1)
+        lo, kept, best = hi, low, attempt(hi, low)
     while lo < hi:  # the fewest blocks that fit without streaming (monotone: more moved, less on the GPUs)
         mid = (lo + hi) // 2
         tried = attempt(mid)
@@ -204,25 +218,45 @@ def choose(
             hi, best = mid, tried
         else:
             lo = mid + 1
-    if lo == len(blocks):
+    if lo == len(blocks) and kept == lo:
         best = attempt(lo)
+    kept = min(kept, lo)
     result, trimmed = best
-    moved = blocks[:lo]
+    moved, on_disk = blocks[:kept], blocks[kept:lo]
     in_ram = sum(ram_bytes(sk, u) for u in moved)
-    used = in_ram * share
+    disk_bytes = sum(ram_bytes(sk, u) for u in on_disk)
+    used, disk_used = in_ram * share, disk_bytes * share
     values = mxfp4_values(sk) * lo * share
-    mine = step_seconds(result, trimmed, r, used, values)
+    mine = step_seconds(result, trimmed, r, used + disk_used, values) + disk_used / r.disk
     theirs = step_seconds(base, items, r) if base.fits else float("inf")
     if mine >= theirs:
         return None
     layer_word = "layer" if lo == 1 else "layers"
+    where_said = (
+        f"where they live: {fmt_bytes(in_ram)} in RAM ({kept} {'layer' if kept == 1 else 'layers'}), "
+        f"{fmt_bytes(disk_bytes)} on disk, of which a token reads only its routed experts"
+        if on_disk
+        else f"where they live ({fmt_bytes(in_ram)}{_packed(values, r)})"
+    )
     note = (
-        f"experts of {lo} MoE {layer_word} ({fmt_bytes(in_ram)}{_packed(values, r)}) computed on the CPU where "
-        f"they live: a token reads {share:.1%} of them ({fmt_bytes(int(used))}) per step; decode bound "
-        f"{_rate(mine)} against {_rate(theirs)} streaming them to the GPU ({r.said()}). "
+        f"experts of {lo} MoE {layer_word} computed on the CPU {where_said}: a token reads {share:.1%} of them "
+        f"({fmt_bytes(int(used + disk_used))}{f', {fmt_bytes(int(disk_used))} from disk' if on_disk else ''}) "
+        f"per step; decode bound {_rate(mine)} against {_rate(theirs)} streaming them to the GPU ({r.said()}"
+        f"{f', disk {r.disk / 1e9:.1f} GB/s' if on_disk else ''}). "
         + _prefill_note(prompt, in_ram, share, mxfp4.PACKED_BYTES_PER_VALUE if values else _itemsize(sk), r, values > 0)
     )
-    return Choice(tuple(moved), result, tuple(trimmed), note, int(used), in_ram, int(values))
+    return Choice(
+        tuple(moved),
+        result,
+        tuple(trimmed),
+        note,
+        int(used),
+        in_ram,
+        int(values),
+        tuple(on_disk),
+        disk_bytes,
+        int(disk_used),
+    )
 
 
 def _itemsize(sk: Skeleton) -> float:

@@ -71,6 +71,8 @@ class Plan:
     cpu_token_bytes: int = 0  # weights the CPU computes with per token besides offloaded units (routed experts)
     cpu_compute_bytes: int = 0  # of the cpu ledger's weights, those computed where they live (not streamed)
     cpu_unpack_values: int = 0  # of the routed experts a token uses there, MXFP4 values the CPU unpacks
+    disk_compute_bytes: int = 0  # of the disk ledger's weights, routed experts the CPU reads per routed expert
+    disk_token_bytes: int = 0  # of those, bytes a token reads (its routed experts)
     hosts: dict[str, list[int]] = field(default_factory=dict)  # several machines: host -> its GPUs, pipeline order
 
     def host_of(self, unit: str) -> str:
@@ -102,6 +104,8 @@ class Plan:
             | ({"cpu_token_bytes": self.cpu_token_bytes} if self.cpu_token_bytes else {})
             | ({"cpu_compute_bytes": self.cpu_compute_bytes} if self.cpu_compute_bytes else {})
             | ({"cpu_unpack_values": self.cpu_unpack_values} if self.cpu_unpack_values else {})
+            | ({"disk_compute_bytes": self.disk_compute_bytes} if self.disk_compute_bytes else {})
+            | ({"disk_token_bytes": self.disk_token_bytes} if self.disk_token_bytes else {})
             | ({"hosts": self.hosts} if self.hosts else {})
         )
 
@@ -135,6 +139,8 @@ class Plan:
                 cpu_token_bytes=int(d.get("cpu_token_bytes", 0)),
                 cpu_compute_bytes=int(d.get("cpu_compute_bytes", 0)),
                 cpu_unpack_values=int(d.get("cpu_unpack_values", 0)),
+                disk_compute_bytes=int(d.get("disk_compute_bytes", 0)),
+                disk_token_bytes=int(d.get("disk_token_bytes", 0)),
                 hosts={str(h): [int(g) for g in gpus] for h, gpus in d.get("hosts", {}).items()},
             ).validated()
         except (KeyError, TypeError, AttributeError, ValueError) as e:
@@ -182,7 +188,7 @@ class Plan:
         gpus = sorted(int(d.device) for d in self.devices if d.device.isdigit())
         bad = []
         for unit, dev in self.device_map.items():
-            if dev in ("cpu", "disk", experts.CPU_COMPUTE):
+            if dev in ("cpu", "disk", experts.CPU_COMPUTE, experts.DISK_COMPUTE):
                 continue
             index = dev if type(dev) is int else int(dev) if isinstance(dev, str) and dev.isdigit() else None
             if index is None or index not in gpus:
@@ -302,6 +308,7 @@ def make_plan(
             with_ram_used,
             str(machine.gpus[0].index),
             prompt=w.batch * (w.prompt + profile.image_tokens),
+            disk=tiers.disk is not None,
         )
         if choice is not None:
             plan = _to_plan(model, sk, profile, machine, policy, comps, choice.result)
@@ -319,23 +326,25 @@ def make_plan(
 
 def _with_cpu_experts(plan: Plan, choice: experts.Choice) -> Plan:
     """``plan`` with the chosen blocks' routed experts computed on the CPU: each experts module after its
-    block in the device map, their bytes in the cpu ledger."""
+    block in the device map, their bytes in the cpu ledger (in the disk ledger for those read from there)."""
     device_map: dict[str, int | str] = {}
-    moved = {u.name: u.experts for u in choice.blocks}
+    moved = {u.name: (str(u.experts), experts.CPU_COMPUTE) for u in choice.blocks if u.experts}
+    moved |= {u.name: (str(u.experts), experts.DISK_COMPUTE) for u in choice.on_disk if u.experts}
     for name, dev in plan.device_map.items():
         device_map[name] = dev
-        if moved.get(name):
-            device_map[str(moved[name])] = experts.CPU_COMPUTE
+        if name in moved:
+            device_map[moved[name][0]] = moved[name][1]
+    tiers = {"cpu": (choice.expert_bytes, experts.CPU_COMPUTE), "disk": (choice.disk_bytes, experts.DISK_COMPUTE)}
     ledgers = []
     for d in plan.devices:
-        if d.device == "cpu":
-            extra = choice.expert_bytes
+        if d.device in tiers:
+            extra, value = tiers[d.device]
             d = replace(
                 d,
-                capacity_bytes=d.capacity_bytes + extra,  # the solver saw RAM less the experts
+                capacity_bytes=d.capacity_bytes + (extra if d.device == "cpu" else 0),  # the solver saw RAM less
                 weights_bytes=d.weights_bytes + extra,
                 total_bytes=d.total_bytes + extra,
-                units=d.units + tuple(str(e) for e in moved.values()),
+                units=d.units + tuple(e for e, v in moved.values() if v == value),
             )
         ledgers.append(d)
     return replace(
@@ -346,6 +355,8 @@ def _with_cpu_experts(plan: Plan, choice: experts.Choice) -> Plan:
         cpu_token_bytes=choice.token_bytes,
         cpu_compute_bytes=choice.expert_bytes,
         cpu_unpack_values=choice.token_values,
+        disk_compute_bytes=choice.disk_bytes,
+        disk_token_bytes=choice.disk_token_bytes,
     )
 
 

@@ -153,6 +153,21 @@ class Checkpoint:
 
         return read
 
+    def rows(self, file: str, name: str, rows: list[int]) -> torch.Tensor:
+        """Rows ``rows`` (along the first dimension) of checkpoint tensor ``name`` in ``file``, stacked, reading
+        only those from a safetensors file (a MoE layer's routed experts out of its fused tensor)."""
+        path = self.directory / file
+        try:
+            if self.format == "safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    whole = f.get_slice(name)
+                    return torch.stack([whole[r] for r in rows]) if rows else whole[0:0]
+        except Exception as e:  # safetensors and OS errors alike: the file is the problem
+            raise CheckpointError(f"cannot read tensor {name!r} from {path}: {e}; re-download the file") from None
+        return self._opened(file)(name)[rows]
+
     def _opened(self, file: str) -> Callable[[str], torch.Tensor]:
         """A getter of tensors from mmap'd ``file``; the mapping lives as long as its tensors."""
         path = self.directory / file

@@ -43,9 +43,9 @@ from fitmap.model.build import build_model, empty_weights, load_config
 from fitmap.model.inventory import Inventory, TensorInfo, inventory
 from fitmap.model.keys import quantized_keys
 from fitmap.model.skeleton import share_parameter, tied_parameters
-from fitmap.planning.experts import CPU_COMPUTE
+from fitmap.planning.experts import CPU_COMPUTE, DISK_COMPUTE
 from fitmap.planning.plan import Plan
-from fitmap.runtime import diskread, offload, packed
+from fitmap.runtime import diskread, offload, routed
 from fitmap.runtime.buffers import check_materialized, compute_buffers
 from fitmap.runtime.checkpoint import Checkpoint, named_tensors
 from fitmap.sizes import GiB
@@ -123,20 +123,18 @@ def load(
     ckpt = Checkpoint.index(inv, model, dtype)
     ckpt.check_complete(model)
     targets = load_targets(model, layout, ckpt)
-    kept = packed.kept_keys(ckpt, {n for n, v in plan.device_map.items() if v == CPU_COMPUTE})
     _check_quantized_resident(model, layout)
     if announce is not None:  # the checkpoint files of the units this process runs
         mine = [k for k, _ in named_tensors(model) if (p := layout.unit_of(k)) is not None and p.tier != "remote"]
         announce(*ckpt.files_of(mine))
     try:
-        loaded = place(model, layout, ckpt, targets, progress, skip=kept)
-        packs, more = packed.keep(ckpt, kept)  # MXFP4 experts computed on the CPU: read packed, never unpacked
-        loaded += more
+        sources, left, loaded = routed.sources(model, ckpt, plan.device_map)  # experts fetched per routed expert
+        loaded += place(model, layout, ckpt, targets, progress, skip=left)
         compute_buffers(model, ckpt, targets)
-        check_materialized(model, {**targets, **dict.fromkeys(kept)})
+        check_materialized(model, {**targets, **dict.fromkeys(left)})
         if quant.of(model) is not None:
             quant.of(model).postprocess_model(model)
-        result = _runtime(model, layout, ckpt, targets, plan, readahead, packs)
+        result = _runtime(model, layout, ckpt, targets, plan, readahead, sources)
     except BaseException:
         release(model)
         raise
@@ -199,11 +197,13 @@ def _return_gpu_memory() -> None:
 
 
 def _runs_on(value: int | str) -> torch.device:
-    if value in ("cpu", CPU_COMPUTE):
+    if value in ("cpu", CPU_COMPUTE, DISK_COMPUTE):
         return torch.device("cpu")
     if isinstance(value, int) or str(value).isdigit():
         return gpu(int(value))
-    raise BadInput(f"unknown device {value!r} in the plan; expected a GPU index, 'cpu', '{CPU_COMPUTE}' or 'disk'")
+    raise BadInput(
+        f"unknown device {value!r} in the plan; expected a GPU index, cpu, disk, {CPU_COMPUTE} or {DISK_COMPUTE}"
+    )
 
 
 @dataclass(frozen=True)
@@ -277,7 +277,7 @@ def _placed(name: str, value: int | str, execution: torch.device) -> Placed:
     if value == "disk":
         return Placed(name, "disk", execution, None)
     device = _runs_on(value)
-    if value == CPU_COMPUTE:  # MoE experts computed where they live
+    if value in (CPU_COMPUTE, DISK_COMPUTE):  # MoE experts computed on the CPU (from RAM or disk)
         return Placed(name, "cpu", device, device)
     if device.type == "cpu":
         return Placed(name, "cpu", execution, device)
@@ -325,6 +325,7 @@ def place(
     skip: Collection[str] = (),
 ) -> int:
     """Read every tensor with a target device, but ``skip``, and assign it there; returns bytes read."""
+    targets = {k: None if k in skip else d for k, d in targets.items()}
     jobs = _jobs(model, ckpt, targets)
     total = sum(ckpt.nbytes[k] for ks in jobs.values() for k, _ in ks)
     with _progress(total, progress) as advance, ThreadPoolExecutor(min(MAX_READERS, max(1, len(jobs)))) as pool:
@@ -336,7 +337,7 @@ def place(
             for f in futures:
                 f.cancel()
             futures.clear()
-    total += _place_merged(model, ckpt, {k: d for k, d in targets.items() if k not in skip})
+    total += _place_merged(model, ckpt, targets)
     retie(model, layout.ties)
     return total
 
@@ -444,16 +445,16 @@ def _runtime(
     targets: Mapping[str, torch.device | None],
     plan: Plan,
     readahead: bool,
-    packs: Mapping[str, packed.Packed],
+    sources: Mapping[str, routed.Source],
 ) -> LoadedModel:
-    """Hooks for device boundaries and repairs, then offload hooks for cpu/disk units; experts computed
-    packed unpack theirs after the boundary hooks (which bring their routes to the CPU)."""
+    """Hooks for device boundaries and repairs, then offload hooks for cpu/disk units; experts computed per
+    routed expert fetch theirs after the boundary hooks (which bring their routes to the CPU)."""
     input_device = layout.input_device(model)
     placement = {name: p.runs_on for name, p in layout.units.items() if p.tier != "remote"}
     boundary = hooks.attach(model, placement, input_device)
     try:
         boundary.handles.extend(repairs.apply(model, plan.repairs, _runs_on))
-        boundary.handles.extend(h for path, pack in packs.items() for h in pack.attach(model.get_submodule(path)))
+        boundary.handles.extend(h for path, s in sources.items() for h in routed.attach(model.get_submodule(path), s))
         streamed, disk_ahead = offloaded_units(model, layout, ckpt, targets, plan, readahead)
         off = (
             offload.attach(

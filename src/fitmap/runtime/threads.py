@@ -64,7 +64,7 @@ def cpu_work(plan: Plan) -> int:
     routed experts a token uses of those computed where they live (MXFP4 ones count the bf16 bytes they
     unpack to: unpacking is work per value)."""
     if plan.execution_device != "cpu":
-        return plan.cpu_token_bytes + 2 * plan.cpu_unpack_values
+        return plan.cpu_token_bytes + plan.disk_token_bytes + 2 * plan.cpu_unpack_values
     return sum(d.weights_bytes for d in plan.devices if d.device in ("cpu", "disk"))
 
 

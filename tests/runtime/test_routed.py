@@ -7,7 +7,7 @@ import torch
 import transformers
 
 from fitmap.model import mxfp4
-from fitmap.runtime.packed import Packed
+from fitmap.runtime.routed import Packed, attach
 
 
 def test_packed_experts_give_what_the_unpacked_module_gives():
@@ -31,7 +31,7 @@ def test_packed_experts_give_what_the_unpacked_module_gives():
     for name in weights:
         packed._parameters[name] = torch.nn.Parameter(torch.empty_like(dense._parameters[name], device="meta"))
     pack = Packed(weights, torch.float32)
-    pack.attach(packed)
+    attach(packed, pack)
     hidden = torch.randn(5, 64)
     index = torch.tensor([[0, 3], [3, 5], [5, 0], [5, 3], [0, 3]])
     routing = torch.rand(5, 2)
@@ -39,5 +39,5 @@ def test_packed_experts_give_what_the_unpacked_module_gives():
     got = packed(hidden, index, routing)
     # the unpacked weights are a transposed view (the fast side for the product): the same sums, in another order
     torch.testing.assert_close(got, want, rtol=1e-4, atol=0)
-    assert pack.unpacked == 3  # experts 0, 3 and 5, not all 6
+    assert pack.fetched == 3  # experts 0, 3 and 5, not all 6
     assert packed.num_experts == 6 and packed.gate_up_proj.is_meta  # put back after the forward
