@@ -44,6 +44,7 @@ class Checkpoint:
     unexpected: tuple[str, ...] = ()  # checkpoint keys that belong to no part of the model
     merged: Mapping[str, Merge] = field(default_factory=dict)  # model key -> checkpoint tensors it is built from
     files: Mapping[str, str] = field(default_factory=dict)  # checkpoint key -> file (for merged sources)
+    parts: Mapping[str, TensorInfo] = field(default_factory=dict)  # checkpoint key -> tensor (merged sources)
 
     @classmethod
     def index(cls, inv: Inventory, model: nn.Module, dtype: torch.dtype | None = None) -> Checkpoint:
@@ -68,6 +69,7 @@ class Checkpoint:
             unexpected=_unexpected(model, inv, names, converted),
             merged=merged,
             files={c: inv.tensors[c].file for c in from_merges},
+            parts={c: inv.tensors[c] for c in from_merges},
         )
 
     def files_of(self, keys) -> tuple[tuple[str, ...], int]:

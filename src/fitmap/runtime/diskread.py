@@ -216,6 +216,26 @@ def _as_tensor(raw: torch.Tensor, p: Piece) -> torch.Tensor:
         return raw.clone().view(p.dtype).view(p.shape)
 
 
+def read_into(path: Path, offset: int, target: memoryview) -> None:
+    """Fill ``target`` with the bytes of ``path`` from ``offset``: buffered positioned reads (the page cache
+    keeps what is read often, as a MoE layer's popular experts are), safe to call from several threads."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise CheckpointError(f"cannot open {path}: {e.strerror}; the file is missing, re-download it") from None
+    try:
+        done = 0
+        while done < len(target):
+            n = os.preadv(fd, [target[done : done + MAX_READ]], offset + done)
+            if n <= 0:
+                raise CheckpointError(f"{path} ends before byte {offset + len(target)}; re-download the file")
+            done += n
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror}; re-download the file") from None
+    finally:
+        os.close(fd)
+
+
 _NO_DIRECT: set[Path] = set()  # directories where O_DIRECT was refused (tmpfs, some network file systems)
 
 

@@ -20,15 +20,18 @@ activation and weighting stay transformers'); after it, everything is put back.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from fitmap.model.inventory import TensorInfo
 from fitmap.model.mxfp4 import converts_mxfp4, unpack
 from fitmap.planning.experts import CPU_COMPUTE, DISK_COMPUTE
+from fitmap.runtime import diskread
 from fitmap.runtime.checkpoint import Checkpoint
 
 _INDEX_NAMES = ("top_k_index", "router_indices", "selected_experts")
@@ -98,25 +101,56 @@ class FromDisk:
         key, rows = self.keys[name], chosen.tolist()
         merge = self.ckpt.merged.get(key)
         if merge is None:  # stored as the model holds it: the chosen experts' rows
-            t = self.ckpt.rows(*self.ckpt.where[key], rows)
-            self.read_bytes += t.nbytes
+            (t,) = self._read([(self.ckpt.where[key][1], self.ckpt.infos.get(key), rows)])
             return t.to(self.ckpt.dtypes[key])
         if converts_mxfp4(merge.converter):
-            parts = {p: self.ckpt.rows(self.ckpt.files[keys[0]], keys[0], rows) for p, keys in merge.sources}
-            self.read_bytes += sum(t.nbytes for t in parts.values())
+            wanted = [(keys[0], self.ckpt.parts.get(keys[0]), rows) for _, keys in merge.sources]
+            parts = dict(zip([p for p, _ in merge.sources], self._read(wanted)))
             blocks = next(t for p, t in parts.items() if p.endswith("_blocks"))
             scales = next(t for p, t in parts.items() if p.endswith("_scales"))
             return unpack(blocks, scales, self.ckpt.dtypes[key])
         # stored per expert, merged on load by transformers' converter: only the chosen experts' tensors
         sources = tuple((p, tuple(keys[i] for i in rows)) for p, keys in merge.sources)
-        read = self.ckpt._part_reader()
+        names = [k for _, keys in sources for k in keys]
+        got = dict(zip(names, self._read([(k, self.ckpt.parts.get(k), None) for k in names])))
+        return replace(merge, sources=sources).build(got.__getitem__).to(self.ckpt.dtypes[key])
 
-        def counted(k: str) -> torch.Tensor:
-            t = read(k)
-            self.read_bytes += t.nbytes
-            return t
+    def _read(self, wanted: Sequence[tuple[str, TensorInfo | None, list[int] | None]]) -> list[torch.Tensor]:
+        """Checkpoint tensors (name, its header entry, the rows wanted or None for all), read at once: positioned
+        reads on a pool of threads (a disk serves several at a time) where the header gives the offsets."""
+        infos = [i for _, i, _ in wanted]
+        if (
+            self.ckpt.format != "safetensors"
+            or not diskread.readable([i for i in infos if i is not None])
+            or None in infos
+        ):
+            out = [self._mapped(name, rows) for name, _, rows in wanted]
+        else:
+            out, reads = [], []
+            for _, info, rows in wanted:
+                assert info is not None
+                row = info.nbytes // max(info.shape[0], 1)
+                ranges = [(info.offset, info.nbytes)] if rows is None else [(info.offset + r * row, row) for r in rows]
+                data = torch.empty(sum(n for _, n in ranges), dtype=torch.uint8)
+                view, at = memoryview(data.numpy()), 0  # type: ignore[arg-type]  # ndarray is a buffer
+                for offset, n in ranges:
+                    reads.append(
+                        _READERS.submit(diskread.read_into, self.ckpt.directory / info.file, offset, view[at : at + n])
+                    )
+                    at += n
+                shape = info.shape if rows is None else (len(rows), *info.shape[1:])
+                out.append(data.view(diskread.DTYPES[info.dtype]).view(shape))
+            for r in reads:
+                r.result()
+        self.read_bytes += sum(t.nbytes for t in out)
+        return out
 
-        return replace(merge, sources=sources).build(counted).to(self.ckpt.dtypes[key])
+    def _mapped(self, name: str, rows: list[int] | None) -> torch.Tensor:
+        file = self.ckpt.files.get(name) or next(f for f, n in self.ckpt.where.values() if n == name)
+        return self.ckpt._opened(file)(name).clone() if rows is None else self.ckpt.rows(file, name, rows)
+
+
+_READERS = ThreadPoolExecutor(8, thread_name_prefix="fitmap-experts")  # reads in flight for routed experts
 
 
 def attach(module: nn.Module, source: Source) -> list[Any]:
