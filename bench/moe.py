@@ -16,6 +16,13 @@ run on the same file).
 
     .venv/bin/python bench/moe.py --disk /tmp/moe-bench --tokens 8
 
+With ``--mxfp4 DIR`` a third: gpt-oss-120b's expert shape (hidden 2880, experts of 2880, top 4; 2 layers of
+32 experts here, so the file stays small) written in MXFP4 as released, loaded by fitmap with its experts
+computed on the CPU and kept packed in RAM; per token, the time in the experts against the RAM bound of the
+packed bytes the routed experts take, and against the unpacking rate ``fitmap calibrate`` measures.
+
+    .venv/bin/python bench/moe.py --mxfp4 /tmp/moe-mxfp4 --tokens 4
+
 On a GPU machine the same experts run on the CPU beside the GPU part: see bench/gpu.py's moe section.
 """
 
@@ -71,8 +78,12 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: fitmap's choice for these experts)")
-    p.add_argument("--disk", default=None, help="also measure the experts left on disk, saving the model here")
+    p.add_argument("--disk", default=None, help="measure the experts left on disk instead, saving the model here")
+    p.add_argument("--mxfp4", default=None, help="measure gpt-oss-shaped MXFP4 experts kept packed, saved here")
     args = p.parse_args()
+    if args.mxfp4:
+        packed_mxfp4(args)
+        return
     model = build(args)
     if args.disk:
         on_disk(model, args)
@@ -228,6 +239,111 @@ def on_disk(model: torch.nn.Module, args) -> None:
         f"experts {routed_per_token / 2**20:.1f} MiB ({per_token / routed_per_token:.2f}x), of "
         f"{layer_bytes / 2**20:.0f} MiB in the layers; {seconds / args.tokens * 1e3:.0f} ms per token, "
         f"disk bound {bound * 1e3:.0f} ms ({bound / (seconds / args.tokens):.0%})"
+    )
+
+
+def packed_mxfp4(args) -> None:
+    """gpt-oss-shaped MXFP4 experts kept packed in RAM by fitmap (``cpu-compute``), timed per token."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from fitmap.model.inventory import inventory
+    from fitmap.model.skeleton import skeleton
+    from fitmap.planning.calibrate import cpu_unpack_rate
+    from fitmap.planning.experts import CPU_COMPUTE
+    from fitmap.planning.plan import Plan
+    from fitmap.planning.workload import Workload
+    from fitmap.runtime import loader
+
+    directory = Path(args.mxfp4)
+    layers, experts, top, size = 2, 32, 4, 2880
+    cfg = transformers.GptOssConfig(
+        hidden_size=size,
+        intermediate_size=size,
+        num_hidden_layers=layers,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        head_dim=64,
+        num_local_experts=experts,
+        num_experts_per_tok=top,
+        vocab_size=1024,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        shapes = transformers.AutoModelForCausalLM.from_config(cfg).state_dict()
+    g = torch.Generator().manual_seed(1)
+    tensors = {}
+    for key, t in shapes.items():
+        if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            e, n_in, n_out = t.shape
+            tensors[f"{key}_blocks"] = torch.randint(0, 256, (e, n_out, n_in // 32, 16), dtype=torch.uint8, generator=g)
+            tensors[f"{key}_scales"] = torch.randint(118, 123, (e, n_out, n_in // 32), dtype=torch.uint8, generator=g)
+        elif "rotary" not in key:
+            tensors[key] = (torch.randn(t.shape, generator=g) * 0.02).to(torch.bfloat16)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    del tensors
+    config = cfg.to_dict() | {
+        "dtype": "bfloat16",
+        "quantization_config": {
+            "quant_method": "mxfp4",
+            "modules_to_not_convert": [
+                "model.layers.*.self_attn",
+                "model.layers.*.mlp.router",
+                "model.embed_tokens",
+                "lm_head",
+            ],
+        },
+    }
+    (directory / "config.json").write_text(json.dumps(config))
+    sk = skeleton(inventory(directory), torch.bfloat16)
+    device_map: dict[str, int | str] = {}
+    for u in sk.units:
+        device_map[u.name] = "cpu"
+        if u.experts:
+            device_map[str(u.experts)] = CPU_COMPUTE
+    plan = Plan(str(directory), True, "balanced", "bfloat16", "analytic", Workload(), device_map, ())
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    unpack = cpu_unpack_rate()
+    rate = ram_read_rate()
+    per_expert_values = 3 * size * size
+    with loader.load(directory, plan, progress=False) as lm, torch.no_grad():
+        blocks = [lm.model.get_submodule(str(u.experts)) for u in sk.units if u.experts]
+        spent, chosen, started = [0.0], [0], {}
+
+        def before(module, args_, kwargs):  # before fitmap's hook (prepended): its unpacking is timed
+            index = kwargs.get("router_indices", args_[1] if len(args_) > 1 else None)
+            chosen[0] += len(set(index.flatten().tolist()))
+            started[id(module)] = time.perf_counter()
+
+        def after(module, args_, output):
+            spent[0] += time.perf_counter() - started.pop(id(module))
+
+        for b in blocks:
+            b.register_forward_pre_hook(before, with_kwargs=True, prepend=True)
+            b.register_forward_hook(after)
+        ids = torch.randint(0, 1024, (1, 8))
+        out = lm.model(input_ids=ids, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        spent[0], chosen[0] = 0.0, 0
+        for _ in range(args.tokens):
+            out = lm.model(input_ids=token, past_key_values=cache, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    per_token = spent[0] / args.tokens
+    values = chosen[0] / args.tokens * per_expert_values
+    packed_bytes = values * 17 / 32
+    print(
+        f"shape: gpt-oss-120b's experts (hidden {size}, experts of {size}), {layers} layers x {experts} experts (top "
+        f"{top}), MXFP4 kept packed in RAM; threads {torch.get_num_threads()}"
+    )
+    print(f"RAM read bandwidth: {rate / 1e9:.1f} GB/s; MXFP4 unpacking (calibrate's measure): {unpack / 1e9:.2f} G/s")
+    print(
+        f"decode: {values / 1e6:.0f} M values ({packed_bytes / 2**20:.0f} MiB packed) of routed experts per token, "
+        f"{per_token * 1e3:.0f} ms in the experts; RAM bound {packed_bytes / rate * 1e3:.1f} ms, unpacking bound "
+        f"{values / unpack * 1e3:.0f} ms ({values / unpack / per_token:.0%} of the time)"
     )
 
 
