@@ -47,13 +47,24 @@ def test_stages_in_several_processes_give_from_pretraineds_tokens(checkpoints, t
     assert torch.equal(torch.tensor(got["tokens"]), expected)
     assert torch.equal(torch.tensor(got["again"]), expected[:1])  # a second generation gets a fresh cache
     # before loading, each rank says which files it reads: the last stage, not every shard
-    said = {
-        int(line.split()[2].rstrip(":")): line for line in done.stderr.splitlines() if line.startswith("fitmap rank")
-    }
+    lines = [line for line in done.stderr.splitlines() if line.startswith("fitmap rank")]
+    said = {int(line.split()[2].rstrip(":")): line for line in lines if ": reads " in line}
     assert sorted(said) == list(range(procs))
     shards = sorted(p.name for p in d.glob("*.safetensors"))
     last = [name for name in shards if name in said[procs - 1]]
     assert 0 < len(last) < len(shards)
+    # after loading, each rank's weights measured from its tensors, beside what the plan's units for it weigh
+    held = {int(line.split()[2].rstrip(":")): line for line in lines if ": holds " in line}
+    assert sorted(held) == list(range(procs))
+    for line in held.values():
+        measured = _size(line.split(" holds ")[1].split(" on ")[0])
+        planned = _size(line.split("for this rank: ")[1].split(" of weights")[0])
+        assert planned > 0 and abs(measured - planned) <= 0.02 * planned + 4096, line
+
+
+def _size(text: str) -> float:
+    number, unit = text.split()
+    return float(number) * 1024 ** ["B", "KiB", "MiB", "GiB", "TiB"].index(unit)
 
 
 def test_a_vlm_split_across_processes_gives_from_pretraineds_tokens_with_an_image(checkpoints, tmp_path):

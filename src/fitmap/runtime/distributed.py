@@ -468,6 +468,39 @@ def agree(ranks: Ranks, plan: Plan, model_dir: Any) -> None:
 
 
 # --------------------------------------------------------------------------- loading a stage
+def _resident() -> int:
+    """Bytes of this process's resident memory (0 where /proc is not there)."""
+    import os
+
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _held(rank: int, model: Any, planned: int, before: int) -> None:
+    """One line per rank after loading: the weights it holds, measured from its tensors per device, beside
+    what the plan's units for this rank weigh, and its resident memory's growth."""
+    import sys
+
+    from fitmap.runtime.checkpoint import named_tensors
+    from fitmap.sizes import fmt_bytes
+
+    held: dict[str, int] = {}
+    for _, t in named_tensors(model):
+        if not t.is_meta:
+            held[str(t.device)] = held.get(str(t.device), 0) + t.nbytes
+    where = ", ".join(f"{fmt_bytes(n)} on {d}" for d, n in sorted(held.items())) or "nothing"
+    grew = f"; resident memory grew by {fmt_bytes(max(0, _resident() - before))}" if before else ""
+    print(
+        f"fitmap rank {rank}: holds {where} (the plan's units for this rank: {fmt_bytes(planned)} of weights){grew}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+
 def load_stage(model: str, model_dir: Any, plan: Plan, ranks: Ranks, trust_remote_code: bool, readahead: bool) -> Any:
     """Rank 0: its stage loaded, the others' units as proxies (close() stops the other ranks).
     Other ranks: their stage loaded and run until rank 0 is done; then :class:`StageDone`."""
@@ -489,6 +522,7 @@ def load_stage(model: str, model_dir: Any, plan: Plan, ranks: Ranks, trust_remot
         names = ", ".join(files[:6]) + (f", ... ({len(files)} in all)" if len(files) > 6 else "")
         print(f"fitmap rank {ranks.rank}: reads {fmt_bytes(nbytes)} from {names}", file=sys.stderr, flush=True)
 
+    before = _resident()
     loaded = load(
         model_dir,
         mine,
@@ -497,6 +531,7 @@ def load_stage(model: str, model_dir: Any, plan: Plan, ranks: Ranks, trust_remot
         remote=remote,
         announce=announce,
     )
+    _held(ranks.rank, loaded.model, sum(u.weight_bytes for u in sk.units if u.name not in remote), before)
     if ranks.rank == 0:
         hosts = dict(enumerate(plan.hosts))
         attach_proxies(loaded.model, stage, blocks, loaded.input_device, hosts)
