@@ -500,7 +500,6 @@ def _held(rank: int, model: Any, planned: int, before: int) -> None:
     )
 
 
-
 def load_stage(model: str, model_dir: Any, plan: Plan, ranks: Ranks, trust_remote_code: bool, readahead: bool) -> Any:
     """Rank 0: its stage loaded, the others' units as proxies (close() stops the other ranks).
     Other ranks: their stage loaded and run until rank 0 is done; then :class:`StageDone`."""
