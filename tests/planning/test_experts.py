@@ -147,3 +147,21 @@ def test_a_tiny_moe_planned_with_experts_on_disk_runs_with_from_pretraineds_toke
     plan = replace(plan, device_map=on_cpu, devices=(), execution_device="cpu")
     with loader.load(d, plan, progress=False) as lm:
         assert torch.equal(lm.model.generate(input_ids=IDS, max_new_tokens=6, do_sample=False), want)
+
+
+def test_without_a_gpu_a_moe_bigger_than_ram_reads_its_routed_experts_from_disk(checkpoints, tmp_path):
+    """No GPU, RAM for the rest and some experts, a disk tier: the experts of the last layers stay on disk
+    (read per routed expert) instead of whole blocks streamed from there; the run gives from_pretrained's tokens."""
+    from fitmap.planning.experts import DISK_COMPUTE
+    from fitmap.runtime import loader
+    from tests.runtime.test_loader import IDS, reference
+
+    d = checkpoints("qwen3_moe")
+    plan = fitmap.plan(str(d), None, "700KiB", disk=str(tmp_path), prompt=16, new=4)
+    assert plan.fits and plan.execution_device == "cpu"
+    assert any(v == DISK_COMPUTE for v in plan.device_map.values()), plan.notes
+    assert not any(v == "disk" for v in plan.device_map.values())  # no block streamed whole
+    assert any("reading whole blocks from disk" in n for n in plan.notes)
+    want = reference(d).generate(input_ids=IDS, max_new_tokens=6, do_sample=False)
+    with loader.load(d, plan, progress=False) as lm:
+        assert torch.equal(lm.model.generate(input_ids=IDS, max_new_tokens=6, do_sample=False), want)

@@ -83,6 +83,7 @@ class Rates:
     cpu_flops: float = DEFAULT_CPU_FLOPS  # FLOP/s of the CPU's bf16 matrix products
     unpack: float = DEFAULT_UNPACK  # MXFP4 values/s the CPU unpacks
     unpack_measured: bool = False
+    cpu_executes: bool = False  # no GPU: units on the cpu run where they are, nothing crosses PCIe
 
     def cpu_experts(self, nbytes: float, values: float = 0.0) -> float:
         """Seconds the CPU takes for routed experts of ``nbytes`` in RAM, ``values`` of them MXFP4 it unpacks
@@ -91,7 +92,8 @@ class Rates:
 
     def said(self) -> str:
         how = "measured by fitmap calibrate" if self.measured else "defaults; fitmap calibrate measures this machine"
-        return f"RAM {self.ram / 1e9:.0f} GB/s, PCIe {self.pcie / 1e9:.0f} GB/s ({how})"
+        link = "" if self.cpu_executes else f", PCIe {self.pcie / 1e9:.0f} GB/s"
+        return f"RAM {self.ram / 1e9:.0f} GB/s{link} ({how})"
 
 
 def rates(execution: str) -> Rates:
@@ -99,12 +101,19 @@ def rates(execution: str) -> Rates:
 
     cal = calibrate.load()
     if cal is None:
-        return Rates(DEFAULT_PCIE, DEFAULT_RAM, DEFAULT_DISK, False)
+        return Rates(DEFAULT_PCIE, DEFAULT_RAM, DEFAULT_DISK, False, cpu_executes=execution == "cpu")
     g = next((g for g in cal.gpus if str(g.index) == execution), None)
     flops = cal.cpu_matmul or DEFAULT_CPU_FLOPS
     unpack = cal.cpu_unpack or DEFAULT_UNPACK
     return Rates(
-        g.h2d_pinned if g else DEFAULT_PCIE, cal.ram_copy, cal.disk_read, True, flops, unpack, bool(cal.cpu_unpack)
+        g.h2d_pinned if g else DEFAULT_PCIE,
+        cal.ram_copy,
+        cal.disk_read,
+        True,
+        flops,
+        unpack,
+        bool(cal.cpu_unpack),
+        execution == "cpu",
     )
 
 
@@ -146,7 +155,7 @@ def step_seconds(
     """Seconds one decode step spends on weights not resident on a GPU: streamed (PCIe and disk overlap:
     the slower bounds) and routed experts read (and ``unpacked`` values unpacked) by the CPU; GPU compute
     not counted."""
-    cpu = sum(it.weight_bytes for it, d in zip(items, result.devices) if d == "cpu")
+    cpu = sum(it.weight_bytes for it, d in zip(items, result.devices) if d == "cpu" and not r.cpu_executes)
     disk = sum(it.weight_bytes for it, d in zip(items, result.devices) if d == "disk")
     return max(cpu / r.pcie, disk / r.disk) + (r.cpu_experts(cpu_expert_bytes, unpacked) if cpu_expert_bytes else 0)
 
@@ -197,8 +206,8 @@ def choose(
         trimmed = [_without(it, less.get(i, 0)) for i, it in enumerate(items)]
         return solve(trimmed, sum(ram_bytes(sk, u) for u in moved[:in_ram])), trimmed
 
-    def streams(a: Assignment) -> bool:
-        return any(d in ("cpu", "disk") for d in a.devices)
+    def streams(a: Assignment) -> bool:  # on a machine without GPUs the cpu is where units run, not a tier
+        return any(d in ("disk",) if execution == "cpu" else d in ("cpu", "disk") for d in a.devices)
 
     lo, hi = 1, len(blocks)
     best = attempt(hi)
@@ -232,6 +241,7 @@ def choose(
     if mine >= theirs:
         return None
     layer_word = "layer" if lo == 1 else "layers"
+    alternative = "reading whole blocks from disk" if r.cpu_executes else "streaming them to the GPU"
     where_said = (
         f"where they live: {fmt_bytes(in_ram)} in RAM ({kept} {'layer' if kept == 1 else 'layers'}), "
         f"{fmt_bytes(disk_bytes)} on disk, of which a token reads only its routed experts"
@@ -241,15 +251,21 @@ def choose(
     note = (
         f"experts of {lo} MoE {layer_word} computed on the CPU {where_said}: a token reads {share:.1%} of them "
         f"({fmt_bytes(int(used + disk_used))}{f', {fmt_bytes(int(disk_used))} from disk' if on_disk else ''}) "
-        f"per step; decode bound {_rate(mine)} against {_rate(theirs)} streaming them to the GPU ({r.said()}"
+        f"per step; decode bound {_rate(mine)} against {_rate(theirs)} {alternative} ({r.said()}"
         f"{f', disk {r.disk / 1e9:.1f} GB/s' if on_disk else ''}). "
-        + _prefill_note(prompt, in_ram, share, mxfp4.PACKED_BYTES_PER_VALUE if values else _itemsize(sk), r, values > 0)
+        + (
+            ""
+            if r.cpu_executes
+            else _prefill_note(
+                prompt, in_ram, share, mxfp4.PACKED_BYTES_PER_VALUE if values else _itemsize(sk), r, values > 0
+            )
+        )
     )
     return Choice(
         tuple(moved),
         result,
         tuple(trimmed),
-        note,
+        note.strip(),
         int(used),
         in_ram,
         int(values),
@@ -305,4 +321,7 @@ def _without(it: Item, nbytes: int) -> Item:
 def _rate(seconds: float) -> str:
     if seconds == float("inf"):
         return "no fit"
-    return "GPU-bound" if seconds <= 0 else f"{1 / seconds:.1f} tok/s"
+    if seconds <= 0:
+        return "GPU-bound"
+    rate = 1 / seconds
+    return f"{rate:.0f} tok/s" if rate >= 10 else f"{rate:.1f} tok/s" if rate >= 1 else f"{rate:.2g} tok/s"

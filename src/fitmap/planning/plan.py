@@ -291,7 +291,8 @@ def make_plan(
     tiers = Tiers(cpu=machine.cpu, disk=machine.disk_bytes if machine.disk is not None else None)
     base = items(sk, profile, comps)
     result = solve(base, gpus, tiers, policy)
-    if gpus and tiers.cpu is not None and (not result.fits or any(d in ("cpu", "disk") for d in result.devices)):
+    offloaded = any(d in ("cpu", "disk") for d in result.devices) if gpus else "disk" in result.devices
+    if (tiers.cpu is not None and (gpus or tiers.disk is not None)) and (not result.fits or offloaded):
         cpu_room = tiers.cpu
 
         def with_ram_used(its: list[Item], ram: int) -> Assignment:
@@ -306,7 +307,7 @@ def make_plan(
             [c.units for c in comps],
             result,
             with_ram_used,
-            str(machine.gpus[0].index),
+            str(machine.gpus[0].index) if gpus else "cpu",
             prompt=w.batch * (w.prompt + profile.image_tokens),
             disk=tiers.disk is not None,
         )

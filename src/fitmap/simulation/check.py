@@ -45,7 +45,7 @@ from fitmap.dispatch.repairs import colocated
 from fitmap.errors import DeviceMismatch, FitmapError, SimulationFailed
 from fitmap.model.build import build_model, empty_weights
 from fitmap.model.skeleton import Skeleton
-from fitmap.planning.experts import CPU_COMPUTE, DISK_COMPUTE
+from fitmap.planning.experts import CPU_COMPUTE, DISK_COMPUTE, ram_bytes
 from fitmap.planning.plan import DeviceLedger, Plan, Repair
 from fitmap.simulation.fake import execution_placement
 from fitmap.simulation.memory import DevicePeak, Mismatch, Simulation, device_label
@@ -305,9 +305,9 @@ def _with_simulated(plan: Plan, sim: Simulation, sk: Skeleton) -> tuple[DeviceLe
         weights[dev] = weights.get(dev, 0) + u.weight_bytes
         apart = plan.device_map.get(u.experts) if u.experts else None
         if apart is not None and str(apart) != dev:  # MoE experts placed apart from their block
-            where = "cpu" if apart in (CPU_COMPUTE, DISK_COMPUTE) else str(apart)
+            where = {CPU_COMPUTE: "cpu", DISK_COMPUTE: "disk"}.get(str(apart), str(apart))
             weights[dev] -= u.expert_bytes
-            weights[where] = weights.get(where, 0) + u.expert_bytes
+            weights[where] = weights.get(where, 0) + (ram_bytes(sk, u) if apart == CPU_COMPUTE else u.expert_bytes)
     out = []
     for led in plan.devices:
         p = peaks.get(led.device)
