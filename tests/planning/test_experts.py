@@ -165,3 +165,18 @@ def test_without_a_gpu_a_moe_bigger_than_ram_reads_its_routed_experts_from_disk(
     want = reference(d).generate(input_ids=IDS, max_new_tokens=6, do_sample=False)
     with loader.load(d, plan, progress=False) as lm:
         assert torch.equal(lm.model.generate(input_ids=IDS, max_new_tokens=6, do_sample=False), want)
+
+
+def test_fp8_experts_on_the_cpu_are_planned_at_their_stored_bytes(checkpoints, tmp_path):
+    """A local FP8 checkpoint is sized unpacked where transformers unpacks it (no FP8 kernels); its experts
+    computed on the CPU stay as stored, and what the plan puts in RAM for them says so: half of bf16."""
+    from fitmap.model.inventory import inventory
+    from fitmap.model.skeleton import skeleton
+    from fitmap.planning.experts import ram_bytes
+    from tests.runtime.test_loader import _deepseek_fp8
+
+    d = _deepseek_fp8(checkpoints("deepseek_v3"), tmp_path / "fp8")
+    sk = skeleton(inventory(d), torch.bfloat16)
+    moe = [u for u in sk.units if u.experts]
+    stored = sum(ram_bytes(sk, u) for u in moe)
+    assert abs(stored - sum(u.expert_bytes for u in moe) / 2) < 100

@@ -125,14 +125,19 @@ def test_a_vlm_moe_with_its_experts_on_the_cpu_gives_from_pretraineds_tokens_wit
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v3", "llama4", "gpt_oss_mxfp4"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v3", "llama4", "gpt_oss_mxfp4", "deepseek_fp8"])
 def test_experts_left_on_disk_read_only_the_routed_ones_and_give_from_pretraineds_tokens(checkpoints, tmp_path, family):
     """``disk-compute``: nothing of the experts is loaded; each forward reads the rows of the experts its tokens
     are routed to (per-expert tensors merged by transformers' converter, or a fused one's rows, MXFP4 included)."""
     from fitmap.runtime import routed
-    from tests.runtime.test_loader import _gpt_oss_mxfp4
+    from tests.runtime.test_loader import _deepseek_fp8, _gpt_oss_mxfp4
 
-    d = _gpt_oss_mxfp4(tmp_path / "gpt-oss") if family == "gpt_oss_mxfp4" else checkpoints(family)
+    if family == "gpt_oss_mxfp4":
+        d = _gpt_oss_mxfp4(tmp_path / "gpt-oss")
+    elif family == "deepseek_fp8":
+        d = _deepseek_fp8(checkpoints("deepseek_v3"), tmp_path / "fp8")
+    else:
+        d = checkpoints(family)
     plan, moe = _experts_plan(d, DISK_COMPUTE)
     want = reference(d).generate(input_ids=IDS, max_new_tokens=8, do_sample=False)
     fetched: list[tuple[int, int, int, int]] = []  # (experts chosen, experts in the layer, bytes read, stored)
@@ -174,3 +179,31 @@ def test_llama4s_experts_in_ram_compute_only_the_routed_ones(checkpoints):
         lm.model(input_ids=IDS[:1, :1])
     top = lm.model.config.get_text_config().num_experts_per_tok
     assert seen == [top] and top < experts.num_experts
+
+
+def test_fp8_experts_computed_on_the_cpu_stay_as_stored_and_give_from_pretraineds_tokens(checkpoints, tmp_path):
+    """DeepSeek-V3 as released: its experts' FP8 weights and block scales stay in RAM as stored (half the
+    bytes of bf16); a forward builds its routed experts with transformers' own FP8 unpacking and merge."""
+    from fitmap.runtime import routed
+    from tests.runtime.test_loader import _deepseek_fp8
+
+    d = _deepseek_fp8(checkpoints("deepseek_v3"), tmp_path / "fp8")
+    plan, moe = _experts_plan(d)
+    want = reference(d).generate(input_ids=IDS, max_new_tokens=8, do_sample=False)
+    fetched: list[int] = []
+    original = routed.Stored.fetch
+
+    def fetch(self, name, chosen):
+        fetched.append(len(chosen))
+        return original(self, name, chosen)
+
+    with loader.load(d, plan, progress=False) as lm:
+        experts = lm.model.get_submodule(str(moe[-1].experts))
+        assert experts.gate_up_proj.is_meta and experts.down_proj.is_meta  # never unpacked whole
+        routed.Stored.fetch = fetch
+        try:
+            got = lm.model.generate(input_ids=IDS, max_new_tokens=8, do_sample=False)
+        finally:
+            routed.Stored.fetch = original
+    assert torch.equal(got, want)
+    assert fetched and min(fetched) < experts.num_experts  # decode steps built fewer than all the experts

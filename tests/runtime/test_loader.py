@@ -299,6 +299,48 @@ def _gpt_oss_mxfp4(directory: Path) -> Path:
     return directory
 
 
+def _deepseek_fp8(source: Path, directory: Path) -> Path:
+    """A tiny DeepSeek-V3 in its released layout: every Linear weight of the decoder (attention, dense MLP,
+    experts, shared expert) as float8_e4m3fn with a float32 ``weight_scale_inv`` per 128 x 128 block; the
+    embeddings, norms, router and head as stored. ``source``: a tiny DeepSeek-V3 checkpoint."""
+    tensors: dict[str, torch.Tensor] = {}
+    for f in source.glob("*.safetensors"):
+        tensors |= load_file(f)
+    out = {}
+    for key, t in tensors.items():
+        if t.dim() != 2 or not key.endswith("_proj.weight") and ".experts." not in key:
+            out[key] = t
+            continue
+        assert max(t.shape) <= 128, "the tiny model's matrices fit one 128 x 128 block"
+        scale = t.float().abs().max().clamp(min=1e-12) / 448.0
+        out[key] = (t.float() / scale).to(torch.float8_e4m3fn)
+        out[key.removesuffix("weight") + "weight_scale_inv"] = scale.reshape(1, 1)
+    directory.mkdir(parents=True)
+    save_file(out, directory / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+    }
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_an_fp8_checkpoint_loads_as_from_pretrained_with_its_block_scales(checkpoints, tmp_path):
+    """DeepSeek-V3 as released (FP8 Linear weights with block scales): without FP8 kernels transformers unpacks
+    each weight with its ``weight_scale_inv``; fitmap did not (it loaded the raw FP8 values) and now builds
+    each weight from both, through the quantizer's own operation."""
+    d = _deepseek_fp8(checkpoints("deepseek_v3"), tmp_path / "fp8")
+    want = reference(d)
+    with loader.load(d, plan_for(d), progress=False) as lm:
+        got, ref = lm.model.state_dict(), want.state_dict()
+        assert sorted(got) == sorted(ref) and [k for k in ref if not torch.equal(got[k], ref[k])] == []
+        tokens = lm.model.generate(input_ids=IDS, max_new_tokens=6, do_sample=False)
+    assert torch.equal(tokens, want.generate(input_ids=IDS, max_new_tokens=6, do_sample=False))
+
+
 def test_gpt_oss_mxfp4_loads_as_from_pretrained_and_is_planned_at_what_it_holds(tmp_path, monkeypatch):
     """Without Triton and its kernels (this machine) transformers unpacks MXFP4 to bf16 while loading:
     fitmap does the same through the quantizer's own operation, and plans the bf16 bytes; where

@@ -51,27 +51,42 @@ def moe_blocks(sk: Skeleton) -> list[Unit]:
     return [u for u in sk.units if u.experts and u.expert_bytes]
 
 
-def mxfp4_values(sk: Skeleton) -> int:
-    """Values in one MoE block's routed experts when the checkpoint stores them as MXFP4 (gpt-oss as
-    released), else 0."""
-    from fitmap.model import quant
-
-    if (quant.declared(sk.config) or {}).get("quant_method") != "mxfp4":
-        return 0
+def _expert_values(sk: Skeleton) -> int:
+    """Values in one MoE block's routed experts (gate, up and down matrices of every expert)."""
     tc = configs.text_config(sk.config)
     count = next((v for k in _EXPERT_COUNTS if isinstance(v := getattr(tc, k, None), int) and v > 0), 0)
     inter = getattr(tc, "moe_intermediate_size", None) or getattr(tc, "intermediate_size", None) or 0
     return count * 3 * int(tc.hidden_size) * int(inter)
 
 
+def _stored_per_value(sk: Skeleton) -> float | None:
+    """Bytes a value of the routed experts takes as the checkpoint stores them, for the quantized formats
+    fitmap keeps as stored on the CPU (MXFP4: 4.25 bits; FP8: a byte, plus a float32 scale per 128 x 128
+    block); None for others."""
+    from fitmap.model import quant
+
+    method = (quant.declared(sk.config) or {}).get("quant_method")
+    return {"mxfp4": mxfp4.PACKED_BYTES_PER_VALUE, "fp8": 1 + 4 / (128 * 128)}.get(str(method))
+
+
+def mxfp4_values(sk: Skeleton) -> int:
+    """Values in one MoE block's routed experts when the checkpoint stores them as MXFP4 (gpt-oss as
+    released), else 0."""
+    from fitmap.model import quant
+
+    return _expert_values(sk) if (quant.declared(sk.config) or {}).get("quant_method") == "mxfp4" else 0
+
+
 def ram_bytes(sk: Skeleton, u: Unit) -> int:
-    """Bytes block ``u``'s routed experts take in RAM computed there. MXFP4 experts stay packed as the
-    checkpoint stores them (fitmap unpacks a token's experts per forward), also where the plan sizes them
-    unpacked on a GPU (transformers unpacks them on load where its MXFP4 kernels cannot run)."""
-    values = mxfp4_values(sk)
-    if not values or u.expert_bytes < values * 1.5:  # not MXFP4, or already sized packed
+    """Bytes block ``u``'s routed experts take in RAM computed there. Quantized experts (MXFP4 as gpt-oss is
+    released, FP8 as DeepSeek-V3 is) stay as the checkpoint stores them (fitmap unpacks a token's experts per
+    forward), also where the plan sizes them unpacked on a GPU (transformers unpacks them on load where the
+    format's kernels cannot run)."""
+    per_value = _stored_per_value(sk)
+    values = _expert_values(sk) if per_value else 0
+    if per_value is None or not values or u.expert_bytes < values * 1.5:  # not kept as stored, or sized so
         return u.expert_bytes
-    return u.expert_bytes - int(values * _itemsize(sk)) + int(values * mxfp4.PACKED_BYTES_PER_VALUE)
+    return u.expert_bytes - int(values * _itemsize(sk)) + int(values * per_value)
 
 
 @dataclass(frozen=True)

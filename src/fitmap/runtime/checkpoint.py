@@ -226,6 +226,9 @@ def checkpoint_names(model: nn.Module, ckpt_keys: list[str]) -> tuple[dict[str, 
             converted.append(c)
         elif k in expected:
             out.setdefault(k, c)
+    if quant.dequantizes(model):  # a weight stored with companions (FP8's weight_scale_inv): built from them all
+        targets = {mapped(c)[0] for c in converted}
+        converted += [out.pop(k) for k in list(out) if k in targets]
     for group in tied_parameters(model):  # a tied copy is stored once, under any of its names
         stored = next((out[n] for n in group if n in out), None)
         if stored is not None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
@@ -150,6 +150,22 @@ class FromDisk:
         return self.ckpt._opened(file)(name).clone() if rows is None else self.ckpt.rows(file, name, rows)
 
 
+@dataclass
+class Stored(FromDisk):
+    """Weights held in RAM as the checkpoint stores them (FP8 with block scales, one tensor per expert), built
+    per forward for the routed experts by transformers' own converter, as :class:`FromDisk` builds them."""
+
+    held: dict[str, torch.Tensor] = field(default_factory=dict)  # checkpoint key -> its tensor
+
+    def _read(self, wanted: Sequence[tuple[str, TensorInfo | None, list[int] | None]]) -> list[torch.Tensor]:
+        out = [self.held[n] if rows is None else self.held[n][rows] for n, _, rows in wanted]
+        self.read_bytes += sum(t.nbytes for t in out)
+        return out
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.held.values())
+
+
 _READERS = ThreadPoolExecutor(8, thread_name_prefix="fitmap-experts")  # reads in flight for routed experts
 
 
@@ -242,25 +258,44 @@ def _with_routes(args: tuple, kwargs: dict, index: torch.Tensor) -> tuple[tuple,
     return (args[0], index, *args[2:]), kwargs
 
 
+def dequantizes(converter: Any) -> bool:
+    """True for a weight converter that unpacks a quantized format on load (transformers' ``Mxfp4Dequantize``,
+    ``Fp8Dequantize``, ...: what it does without the format's kernels)."""
+    return any(type(op).__name__.endswith("Dequantize") for op in getattr(converter, "operations", ()))
+
+
 def kept_keys(ckpt: Checkpoint, experts: Collection[str]) -> list[str]:
-    """The model keys of ``ckpt`` that the experts modules at ``experts`` keep packed: those transformers
-    would unpack from MXFP4 while loading."""
-    return [k for k, m in ckpt.merged.items() if k.rpartition(".")[0] in experts and converts_mxfp4(m.converter)]
+    """The model keys of ``ckpt`` that the experts modules at ``experts`` keep as stored: those transformers
+    would unpack from a quantized format while loading (MXFP4, FP8)."""
+    return [k for k, m in ckpt.merged.items() if k.rpartition(".")[0] in experts and dequantizes(m.converter)]
 
 
-def keep(ckpt: Checkpoint, keys: list[str]) -> tuple[dict[str, Packed], int]:
-    """The MXFP4 weights at ``keys`` (:func:`kept_keys`) read packed: (experts module path -> its
-    :class:`Packed`, bytes read). The model's dense parameters for them stay on meta."""
+def keep(ckpt: Checkpoint, keys: list[str]) -> tuple[dict[str, Source], int]:
+    """The quantized weights at ``keys`` (:func:`kept_keys`) read as stored: (experts module path -> its source,
+    bytes read). MXFP4 as :class:`Packed`; others (FP8's weights with their block scales) as :class:`Stored`,
+    built per forward by transformers' own converter. The model's dense parameters for them stay on meta."""
     read = ckpt._part_reader()
-    out: dict[str, Packed] = {}
+    out: dict[str, Source] = {}
     done = 0
     for key in keys:
         path, _, name = key.rpartition(".")
-        parts = {pattern: read(names[0]) for pattern, names in ckpt.merged[key].sources}
-        blocks = next(t for p, t in parts.items() if p.endswith("_blocks")).contiguous()
-        scales = next(t for p, t in parts.items() if p.endswith("_scales")).contiguous()
-        out.setdefault(path, Packed({}, ckpt.dtypes[key])).weights[name] = (blocks, scales)
-        done += blocks.nbytes + scales.nbytes
+        merge = ckpt.merged[key]
+        if converts_mxfp4(merge.converter):
+            parts = {pattern: read(names[0]) for pattern, names in merge.sources}
+            blocks = next(t for p, t in parts.items() if p.endswith("_blocks")).contiguous()
+            scales = next(t for p, t in parts.items() if p.endswith("_scales")).contiguous()
+            packed = out.setdefault(path, Packed({}, ckpt.dtypes[key]))
+            assert isinstance(packed, Packed)
+            packed.weights[name] = (blocks, scales)
+            done += blocks.nbytes + scales.nbytes
+            continue
+        stored = out.setdefault(path, Stored(ckpt, {}, held={}))
+        assert isinstance(stored, Stored)
+        stored.keys[name] = key
+        for _, names in merge.sources:
+            for n in names:
+                stored.held[n] = read(n)
+                done += stored.held[n].nbytes
     return out, done
 
 
