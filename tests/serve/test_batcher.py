@@ -211,3 +211,19 @@ def test_a_replica_streaming_blocks_from_disk_batches_continuously(tmp_path, mon
         alone.append((tok.decode(new, skip_special_tokens=True), int(new.numel())))
     assert together == alone and all(n == 6 for _, n in alone), alone
     assert steps < 4 * 6  # decoded together, not one after another
+
+
+@pytest.mark.parametrize("where", ["cpu-compute", "disk-compute"])
+def test_a_batch_over_experts_fetched_per_routed_expert_decodes_as_generate_alone(checkpoints, where):
+    """Experts on the CPU (in RAM, or left on disk and read per routed expert): rows of a batch route to
+    different experts, and each still gets the tokens it gets alone."""
+    from fitmap.runtime import loader
+    from tests.runtime.test_cpu_experts import _experts_plan
+
+    d = checkpoints("qwen3_moe")
+    plan, _ = _experts_plan(d, where)
+    torch.manual_seed(0)
+    prompts = [{"input_ids": torch.randint(3, 200, (1, n))} for n in (5, 11, 3)]
+    with loader.load(d, plan, progress=False) as lm:
+        got = _joined(lm.model, prompts, 6, joins=[0, 2, 3])
+        assert got == [_alone(lm.model, p, 6) for p in prompts]
