@@ -207,3 +207,16 @@ def test_fp8_experts_computed_on_the_cpu_stay_as_stored_and_give_from_pretrained
             routed.Stored.fetch = original
     assert torch.equal(got, want)
     assert fetched and min(fetched) < experts.num_experts  # decode steps built fewer than all the experts
+
+
+def test_disk_compute_on_a_unit_that_is_not_an_experts_module_is_refused_in_one_line(checkpoints):
+    from dataclasses import replace
+
+    from fitmap.errors import BadInput
+    from tests.runtime.test_loader import plan_for
+
+    d = checkpoints("qwen3_moe")
+    plan = plan_for(d)
+    block = next(u for u in plan.device_map if u.endswith(".1"))
+    with pytest.raises(BadInput, match=f"puts {block} on disk-compute, which is for a MoE experts module"):
+        loader.load(d, replace(plan, device_map={**plan.device_map, block: DISK_COMPUTE}), progress=False)

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from fitmap.errors import BadInput
 from fitmap.model.inventory import TensorInfo
 from fitmap.model.mxfp4 import converts_mxfp4, unpack
 from fitmap.planning.experts import CPU_COMPUTE, DISK_COMPUTE
@@ -312,9 +313,14 @@ def from_disk(model: nn.Module, ckpt: Checkpoint, experts: Collection[str]) -> t
             for n, p in module.named_parameters(recurse=False)
             if p.dim() > 0 and p.shape[0] == count and (f"{path}.{n}" in ckpt.where or f"{path}.{n}" in ckpt.merged)
         }
-        if mine:
-            out[path] = FromDisk(ckpt, mine)
-            keys += mine.values()
+        if not mine:
+            raise BadInput(
+                f"the plan puts {path} on {DISK_COMPUTE}, which is for a MoE experts module holding every expert's "
+                f"weights in tensors indexed by expert (transformers' fused experts); {type(module).__name__} is "
+                f"not one: put it on 'disk' or 'cpu', or re-plan with fitmap plan"
+            )
+        out[path] = FromDisk(ckpt, mine)
+        keys += mine.values()
     return out, keys
 
 
