@@ -1,12 +1,15 @@
 """Routed experts computed on the CPU per routed expert: an experts module whose forward is given, at each call,
 only the experts its tokens are routed to.
 
-Three sources of those experts' weights:
+Four sources of those experts' weights:
 
 * :class:`Packed` — MXFP4 experts (gpt-oss as released) the plan computes on the CPU (``cpu-compute``):
   RAM holds the checkpoint's packed bytes (where transformers, without the format's GPU kernels, would
   unpack every expert to bf16 on load: gpt-oss-120b's 57 GiB of experts would take 217 GiB), and a
   forward unpacks its routed experts (:func:`fitmap.model.mxfp4.unpack`).
+* :class:`Stored` — other formats transformers unpacks on load (FP8 with block scales, DeepSeek-V3 as
+  released), ``cpu-compute``: the checkpoint's per-expert tensors held as stored, a forward builds its routed
+  experts with transformers' own converter (its dequantize operation first).
 * :class:`FromDisk` — experts the plan leaves on disk (``disk-compute``): a forward reads its routed
   experts' rows from the checkpoint files (a slice of a fused tensor, or the per-expert tensors
   transformers would merge, merged by transformers' own converter), not the whole layer.
@@ -66,9 +69,6 @@ class Packed:
     def fetch(self, name: str, chosen: torch.Tensor) -> torch.Tensor:
         blocks, scales = self.weights[name]
         return unpack(blocks.index_select(0, chosen), scales.index_select(0, chosen), self.dtype)
-
-    def nbytes(self) -> int:
-        return sum(b.nbytes + s.nbytes for b, s in self.weights.values())
 
 
 @dataclass
@@ -162,9 +162,6 @@ class Stored(FromDisk):
         out = [self.held[n] if rows is None else self.held[n][rows] for n, _, rows in wanted]
         self.read_bytes += sum(t.nbytes for t in out)
         return out
-
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.held.values())
 
 
 _READERS = ThreadPoolExecutor(8, thread_name_prefix="fitmap-experts")  # reads in flight for routed experts
