@@ -338,15 +338,10 @@ def _compare(ref: list[np.ndarray], got: list[np.ndarray]) -> Iterator[str]:
 
 
 def main() -> None:
-    from bench.moe import build
+    from bench.moe import build, shape_arguments
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--expert-size", type=int, default=768)
-    p.add_argument("--experts", type=int, default=64)
-    p.add_argument("--top-k", type=int, default=8)
-    p.add_argument("--layers", type=int, default=4)
+    shape_arguments(p)
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--check-steps", type=int, default=4, help="greedy steps compared with transformers")

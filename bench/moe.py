@@ -68,14 +68,19 @@ def build(args) -> torch.nn.Module:
     return model.eval()
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def shape_arguments(p: argparse.ArgumentParser) -> None:
+    """The model shape's options, shared with bench/gguf_moe.py (same weights, same defaults)."""
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--expert-size", type=int, default=768)
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--layers", type=int, default=4)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    shape_arguments(p)
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: fitmap's choice for these experts)")
     p.add_argument("--disk", default=None, help="measure the experts left on disk instead, saving the model here")
