@@ -265,3 +265,22 @@ def test_a_text_plan_of_a_model_that_requires_images_simulates_with_one(checkpoi
     """BLIP-2's forward has no text-only path: its plan is simulated with one image of its tower's size."""
     plan = fitmap.plan(str(checkpoints("blip-2")), gpus="2x1GiB", prompt=32, new=8)
     assert plan.estimate == "simulate", plan.estimate
+
+
+def test_a_processor_giving_flattened_patches_sizes_the_image():
+    """Pix2Struct's (and Kosmos-2.5's) processor gives ``flattened_patches``, not ``pixel_values``: the
+    plan counts its rows (it raised KeyError before)."""
+    from fitmap.planning.images import model_image_processor, processed_images
+    from fitmap.planning.workload import Workload
+
+    config = transformers.Pix2StructConfig()
+    made = processed_images(model_image_processor(config), Workload(images=((64, 48),)))["flattened_patches"]
+    assert image_shape(config, 64, 48).patches == made.shape[1] > 0
+
+
+def test_deepseek_vl_hybrids_high_resolution_tower_gets_images_of_its_size():
+    from fitmap.planning.images import model_image_processor
+
+    config = transformers.DeepseekVLHybridConfig(high_res_vision_config={"image_size": 256})
+    processor = model_image_processor(config)
+    assert (processor.high_res_size.height, processor.high_res_size.width) == (256, 256)

@@ -2,6 +2,7 @@
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from fitmap.simulation.steps import cache_bytes, grow_cache
@@ -41,3 +42,36 @@ def test_transformers_4_mamba_and_hybrid_caches_count_their_states_by_layer():
     )
     grow_cache(jamba, 100, 7)
     assert cache_bytes(jamba) == {("cpu", 0): 6144, ("cpu", 1): 2 * (2 * 2 * 100 * 16) * 2}
+
+
+def test_a_sparse_attention_layers_indexer_keys_grow_with_its_keys_and_are_counted():
+    """DeepSeek-V3.2 / Mistral Large 4 keep an indexer cache beside keys and values (transformers'
+    ``DynamicIndexedLayer``): a decode step after the grown cache sees them at the same length."""
+    cache_utils = pytest.importorskip("transformers.cache_utils")
+    if not hasattr(cache_utils, "DynamicIndexedLayer"):
+        pytest.skip("this transformers has no indexed cache layer")
+    layer = cache_utils.DynamicIndexedLayer()
+    layer.update(_t(2, 2, 7, 16), _t(2, 2, 7, 16))
+    layer.update_indexer(_t(2, 7, 32))
+    grow_cache(SimpleNamespace(layers=[layer]), 100, 7)
+    assert layer.keys.shape[-2] == layer.indexer_keys.shape[1] == 100
+    kv = 2 * (2 * 2 * 100 * 16) * 2
+    assert cache_bytes(SimpleNamespace(layers=[layer])) == {("cpu", 0): kv + 2 * 100 * 32 * 2}
+
+
+def test_deepseek_v32_plans_from_its_simulation(tmp_path):
+    """Its indexer selects keys with a mask as long as the cache: before the indexer cache grew with the
+    keys, the decode step failed and the plan fell back to the analytic estimate."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "DeepseekV32Config"):
+        pytest.skip("this transformers has no DeepSeek-V3.2")
+    import fitmap
+    from tests.tiny import config
+
+    ds = config("deepseek_v3").to_dict()
+    ds = {k: v for k, v in ds.items() if k not in ("model_type", "architectures", "transformers_version")}
+    cfg = transformers.DeepseekV32Config(**ds, index_topk=8, index_head_dim=16, index_n_heads=2)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    plan = fitmap.plan(str(tmp_path), "2x1GiB", prompt=16, new=8, reserve="0MiB")
+    assert plan.estimate == "simulate", plan.estimate

@@ -283,7 +283,16 @@ def _by_processor(cfg, w: int, h: int) -> ImageShape:
             "without --image"
         )
     enc = processed_images(processor, Workload(images=((w, h),)))
-    pixels = enc["pixel_values"]
+    import torch
+
+    pixels = next(  # Pix2Struct's and Kosmos-2.5's processors give flattened_patches
+        (v for k, v in enc.items() if k in ("pixel_values", "flattened_patches") and isinstance(v, torch.Tensor)), None
+    )
+    if pixels is None:
+        raise configs.MissingConfigValue(
+            f"fitmap cannot size images for model type {configs.model_type(cfg)!r}: its image processor gives "
+            f"no pixel values ({', '.join(enc) or 'nothing'}); plan it without --image"
+        )
     vc = configs.vision_config(cfg)
     patch = _side(getattr(vc, "patch_size", None) or 14)
     merge = int(getattr(vc, "spatial_merge_size", None) or getattr(processor, "merge_size", None) or 1)
@@ -355,6 +364,9 @@ def _tower_settings(processor, config) -> dict:
         value = getattr(vc, key, None) or getattr(config, key, None)
         if getattr(processor, attr, None) is not None and value:
             out[attr] = _side(value)
+    high = getattr(getattr(config, "high_res_vision_config", None), "image_size", None)
+    if high and getattr(processor, "high_res_size", None) is not None:  # DeepSeek-VL hybrid's SAM tower
+        out["high_res_size"] = {"height": _side(high), "width": _side(high)}
     tiles = getattr(vc, "max_num_tiles", None)
     if tiles and getattr(processor, "max_image_tiles", None) is not None:  # Llama 3.2 Vision
         out["max_image_tiles"] = tiles

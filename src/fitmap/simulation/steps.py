@@ -163,12 +163,27 @@ def grow_cache(cache: Any, length: int, prefill: int) -> Any:
             continue
         window = getattr(layer, "sliding_window", None)
         n = min(length, window - 1) if window else length
+        _grow_indexer(layer, keys.shape[-2], n)
         layer.keys = keys.new_empty(*keys.shape[:-2], n, keys.shape[-1])
         assert values is not None  # a cache layer holds its keys and values together
         layer.values = values.new_empty(*values.shape[:-2], n, values.shape[-1])
         if hasattr(layer, "cumulative_length"):
             layer.cumulative_length = length
     return cache
+
+
+def _grow_indexer(layer: Any, was: int, n: int) -> None:
+    """A sparse-attention layer's indexer cache (DeepSeek-V3.2, Mistral Large 4: ``indexer_keys``
+    ``[batch, seq, dim]``, ``indexer_position_ids`` ``[axes, batch, seq]``) grown with its keys."""
+    for name in _INDEXER:
+        t = getattr(layer, name, None)
+        if isinstance(t, torch.Tensor) and t.dim() >= 2:
+            axis = t.dim() - 1 if name.endswith("position_ids") else 1
+            if t.shape[axis] == was:
+                setattr(layer, name, t.new_empty(*t.shape[:axis], n, *t.shape[axis + 1 :]))
+
+
+_INDEXER = ("indexer_keys", "indexer_position_ids")
 
 
 def _cache_layers(cache: Any) -> list[list[torch.Tensor]]:
@@ -185,7 +200,7 @@ def _cache_layers(cache: Any) -> list[list[torch.Tensor]]:
         layers = [[k, v] for k, v in zip(cache.key_cache, cache.value_cache)]
     else:
         layers = [
-            [getattr(layer, "keys", None), getattr(layer, "values", None)]
+            [getattr(layer, name, None) for name in ("keys", "values", *_INDEXER)]
             + _by_index(getattr(layer, "conv_states", None))
             + _by_index(getattr(layer, "recurrent_states", None))
             for layer in getattr(cache, "layers", [])
