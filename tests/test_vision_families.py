@@ -18,7 +18,7 @@ from fitmap.runtime import loader
 from fitmap.simulation.check import check
 from fitmap.simulation.vision_inputs import vision_inputs
 from tests.runtime.test_loader import plan_for
-from tests.tiny import OTHER_VLMS
+from tests.tiny import NO_IMAGE_TOKEN, OTHER_VLMS
 
 FAMILIES = [
     "qwen2_vl",
@@ -265,6 +265,33 @@ def test_a_text_plan_of_a_model_that_requires_images_simulates_with_one(checkpoi
     """BLIP-2's forward has no text-only path: its plan is simulated with one image of its tower's size."""
     plan = fitmap.plan(str(checkpoints("blip-2")), gpus="2x1GiB", prompt=32, new=8)
     assert plan.estimate == "simulate", plan.estimate
+
+
+@pytest.mark.parametrize("family", NO_IMAGE_TOKEN)
+def test_a_vlm_whose_config_names_no_image_token_simulates_with_its_image_and_runs(checkpoints, family):
+    """GIT puts the image features before the text itself; Kosmos-2 puts them where its
+    ``image_embeds_position_mask`` says. The plan counts the positions the model's own prefill caches,
+    its check is clean, and a split run gives from_pretrained's tokens with the inputs fitmap makes."""
+    from fitmap.simulation.costs import simulated_costs
+
+    d = checkpoints(family)
+    plan = fitmap.plan(str(d), gpus="2x1GiB", prompt=32, new=8, images=(IMAGE,))
+    assert plan.fits and plan.estimate == "simulate", plan.estimate
+    prep = prepare(PlanRequest(str(d), make_machine("2x1GiB", None, None)))
+    assert check(prep.skeleton.config, prep.inventory.task, prep.skeleton, plan).clean
+    want = transformers.AutoModelForImageTextToText.from_pretrained(d).eval()
+    inputs, _ = vision_inputs(want.config, Workload(1, 12, 6, (IMAGE,)), torch.device("cpu"), model=want)
+    with torch.no_grad():
+        cached = want(**inputs, use_cache=True).cache.get_seq_length()
+    planned = simulated_costs(prep, Workload(1, 12, 6, (IMAGE,))).image_tokens
+    assert planned > 0 and cached == 12 + planned  # the prompt's 12 text tokens, then the image's
+    pixels = next(k for k in ("pixel_values", "flattened_patches") if k in inputs)
+    inputs[pixels] = torch.randn(inputs[pixels].shape, generator=torch.Generator().manual_seed(0))
+    expected = want.generate(**inputs, max_new_tokens=6, do_sample=False)
+    layers = [u.name for u in prep.skeleton.units if u.layer is not None]  # the text model's blocks
+    with loader.load(d, plan_for(d, {layers[-1]: "disk", layers[0]: "disk"}), progress=False) as lm:
+        got = lm.model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, expected)
 
 
 def test_a_processor_giving_flattened_patches_sizes_the_image():

@@ -461,8 +461,32 @@ def _other_vlm(family: str) -> transformers.PretrainedConfig:
             audio_start_token_id=505,
             audio_end_token_id=506,
         )
+    if family == "git":  # no image token: the image features go before the text, inside the model
+        return transformers.GitConfig(
+            vision_config=_CLIP,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            vocab_size=512,
+            max_position_embeddings=512,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+    if family == "kosmos-2":  # no image token: image_embeds_position_mask marks where the features go
+        return transformers.Kosmos2Config(
+            text_config=dict(
+                embed_dim=64, layers=4, attention_heads=4, ffn_dim=128, vocab_size=512, max_position_embeddings=512
+            ),
+            vision_config=_CLIP,
+            latent_query_num=8,
+        )
     raise ValueError(f"unknown tiny family {family!r}")
 
+
+# decoder-only VLMs whose config names no image token, recognised by their forward's signature
+NO_IMAGE_TOKEN = ("git", "kosmos-2")
 
 # VLMs planned through their image processor and their own get_image_features (no family code; Llama 3.2
 # Vision's cross-attention mask is made by transformers' own functions)
@@ -484,6 +508,7 @@ VISION = (
     "qwen3_vl",
     "qwen3_vl_moe",
     *OTHER_VLMS,
+    *NO_IMAGE_TOKEN,
 )
 
 

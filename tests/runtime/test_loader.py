@@ -41,7 +41,8 @@ def plan_for(model_dir: Path, devices: dict[str, int | str] | None = None, dtype
 
 
 def reference(model_dir: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    vision = any(f in str(model_dir) for f in VISION)
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    vision = type(config) in transformers.AutoModelForImageTextToText._model_mapping
     auto = transformers.AutoModelForImageTextToText if vision else transformers.AutoModelForCausalLM
     return auto.from_pretrained(model_dir, dtype=dtype).eval()
 

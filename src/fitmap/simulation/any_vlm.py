@@ -10,7 +10,7 @@ import torch
 from fitmap.model import configs
 from fitmap.planning.images import model_image_processor
 from fitmap.planning.workload import Workload
-from fitmap.simulation.token_layout import TEXT_TOKEN, Inputs, UnsupportedInputs, text_inputs, token_row
+from fitmap.simulation.token_layout import HEAD, TEXT_TOKEN, Inputs, UnsupportedInputs, text_inputs, token_row
 
 # config keys of the tokens a processor puts around each image's run (Qwen's and Gemma's markers)
 _START_KEYS = ("vision_start_token_id", "image_start_token_id", "boi_token_id", "boi_token_index")
@@ -28,6 +28,10 @@ def by_the_model(config, workload: Workload, device: torch.device, dtype: torch.
     image_id = next((v for k in _IMAGE_KEYS if isinstance(v := getattr(config, k, None), int)), None)
     processor = model_image_processor(config)
     counter = _feature_owner(model)
+    if image_id is None and model is not None and processor is not None:
+        made = _without_image_token(config, workload, device, dtype, model, processor)
+        if made is not None:
+            return made
     if model is None or image_id is None or processor is None or counter is None:
         why = (
             "its config names no image token"
@@ -51,6 +55,34 @@ def by_the_model(config, workload: Workload, device: torch.device, dtype: torch.
         if key in takes and key not in inputs:
             inputs[key] = (inputs["input_ids"] == image_id).long()
     return inputs | _qformer_text(takes, workload.batch, device), sum(counts)
+
+
+def _without_image_token(config, workload: Workload, device, dtype, model, processor) -> Inputs | None:
+    """A decoder-only VLM whose config names no image token, recognised by its forward's signature:
+    with ``image_embeds_position_mask`` (Kosmos-2, Kosmos-2.5) the features replace the text tokens the
+    mask marks, as many as its ``get_image_features`` makes; taking only pixels (GIT) it puts them
+    before the text itself, and the simulation counts them from the cache the prefill leaves (0 here).
+    None for anything else (encoder-decoder models, cross-attention with its own masks)."""
+    takes = parameters(model.forward)
+    pixels = next((k for k in ("pixel_values", "flattened_patches") if k in takes), None)
+    if pixels is None or getattr(config, "is_encoder_decoder", False) or "image_attention_mask" in takes:
+        return None
+    counter = _feature_owner(model)
+    counts = [0] * len(workload.images)
+    if "image_embeds_position_mask" in takes:
+        if counter is None:
+            return None
+        counts = [_feature_count(model, processor, (w, h), device, dtype, takes) for w, h in workload.images]
+    row = token_row(workload.prompt, [[TEXT_TOKEN] * n for n in counts], TEXT_TOKEN)
+    inputs: dict[str, Any] = text_inputs(row, workload.batch, device)
+    if "image_embeds_position_mask" in takes:
+        head = min(HEAD, workload.prompt)
+        marks = torch.zeros(len(row), dtype=torch.long, device=device)
+        marks[head : head + sum(counts)] = 1
+        inputs["image_embeds_position_mask"] = marks.expand(workload.batch, -1)
+    images = [blank(w, h) for w, h in workload.images]
+    inputs |= _pixel_inputs(processor, [images] * workload.batch, device, dtype, takes)
+    return inputs, sum(counts)
 
 
 def _qformer_text(takes: set[str], batch: int, device: torch.device) -> dict:

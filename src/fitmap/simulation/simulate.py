@@ -256,6 +256,8 @@ def _simulate_steps(run: _Run, config, task: str, sk: Skeleton, workload: Worklo
             first = model if decoder is model or images else decoder
             out = first(**prefill_inputs(first, inputs))
             cache = compat.cache_of(out)
+            if images and not image_tokens:  # features the model put before the text itself (GIT)
+                image_tokens = _prepended(cache, text["input_ids"].shape[1])
             stage = "decode"
             full = workload.prompt + image_tokens + workload.new - 1
             cache = grow_cache(cache, full, text["input_ids"].shape[1])
@@ -279,6 +281,12 @@ def _simulate_steps(run: _Run, config, task: str, sk: Skeleton, workload: Worklo
         if u.layer is not None and u.name in run.unit_device
     }
     return Simulation(peaks, dict(t.unit_peak), unit_kv, None, image_tokens, stage, dict(t.entry))
+
+
+def _prepended(cache: Any, text: int) -> int:
+    """Positions the prefill cached beyond the text it was given: image features a model prepends."""
+    length = getattr(cache, "get_seq_length", None)
+    return max(0, int(length()) - text) if callable(length) else 0
 
 
 GENERATE_APPENDS = "transformers' generate(): input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)"
