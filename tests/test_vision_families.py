@@ -311,3 +311,29 @@ def test_deepseek_vl_hybrids_high_resolution_tower_gets_images_of_its_size():
     config = transformers.DeepseekVLHybridConfig(high_res_vision_config={"image_size": 256})
     processor = model_image_processor(config)
     assert (processor.high_res_size.height, processor.high_res_size.width) == (256, 256)
+
+
+@pytest.mark.parametrize("model_type", ["dots3_note", "llava_onevision1_5", "hy_v4_vl", "mistral_large4"])
+def test_types_that_fell_back_simulate_with_an_image_and_check_clean(tmp_path, model_type):
+    """dots.ocr 3 and LLaVA-OneVision-1.5 take 2-D patches from Qwen2-VL's processor (no temporal patch),
+    dots.ocr 3's vision tower computes experts with ``_grouped_mm`` while its image tokens are counted;
+    HY-V4-VL and Mistral Large 4 keep an indexer cache. Tiny configs as bench/zoo.py makes them."""
+    from bench.zoo import tiny_config
+
+    torch.manual_seed(0)
+    transformers.AutoModelForImageTextToText.from_config(tiny_config(model_type)).save_pretrained(tmp_path)
+    plan = fitmap.plan(str(tmp_path), gpus="2x1GiB", prompt=16, new=4, images=((64, 48),), reserve="0MiB")
+    assert plan.estimate == "simulate", plan.estimate
+    prep = prepare(PlanRequest(str(tmp_path), make_machine("2x1GiB", None, None)))
+    assert check(prep.skeleton.config, prep.inventory.task, prep.skeleton, plan).clean
+
+
+def test_an_encoder_decoder_vlm_whose_model_names_no_input_embeddings_plans_with_the_reason(tmp_path):
+    """PP-FormulaNet raises NotImplementedError from get_input_embeddings: its vocabulary's table is found
+    instead, and its image workload is planned analytically, saying why."""
+    from bench.zoo import tiny_config
+
+    torch.manual_seed(0)
+    transformers.AutoModelForImageTextToText.from_config(tiny_config("pp_formulanet")).save_pretrained(tmp_path)
+    plan = fitmap.plan(str(tmp_path), gpus="2x1GiB", prompt=16, new=4, images=((64, 48),), reserve="0MiB")
+    assert plan.fits and "an encoder-decoder model" in plan.estimate

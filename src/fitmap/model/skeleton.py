@@ -310,13 +310,25 @@ def _modules_containing_units(model: nn.Module, no_split: set[str]) -> set[str]:
 
 def text_layers_path(model: nn.Module) -> str:
     """The text decoder's block list: the largest repeated ModuleList next to the input embeddings."""
-    embed = model.get_input_embeddings()  # type: ignore[operator]  # a PreTrainedModel method
+    embed = input_embeddings(model)
     embed_path = next(p for p, m in model.named_modules() if m is embed)
     parent = embed_path.rpartition(".")[0]
     lists = [(p, m) for p, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
     siblings = [(p, m) for p, m in lists if p.rpartition(".")[0] == parent] or lists
     path, _ = max(siblings, key=lambda pm: sum(x.numel() for x in pm[1].parameters()))
     return path
+
+
+def input_embeddings(model: nn.Module) -> nn.Embedding:
+    """The token embeddings; where the model does not say (PP-FormulaNet's encoder-decoder raises
+    NotImplementedError), the largest embedding table: the vocabulary's."""
+    try:
+        return model.get_input_embeddings()  # type: ignore[operator]  # a PreTrainedModel method
+    except (NotImplementedError, AttributeError):
+        tables = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+        if not tables:
+            raise
+        return max(tables, key=lambda m: m.weight.numel())
 
 
 def share_parameter(model: nn.Module, names: tuple[str, ...], param: nn.Parameter) -> None:
@@ -476,7 +488,7 @@ def _anchors(model: nn.Module, layers_path: str) -> _Anchors:
     """The text model is the nearest module holding both the input embeddings and the
     text blocks (ChatGLM nests its embedding one level deeper than its layers)."""
     paths = {id(m): p for p, m in model.named_modules()}
-    embed = paths[id(model.get_input_embeddings())]  # type: ignore[operator]  # a PreTrainedModel method
+    embed = paths[id(input_embeddings(model))]
     has_head = hasattr(model, "get_output_embeddings")
     out = model.get_output_embeddings() if has_head else None  # type: ignore[operator]  # a PreTrainedModel method
     common = []

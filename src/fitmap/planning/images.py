@@ -362,6 +362,8 @@ def _tower_settings(processor, config) -> dict:
         ("temporal_patch_size", "temporal_patch_size"),
     ):
         value = getattr(vc, key, None) or getattr(config, key, None)
+        if attr == "temporal_patch_size" and not value and getattr(vc, "patch_size", None):
+            value = 1  # a tower naming no temporal patch cuts 2-D patches (dots.ocr, LLaVA-OneVision-1.5)
         if getattr(processor, attr, None) is not None and value:
             out[attr] = _side(value)
     high = getattr(getattr(config, "high_res_vision_config", None), "image_size", None)

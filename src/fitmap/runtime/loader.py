@@ -42,7 +42,7 @@ from fitmap.model import quant
 from fitmap.model.build import build_model, empty_weights, load_config
 from fitmap.model.inventory import Inventory, TensorInfo, inventory
 from fitmap.model.keys import quantized_keys
-from fitmap.model.skeleton import share_parameter, tied_parameters
+from fitmap.model.skeleton import input_embeddings, share_parameter, tied_parameters
 from fitmap.planning.experts import CPU_COMPUTE, DISK_COMPUTE
 from fitmap.planning.plan import Plan
 from fitmap.runtime import diskread, offload, routed
@@ -262,7 +262,7 @@ class Layout:
                 )
 
     def input_device(self, model: nn.Module) -> torch.device:
-        embed = model.get_input_embeddings()  # type: ignore[operator]  # a PreTrainedModel method
+        embed = input_embeddings(model)
         path = next(p for p, m in model.named_modules() if m is embed)
         return self._covered(path).runs_on
 

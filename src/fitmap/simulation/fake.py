@@ -177,3 +177,15 @@ def tensor_types_as_on_a_gpu(model: nn.Module) -> Iterator[None]:
                 m.__dict__["type"] = saved[m]
             else:
                 m.__dict__.pop("type", None)
+
+
+GROUPED_MM = getattr(torch.ops.aten._grouped_mm, "default", None) if hasattr(torch.ops.aten, "_grouped_mm") else None
+
+
+def grouped_mm_any_dtype(args, kwargs):
+    """``_grouped_mm`` (MoE experts) for every dtype: torch's meta kernel accepts bf16 only,
+    the CPU and GPU kernels more. Output (tokens, out_features), as the kernel allocates."""
+    a, b = args[0], args[1]
+    torch.stack([a.new_empty(1), b.new_empty(1, dtype=a.dtype)])  # same device check as the kernel
+    out_dtype = kwargs.get("out_dtype") or a.dtype
+    return a.new_empty(a.shape[0], b.shape[-1], dtype=out_dtype)

@@ -43,6 +43,8 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.weak import WeakIdKeyDictionary
 
+from fitmap.simulation.fake import GROUPED_MM, grouped_mm_any_dtype
+
 MAX_TWIN_NUMEL = 4 * 1024 * 1024
 """Largest tensor (elements) that carries a real twin: positions (3, batch, seq) and
 masks (batch, seq) fit; a 4-D attention mask or an activation does not."""
@@ -92,7 +94,7 @@ class RealTwins(TorchDispatchMode):
             # from them alone (Idefics3 finds padding tiles with ``(pixel_values == 0).sum(...)``)
             self.max_numel = max(self.max_numel, max(t.numel() for t in tensors))
         try:
-            out = func(*args, **kwargs)
+            out = grouped_mm_any_dtype(args, kwargs) if func is GROUPED_MM else func(*args, **kwargs)
         except _DATA_DEPENDENT:
             indexed = self._with_long_indices(func, args) if func in _INDEX_OPS else None
             if indexed is not None:

@@ -15,7 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from fitmap.simulation.fake import TRITON_KERNEL, plan_device
+from fitmap.simulation.fake import GROUPED_MM, TRITON_KERNEL, grouped_mm_any_dtype, plan_device
 
 
 # --------------------------------------------------------------------------- results
@@ -115,7 +115,7 @@ class MemoryTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         try:
-            out = _grouped_mm_any_dtype(args, kwargs) if func is _GROUPED_MM else func(*args, **kwargs)
+            out = grouped_mm_any_dtype(args, kwargs) if func is GROUPED_MM else func(*args, **kwargs)
         except RuntimeError as e:
             if _is_device_mismatch(str(e)) and self.mismatch is None:
                 self.mismatch = self._describe(func, args, kwargs)
@@ -161,18 +161,6 @@ class MemoryTracker(TorchDispatchMode):
             _model_code_line(),
             tuple(operands),
         )
-
-
-_GROUPED_MM = getattr(torch.ops.aten._grouped_mm, "default", None) if hasattr(torch.ops.aten, "_grouped_mm") else None
-
-
-def _grouped_mm_any_dtype(args, kwargs):
-    """``_grouped_mm`` (MoE experts) for every dtype: torch's meta kernel accepts bf16 only,
-    the CPU and GPU kernels more. Output (tokens, out_features), as the kernel allocates."""
-    a, b = args[0], args[1]
-    torch.stack([a.new_empty(1), b.new_empty(1, dtype=a.dtype)])  # same device check as the kernel
-    out_dtype = kwargs.get("out_dtype") or a.dtype
-    return a.new_empty(a.shape[0], b.shape[-1], dtype=out_dtype)
 
 
 def _is_device_mismatch(text: str) -> bool:

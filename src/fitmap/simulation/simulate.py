@@ -36,7 +36,7 @@ from fitmap.dispatch import hooks, repairs
 from fitmap.model import compat
 from fitmap.model.build import build_model, empty_weights
 from fitmap.model.modules import generation_owner
-from fitmap.model.skeleton import Skeleton
+from fitmap.model.skeleton import Skeleton, input_embeddings
 from fitmap.planning.plan import Plan, Repair
 from fitmap.planning.workload import Workload
 from fitmap.simulation import hybrid
@@ -182,7 +182,7 @@ def _clear_hf_device_hints(model: nn.Module) -> None:
 
 
 def _input_device(model: nn.Module) -> torch.device:
-    return model.get_input_embeddings().weight.device  # type: ignore[operator]  # a PreTrainedModel method
+    return input_embeddings(model).weight.device
 
 
 def _instrument(run: _Run, sk: Skeleton, fixes: tuple[Repair, ...], every_key: bool = False) -> list:
