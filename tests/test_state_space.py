@@ -95,11 +95,19 @@ def config(family: str) -> transformers.PretrainedConfig:
         return transformers.Lfm2Config(
             hidden_size=64, num_hidden_layers=2, **ATTENTION, full_attn_idxs=[1], conv_L_cache=3, **TOKENS
         )
+    if family == "kimi_linear":  # Kimi delta attention: one head count and dim for q, k and v; MLA layers
+        return transformers.KimiLinearConfig(
+            hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=8, v_head_dim=16,
+            qk_nope_head_dim=8, mlp_layer_types=["dense", "sparse", "sparse"],
+            layer_types=["linear_attention", "linear_attention", "full_attention"], linear_head_dim=16,
+            linear_num_heads=4, **TOKENS,
+        )  # fmt: skip
     raise ValueError(family)
 
 
 FAMILIES = ["mamba", "falcon_mamba", "mamba2", "jamba", "zamba2", "granitemoehybrid", "qwen3_next"]
-LAYOUTS = ["zamba", "nemotron_h", "falcon_h1", "bamba", "lfm2"]  # checked against transformers' cache only
+LAYOUTS = ["zamba", "nemotron_h", "falcon_h1", "bamba", "lfm2", "kimi_linear"]  # checked against transformers' cache only
 STATE_EVERYWHERE = {"mamba", "falcon_mamba", "mamba2", "zamba", "zamba2", "falcon_h1"}
 NO_KV = {"mamba", "falcon_mamba", "mamba2"}
 

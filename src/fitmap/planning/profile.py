@@ -158,9 +158,9 @@ def state_bytes(tc, layer: int, dtype_bytes: int) -> int:
     key dim x value dim; LFM2's short conv: hidden x its cache length, no recurrent state."""
     if not layer_caches(tc, layer)[1]:
         return 0
-    if getattr(tc, "linear_key_head_dim", None) is not None:  # Gated DeltaNet
-        key_heads, value_heads = tc.linear_num_key_heads, tc.linear_num_value_heads
-        dk, dv = tc.linear_key_head_dim, tc.linear_value_head_dim
+    delta = _delta_rule(tc)
+    if delta is not None:  # Gated DeltaNet, Kimi delta attention
+        key_heads, value_heads, dk, dv = delta
         conv = (2 * key_heads * dk + value_heads * dv) * tc.linear_conv_kernel_dim
         return conv * dtype_bytes + value_heads * dk * dv * _STATE_BYTES
     d_state, d_conv = _first(tc, _D_STATE), _first(tc, _D_CONV)
@@ -178,6 +178,18 @@ def state_bytes(tc, layer: int, dtype_bytes: int) -> int:
         f"give (looked for {', '.join(_D_STATE)} with {', '.join(_D_CONV)}, or linear_key_head_dim); "
         "fitmap cannot size this model from its config: report it with the model's config.json"
     )
+
+
+def _delta_rule(tc) -> tuple[int, int, int, int] | None:
+    """(key heads, value heads, key dim, value dim) of a delta-rule linear attention: Gated DeltaNet
+    (Qwen3-Next, Qwen3.5) names them apart; Kimi delta attention (GLM-5-Next) one head count and dim for
+    q, k and v. None for other layers."""
+    if getattr(tc, "linear_key_head_dim", None) is not None:
+        return tc.linear_num_key_heads, tc.linear_num_value_heads, tc.linear_key_head_dim, tc.linear_value_head_dim
+    heads, dim = getattr(tc, "linear_num_heads", None), getattr(tc, "linear_head_dim", None)
+    if isinstance(heads, int) and isinstance(dim, int) and getattr(tc, "linear_conv_kernel_dim", None):
+        return heads, heads, dim, dim
+    return None
 
 
 def mamba_inner(tc) -> int:
@@ -260,13 +272,13 @@ def _state_act(tc, tokens: int, b: int) -> int:
     """Peak inside a state-space mixer, as transformers' PyTorch scans run it (what runs without the
     mamba-ssm / fla kernels): Mamba discretises A, B and B.x for every token and state entry (float32);
     Mamba-2 and Gated DeltaNet scan in chunks, holding per-chunk position x position weights per head."""
-    if getattr(tc, "linear_key_head_dim", None) is not None:  # Gated DeltaNet, chunks of 64
-        heads = tc.linear_num_value_heads
-        qk = tc.linear_num_key_heads * tc.linear_key_head_dim
-        v = heads * tc.linear_value_head_dim
+    delta = _delta_rule(tc)
+    if delta is not None:  # Gated DeltaNet, Kimi delta attention: chunks of 64
+        key_heads, heads, dk, dv = delta
+        qk, v = key_heads * dk, heads * dv
         # float32 copies of q, k (repeated to the value heads) and v through the chunked delta rule, and
         # the per-chunk position x position decays and attention per head
-        scan = 4 * (2 * heads * tc.linear_key_head_dim + v) + 4 * 64 * heads
+        scan = 4 * (2 * heads * dk + v) + 4 * 64 * heads
         return tokens * ((2 * qk + 2 * v) * b + scan * 4)
     d_state = _first(tc, _D_STATE)
     if d_state is None:  # LFM2's short conv: projections only
