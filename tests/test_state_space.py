@@ -107,7 +107,8 @@ def config(family: str) -> transformers.PretrainedConfig:
 
 
 FAMILIES = ["mamba", "falcon_mamba", "mamba2", "jamba", "zamba2", "granitemoehybrid", "qwen3_next"]
-LAYOUTS = ["zamba", "nemotron_h", "falcon_h1", "bamba", "lfm2", "kimi_linear"]  # checked against transformers' cache only
+# checked against transformers' cache only
+LAYOUTS = ["zamba", "nemotron_h", "falcon_h1", "bamba", "lfm2", "kimi_linear"]
 STATE_EVERYWHERE = {"mamba", "falcon_mamba", "mamba2", "zamba", "zamba2", "falcon_h1"}
 NO_KV = {"mamba", "falcon_mamba", "mamba2"}
 
