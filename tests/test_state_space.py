@@ -103,12 +103,16 @@ def config(family: str) -> transformers.PretrainedConfig:
             layer_types=["linear_attention", "linear_attention", "full_attention"], linear_head_dim=16,
             linear_num_heads=4, **TOKENS,
         )  # fmt: skip
+    if family in ("deepseek_v32", "glm_moe_dsa"):  # sparse attention: an indexer's keys cached beside MLA's
+        from bench.zoo import tiny_config
+
+        return tiny_config(family)
     raise ValueError(family)
 
 
 FAMILIES = ["mamba", "falcon_mamba", "mamba2", "jamba", "zamba2", "granitemoehybrid", "qwen3_next"]
 # checked against transformers' cache only
-LAYOUTS = ["zamba", "nemotron_h", "falcon_h1", "bamba", "lfm2", "kimi_linear"]
+LAYOUTS = ["zamba", "nemotron_h", "falcon_h1", "bamba", "lfm2", "kimi_linear", "deepseek_v32", "glm_moe_dsa"]
 STATE_EVERYWHERE = {"mamba", "falcon_mamba", "mamba2", "zamba", "zamba2", "falcon_h1"}
 NO_KV = {"mamba", "falcon_mamba", "mamba2"}
 

@@ -67,10 +67,21 @@ def kv_bytes_per_token(tc, layer: int, dtype_bytes: int) -> int:
     """Bytes one token adds to layer ``layer``'s cache (none on a state-space layer)."""
     if not layer_caches(tc, layer)[0]:
         return 0
+    indexer = _indexer_values(tc, layer) * dtype_bytes
     if getattr(tc, "kv_lora_rank", None):  # MLA: the compressed latent and the shared rope key
-        return (tc.kv_lora_rank + tc.qk_rope_head_dim) * dtype_bytes
+        return (tc.kv_lora_rank + tc.qk_rope_head_dim) * dtype_bytes + indexer
     kv_heads = getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads
-    return 2 * kv_heads * head_dim(tc) * dtype_bytes
+    return 2 * kv_heads * head_dim(tc) * dtype_bytes + indexer
+
+
+def _indexer_values(tc, layer: int) -> int:
+    """Values per token a sparse-attention layer's indexer caches beside its keys (DeepSeek-V3.2,
+    GLM-5, Mistral Large 4: its keys, ``index_head_dim``; GLM-5-Next's k-pools also a gate score per
+    key dim and a validity channel)."""
+    if layer_type(tc, layer) != "indexed_attention":
+        return 0
+    dim = getattr(tc, "index_head_dim", None) or 0
+    return 2 * dim + 1 if getattr(tc, "index_kpool", None) else dim
 
 
 # --------------------------------------------------------------------------- state-space layers
