@@ -190,6 +190,21 @@ def test_run_on_cpu_and_disk_answers_through_its_own_chat_like_the_unsplit_model
 
 
 @only_tf4
+def test_split_across_two_processes_answers_through_its_own_chat_like_the_unsplit_model(glm, tmp_path):
+    """ChatGLM3's blocks take and return their own layer's ``kv_cache`` tuple: rank 1 keeps its layers'
+    and sends a marker back, which the model carries in its ``past_key_values`` as it would the tuple."""
+    tok = transformers.AutoTokenizer.from_pretrained(glm, trust_remote_code=True)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(glm, trust_remote_code=True).eval()
+    expected, _ = ref.chat(tok, "hello world", max_new_tokens=12, do_sample=False, num_beams=1)
+    whole = sum(p.nbytes for p in ref.parameters())
+    del ref
+    pipeline.plan(request(glm, Workload(1, 64, 12), cpu="4GiB")).save(tmp_path / "p.json")
+    text, held = _torchrun_answer(glm, tmp_path / "p.json", "hello world", 12)
+    assert text == expected and expected
+    assert 0 < min(held) and sum(held) <= 1.01 * whole
+
+
+@only_tf4
 def test_generate_is_there_however_often_the_class_is_built(glm):
     from fitmap.model.build import build_model, empty_weights, load_config
     from fitmap.model.inventory import inventory
@@ -313,11 +328,11 @@ def test_internvl_generate_loop_on_two_gpus_appends_on_the_input_device(internvl
         assert sim.mismatch is not None and sim.stage == "next token" and "generate()" in sim.mismatch.code
 
 
-def test_internvl_run_on_cpu_and_disk_with_an_image_answers_like_the_unsplit_model(internvl, tmp_path):
+def _internvl_answer(internvl, tmp_path):
+    """A 112x56 image (saved as img.png) and what the unsplit model's own chat() answers about it."""
     from PIL import Image
 
     from fitmap.runtime.prompting import internvl_tiles
-    from fitmap.runtime.run import answer
 
     image = Image.new("RGB", (112, 56))
     image.putdata([((x * 7) % 256, (y * 11) % 256, ((x + y) * 5) % 256) for y in range(56) for x in range(112)])
@@ -326,8 +341,46 @@ def test_internvl_run_on_cpu_and_disk_with_an_image_answers_like_the_unsplit_mod
     ref = _unsplit(internvl)
     pixels = internvl_tiles(ref.config, image)
     assert pixels.shape == (3, 3, 56, 56)
-    expected = ref.chat(tok, pixels, "What is in the image?", dict(max_new_tokens=8, do_sample=False))
-    del ref
+    whole = sum(t.nbytes for t in [*ref.parameters(), *ref.buffers()])  # one copy of every tensor
+    return image, ref.chat(tok, pixels, "What is in the image?", dict(max_new_tokens=8, do_sample=False)), whole
+
+
+def test_internvl_split_across_two_processes_answers_like_the_unsplit_model(internvl, tmp_path):
+    """Remote code across ranks, as a user runs it: ``torchrun --nproc-per-node 2 -m fitmap run``. Rank 0
+    answers through InternVL2's own chat() (vision side, embeddings, first block, head); rank 1 runs the
+    last block with its own cache (on transformers 4.x a block returns the cache it updated, and the model
+    rebuilds its cache object every step). Each rank holds only its own units."""
+    _, expected, whole = _internvl_answer(internvl, tmp_path)
+    pipeline.plan(request(internvl, Workload(1, 64, 8, ((112, 56),)), cpu="4GiB")).save(tmp_path / "p.json")
+    image = ["--image", str(tmp_path / "img.png")]
+    text, held = _torchrun_answer(internvl, tmp_path / "p.json", "What is in the image?", 8, image)
+    assert text == expected and expected
+    assert sum(held) <= 1.01 * whole  # one copy of the model across the ranks, not one per rank
+
+
+def _torchrun_answer(model, plan, prompt: str, new: int, extra: tuple = ()) -> tuple[str, list[float]]:
+    """``fitmap run`` under ``torchrun --nproc-per-node 2``: the answer, and what each rank says it holds."""
+    import os
+    import re
+    from pathlib import Path
+
+    from tests.runtime.test_distributed import _size
+    from tests.serve.server import free_port
+
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node=2", f"--master-port={free_port()}"]
+    cmd += ["-m", "fitmap.cli", "run", str(model), "--plan", str(plan), "--prompt", prompt, "--new", str(new)]
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path), "FITMAP_DIST_TIMEOUT": "20"}
+    done = subprocess.run(cmd + [*extra, "--trust-remote-code"], capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    held = dict(re.findall(r"fitmap rank (\d+): holds ([\d.]+ \w+) on cpu", done.stderr))
+    assert sorted(held) == ["0", "1"], done.stderr[-2000:]
+    return done.stdout.split("\n")[0], [_size(v) for v in held.values()]
+
+
+def test_internvl_run_on_cpu_and_disk_with_an_image_answers_like_the_unsplit_model(internvl, tmp_path):
+    from fitmap.runtime.run import answer
+
+    image, expected, _ = _internvl_answer(internvl, tmp_path)
     (tmp_path / "disk").mkdir()
     tight = pipeline.plan(request(internvl, Workload(1, 64, 8, ((112, 56),)), cpu="1MiB"))
     # the advice path sizes --quantize with transformers' quantizer, which reads a tied-weights table

@@ -24,6 +24,8 @@ def compute_buffers(model: nn.Module, ckpt: Checkpoint, targets: Mapping[str, to
     (kept by ``empty_weights``), else computed by its ``_init_weights`` on their device."""
     owners: dict[str, list[str]] = {}
     for key, b in list(model.named_buffers(remove_duplicate=False)):
+        if key in targets and targets[key] is None and key not in ckpt.where:
+            continue  # a unit another process runs (see load_targets): it computes its own
         if b.is_meta and key not in ckpt.where:
             path, _, attr = key.rpartition(".")
             module = model.get_submodule(path)

@@ -33,13 +33,14 @@ from torch.utils._pytree import tree_map
 
 from fitmap.errors import FitmapError
 from fitmap.planning.plan import Plan
+from fitmap.runtime import kv
 
 TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("FITMAP_DIST_TIMEOUT", "30")))
 # rank 0's messages to the other ranks, one at a time (several threads may send: micro-batches in
 # flight); and when it last sent them anything
 _SEND = threading.RLock()
 _SENT = [time.monotonic()]
-KV_NAMES = ("past_key_values", "cache", "past_key_value", "layer_past")
+KV_NAMES = kv.NAMES
 
 
 class RankFailed(FitmapError):
@@ -141,15 +142,17 @@ def _first_line(e: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------- rank 0: proxies
-def _strip_cache(args: tuple, kwargs: dict) -> tuple[dict, tuple[bool, int | None]]:
+def _strip_cache(args: tuple, kwargs: dict) -> tuple[dict, tuple[bool, int | None, bool]]:
     """The keyword arguments without the KV cache (each rank keeps its own layers'); whether this
     step starts a generation (rank 0's cache, its own blocks having run first, holds no earlier
-    tokens) and the number naming rank 0's cache (the other ranks keep one cache per number)."""
-    from fitmap.runtime import kv
-
-    fresh, name = True, None
+    tokens), the number naming rank 0's cache (the other ranks keep one cache per number), and
+    whether the blocks keep per-layer tuples (remote code for 4.x: ChatGLM's ``kv_cache``)."""
+    fresh, name, legacy = True, None, False
     out = {}
     for k, v in kwargs.items():
+        if k in KV_NAMES and (v is None or isinstance(v, str)) and k in kv.PER_LAYER:
+            fresh, legacy = v is None, True  # None to start; then what the stage sent back for it
+            continue
         if k in KV_NAMES:
             hidden = args[0] if args else kwargs.get("hidden_states")
             length = getattr(v, "get_seq_length", None)
@@ -159,7 +162,7 @@ def _strip_cache(args: tuple, kwargs: dict) -> tuple[dict, tuple[bool, int | Non
                 name = kv.key(v)
             continue
         out[k] = v
-    return out, (fresh, name)
+    return out, (fresh, name, legacy)
 
 
 class _Replies:
@@ -212,7 +215,7 @@ class _RunProxy(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         rest, fresh = _strip_cache(args, kwargs)
         try:
-            out = _exchange(self.rank, ("run", self.names, args, rest, fresh), self.device)
+            out = kv.stage_cache_in(_exchange(self.rank, ("run", self.names, args, rest, fresh), self.device), kwargs)
         except RankFailed as e:
             raise _named(e, self.rank, self.names, self.shared) from None
         _outputs(self.shared)[self.names[-1]] = out
@@ -379,11 +382,14 @@ def serve_stage(model: nn.Module, device: torch.device, config: Any) -> None:
             _cache_op(caches, kept, names[0], args)
             continue
         if op == "run":
-            new, name = fresh if isinstance(fresh, tuple) else (fresh, None)
-            if new or name not in caches:
-                for k in [k for k in caches if k not in kept]:
+            new, name, legacy = fresh if isinstance(fresh, tuple) else (fresh, None, False)
+            loose = [k for k in caches if k not in kept]
+            if not new and name not in caches and len(loose) == 1:  # transformers 4.x rebuilds its cache
+                caches[name] = caches.pop(loose[0])  # object from tuples every step: the same generation
+            elif new or name not in caches:
+                for k in loose:
                     del caches[k]
-                caches[name] = _new_cache(config)
+                caches[name] = {} if legacy else kv.stage_cache(config)  # {}: per layer, its tuple
             cache = caches[name]
         with torch.no_grad():
             if op == "call":
@@ -393,16 +399,18 @@ def serve_stage(model: nn.Module, device: torch.device, config: Any) -> None:
                 hidden = args[0] if args else kwargs.pop("hidden_states")
                 rest = args[1:]
                 for name in names:
-                    extra = {_cache_name(model.get_submodule(name)): cache} if cache is not None else {}
+                    held = cache.get(name) if isinstance(cache, dict) else cache
+                    extra = {_cache_name(model.get_submodule(name)): held} if cache is not None else {}
                     out = model.get_submodule(name)(hidden, *rest, **kwargs, **extra)
                     hidden = out[0] if isinstance(out, tuple) else out
+                    if isinstance(cache, dict):
+                        out = kv.keep_present(out, cache, name)
+                out = kv.stage_cache_out(out, cache)
         _send(out, 0)
 
 
 def _cache_op(caches: dict, kept: set, op: str, params: tuple) -> None:
     """One of :func:`cache_ops`'s operations on this rank's caches."""
-    from fitmap.runtime import kv
-
     if op == "adopt":
         kept.add(params[0])
     elif op == "stack":
@@ -418,15 +426,6 @@ def _cache_op(caches: dict, kept: set, op: str, params: tuple) -> None:
     elif op == "forget":
         caches.pop(params[0], None)
         kept.discard(params[0])
-
-
-def _new_cache(config: Any) -> Any:
-    try:
-        from transformers import DynamicCache
-
-        return DynamicCache(config=config)
-    except (ImportError, TypeError):
-        return None
 
 
 def _cache_name(block: nn.Module) -> str:

@@ -9,6 +9,10 @@ from typing import Any
 
 import torch
 
+# the keyword under which a block takes its KV cache (transformers 5, 4.x, remote code)
+NAMES = ("past_key_values", "cache", "past_key_value", "layer_past", "kv_cache")
+PER_LAYER = ("kv_cache", "layer_past")  # names under which a block takes its own layer's (key, value)
+
 
 def pad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
     """``t`` left-padded with zeros along ``dim`` to ``width``."""
@@ -49,3 +53,58 @@ def key(cache: Any) -> int:
     if getattr(cache, "_fitmap_key", None) is None:
         cache._fitmap_key = next(_KEYS)
     return cache._fitmap_key
+
+
+def stage_cache(config: Any) -> Any:
+    """A pipeline stage's cache for its own layers (:mod:`fitmap.runtime.distributed`)."""
+    try:
+        from transformers import DynamicCache
+    except ImportError:
+        return None
+    try:
+        return DynamicCache(config=config)
+    except TypeError:  # transformers 4.x: its layers a list from 0; this rank's start further on
+        return _from_layer(DynamicCache)()
+    except (AttributeError, ValueError):  # a remote-code config naming its text model otherwise: layers
+        return DynamicCache()  # made as they come (InternVL2's llm_config)
+
+
+def _from_layer(base: type) -> type:
+    class Stage(base):
+        def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *rest: Any) -> Any:
+            while len(self.key_cache) < layer_idx:  # the layers of the ranks before: never filled here
+                self.key_cache.append(key.new_empty(0))
+                self.value_cache.append(value.new_empty(0))
+            return super().update(key, value, layer_idx, *rest)
+
+    return Stage
+
+
+# what a stage sends back for its cache: transformers 4.x blocks return the cache they updated in place,
+# and the model carries it on to the next step (rank 0 puts its own cache object back)
+_CACHE = "fitmap:cache"
+
+
+def stage_cache_out(out: Any, cache: Any) -> Any:
+    return tuple(_CACHE if x is cache and cache is not None else x for x in out) if isinstance(out, tuple) else out
+
+
+def stage_cache_in(out: Any, kwargs: dict) -> Any:
+    if not isinstance(out, tuple) or _CACHE not in [x for x in out if isinstance(x, str)]:
+        return out
+    mine = next((v for k, v in kwargs.items() if k in NAMES and v is not None and not isinstance(v, str)), None)
+    if mine is None:  # a layer's own (key, value): the stage keeps it; the model carries the marker on
+        return out
+    return tuple(mine if isinstance(x, str) and x == _CACHE else x for x in out)
+
+
+def keep_present(out: Any, kept: dict, name: str) -> Any:
+    """A block keeping its layer's (key, value) as 4.x remote code does (ChatGLM's ``(output, kv_cache)``):
+    the stage keeps it under ``name`` and sends the marker in its place."""
+    if not isinstance(out, tuple):
+        return out
+    at = max((i for i, x in enumerate(out) if i and isinstance(x, (torch.Tensor, tuple))), default=None)
+    if at is None:
+        return out
+    kept[name] = out[at]
+    return out[:at] + (_CACHE,) + out[at + 1 :]

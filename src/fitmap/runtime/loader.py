@@ -120,6 +120,7 @@ def load(
     dtype = _dtype(plan.dtype)
     model = _skeleton_model(inv, dtype, trust_remote_code, plan.quantize)
     layout = Layout.of(model, plan, remote)
+    release(model, lambda k: (p := layout.unit_of(k)) is not None and p.tier == "remote")  # 4.x code builds real
     ckpt = Checkpoint.index(inv, model, dtype)
     ckpt.check_complete(model)
     targets = load_targets(model, layout, ckpt)
@@ -551,9 +552,9 @@ def _spare(plan: Plan, device: str) -> int:
     return max(0, ledger.capacity_bytes - ledger.total_bytes - max(used // 10, GiB))
 
 
-def release(model: nn.Module) -> None:
-    """Drop every parameter and buffer (replaced by meta tensors), freeing RAM and GPU memory."""
+def release(model: nn.Module, drop: Callable[[str], bool] = lambda key: True) -> None:
+    """Drop every parameter and buffer (those ``drop`` names) for meta tensors, freeing RAM and GPU memory."""
     for key, t in list(named_tensors(model)):
-        if not t.is_meta:
+        if not t.is_meta and drop(key):
             set_tensor(model, key, torch.empty_like(t, device="meta"))
     _return_gpu_memory()
