@@ -25,12 +25,10 @@ def by_the_model(config, workload: Workload, device: torch.device, dtype: torch.
     that many placeholder tokens, between the config's image markers, where ``get_placeholder_mask``
     looks for them. Inputs the forward does not take are dropped."""
     what = f"model type {configs.model_type(config)!r}"
-    if getattr(config, "is_encoder_decoder", False) or hasattr(config, "encoder"):
-        raise UnsupportedInputs(f"fitmap cannot make image inputs for {what}: an encoder-decoder model")
+    encoder_decoder = getattr(config, "is_encoder_decoder", False) or hasattr(config, "encoder")
     if configs.vision_config(config) is None:  # Gemma 4 built without one, Mistral 4 (a text model)
-        raise UnsupportedInputs(
-            f"fitmap cannot make image inputs for {what}: its config names no vision tower (no vision_config)"
-        )
+        why = "an encoder-decoder model" if encoder_decoder else "its config names no vision tower (no vision_config)"
+        raise UnsupportedInputs(f"fitmap cannot make image inputs for {what}: {why}")
     image_id = next((v for k in _IMAGE_KEYS if isinstance(v := getattr(config, k, None), int)), None)
     processor = model_image_processor(config)
     counter = _feature_owner(model)
@@ -40,7 +38,9 @@ def by_the_model(config, workload: Workload, device: torch.device, dtype: torch.
             return made
     if model is None or image_id is None or processor is None or counter is None:
         why = (
-            "its config names no image token"
+            "an encoder-decoder model whose config names no image token"
+            if image_id is None and encoder_decoder
+            else "its config names no image token"
             if image_id is None
             else "its image processor is not available here (it may need torchvision)"
             if processor is None
