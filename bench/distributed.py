@@ -5,7 +5,8 @@ Model: bench/serve.py's tiny Qwen2 (random weights, float32, CPU). The plan: ``f
 --cpu 4GiB --batch 8 --out plan.json`` (every unit on the CPU, cache tokens for 8 requests); two
 processes cut its blocks in two stages.
 One thread per process (torchrun's default; ``--threads 1`` for the single process), so the two runs
-use the same CPU time per token. ``c`` clients (1, 8) each send ``--requests`` chat completions
+use the same CPU time per token; and one process with ``--threads 2``, the same two cores as the two
+stages. ``c`` clients (1, 8) each send ``--requests`` chat completions
 (greedy, ``max_tokens`` ``--new``); completion tokens/s and p50 latency.
 
     .venv/bin/python bench/distributed.py            # about 2 minutes on 2 cores
@@ -53,6 +54,9 @@ def main() -> int:
     variants = {
         "one process (--threads 1)": lambda p: (
             [*fitmap, "serve", str(model), "--plan", str(plan), "--threads", "1"] + ["--port", str(p)]
+        ),
+        "one process (--threads 2)": lambda p: (  # the baseline: the same two cores in one process
+            [*fitmap, "serve", str(model), "--plan", str(plan), "--threads", "2"] + ["--port", str(p)]
         ),
         "two stages (torchrun, 2 processes x 1 thread)": lambda p: [
             *(torchrun, "--nproc-per-node=2", f"--master-port={bench_serve.free_port()}", "-m", "fitmap.cli"),
