@@ -200,7 +200,7 @@ def test_split_across_two_processes_answers_through_its_own_chat_like_the_unspli
     del ref
     pipeline.plan(request(glm, Workload(1, 64, 12), cpu="4GiB")).save(tmp_path / "p.json")
     text, held = _torchrun_answer(glm, tmp_path / "p.json", "hello world", 12)
-    assert text == expected and expected
+    assert text.startswith(expected + "\n") and expected  # the answer may hold newlines
     assert 0 < min(held) and sum(held) <= 1.01 * whole
 
 
@@ -354,12 +354,13 @@ def test_internvl_split_across_two_processes_answers_like_the_unsplit_model(inte
     pipeline.plan(request(internvl, Workload(1, 64, 8, ((112, 56),)), cpu="4GiB")).save(tmp_path / "p.json")
     image = ["--image", str(tmp_path / "img.png")]
     text, held = _torchrun_answer(internvl, tmp_path / "p.json", "What is in the image?", 8, image)
-    assert text == expected and expected
+    assert text.startswith(expected + "\n") and expected  # the answer may hold newlines
     assert sum(held) <= 1.01 * whole  # one copy of the model across the ranks, not one per rank
 
 
 def _torchrun_answer(model, plan, prompt: str, new: int, extra: tuple = ()) -> tuple[str, list[float]]:
-    """``fitmap run`` under ``torchrun --nproc-per-node 2``: the answer, and what each rank says it holds."""
+    """``fitmap run`` under ``torchrun --nproc-per-node 2``: what it prints (the answer first, then the memory
+    table), and what each rank says it holds."""
     import os
     import re
     from pathlib import Path
@@ -374,7 +375,7 @@ def _torchrun_answer(model, plan, prompt: str, new: int, extra: tuple = ()) -> t
     assert done.returncode == 0, done.stderr[-2000:]
     held = dict(re.findall(r"fitmap rank (\d+): holds ([\d.]+ \w+) on cpu", done.stderr))
     assert sorted(held) == ["0", "1"], done.stderr[-2000:]
-    return done.stdout.split("\n")[0], [_size(v) for v in held.values()]
+    return done.stdout, [_size(v) for v in held.values()]
 
 
 def test_internvl_run_on_cpu_and_disk_with_an_image_answers_like_the_unsplit_model(internvl, tmp_path):

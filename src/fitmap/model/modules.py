@@ -41,3 +41,15 @@ def _own_generate(fn) -> bool:
     except ImportError:
         return False
     return fn is not GenerationMixin.generate and getattr(fn, "__module__", "").startswith("transformers.models.")
+
+
+def input_embeddings(model: nn.Module) -> nn.Embedding:
+    """The token embeddings; where the model does not say (PP-FormulaNet's encoder-decoder raises
+    NotImplementedError), the largest embedding table: the vocabulary's."""
+    try:
+        return model.get_input_embeddings()  # type: ignore[operator]  # a PreTrainedModel method
+    except (NotImplementedError, AttributeError):
+        tables = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+        if not tables:
+            raise
+        return max(tables, key=lambda m: m.weight.numel())

@@ -31,7 +31,7 @@ from fitmap.model import quant
 from fitmap.model.build import build_model, empty_weights, is_remote, load_config
 from fitmap.model.inventory import DTYPE_BYTES, Inventory, TensorInfo
 from fitmap.model.keys import key_mapper, quantized_keys, split_targets
-from fitmap.model.modules import has_state, tied_parameters
+from fitmap.model.modules import has_state, input_embeddings, tied_parameters
 
 
 @dataclass(frozen=True)
@@ -317,18 +317,6 @@ def text_layers_path(model: nn.Module) -> str:
     siblings = [(p, m) for p, m in lists if p.rpartition(".")[0] == parent] or lists
     path, _ = max(siblings, key=lambda pm: sum(x.numel() for x in pm[1].parameters()))
     return path
-
-
-def input_embeddings(model: nn.Module) -> nn.Embedding:
-    """The token embeddings; where the model does not say (PP-FormulaNet's encoder-decoder raises
-    NotImplementedError), the largest embedding table: the vocabulary's."""
-    try:
-        return model.get_input_embeddings()  # type: ignore[operator]  # a PreTrainedModel method
-    except (NotImplementedError, AttributeError):
-        tables = [m for m in model.modules() if isinstance(m, nn.Embedding)]
-        if not tables:
-            raise
-        return max(tables, key=lambda m: m.weight.numel())
 
 
 def share_parameter(model: nn.Module, names: tuple[str, ...], param: nn.Parameter) -> None:

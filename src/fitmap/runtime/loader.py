@@ -42,7 +42,8 @@ from fitmap.model import quant
 from fitmap.model.build import build_model, empty_weights, load_config
 from fitmap.model.inventory import Inventory, TensorInfo, inventory
 from fitmap.model.keys import quantized_keys
-from fitmap.model.skeleton import input_embeddings, share_parameter, tied_parameters
+from fitmap.model.modules import input_embeddings, tied_parameters
+from fitmap.model.skeleton import share_parameter
 from fitmap.planning.experts import CPU_COMPUTE, DISK_COMPUTE
 from fitmap.planning.plan import Plan
 from fitmap.runtime import diskread, offload, routed
@@ -104,10 +105,9 @@ def load(
 ) -> LoadedModel:
     """Build ``model_dir``'s model on meta and place its weights per ``plan``.
 
-    ``readahead``: disk units are read one unit ahead on a thread (off: read when
-    they run). ``progress``: a bar with bytes, rate and ETA for loads of 256 MiB
-    or more. Raises :class:`BadInput` (plan does not fit this model or machine),
-    :class:`CheckpointError` (missing or corrupt files), :class:`MissingWeights`
+    ``readahead``: disk units are read one unit ahead on a thread (off: read when they run). ``progress``:
+    a bar with bytes, rate and ETA for loads of 256 MiB or more. Raises :class:`BadInput` (plan does not
+    fit this model or machine), :class:`CheckpointError` (missing or corrupt files), :class:`MissingWeights`
     (tensors the checkpoint lacks), all before anything stays allocated. ``remote``: units another
     process runs (:mod:`fitmap.runtime.distributed`), left unloaded on ``meta``; ``announce`` is
     given the checkpoint files this process reads and their bytes for it, before any weight is read.

@@ -35,8 +35,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from fitmap.dispatch import hooks, repairs
 from fitmap.model import compat
 from fitmap.model.build import build_model, empty_weights
-from fitmap.model.modules import generation_owner
-from fitmap.model.skeleton import Skeleton, input_embeddings
+from fitmap.model.modules import generation_owner, input_embeddings
+from fitmap.model.skeleton import Skeleton
 from fitmap.planning.plan import Plan, Repair
 from fitmap.planning.workload import Workload
 from fitmap.simulation import hybrid
