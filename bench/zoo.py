@@ -600,7 +600,11 @@ def tiny_config(model_type: str):
     import transformers
 
     cls = transformers.CONFIG_MAPPING[model_type]
-    small = shrink(cls().to_dict())
+    base = cls().to_dict()
+    tower = getattr(cls, "sub_configs", {}).get("vision_config")
+    if kind_of(model_type) == "image-text-to-text" and base.get("vision_config") is None and tower is not None:
+        base["vision_config"] = tower().to_dict()  # a VLM whose class defaults leave the tower out (Gemma 4)
+    small = shrink(base)
     if kind_of(model_type) == "causal-lm" and "is_decoder" in small:
         small["is_decoder"] = True  # BERT-like encoders as causal LMs (BertLMHeadModel), as their docs say
     _code_defaults(small, model_type)

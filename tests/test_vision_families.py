@@ -313,12 +313,14 @@ def test_deepseek_vl_hybrids_high_resolution_tower_gets_images_of_its_size():
     assert (processor.high_res_size.height, processor.high_res_size.width) == (256, 256)
 
 
-@pytest.mark.parametrize("model_type", ["dots3_note", "llava_onevision1_5", "hy_v4_vl", "mistral_large4", "florence2"])
+@pytest.mark.parametrize(
+    "model_type", ["dots3_note", "llava_onevision1_5", "hy_v4_vl", "mistral_large4", "florence2", "gemma4"]
+)
 def test_types_that_fell_back_simulate_with_an_image_and_check_clean(tmp_path, model_type):
     """dots.ocr 3 and LLaVA-OneVision-1.5 take 2-D patches from Qwen2-VL's processor (no temporal patch),
     dots.ocr 3's vision tower computes experts with ``_grouped_mm`` while its image tokens are counted;
     HY-V4-VL and Mistral Large 4 keep an indexer cache; Florence-2, an encoder-decoder naming its image
-    token, stays simulated. Tiny configs as bench/zoo.py makes them."""
+    token, stays simulated; Gemma 4 with its vision tower. Tiny configs as bench/zoo.py makes them."""
     from bench.zoo import tiny_config
 
     torch.manual_seed(0)
