@@ -167,6 +167,21 @@ def test_without_a_gpu_a_moe_bigger_than_ram_reads_its_routed_experts_from_disk(
         assert torch.equal(lm.model.generate(input_ids=IDS, max_new_tokens=6, do_sample=False), want)
 
 
+def test_a_moe_block_the_user_pins_to_disk_goes_there_whole(checkpoints, tmp_path):
+    """A pin names the whole block: its experts are not split off to be computed on the CPU (the pin was
+    refused as "not offloadable" before); the run gives from_pretrained's tokens."""
+    from fitmap.runtime import loader
+    from tests.runtime.test_loader import IDS, reference
+
+    d = checkpoints("qwen3_moe")
+    pins = {"model.layers.0": "disk", "model.layers.3": "disk"}
+    plan = fitmap.plan(str(d), None, "700KiB", disk=str(tmp_path), prompt=16, new=4, pins=pins)
+    assert plan.fits and all(plan.device_map[u] == "disk" for u in pins), plan.device_map
+    want = reference(d).generate(input_ids=IDS, max_new_tokens=6, do_sample=False)
+    with loader.load(d, plan, progress=False) as lm:
+        assert torch.equal(lm.model.generate(input_ids=IDS, max_new_tokens=6, do_sample=False), want)
+
+
 def test_fp8_experts_on_the_cpu_are_planned_at_their_stored_bytes(checkpoints, tmp_path):
     """A local FP8 checkpoint is sized unpacked where transformers unpacks it (no FP8 kernels); its experts
     computed on the CPU stay as stored, and what the plan puts in RAM for them says so: half of bf16."""

@@ -205,12 +205,12 @@ def choose(
     solves with that much RAM taken by experts. ``prompt``: the tokens of a prefill (batch x prompt), for
     what the plan says of that phase. ``disk``: with a disk tier, when the experts of all blocks do not fit
     in RAM, those of the last blocks stay on disk and a token reads only its routed experts from there."""
-    blocks = moe_blocks(sk)
+    where = {n: i for i, units in enumerate(names) for n in units}
+    blocks = [u for u in moe_blocks(sk) if items[where[u.name]].pin is None]  # a pinned block goes whole
     if not blocks:
         return None
     share = used_fraction(sk.config)
     r = rates(execution)
-    where = {n: i for i, units in enumerate(names) for n in units}
 
     def attempt(k: int, in_ram: int | None = None) -> tuple[Assignment, list[Item]]:
         """Experts of the first ``k`` blocks off the GPUs, those of the first ``in_ram`` (all) of them in RAM."""
