@@ -224,8 +224,10 @@ def read_weights(path: Path) -> tuple[str, tuple[str, ...], dict[str, TensorInfo
 def _shards_from_index(index: Path) -> tuple[str, ...]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise TypeError
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) and "\0" not in v for v in weight_map.values()
+        ):
+            raise TypeError  # a file name with a NUL byte names no file
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
         raise CheckpointError(
             f"{index} is not a valid index (needs a 'weight_map' of tensor name -> shard file name); re-download it"
