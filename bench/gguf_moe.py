@@ -270,14 +270,18 @@ def llama_cpp_decode(gguf_path: Path, tokens: int, threads: int, prompt: list[in
         llm.eval([token])
         steps.append(time.perf_counter() - t)
     llm.close()
+    return _rates(threads, steps) | {"prefill_ms": prefill * 1e3}
+
+
+def _rates(threads: int, steps: list[float]) -> dict:
+    """A decode's rate from the seconds of each of its timed steps."""
     total = sum(steps)
     return {
         "threads": threads,
-        "tokens": tokens,
-        "tok_s": tokens / total,
-        "ms_per_token": total / tokens * 1e3,
+        "tokens": len(steps),
+        "tok_s": len(steps) / total,
+        "ms_per_token": total / len(steps) * 1e3,
         "median_ms": float(np.median(steps)) * 1e3,
-        "prefill_ms": prefill * 1e3,
     }
 
 
@@ -310,14 +314,7 @@ def transformers_decode(model: Any, tokens: int, threads: int, prompt: list[int]
             out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
             if i >= 2:
                 steps.append(time.perf_counter() - t)
-    total = sum(steps)
-    return {
-        "threads": threads,
-        "tokens": tokens,
-        "tok_s": tokens / total,
-        "ms_per_token": total / tokens * 1e3,
-        "median_ms": float(np.median(steps)) * 1e3,
-    }
+    return _rates(threads, steps)
 
 
 def _set_norm_topk(model: Any, value: bool) -> None:

@@ -33,7 +33,7 @@ def by_the_model(config, workload: Workload, device: torch.device, dtype: torch.
     processor = model_image_processor(config)
     counter = _feature_owner(model)
     if image_id is None and model is not None and processor is not None:
-        made = _without_image_token(config, workload, device, dtype, model, processor)
+        made = _without_image_token(config, workload, device, dtype, model, processor, counter)
         if made is not None:
             return made
     if model is None or image_id is None or processor is None or counter is None:
@@ -63,7 +63,7 @@ def by_the_model(config, workload: Workload, device: torch.device, dtype: torch.
     return inputs | _qformer_text(takes, workload.batch, device), sum(counts)
 
 
-def _without_image_token(config, workload: Workload, device, dtype, model, processor) -> Inputs | None:
+def _without_image_token(config, workload: Workload, device, dtype, model, processor, counter) -> Inputs | None:
     """A decoder-only VLM whose config names no image token, recognised by its forward's signature:
     with ``image_embeds_position_mask`` (Kosmos-2, Kosmos-2.5) the features replace the text tokens the
     mask marks, as many as its ``get_image_features`` makes; taking only pixels (GIT) it puts them
@@ -73,7 +73,6 @@ def _without_image_token(config, workload: Workload, device, dtype, model, proce
     pixels = next((k for k in ("pixel_values", "flattened_patches") if k in takes), None)
     if pixels is None or getattr(config, "is_encoder_decoder", False) or "image_attention_mask" in takes:
         return None
-    counter = _feature_owner(model)
     counts = [0] * len(workload.images)
     if "image_embeds_position_mask" in takes:
         if counter is None:
